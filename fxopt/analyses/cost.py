@@ -1,0 +1,225 @@
+"""Cost: parameters, MACs, other arithmetic and bytes moved, per node and in total.
+
+MACs count the multiply-accumulates of contractions (conv, linear, matmul,
+attention) — the figure papers publish. `flops` counts the other arithmetic,
+one per output element per elementary op (norms 4, softmax 3, pooling the
+window). Bytes are what an op reads (inputs, weights included) and writes;
+views and shape ops move nothing. Ops not in the table count zero and are
+listed in `CostTable.unknown`, so nothing is silently guessed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..ir.graph import fetch_attr
+from ..ir.meta import TENSOR, TensorInfo, tensor_info
+from ..pm.analysis import Analysis
+from ..pm.instruments import Instrument
+from .shapes import Shapes
+
+
+@dataclass
+class NodeCost:
+    params: int = 0
+    macs: int = 0
+    flops: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+@dataclass
+class CostTable:
+    """Per-node costs, totals and the ops the table does not know."""
+
+    nodes: dict[str, NodeCost] = field(default_factory=dict)
+    params: int = 0
+    unknown: list[str] = field(default_factory=list)
+
+    @property
+    def macs(self) -> int:
+        return sum(c.macs for c in self.nodes.values())
+
+    @property
+    def flops(self) -> int:
+        return sum(c.flops for c in self.nodes.values())
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(c.bytes_read for c in self.nodes.values())
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(c.bytes_written for c in self.nodes.values())
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "macs": self.macs, "flops": self.flops,
+                "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
+                "unknown": list(self.unknown)}
+
+
+def _window(args, index: int, dims: int) -> int:
+    """Product of a pooling kernel argument (int or list) over `dims` dims."""
+    k = args[index] if len(args) > index else 1
+    k = list(k) if isinstance(k, (list, tuple)) else [k] * dims
+    return math.prod(k) if len(k) == dims else math.prod(k) ** (dims // max(len(k), 1))
+
+
+def _conv(node, ins, out):
+    weight = ins[1]
+    transposed = node.args[6] if _name(node) == "convolution" and len(node.args) > 6 else False
+    if "transpose" in _name(node) or transposed:
+        return ins[0].numel * math.prod(weight.shape[1:]), 0
+    return out.numel * math.prod(weight.shape[1:]), 0
+
+
+def _linear(node, ins, out):
+    return out.numel * ins[1].shape[-1], 0
+
+
+def _matmul(node, ins, out):
+    a = ins[1] if _name(node) in ("addmm", "baddbmm", "addbmm") else ins[0]
+    return out.numel * (a.shape[-1] if a.shape else 1), 0
+
+
+def _attention(node, ins, out):
+    q, k, v = ins[:3]
+    batch = math.prod(q.shape[:-2])
+    length, source = q.shape[-2], k.shape[-2]
+    return batch * length * source * (q.shape[-1] + v.shape[-1]), 3 * batch * length * source
+
+
+def _per_output(weight: int):
+    return lambda node, ins, out: (0, weight * out.numel)
+
+
+def _per_input(node, ins, out):
+    return 0, ins[0].numel
+
+
+def _pool(dims: int):
+    return lambda node, ins, out: (0, out.numel * _window(node.args, 1, dims))
+
+
+_ELEMENTWISE = """abs add sub mul div neg relu relu6 gelu sigmoid tanh silu hardtanh hardswish
+hardsigmoid leaky_relu elu selu mish softplus clamp clamp_min clamp_max exp log pow sqrt rsqrt
+reciprocal where masked_fill erf sin cos maximum minimum prelu eq ne lt le gt ge logical_not
+bitwise_not floor ceil round sign truediv floordiv iadd imul to _to_copy type_as float
+log_sigmoid glu square""".split()
+_FREE = """view reshape flatten unflatten permute transpose t unsqueeze squeeze expand expand_as
+slice select getitem split split_with_sizes chunk unbind dropout feature_dropout alpha_dropout
+identity detach alias lift_fresh_copy sym_size size dim numel _assert_tensor_metadata
+_assert_scalar sym_constrain_range_for_size contiguous _guards_fn unsafe_view as_strided
+_unsafe_view narrow movedim squeeze_copy view_as""".split()
+_MOVES = "cat stack clone copy embedding gather index index_select pad constant_pad_nd roll repeat " \
+         "arange zeros ones full zeros_like ones_like full_like new_zeros new_ones empty tril triu " \
+         "masked_select scatter index_put".split()
+
+RULES = {
+    **{n: _conv for n in ("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d",
+                          "conv_transpose2d", "conv_transpose3d", "_convolution")},
+    "linear": _linear,
+    **{n: _matmul for n in ("mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm")},
+    "scaled_dot_product_attention": _attention,
+    **{n: _per_output(4) for n in ("batch_norm", "layer_norm", "group_norm", "instance_norm",
+                                   "_native_batch_norm_legit_no_training", "native_layer_norm",
+                                   "native_group_norm", "rms_norm", "native_batch_norm")},
+    **{n: _per_output(3) for n in ("softmax", "log_softmax", "_softmax", "_log_softmax")},
+    **{n: _per_output(1) for n in _ELEMENTWISE},
+    **{n: _per_input for n in ("mean", "sum", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                               "adaptive_avg_pool3d", "adaptive_max_pool2d", "amax", "amin",
+                               "var", "std", "cumsum", "max", "min", "argmax", "norm")},
+    **{f"{kind}_pool{d}d": _pool(d) for kind in ("max", "avg") for d in (1, 2, 3)},
+    "max_pool2d_with_indices": _pool(2),
+}
+_MODULE_RULES = {  # call_module nodes (symbolic_trace mode leaves)
+    torch.nn.Conv1d: "conv1d", torch.nn.Conv2d: "conv2d", torch.nn.Conv3d: "conv3d",
+    torch.nn.ConvTranspose2d: "conv_transpose2d", torch.nn.Linear: "linear",
+}
+
+
+def _name(node: fx.Node) -> str:
+    """The op's base name: aten.add_.Tensor -> 'add_', operator.add -> 'add', call_method 'view'."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__name__", str(target))
+
+
+def op_kind(node: fx.Node) -> str:
+    """The key this table knows the node by: in-place and dunder spellings folded."""
+    name = _name(node)
+    if name.startswith("__") and name.endswith("__"):
+        return name.strip("_")
+    if name.endswith("_") and not name.startswith("_"):
+        return name.rstrip("_")
+    return name
+
+
+class Cost(Analysis):
+    """Per-node and total parameters, MACs, flops and bytes (see module doc)."""
+
+    def run(self, gm: fx.GraphModule, am) -> CostTable:
+        am.get(Shapes)
+        table = CostTable()
+        seen = set()
+        for node in gm.graph.nodes:
+            cost = NodeCost()
+            if node.op == "get_attr":
+                value = fetch_attr(gm, node.target)
+                if isinstance(value, torch.nn.Parameter) and node.target not in seen:
+                    seen.add(node.target)
+                    table.params += value.numel()
+            elif node.op in ("call_function", "call_method", "call_module"):
+                cost = self._node_cost(gm, node, table)
+            table.nodes[node.name] = cost
+        return table
+
+    def _node_cost(self, gm, node: fx.Node, table: CostTable) -> NodeCost:
+        ins = [tensor_info(a) for a in node.args if isinstance(a, fx.Node)]
+        out = tensor_info(node)
+        kind = op_kind(node)
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            kind = _MODULE_RULES.get(type(module), "_guards_fn" if node.target == "_guards_fn" else "")
+            if kind in RULES:
+                ins = ins + [TensorInfo.of(module.weight)]
+            cost = NodeCost(params=sum(p.numel() for p in module.parameters()))
+        else:
+            cost = NodeCost(params=sum(
+                fetch_attr(gm, a.target).numel() for a in node.args
+                if isinstance(a, fx.Node) and a.op == "get_attr"
+                and isinstance(fetch_attr(gm, a.target), torch.nn.Parameter)))
+        if kind in _FREE:
+            return cost
+        rule = RULES.get(kind)
+        if rule is None and kind not in _MOVES:
+            table.unknown.append(f"{node.name} ({kind or node.target})")
+        if rule is not None and out is not None and all(i is not None for i in ins[:3]):
+            cost.macs, cost.flops = rule(node, ins, out)
+        cost.bytes_read = sum(i.nbytes for i in ins if i is not None)
+        cost.bytes_written = _out_bytes(node)
+        return cost
+
+
+def _out_bytes(node: fx.Node) -> int:
+    info = node.meta.get(TENSOR)
+    infos = info if isinstance(info, tuple) else (info,)
+    return sum(i.nbytes for i in infos if isinstance(i, TensorInfo))
+
+
+class CostTracker(Instrument):
+    """Records parameters and MACs before and after each pass into the report."""
+
+    def before_pass(self, ctx, p, gm) -> None:
+        self._before = ctx.am.get(Cost)
+
+    def after_pass(self, ctx, p, gm, record) -> None:
+        after = ctx.am.get(Cost)
+        record.metrics.update(params_before=self._before.params, params_after=after.params,
+                              macs_before=self._before.macs, macs_after=after.macs)

@@ -1,0 +1,138 @@
+"""The user-facing entry points: trace, compile, lower, calibrate, freeze."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.fx as fx
+
+from .analyses import CostTracker, Shapes, ShapeTable
+from .backends import get_backend
+from .errors import InputShapeError
+from .ir.meta import INPUT_SHAPES, TensorInfo, describe
+from .ir.trace import trace
+from .pm import AnalysisManager, PassManager, Report, Timing, Verify
+
+__all__ = ["CompiledModel", "calibrate", "compile", "freeze", "lower", "trace"]
+
+
+class CompiledModel(torch.nn.Module):
+    """A traced, rewritten and lowered model; an nn.Module like the one it came from.
+
+    `graph_module` is the rewritten graph, `report` what each pass did. Calling
+    it with inputs of other shapes than the example inputs raises
+    InputShapeError, unless it was compiled with `on_new_shape="retrace"`, in
+    which case the pipeline is run again for the new shapes (cached per shape).
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, lowered, report: Report, recompile=None):
+        super().__init__()
+        self.graph_module = graph_module
+        self.report = report
+        self._lowered = lowered
+        self._recompile = recompile
+        self._variants: dict = {}
+
+    @property
+    def input_shapes(self) -> tuple:
+        return self.graph_module.meta.get(INPUT_SHAPES, ())
+
+    def forward(self, *args):
+        flat = torch.utils._pytree.tree_leaves(args)
+        got = tuple(describe(x) for x in flat)
+        expected = self.input_shapes
+        if expected and _mismatch(expected, got):
+            if self._recompile is None:
+                raise InputShapeError(
+                    f"called with inputs {_fmt(got)} but compiled for {_fmt(expected)}",
+                    hint="call with the traced shapes, or compile with on_new_shape='retrace' "
+                         "to recompile for each new shape")
+            key = tuple(str(g) for g in got)
+            if key not in self._variants:
+                self._variants[key] = self._recompile(args)
+            return self._variants[key](*args)
+        return self._lowered(*args)
+
+
+def _mismatch(expected: tuple, got: tuple) -> bool:
+    if len(expected) != len(got):
+        return True
+    return any(isinstance(e, TensorInfo) and (not isinstance(g, TensorInfo) or
+                                              (e.shape, e.dtype) != (g.shape, g.dtype))
+               for e, g in zip(expected, got))
+
+
+def _fmt(infos) -> str:
+    return "(" + ", ".join(str(i) for i in infos) + ")"
+
+
+def _verify_by_default() -> bool:
+    return os.environ.get("FXOPT_VERIFY", "") not in ("", "0")
+
+
+def compile(model, example_inputs, pipeline="default", backend: str = "eager", calibration=None,
+            instruments=(Timing(),), verify: bool | None = None, on_new_shape: str = "error",
+            leaf_modules=(), concrete_args=None, **backend_options) -> CompiledModel:
+    """Trace `model`, run `pipeline` over the graph, lower it with `backend`.
+
+    `verify` (default: the FXOPT_VERIFY environment variable) adds the Verify
+    instrument with output checks on the example inputs after every pass.
+    `calibration` batches are run through the rewritten graph before lowering.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    am = AnalysisManager(gm)
+    am.put(Shapes, ShapeTable(gm))
+    instruments = tuple(instruments) + (CostTracker(),)
+    if verify if verify is not None else _verify_by_default():
+        instruments += (Verify(check_outputs=True),)
+    report = PassManager(pipeline, instruments).run(gm, am, example_inputs=example_inputs)
+    if calibration is not None:
+        _run_batches(gm, calibration)
+    lowered = get_backend(backend).lower(gm, example_inputs, **backend_options)
+    recompile = None
+    if on_new_shape == "retrace":
+        def recompile(new_inputs):
+            return compile(model, new_inputs, pipeline, backend, calibration, (), verify,
+                           "error", leaf_modules, concrete_args, **backend_options)
+    elif on_new_shape != "error":
+        raise ValueError(f"on_new_shape must be 'error' or 'retrace', got {on_new_shape!r}")
+    return CompiledModel(gm, lowered, report, recompile)
+
+
+def lower(compiled: CompiledModel, backend: str = "eager", example_inputs=None, **options) -> CompiledModel:
+    """Lower an already compiled model's graph with another backend."""
+    gm = compiled.graph_module
+    if example_inputs is None:
+        example_inputs = tuple(torch.zeros(i.shape, dtype=i.dtype, device=i.device)
+                               for i in compiled.input_shapes)
+    lowered = get_backend(backend).lower(gm, tuple(example_inputs), **options)
+    return CompiledModel(gm, lowered, compiled.report)
+
+
+def calibrate(compiled: CompiledModel, batches, progress: bool = False) -> CompiledModel:
+    """Run calibration batches through the rewritten graph (observers record ranges)."""
+    _run_batches(compiled.graph_module, batches, progress)
+    return compiled
+
+
+def freeze(compiled: CompiledModel) -> CompiledModel:
+    """Stop observers: every submodule with a `freeze()` method is frozen."""
+    for module in compiled.graph_module.modules():
+        if module is not compiled.graph_module and callable(getattr(module, "freeze", None)):
+            module.freeze()
+    return compiled
+
+
+def _run_batches(gm: fx.GraphModule, batches, progress: bool = False) -> None:
+    batches = list(batches)
+    iterator = batches
+    if progress:
+        from rich.progress import track
+
+        iterator = track(batches, description="calibrating")
+    with torch.no_grad():
+        for batch in iterator:
+            gm(*(batch if isinstance(batch, (tuple, list)) else (batch,)))

@@ -1,0 +1,130 @@
+"""Small helpers over torch.fx graphs that every layer uses."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+
+def fetch_attr(gm: fx.GraphModule, target: str):
+    """The object a `get_attr` target names (dotted path from the root module)."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def const_value(gm: fx.GraphModule, arg):
+    """The tensor behind `arg` if it is a get_attr node, else None."""
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        value = fetch_attr(gm, arg.target)
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    """Set (or create) a parameter/buffer at a dotted path, creating parents."""
+    *parents, name = target.split(".")
+    owner = gm
+    for part in parents:
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    if isinstance(value, torch.nn.Parameter) or name in owner._parameters:
+        value = torch.nn.Parameter(value.detach(), requires_grad=value.requires_grad)
+        owner.register_parameter(name, value)
+    else:
+        owner.register_buffer(name, value.detach())
+
+
+def fresh_attr_name(gm: fx.GraphModule, base: str) -> str:
+    """A dotted attribute path derived from `base` that is not yet taken."""
+    name, i = base, 0
+    while _has_attr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _has_attr(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        fetch_attr(gm, target)
+        return True
+    except AttributeError:
+        return False
+
+
+def user_source_line(node: fx.Node) -> str | None:
+    """The user's source line a node came from (last frame of its stack trace)."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    lines = [ln.strip() for ln in trace.strip().splitlines()]
+    files = [ln for ln in lines if ln.startswith("File ")]
+    if not files:
+        return None
+    idx = lines.index(files[-1])
+    code = lines[idx + 1] if idx + 1 < len(lines) else ""
+    return f"{files[-1]}: {code}".strip()
+
+
+def node_location(node: fx.Node) -> str:
+    """`node <name> (<target>)` plus the user's source line, for error messages."""
+    target = getattr(node.target, "__name__", str(node.target))
+    where = f"node '{node.name}' ({node.op} {target})"
+    src = user_source_line(node)
+    return f"{where} from {src}" if src else where
+
+
+def module_path(node: fx.Node) -> str:
+    """The FQN of the innermost module a node came from ('' for the root)."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return list(stack.values())[-1][0]
+    if node.op == "call_module":
+        return str(node.target)
+    return ""
+
+
+def has_side_effects(node: fx.Node) -> bool:
+    """True for nodes dead-code elimination must keep."""
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        schema = node.target._schema
+        return schema.is_mutable or any(a.alias_info is not None and a.alias_info.is_write
+                                        for a in schema.arguments)
+    return node.is_impure()
+
+
+def to_networkx(graph: fx.Graph):
+    """A networkx DiGraph with one vertex per node name and an edge per use."""
+    import networkx as nx
+
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node.name, op=node.op, target=str(node.target))
+        for inp in node.all_input_nodes:
+            g.add_edge(inp.name, node.name)
+    return g
+
+
+def drop_unused_attrs(gm: fx.GraphModule) -> int:
+    """Delete parameters/buffers no get_attr node or called submodule uses; returns how many."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    dropped = 0
+    for fqn, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if fqn in used or any(fqn.startswith(c + ".") for c in called):
+            continue
+        owner_path, _, name = fqn.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if name in owner._parameters:
+            del owner._parameters[name]
+        elif name in owner._buffers:
+            del owner._buffers[name]
+        else:
+            continue
+        dropped += 1
+    return dropped

@@ -1,0 +1,87 @@
+"""Two ways to write a rewrite.
+
+1. `replace_pattern(gm, pattern, replacement, match_filters)`: a pair of plain
+   functions; torch.fx's subgraph rewriter matches the pattern's graph and
+   splices in the replacement's. Patterns are traced to ATen ops the same way
+   models are, so they match traced graphs.
+2. `RuleTable`: rewrites as data — rows of (matcher, function). `apply` walks the
+   graph once in topological order and calls the first row whose matcher accepts
+   a node; the function edits the graph and returns True if it changed it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch.fx import subgraph_rewriter
+
+
+def pattern_graph(fn: Callable, example_args: tuple) -> fx.GraphModule:
+    """Trace a pattern/replacement function to ATen ops with torch.export."""
+
+    class Wrapper(torch.nn.Module):
+        def forward(self, *args):
+            return fn(*args)
+
+    gm = torch.export.export(Wrapper(), example_args, strict=False).module()
+    _drop_guards(gm)
+    return gm
+
+
+def _drop_guards(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def replace_pattern(gm: fx.GraphModule, pattern: fx.GraphModule, replacement: fx.GraphModule,
+                    match_filters=None) -> int:
+    """Replace every non-overlapping match; returns how many were replaced."""
+    matches = subgraph_rewriter.replace_pattern_with_filters(
+        gm, pattern, replacement, match_filters=match_filters, ignore_literals=False)
+    gm.recompile()
+    return len(matches)
+
+
+Matcher = Callable[[fx.Node], bool]
+Rewrite = Callable[[fx.GraphModule, fx.Node], bool]
+
+
+@dataclass
+class RuleTable:
+    """An ordered list of (matcher, rewrite) rows applied in one walk."""
+
+    rows: list[tuple[Matcher, Rewrite]] = field(default_factory=list)
+
+    def rule(self, matcher: Matcher):
+        """Decorator form: `@table.rule(matcher)` over a rewrite function."""
+        def add(fn: Rewrite) -> Rewrite:
+            self.rows.append((matcher, fn))
+            return fn
+        return add
+
+    def apply(self, gm: fx.GraphModule) -> int:
+        """Walk the graph once; returns the number of nodes rewritten."""
+        changed = 0
+        for node in list(gm.graph.nodes):
+            if node._erased:  # erased by an earlier row
+                continue
+            for matcher, fn in self.rows:
+                if matcher(node):
+                    if fn(gm, node):
+                        changed += 1
+                    break
+        if changed:
+            gm.graph.lint()
+            gm.recompile()
+        return changed
+
+
+def is_call(*targets) -> Matcher:
+    """Matcher: a call_function node whose target is one of `targets`."""
+    wanted = set(targets)
+    return lambda node: node.op == "call_function" and node.target in wanted

@@ -1,0 +1,158 @@
+"""The front-end: capture a model as a torch.fx GraphModule of ATen ops.
+
+The default tracer is torch.export (non-strict), which handles Hugging Face
+models and shape-dependent Python that plain `symbolic_trace` cannot. Python
+branches on shapes are specialised to the example inputs; the shapes are
+recorded on `gm.meta["fxopt.input_shapes"]`. When the user names
+`leaf_modules` or `concrete_args` (the remedies for value-dependent control
+flow) the module-level `symbolic_trace` tracer is used instead, keeping those
+modules as opaque `call_module` nodes.
+
+The user's model is never touched: tracing works on a deep copy.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import contextlib
+import os
+import traceback
+
+import torch
+import torch.fx as fx
+
+from ..errors import TraceError
+from .meta import INPUT_SHAPES, TENSOR, describe
+from .shape_prop import propagate_shapes
+
+_LIB_DIRS = tuple(os.path.dirname(m.__file__) for m in (torch, fx) if m.__file__) + (
+    os.path.dirname(os.path.dirname(__file__)),
+)
+
+
+def trace(model, example_inputs, leaf_modules=(), concrete_args=None) -> fx.GraphModule:
+    """Trace `model` on `example_inputs` into a GraphModule with shapes filled in.
+
+    `leaf_modules`: module classes or FQNs kept whole as `call_module` nodes.
+    `concrete_args`: argument names fixed to Python values while tracing.
+    Either one switches to the `symbolic_trace` tracer.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(
+            f"expected a torch.nn.Module, got {type(model).__name__}",
+            hint="wrap a plain function in an nn.Module whose forward calls it",
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    copied = copy.deepcopy(model)
+    _check_runs(copied, example_inputs)
+    if leaf_modules or concrete_args:
+        gm = _symbolic_trace(copied, leaf_modules, concrete_args)
+    else:
+        gm = _export_trace(copied, example_inputs)
+    flat_inputs = [x for x in torch.utils._pytree.tree_leaves(example_inputs)]
+    propagate_shapes(gm, flat_inputs)
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    gm.meta[INPUT_SHAPES] = tuple(p.meta.get(TENSOR) for p in placeholders)
+    gm.meta["fxopt.training"] = model.training
+    return gm
+
+
+def _check_runs(model: torch.nn.Module, example_inputs: tuple) -> None:
+    """Run the model once on fake copies of the inputs: wrong shapes fail here, clearly."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    try:
+        with mode, torch.no_grad():
+            model(*fake)
+    except Exception as exc:
+        if _is_data_dependent(exc):
+            return  # export will report it with its source line
+        shapes = ", ".join(str(describe(x)) for x in example_inputs)
+        raise TraceError(
+            f"the model does not run on the example inputs ({shapes}): {type(exc).__name__}: "
+            f"{_first_line(exc)}",
+            where=_user_frame(exc),
+            hint="pass example inputs of the shape and dtype the model's forward expects",
+        ) from exc
+
+
+def _export_trace(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            exported = torch.export.export(model, example_inputs, strict=False)
+    except Exception as exc:
+        raise _trace_error(model, exc) from exc
+    return exported.module()
+
+
+def _symbolic_trace(model, leaf_modules, concrete_args) -> fx.GraphModule:
+    leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+    leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+
+    class LeafTracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return (isinstance(m, leaf_types) or qualname in leaf_names
+                    or super().is_leaf_module(m, qualname))
+
+    try:
+        graph = LeafTracer().trace(model, concrete_args=concrete_args)
+    except Exception as exc:
+        raise _trace_error(model, exc) from exc
+    return fx.GraphModule(model, graph, model.__class__.__name__)
+
+
+def _trace_error(model: torch.nn.Module, exc: Exception) -> TraceError:
+    kind = "value-dependent control flow" if _is_data_dependent(exc) else "unsupported Python"
+    where = _user_frame(exc, model)
+    return TraceError(
+        f"cannot trace {type(model).__name__}: {kind} ({type(exc).__name__}: {_first_line(exc)})",
+        where=where,
+        hint="keep that module whole with fxopt.trace(..., leaf_modules=(TheModule,)) or fix the "
+             "offending argument with concrete_args={'name': value}; shape-only branches trace fine",
+    )
+
+
+def _is_data_dependent(exc: BaseException) -> bool:
+    names = {type(e).__name__ for e in _chain(exc)}
+    text = " ".join(str(e) for e in _chain(exc))
+    return bool(names & {"GuardOnDataDependentSymNode", "DataDependentOutputException",
+                         "TraceError"}) or "data-dependent" in text or "symbolically traced" in text
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _user_frame(exc: BaseException, model: torch.nn.Module | None = None) -> str | None:
+    """The innermost frame outside torch and fxopt: module name and source line."""
+    names = {id(m): n or "<root>" for n, m in model.named_modules()} if model is not None else {}
+    best = None
+    for err in _chain(exc):
+        for frame, lineno in traceback.walk_tb(err.__traceback__):
+            filename = frame.f_code.co_filename
+            if filename.startswith(_LIB_DIRS) or "site-packages/torch" in filename:
+                continue
+            best = (frame, lineno)
+    if best is None:
+        return None
+    frame, lineno = best
+    line = traceback.FrameSummary(frame.f_code.co_filename, lineno, frame.f_code.co_name).line
+    owner = frame.f_locals.get("self")
+    module = ""
+    if isinstance(owner, torch.nn.Module):
+        fqn = names.get(id(owner))
+        module = f"module {type(owner).__name__}" + (f" '{fqn}'" if fqn else "") + ", "
+    return f"{module}{frame.f_code.co_filename}:{lineno}: {line}"

@@ -1,0 +1,6 @@
+"""The built-in passes; importing this package registers them."""
+from .canonicalize import Canonicalize
+from .dce import DeadCodeElimination
+from .fold_bn import FoldBatchNorm
+
+__all__ = ["Canonicalize", "DeadCodeElimination", "FoldBatchNorm"]

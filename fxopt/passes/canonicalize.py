@@ -1,0 +1,137 @@
+"""canonicalize: one spelling per operation, so later passes match one form.
+
+- in-place ATen ops become functional (`relu_` -> `relu`, `add_` -> `add`) when
+  nothing reads the mutated tensor afterwards and it is not an input, weight or view;
+- eval-mode dropout and identities disappear;
+- `view`/`_unsafe_view`/`reshape` become `reshape`, or `flatten` when that is what
+  they do;
+- the module-level tracer's spellings (`F.relu(x)`, `x.relu()`, `nn.ReLU`,
+  `torch.flatten`, `x.view(...)`, `nn.Conv2d`/`nn.Linear`/`nn.BatchNorm2d` modules)
+  become the same ATen calls the default tracer emits;
+- `x * sigmoid(x)` becomes `silu(x)` (a pattern/replacement pair).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..ir.meta import tensor_info
+from ..ir.rewrite import RuleTable, is_call, pattern_graph, replace_pattern
+from ..pm import Pass, PassResult, register_pass
+from . import canonical_modules
+
+aten = torch.ops.aten
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+_DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default}
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, target, args, kwargs=None) -> fx.Node:
+    """Put a call_function node `target(*args)` in place of `node`, keeping its meta."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, tuple(args), kwargs or {})
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def _bypass(gm: fx.GraphModule, node: fx.Node) -> bool:
+    node.replace_all_uses_with(node.args[0])
+    gm.graph.erase_node(node)
+    return True
+
+
+def _is_inplace(node: fx.Node) -> bool:
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    name = node.target.overloadpacket.__name__
+    return name.endswith("_") and not name.startswith("_") and node.target._schema.is_mutable
+
+
+def _functional_twin(node: fx.Node):
+    base = getattr(aten, node.target.overloadpacket.__name__[:-1], None)
+    return getattr(base, node.target._overloadname, None) if base is not None else None
+
+
+def _functionalize(gm: fx.GraphModule, node: fx.Node) -> bool:
+    mutated = node.args[0] if node.args else None
+    twin = _functional_twin(node)
+    if twin is None or not isinstance(mutated, fx.Node) or mutated.op in ("placeholder", "get_attr"):
+        return False
+    if _is_alias(mutated) or any(u is not node and node < u for u in mutated.users):
+        return False
+    _replace(gm, node, twin, node.args, node.kwargs)
+    return True
+
+
+def _is_alias(node: fx.Node) -> bool:
+    """True if the node's value may share storage with another value (a view, an in-place result)."""
+    if node.op != "call_function":
+        return node.op != "call_module"
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return any(r.alias_info is not None for r in target._schema.returns)
+    return True  # unknown functions may return views: stay safe
+
+
+def _dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+    return _bypass(gm, node) if not train else False
+
+
+def _reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
+    src, out = tensor_info(node.args[0]), tensor_info(node)
+    start = _flatten_start(src.shape, out.shape) if src and out else None
+    if start is not None:
+        _replace(gm, node, aten.flatten.using_ints, (node.args[0], start, -1))
+        return True
+    if node.target == aten.reshape.default:
+        return False
+    _replace(gm, node, aten.reshape.default, node.args)
+    return True
+
+
+def _flatten_start(src: tuple, out: tuple) -> int | None:
+    """The start dim if reshaping `src` to `out` is flatten(start, -1), else None."""
+    start = len(out) - 1
+    if start < 1 or len(src) <= len(out) or tuple(src[:start]) != tuple(out[:start]):
+        return None
+    return start if math.prod(src[start:]) == out[-1] else None
+
+
+def _silu_pattern(x):
+    return x * torch.sigmoid(x)
+
+
+def _silu_replacement(x):
+    return F.silu(x)
+
+
+@register_pass("canonicalize")
+@dataclass(frozen=True)
+class Canonicalize(Pass):
+    """Rewrite equivalent spellings to one canonical ATen form (see module doc).
+
+    functionalize: turn safe in-place ops into functional ones.
+    """
+
+    functionalize: bool = True
+
+    def run(self, gm: fx.GraphModule, am) -> PassResult:
+        table = RuleTable()
+        if self.functionalize:
+            table.rule(_is_inplace)(_functionalize)
+        table.rule(is_call(*_DROPOUTS))(_dropout)
+        table.rule(is_call(*_VIEWS))(_reshape)
+        canonical_modules.add_rules(table)
+        changed = table.apply(gm)
+        example = (torch.randn(2, 3),)
+        changed += replace_pattern(gm, pattern_graph(_silu_pattern, example),
+                                   pattern_graph(_silu_replacement, example))
+        if not changed:
+            return PassResult.unchanged()
+        return PassResult.changed(notes=(f"rewrote {changed} nodes",))

@@ -1,0 +1,113 @@
+"""Pass, PassResult and the registry that maps pipeline names to pass classes.
+
+A pass is a frozen dataclass: its fields are its options (typed, defaulted),
+so two passes with the same options compare equal and a pipeline can be
+printed back to text. `register_pass("name")` gives it its pipeline name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch.fx as fx
+
+from ..errors import FxoptError
+
+_REGISTRY: dict[str, type["Pass"]] = {}
+
+
+class Pass:
+    """Base of every pass. Subclasses are `@dataclass(frozen=True)`.
+
+    `tolerance` is how far (absolute, relative to the output scale) outputs may
+    move under this pass; None means the pass changes what the model computes
+    (pruning, quantization) and the Verify instrument skips its output check.
+    """
+
+    name: ClassVar[str] = ""
+    tolerance: ClassVar[float | None] = 1e-4
+
+    def run(self, gm: fx.GraphModule, am) -> "PassResult":
+        raise NotImplementedError(f"{type(self).__name__}.run")
+
+    @classmethod
+    def options(cls) -> list["OptionSpec"]:
+        """The pass's options: one per dataclass field, in declaration order."""
+        if not dataclasses.is_dataclass(cls):
+            return []
+        hints = typing.get_type_hints(cls)
+        specs = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            specs.append(OptionSpec(f.name, f.name.replace("_", "-"), hints[f.name], default))
+        return specs
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option of a pass: dataclass field name, pipeline key, type, default."""
+
+    field: str
+    key: str
+    type: object
+    default: object
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.type)
+
+
+def type_name(tp) -> str:
+    """A short readable spelling of an option type, e.g. `int`, `l1|l2`, `list[str]`."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        return f"list[{type_name(typing.get_args(tp)[0])}]"
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return "|".join(type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass did: whether it changed the graph, what it preserved, notes for the report."""
+
+    is_changed: bool
+    preserves: tuple = ()
+    notes: tuple[str, ...] = field(default=())
+    preserves_all: bool = False
+
+    @classmethod
+    def changed(cls, preserves=(), notes=()) -> "PassResult":
+        """The graph changed; analyses not in `preserves` are invalidated."""
+        return cls(True, tuple(preserves), tuple(notes))
+
+    @classmethod
+    def unchanged(cls, notes=()) -> "PassResult":
+        """Nothing changed: every analysis stays valid."""
+        return cls(False, (), tuple(notes), preserves_all=True)
+
+
+def register_pass(name: str):
+    """Class decorator: register a Pass subclass under its pipeline name."""
+
+    def register(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Pass)):
+            raise TypeError(f"register_pass('{name}') decorates a Pass subclass, got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
+            raise FxoptError(f"a pass named '{name}' is already registered ({_REGISTRY[name].__qualname__})",
+                             hint="choose another name")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return register
+
+
+def list_passes() -> dict[str, type[Pass]]:
+    """Every registered pass, by pipeline name (`import fxopt` registers the built-ins)."""
+    return dict(sorted(_REGISTRY.items()))

@@ -1,0 +1,234 @@
+"""Pipeline text: `name{key=value key=value},name,stages(p1,p2)`.
+
+MLIR's textual pipeline syntax, kept small. Keys are kebab-case spellings of a
+pass's dataclass fields; values are checked against the field types; lists are
+`[a,b]`; strings may be quoted ("a b"). `format_pipeline` leaves defaults out,
+so `parse_pipeline(format_pipeline(p)) == p`. A bare preset name (`default`)
+expands to its text.
+"""
+from __future__ import annotations
+
+import difflib
+import typing
+
+from ..errors import PassOptionError, PipelineSyntaxError, UnknownPassError
+from .pass_base import OptionSpec, Pass, list_passes, type_name
+from .stages import Stages
+
+PRESETS: dict[str, str] = {
+    "default": "fold-bn,canonicalize,dce",
+    "cleanup": "canonicalize,dce",
+}
+
+_SPECIAL = set(",{}[]()= \t\"'")
+
+
+class _Cursor:
+    """A position in the pipeline text, with error reporting by column."""
+
+    def __init__(self, text: str):
+        self.text, self.pos = text, 0
+
+    def skip_space(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos] in " \t\n":
+            self.pos += 1
+
+    def peek(self) -> str:
+        self.skip_space()
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def expect(self, char: str) -> None:
+        if self.peek() != char:
+            found = repr(self.peek()) if self.peek() else "end of text"
+            self.fail(f"expected '{char}', found {found}")
+        self.pos += 1
+
+    def word(self, what: str) -> tuple[str, int]:
+        self.skip_space()
+        start = self.pos
+        while self.pos < len(self.text) and self.text[self.pos] not in _SPECIAL:
+            self.pos += 1
+        if start == self.pos:
+            found = repr(self.text[self.pos]) if self.pos < len(self.text) else "end of text"
+            self.fail(f"expected {what}, found {found}")
+        return self.text[start:self.pos], start + 1
+
+    def fail(self, message: str, column: int | None = None, hint: str | None = None):
+        raise PipelineSyntaxError(message, self.text, column or self.pos + 1, hint)
+
+
+def parse_pipeline(text) -> list[Pass]:
+    """Parse pipeline text (or pass through a list of Pass) into Pass instances."""
+    if not isinstance(text, str):
+        passes = list(text)
+        bad = [p for p in passes if not isinstance(p, Pass)]
+        if bad:
+            raise PassOptionError(f"a pipeline list holds Pass instances, got {type(bad[0]).__name__}",
+                                  hint="use fxopt.parse_pipeline('name{key=value}') or PassClass(...)")
+        return passes
+    cur = _Cursor(text)
+    if not text.strip():
+        return []
+    passes = _parse_list(cur, closing="")
+    if cur.peek():
+        cur.fail(f"unexpected {cur.peek()!r}", hint="separate passes with ','")
+    return passes
+
+
+def _parse_list(cur: _Cursor, closing: str) -> list[Pass]:
+    passes = _parse_item(cur)
+    while cur.peek() == ",":
+        cur.pos += 1
+        passes += _parse_item(cur)
+    if closing:
+        cur.expect(closing)
+    return passes
+
+
+def _parse_item(cur: _Cursor) -> list[Pass]:
+    name, column = cur.word("a pass name")
+    if name == "stages" and cur.peek() == "(":
+        cur.pos += 1
+        return [Stages(tuple(_parse_list(cur, closing=")")))]
+    if name in PRESETS and cur.peek() != "{":
+        return parse_pipeline(PRESETS[name])
+    registry = list_passes()
+    if name not in registry:
+        near = difflib.get_close_matches(name, list(registry) + list(PRESETS), n=3, cutoff=0.5)
+        raise UnknownPassError(
+            f"unknown pass '{name}' at column {column}",
+            where=f"\n    {cur.text}\n    {' ' * (column - 1)}^",
+            hint=(f"did you mean {' or '.join(repr(n) for n in near)}? " if near else "")
+            + "`fxopt passes` lists every pass",
+        )
+    cls = registry[name]
+    values = {}
+    if cur.peek() == "{":
+        cur.pos += 1
+        values = _parse_options(cur, cls)
+    try:
+        return [cls(**values)]
+    except PassOptionError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise PassOptionError(f"invalid options for '{name}': {exc}", where=f"column {column}") from exc
+
+
+def _parse_options(cur: _Cursor, cls: type[Pass]) -> dict:
+    specs = {s.key: s for s in cls.options()}
+    values = {}
+    while cur.peek() != "}":
+        if not cur.peek():
+            cur.fail("unclosed '{'", hint="close the options with '}'")
+        key, column = cur.word("an option name")
+        if key not in specs:
+            near = difflib.get_close_matches(key, list(specs), n=3, cutoff=0.5)
+            known = ", ".join(f"{k}: {s.type_name}" for k, s in specs.items()) or "none"
+            raise PassOptionError(
+                f"pass '{cls.name}' has no option '{key}'",
+                where=f"column {column} of: {cur.text}",
+                hint=(f"did you mean {' or '.join(map(repr, near))}? " if near else "")
+                + f"its options are: {known}",
+            )
+        cur.expect("=")
+        raw, value_column = _parse_value(cur)
+        values[specs[key].field] = convert_option(specs[key], raw, cls.name, f"column {value_column} of: {cur.text}")
+    cur.pos += 1
+    return values
+
+
+def _parse_value(cur: _Cursor):
+    """A raw value: a string, or a list of raw values; with its column."""
+    char = cur.peek()
+    column = cur.pos + 1
+    if char == "[":
+        cur.pos += 1
+        items = []
+        while cur.peek() != "]":
+            items.append(_parse_value(cur)[0])
+            if cur.peek() == ",":
+                cur.pos += 1
+            elif cur.peek() != "]":
+                cur.fail("expected ',' or ']' in a list")
+        cur.pos += 1
+        return items, column
+    if char in ("'", '"'):
+        end = cur.text.find(char, cur.pos + 1)
+        if end < 0:
+            cur.fail("unterminated string", hint=f"close it with {char}")
+        value = cur.text[cur.pos + 1:end]
+        cur.pos = end + 1
+        return value, column
+    return cur.word("a value")[0], column
+
+
+def convert_option(spec: OptionSpec, raw, pass_name: str, where: str):
+    """Convert a raw value (str or list) to the option's declared type."""
+    try:
+        return _convert(spec.type, raw)
+    except (ValueError, TypeError):
+        raise PassOptionError(
+            f"option '{spec.key}' of pass '{pass_name}' takes {type_name(spec.type)}, got {raw!r}",
+            where=where, hint=f"write e.g. {spec.key}={format_value(spec.default)}" if spec.default is not None
+            else None) from None
+
+
+def _convert(tp, raw):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union,) or str(origin) == "<class 'types.UnionType'>":
+        if isinstance(raw, str) and raw == "none" and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, raw)
+            except (ValueError, TypeError):
+                continue
+        raise ValueError(raw)
+    if origin in (tuple, list):
+        items = raw if isinstance(raw, list) else [raw]
+        return tuple(_convert(args[0], item) for item in items)
+    if isinstance(raw, list):
+        raise TypeError("a list is not allowed here")
+    if origin is typing.Literal:
+        for choice in args:
+            if str(choice) == raw:
+                return choice
+        raise ValueError(raw)
+    if tp is bool:
+        if raw in ("true", "false"):
+            return raw == "true"
+        raise ValueError(raw)
+    if tp is int:
+        return int(raw)
+    if tp is float:
+        return float(raw)
+    if tp is str:
+        return raw
+    raise TypeError(f"unsupported option type {tp}")
+
+
+def format_value(value) -> str:
+    """The pipeline-text spelling of an option value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if value is None:
+        return "none"
+    text = str(value) if not isinstance(value, float) else repr(value)
+    if not text or any(c in _SPECIAL for c in text):
+        return '"' + text + '"'
+    return text
+
+
+def format_pipeline(passes) -> str:
+    """Pipeline text for a list of passes, options at their defaults left out."""
+    return ",".join(_format_one(p) for p in parse_pipeline(passes))
+
+
+def _format_one(p: Pass) -> str:
+    if p.name == "stages":
+        return f"stages({format_pipeline(p.pipeline)})"
+    opts = [f"{s.key}={format_value(getattr(p, s.field))}" for s in p.options()
+            if getattr(p, s.field) != s.default]
+    return p.name + ("{" + " ".join(opts) + "}" if opts else "")

@@ -1,0 +1,1 @@
+"""What runs a lowered artefact outside the compiler (e.g. pipeline stages)."""
