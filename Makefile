@@ -1,0 +1,29 @@
+# Two entry points: `make demo` (the main job on a real model) and `make test`.
+# Both create .venv on first use and install the pinned torch + fxopt into it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fxopt-installed
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	FXOPT_VERIFY=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+demo: setup
+	$(BIN)/fxopt run torchvision:resnet50 -p default --input-shape 1x3x224x224 --time-passes
+
+bench: setup
+	$(BIN)/python -m benchmarks --suite passes
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,194 @@
+"""The `fxopt` command: list passes and backends, run a pipeline on a model."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+import fxopt
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "int64": torch.int64, "int32": torch.int32}
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except fxopt.FxoptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxopt", description="A graph-rewriting compiler over torch.fx.")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("passes", help="list every pass with its options and doc")
+    p.add_argument("name", nargs="?", help="show only this pass")
+    p.set_defaults(handler=cmd_passes)
+
+    b = sub.add_parser("backends", help="list the backends and whether they are usable here")
+    b.set_defaults(handler=cmd_backends)
+
+    r = sub.add_parser("run", help="trace MODEL, run a pipeline, print the report")
+    r.add_argument("model", help="torchvision:NAME, path/file.py:ATTR or pkg.module:ATTR "
+                                 "(ATTR: an nn.Module or a zero-argument factory)")
+    r.add_argument("-p", "--pipeline", default="default", help="pipeline text or preset (default: %(default)s)")
+    r.add_argument("--input-shape", action="append", required=True,
+                   help="e.g. 1x3x224x224; repeat for several inputs")
+    r.add_argument("--input-dtype", action="append", choices=sorted(_DTYPES),
+                   help="dtype per input (default float32; int64 inputs are token ids in [0, 100))")
+    r.add_argument("--backend", default="eager")
+    r.add_argument("--time-passes", action="store_true", help="print a pass timing summary")
+    r.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
+                   help="print the graph after this pass ('all' for every pass)")
+    r.add_argument("--verify-each", action="store_true",
+                   help="lint, check shapes and compare outputs after every pass")
+    r.add_argument("--reproducer", metavar="DIR", help="on a failure, write a reproducer here")
+    r.add_argument("--json", metavar="FILE", help="write the report and summary as JSON")
+    r.set_defaults(handler=cmd_run)
+    return parser
+
+
+def cmd_passes(args) -> int:
+    passes = fxopt.list_passes()
+    if args.name and args.name not in passes:
+        raise fxopt.UnknownPassError(f"unknown pass '{args.name}'", hint="run `fxopt passes` for the list")
+    for name, cls in passes.items():
+        if args.name and name != args.name:
+            continue
+        print(name)
+        doc = inspect.cleandoc(cls.__doc__ or "").strip()
+        for line in doc.splitlines():
+            print(f"    {line}")
+        for spec in cls.options():
+            default = fxopt.pm.pipeline.format_value(spec.default)
+            print(f"    --{spec.key}: {spec.type_name} = {default}")
+        print()
+    return 0
+
+
+def cmd_backends(args) -> int:
+    for name, backend in fxopt.list_backends().items():
+        missing = backend.available()
+        print(f"{name:12s} {'available' if not missing else missing}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    model = load_model(args.model)
+    inputs = make_inputs(args.input_shape, args.input_dtype)
+    instruments = [fxopt.instruments.Timing(print_summary=args.time_passes)]
+    if args.print_ir_after:
+        instruments.append(fxopt.instruments.PrintIR(after=args.print_ir_after))
+    if args.reproducer:
+        instruments.append(fxopt.instruments.Reproducer(args.reproducer))
+    compiled = fxopt.compile(model, inputs, pipeline=args.pipeline, backend=args.backend,
+                             instruments=instruments, verify=args.verify_each)
+    with torch.no_grad():
+        diff = _max_difference(model(*inputs), compiled(*inputs))
+    cost = fxopt.AnalysisManager(compiled.graph_module).get(fxopt.analyses.Cost)
+    print(compiled.report)
+    print(f"\nmodel: {args.model}  inputs: {', '.join(args.input_shape)}  backend: {args.backend}")
+    print(f"params {cost.params:,}  MACs {cost.macs:,}  max |compiled - eager| = {diff:.3g}")
+    if cost.unknown:
+        print(f"ops without a cost model ({len(cost.unknown)}): {', '.join(cost.unknown[:10])}")
+    if args.json:
+        summary = {"model": args.model, "inputs": args.input_shape, "backend": args.backend,
+                   "max_abs_diff": diff, "cost": cost.to_dict(), "report": compiled.report.to_dict()}
+        write_json_atomically(args.json, summary)
+    return 0
+
+
+def load_model(spec: str) -> torch.nn.Module:
+    """Build the model a CLI MODEL spec names, in eval mode."""
+    source, sep, attr = spec.rpartition(":")
+    if not sep or not source or not attr:
+        raise fxopt.FxoptError(f"cannot read model spec '{spec}'",
+                               hint="write torchvision:NAME, path/file.py:ATTR or pkg.module:ATTR")
+    if source == "torchvision":
+        import torchvision
+
+        try:
+            obj = torchvision.models.get_model(attr, weights=None)
+        except ValueError as exc:
+            raise fxopt.FxoptError(f"unknown torchvision model '{attr}'",
+                                   hint="see torchvision.models.list_models()") from exc
+    else:
+        obj = getattr(_load_source(source, spec), attr, None)
+        if obj is None:
+            raise fxopt.FxoptError(f"'{source}' has no attribute '{attr}'", where=spec,
+                                   hint="name an nn.Module or a zero-argument factory defined there")
+        if not isinstance(obj, torch.nn.Module) and callable(obj):
+            obj = obj()
+    if not isinstance(obj, torch.nn.Module):
+        raise fxopt.TraceError(f"'{spec}' gives a {type(obj).__name__}, not an nn.Module",
+                               hint="point at an nn.Module or a factory returning one")
+    return obj.eval()
+
+
+def _load_source(source: str, spec: str):
+    if source.endswith(".py"):
+        if not os.path.exists(source):
+            raise fxopt.FxoptError(f"no such file '{source}'", where=spec)
+        module_spec = importlib.util.spec_from_file_location("_fxopt_user_model", source)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(source)
+    except ImportError as exc:
+        raise fxopt.FxoptError(f"cannot import '{source}': {exc}", where=spec,
+                               hint="install the package or give a path/file.py") from exc
+
+
+def make_inputs(shapes: list[str], dtypes: list[str] | None) -> tuple:
+    """Random example inputs from '1x3x224x224' shape strings (seeded, so runs repeat)."""
+    dtypes = dtypes or []
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for i, text in enumerate(shapes):
+        try:
+            shape = [int(s) for s in text.lower().split("x")]
+        except ValueError:
+            raise fxopt.FxoptError(f"bad --input-shape '{text}'", hint="write sizes joined by x, e.g. 1x3x224x224") from None
+        dtype = _DTYPES[dtypes[i]] if i < len(dtypes) else torch.float32
+        if dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=generator).to(dtype))
+        else:
+            inputs.append(torch.randint(0, 100, shape, generator=generator, dtype=dtype))
+    return tuple(inputs)
+
+
+def _max_difference(expected, actual) -> float:
+    leaves_e = torch.utils._pytree.tree_leaves(expected)
+    leaves_a = torch.utils._pytree.tree_leaves(actual)
+    diffs = [(e.double() - a.double()).abs().max().item() for e, a in zip(leaves_e, leaves_a)
+             if isinstance(e, torch.Tensor) and e.numel()]
+    return max(diffs, default=0.0)
+
+
+def write_json_atomically(path: str, data) -> None:
+    """Write JSON to a temp file beside `path`, then rename: never half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
