@@ -132,7 +132,11 @@ def load_model(spec: str) -> torch.nn.Module:
             raise fxopt.FxoptError(f"'{source}' has no attribute '{attr}'", where=spec,
                                    hint="name an nn.Module or a zero-argument factory defined there")
         if not isinstance(obj, torch.nn.Module) and callable(obj):
-            obj = obj()
+            try:
+                obj = obj()
+            except TypeError as exc:
+                raise fxopt.FxoptError(f"calling {attr}() failed: {exc}", where=spec,
+                                       hint="name an nn.Module or a zero-argument factory") from exc
     if not isinstance(obj, torch.nn.Module):
         raise fxopt.TraceError(f"'{spec}' gives a {type(obj).__name__}, not an nn.Module",
                                hint="point at an nn.Module or a factory returning one")

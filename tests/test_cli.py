@@ -1,0 +1,80 @@
+"""The `fxopt` command: passes, backends, run, and its errors."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fxopt.cli import main
+
+
+def test_passes_lists_every_pass_with_options(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fold-bn", "canonicalize", "dce"):
+        assert f"\n{name}\n" in "\n" + out
+    assert "--eps-guard: float = 0.0" in out
+    assert "--functionalize: bool = true" in out
+
+
+def test_passes_unknown_name_is_an_error(capsys):
+    assert main(["passes", "nope"]) == 2
+    assert "unknown pass 'nope'" in capsys.readouterr().err
+
+
+def test_backends_lists_eager(capsys):
+    assert main(["backends"]) == 0
+    assert "eager" in capsys.readouterr().out
+
+
+def test_run_torchvision_model_with_json_and_ir(tmp_path, capsys):
+    report = tmp_path / "out" / "report.json"
+    code = main(["run", "torchvision:resnet18", "-p", "default", "--input-shape", "1x3x64x64",
+                 "--print-ir-after", "fold-bn", "--verify-each", "--json", str(report)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "IR after fold-bn" in out and "torch.ops.aten.conv2d" in out
+    assert "folded 20 BatchNorm" in out
+    data = json.loads(report.read_text())
+    assert [p["name"] for p in data["report"]["passes"]] == ["fold-bn", "canonicalize", "dce"]
+    assert data["max_abs_diff"] < 1e-4
+    assert data["cost"]["macs"] > 100e6
+    assert not list(report.parent.glob(".tmp-*"))  # written atomically, nothing left behind
+
+
+def test_run_model_from_a_file_with_a_factory(tmp_path, capsys):
+    source = tmp_path / "mymodel.py"
+    source.write_text(textwrap.dedent("""
+        import torch
+        def build():
+            return torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU())
+    """))
+    assert main(["run", f"{source}:build", "--input-shape", "2x8"]) == 0
+    assert "folded 1 BatchNorm" in capsys.readouterr().out
+
+
+def test_run_bad_pipeline_reports_column(capsys):
+    assert main(["run", "torchvision:resnet18", "-p", "fold-bn{eps-guard=1e-6", "--input-shape",
+                 "1x3x32x32"]) == 2
+    err = capsys.readouterr().err
+    assert "column" in err and "unclosed '{'" in err
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nocolon", "cannot read model spec"),
+    ("torchvision:not_a_model", "unknown torchvision model"),
+    ("missing/file.py:build", "no such file"),
+    ("os:getcwd", "not an nn.Module"),
+    ("json:dumps", "zero-argument factory"),
+])
+def test_run_bad_model_spec(spec, message, capsys):
+    assert main(["run", spec, "--input-shape", "1x3"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_console_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "fxopt.cli", "passes", "dce"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("dce")
