@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import contextlib
 import os
+import sys
 import traceback
 
 import torch
@@ -51,12 +53,27 @@ def trace(model, example_inputs, leaf_modules=(), concrete_args=None) -> fx.Grap
         gm = _symbolic_trace(copied, leaf_modules, concrete_args)
     else:
         gm = _export_trace(copied, example_inputs)
-    flat_inputs = [x for x in torch.utils._pytree.tree_leaves(example_inputs)]
-    propagate_shapes(gm, flat_inputs)
+    if not _shapes_from_export(gm):
+        propagate_shapes(gm, torch.utils._pytree.tree_leaves(example_inputs))
     placeholders = gm.graph.find_nodes(op="placeholder")
     gm.meta[INPUT_SHAPES] = tuple(p.meta.get(TENSOR) for p in placeholders)
     gm.meta["fxopt.training"] = model.training
     return gm
+
+
+def _shapes_from_export(gm: fx.GraphModule) -> bool:
+    """Record shapes from the fake values torch.export left in meta["val"], if all are there."""
+    nodes = [n for n in gm.graph.nodes if n.op not in ("output", "call_module")]
+    if not all("val" in n.meta for n in nodes):
+        return False
+    for node in nodes:
+        node.meta[TENSOR] = describe(node.meta["val"])
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            node.meta[TENSOR] = None
+        elif node.op == "output":
+            node.meta[TENSOR] = describe(fx.node.map_arg(node.args[0], lambda n: n.meta.get("val")))
+    return True
 
 
 def _check_runs(model: torch.nn.Module, example_inputs: tuple) -> None:
@@ -66,7 +83,7 @@ def _check_runs(model: torch.nn.Module, example_inputs: tuple) -> None:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     try:
-        with mode, torch.no_grad():
+        with mode, torch.no_grad(), _quiet("torch._subclasses.fake_tensor"):
             model(*fake)
     except Exception as exc:
         if _is_data_dependent(exc):
@@ -75,17 +92,33 @@ def _check_runs(model: torch.nn.Module, example_inputs: tuple) -> None:
         raise TraceError(
             f"the model does not run on the example inputs ({shapes}): {type(exc).__name__}: "
             f"{_first_line(exc)}",
-            where=_user_frame(exc),
+            where=_user_frame(exc, model),
             hint="pass example inputs of the shape and dtype the model's forward expects",
         ) from exc
 
 
-def _export_trace(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Silence a logger that reports (as errors) exceptions we catch and explain ourselves."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _export_trace(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    stderr = io.StringIO()  # on failure export prints its partial graph there; our error says more
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr), \
+                _quiet("torch.fx.experimental.symbolic_shapes"):
             exported = torch.export.export(model, example_inputs, strict=False)
     except Exception as exc:
         raise _trace_error(model, exc) from exc
+    if stderr.getvalue():
+        sys.stderr.write(stderr.getvalue())
     return exported.module()
 
 

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -111,6 +112,13 @@ def _silu_replacement(x):
     return F.silu(x)
 
 
+@functools.cache
+def _silu_graphs() -> tuple[fx.GraphModule, fx.GraphModule]:
+    """The silu pattern and replacement, traced once per process."""
+    example = (torch.randn(2, 3),)
+    return pattern_graph(_silu_pattern, example), pattern_graph(_silu_replacement, example)
+
+
 @register_pass("canonicalize")
 @dataclass(frozen=True)
 class Canonicalize(Pass):
@@ -129,9 +137,7 @@ class Canonicalize(Pass):
         table.rule(is_call(*_VIEWS))(_reshape)
         canonical_modules.add_rules(table)
         changed = table.apply(gm)
-        example = (torch.randn(2, 3),)
-        changed += replace_pattern(gm, pattern_graph(_silu_pattern, example),
-                                   pattern_graph(_silu_replacement, example))
+        changed += replace_pattern(gm, *_silu_graphs())
         if not changed:
             return PassResult.unchanged()
         return PassResult.changed(notes=(f"rewrote {changed} nodes",))
