@@ -38,13 +38,14 @@ class CompiledModel(torch.nn.Module):
         return self.graph_module.meta.get(INPUT_SHAPES, ())
 
     def forward(self, *args):
-        flat = torch.utils._pytree.tree_leaves(args)
+        flat = torch.utils._pytree.tree_leaves(args, is_leaf=lambda a: a is None)  # keep None args
         got = tuple(describe(x) for x in flat)
         expected = self.input_shapes
         if expected and _mismatch(expected, got):
             if self._recompile is None:
                 raise InputShapeError(
                     f"called with inputs {_fmt(got)} but compiled for {_fmt(expected)}",
+                    where=_first_mismatch(expected, got),
                     hint="call with the traced shapes, or compile with on_new_shape='retrace' "
                          "to recompile for each new shape")
             key = tuple(str(g) for g in got)
@@ -57,9 +58,19 @@ class CompiledModel(torch.nn.Module):
 def _mismatch(expected: tuple, got: tuple) -> bool:
     if len(expected) != len(got):
         return True
-    return any(isinstance(e, TensorInfo) and (not isinstance(g, TensorInfo) or
-                                              (e.shape, e.dtype) != (g.shape, g.dtype))
+    return any((isinstance(e, TensorInfo) and (not isinstance(g, TensorInfo) or
+                                               (e.shape, e.dtype) != (g.shape, g.dtype)))
+               or (e is None and isinstance(g, TensorInfo))  # a tensor where None was traced
                for e, g in zip(expected, got))
+
+
+def _first_mismatch(expected: tuple, got: tuple) -> str:
+    if len(expected) != len(got):
+        return f"{len(got)} inputs given, {len(expected)} expected"
+    for i, (e, g) in enumerate(zip(expected, got)):
+        if _mismatch((e,), (g,)):
+            return f"input {i}: got {g}, expected {e}"
+    return ""
 
 
 def _fmt(infos) -> str:
@@ -107,7 +118,7 @@ def lower(compiled: CompiledModel, backend: str = "eager", example_inputs=None, 
     gm = compiled.graph_module
     if example_inputs is None:
         example_inputs = tuple(torch.zeros(i.shape, dtype=i.dtype, device=i.device)
-                               for i in compiled.input_shapes)
+                               if i is not None else None for i in compiled.input_shapes)
     lowered = get_backend(backend).lower(gm, tuple(example_inputs), **options)
     return CompiledModel(gm, lowered, compiled.report)
 

@@ -92,6 +92,25 @@ def _attention(node, ins, out):
     return batch * length * source * (q.shape[-1] + v.shape[-1]), 3 * batch * length * source
 
 
+def _einsum(node, ins, out):
+    """A contraction of 2+ operands: one MAC per point of the loop nest over every index
+    (per extra operand); one operand (a transpose or a sum) is one op per input element."""
+    operands = [tensor_info(a) for a in node.args[1]] if len(node.args) > 1 else []
+    if any(o is None for o in operands):
+        return 0, 0
+    if len(operands) < 2:
+        return 0, sum(o.numel for o in operands)
+    sizes: dict = {}
+    specs = node.args[0].replace(" ", "").split("->")[0].split(",")
+    for spec, info in zip(specs, operands):
+        head, _, tail = spec.partition("...")
+        ellipsis = len(info.shape) - len(head) - len(tail) if "..." in spec else 0
+        keys = list(head) + [("...", ellipsis - i) for i in range(ellipsis)] + list(tail)
+        for key, size in zip(keys, info.shape):  # broadcast dims (size 1) take the other size
+            sizes[key] = max(sizes.get(key, 1), size)
+    return math.prod(sizes.values()) * (len(operands) - 1), 0
+
+
 def _per_output(weight: int):
     return lambda node, ins, out: (0, weight * out.numel)
 
@@ -108,15 +127,16 @@ _ELEMENTWISE = """abs add sub mul div neg relu relu6 gelu sigmoid tanh silu hard
 hardsigmoid leaky_relu elu selu mish softplus clamp clamp_min clamp_max exp log pow sqrt rsqrt
 reciprocal where masked_fill erf sin cos maximum minimum prelu eq ne lt le gt ge logical_not
 bitwise_not floor ceil round sign truediv floordiv iadd imul to _to_copy type_as float
-log_sigmoid glu square""".split()
+log_sigmoid glu square and or xor bitwise_and bitwise_or bitwise_xor logical_and logical_or
+logical_xor diff""".split()
 _FREE = """view reshape flatten unflatten permute transpose t unsqueeze squeeze expand expand_as
 slice select getitem split split_with_sizes chunk unbind dropout feature_dropout alpha_dropout
 identity detach alias lift_fresh_copy sym_size size dim numel _assert_tensor_metadata
 _assert_scalar sym_constrain_range_for_size contiguous _guards_fn unsafe_view as_strided
-_unsafe_view narrow movedim squeeze_copy view_as""".split()
+_unsafe_view narrow movedim squeeze_copy view_as swapaxes swapdims""".split()
 _MOVES = "cat stack clone copy embedding gather index index_select pad constant_pad_nd roll repeat " \
          "arange zeros ones full zeros_like ones_like full_like new_zeros new_ones empty tril triu " \
-         "masked_select scatter index_put".split()
+         "masked_select scatter index_put fill zero".split()
 
 RULES = {
     **{n: _conv for n in ("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d",
@@ -124,6 +144,7 @@ RULES = {
     "linear": _linear,
     **{n: _matmul for n in ("mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm")},
     "scaled_dot_product_attention": _attention,
+    "einsum": _einsum,
     **{n: _per_output(4) for n in ("batch_norm", "layer_norm", "group_norm", "instance_norm",
                                    "_native_batch_norm_legit_no_training", "native_layer_norm",
                                    "native_group_norm", "rms_norm", "native_batch_norm")},
@@ -131,7 +152,8 @@ RULES = {
     **{n: _per_output(1) for n in _ELEMENTWISE},
     **{n: _per_input for n in ("mean", "sum", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
                                "adaptive_avg_pool3d", "adaptive_max_pool2d", "amax", "amin",
-                               "var", "std", "cumsum", "max", "min", "argmax", "norm")},
+                               "var", "std", "cumsum", "max", "min", "argmax", "norm",
+                               "linalg_vector_norm")},
     **{f"{kind}_pool{d}d": _pool(d) for kind in ("max", "avg") for d in (1, 2, 3)},
     "max_pool2d_with_indices": _pool(2),
 }
@@ -177,11 +199,14 @@ class Cost(Analysis):
                     table.params += value.numel()
             elif node.op in ("call_function", "call_method", "call_module"):
                 cost = self._node_cost(gm, node, table)
+                if node.op == "call_module" and node.target not in seen:  # a leaf's own weights
+                    seen.add(node.target)
+                    table.params += cost.params
             table.nodes[node.name] = cost
         return table
 
     def _node_cost(self, gm, node: fx.Node, table: CostTable) -> NodeCost:
-        ins = [tensor_info(a) for a in node.args if isinstance(a, fx.Node)]
+        ins = [tensor_info(a) for a in _flat(node.args) if isinstance(a, fx.Node)]
         out = tensor_info(node)
         kind = op_kind(node)
         if node.op == "call_module":
@@ -205,6 +230,11 @@ class Cost(Analysis):
         cost.bytes_read = sum(i.nbytes for i in ins if i is not None)
         cost.bytes_written = _out_bytes(node)
         return cost
+
+
+def _flat(args) -> list:
+    """Arguments with list arguments spread out (cat's and einsum's tensors are in a list)."""
+    return [b for a in args for b in (a if isinstance(a, (list, tuple)) else (a,))]
 
 
 def _out_bytes(node: fx.Node) -> int:

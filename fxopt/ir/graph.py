@@ -1,6 +1,9 @@
 """Small helpers over torch.fx graphs that every layer uses."""
 from __future__ import annotations
 
+import inspect
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -95,7 +98,34 @@ def has_side_effects(node: fx.Node) -> bool:
         schema = node.target._schema
         return schema.is_mutable or any(a.alias_info is not None and a.alias_info.is_write
                                         for a in schema.arguments)
-    return node.is_impure()
+    return node.is_impure() or _mutates_in_python(node)
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
+                      operator.ixor, operator.ilshift, operator.irshift, operator.setitem}
+
+
+def _mutates_in_python(node: fx.Node) -> bool:
+    """The module-level tracer's in-place spellings: `x.relu_()`, `torch.relu_(x)`,
+    `F.relu(x, inplace=True)`, `nn.ReLU(inplace=True)`, `x += y`. Their result may be
+    unused while the mutation is read through the original value."""
+    if node.op == "call_module":
+        root = node.graph.owning_module
+        module = root.get_submodule(node.target) if root is not None else None
+        return bool(getattr(module, "inplace", False))
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if isinstance(name, str) and name.endswith("_") and not name.startswith("_"):
+        return True
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True:
+        return True
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return False
+    return bound.arguments.get("inplace") is True
 
 
 def to_networkx(graph: fx.Graph):
@@ -113,10 +143,12 @@ def to_networkx(graph: fx.Graph):
 def drop_unused_attrs(gm: fx.GraphModule) -> int:
     """Delete parameters/buffers no get_attr node or called submodule uses; returns how many."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    called = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     dropped = 0
     for fqn, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if fqn in used or any(fqn.startswith(c + ".") for c in called):
+        # owned by a called module: a dotted prefix of fqn is in `called` (a set lookup per
+        # dot; testing every called module per parameter was O(params x modules))
+        if fqn in used or any(fqn[:i] in called for i, ch in enumerate(fqn) if ch == "."):
             continue
         owner_path, _, name = fqn.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm

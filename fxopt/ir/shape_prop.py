@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from ..errors import TraceError
 from .graph import node_location
@@ -35,6 +35,33 @@ class _FakePropagator(fx.Interpreter):
         n.meta[TENSOR] = describe(result)
         return result
 
+    def get_attr(self, target, args, kwargs):
+        # weights are wrapped as fake tensors (no copy), so in-place ops in the graph
+        # (a training-mode BN's num_batches_tracked += 1) never touch the real ones
+        return self._fake(super().get_attr(target, args, kwargs))
+
+    def call_module(self, target, args, kwargs):
+        """A leaf module runs with fake parameters and buffers. One that cannot run on fake
+        tensors (value-dependent control flow, the reason it was made a leaf) runs once for
+        real on zeros of its input shapes, with copies of its buffers; only that module's
+        activations are allocated."""
+        module = self.fetch_attr(target)
+        tensors = list(module.named_parameters()) + list(module.named_buffers())
+        try:
+            fake_state = {name: self._fake(t) for name, t in tensors}
+            return torch.func.functional_call(module, fake_state, tuple(args), dict(kwargs))
+        except Exception:
+            with unset_fake_temporarily(), torch.no_grad():
+                real_args, real_kwargs = torch.utils._pytree.tree_map(_zeros_like_fake, (args, kwargs))
+                buffers = {name: b.clone() for name, b in module.named_buffers()}
+                result = torch.func.functional_call(module, buffers, tuple(real_args), dict(real_kwargs))
+            return torch.utils._pytree.tree_map(self._fake, result)
+
+    def _fake(self, value):
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+            return self.mode.from_tensor(value)
+        return value
+
     def placeholder(self, target, args, kwargs):
         value = super().placeholder(target, args, kwargs)
         if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
@@ -42,11 +69,21 @@ class _FakePropagator(fx.Interpreter):
         return value
 
 
+def _zeros_like_fake(value):
+    if isinstance(value, torch.Tensor):
+        return torch.zeros(value.shape, dtype=value.dtype, device=value.device)
+    return value
+
+
 def fake_inputs_from_meta(gm: fx.GraphModule, mode: FakeTensorMode) -> list:
     """Fake tensors shaped like the TensorInfo recorded on each placeholder."""
     values = []
     for node in gm.graph.find_nodes(op="placeholder"):
         info = node.meta.get(TENSOR)
+        if not isinstance(info, TensorInfo) and "val" in node.meta and not isinstance(
+                node.meta["val"], torch.Tensor):
+            values.append(node.meta["val"])  # a non-tensor example input (None, a flag), as traced
+            continue
         if not isinstance(info, TensorInfo):
             raise TraceError(
                 f"placeholder '{node.name}' has no recorded shape",

@@ -16,6 +16,7 @@ import copy
 import io
 import logging
 import contextlib
+import operator
 import os
 import sys
 import traceback
@@ -48,13 +49,14 @@ def trace(model, example_inputs, leaf_modules=(), concrete_args=None) -> fx.Grap
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     copied = copy.deepcopy(model)
-    _check_runs(copied, example_inputs)
+    _check_runs(copied, example_inputs, concrete_args)
     if leaf_modules or concrete_args:
         gm = _symbolic_trace(copied, leaf_modules, concrete_args)
     else:
         gm = _export_trace(copied, example_inputs)
     if not _shapes_from_export(gm):
-        propagate_shapes(gm, torch.utils._pytree.tree_leaves(example_inputs))
+        flat = torch.utils._pytree.tree_leaves(example_inputs, is_leaf=lambda a: a is None)
+        propagate_shapes(gm, flat)  # None inputs kept: each has a placeholder
     placeholders = gm.graph.find_nodes(op="placeholder")
     gm.meta[INPUT_SHAPES] = tuple(p.meta.get(TENSOR) for p in placeholders)
     gm.meta["fxopt.training"] = model.training
@@ -76,7 +78,7 @@ def _shapes_from_export(gm: fx.GraphModule) -> bool:
     return True
 
 
-def _check_runs(model: torch.nn.Module, example_inputs: tuple) -> None:
+def _check_runs(model: torch.nn.Module, example_inputs: tuple, concrete_args=None) -> None:
     """Run the model once on fake copies of the inputs: wrong shapes fail here, clearly."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -84,7 +86,10 @@ def _check_runs(model: torch.nn.Module, example_inputs: tuple) -> None:
     fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     try:
         with mode, torch.no_grad(), _quiet("torch._subclasses.fake_tensor"):
-            model(*fake)
+            # fake weights too: in-place updates (a training BN's stats) must not touch the copy
+            state = {n: mode.from_tensor(t) for n, t in
+                     list(model.named_parameters()) + list(model.named_buffers())}
+            torch.func.functional_call(model, state, tuple(fake), dict(concrete_args or {}))
     except Exception as exc:
         if _is_data_dependent(exc):
             return  # export will report it with its source line
@@ -135,7 +140,24 @@ def _symbolic_trace(model, leaf_modules, concrete_args) -> fx.GraphModule:
         graph = LeafTracer().trace(model, concrete_args=concrete_args)
     except Exception as exc:
         raise _trace_error(model, exc) from exc
+    _drop_concrete_placeholders(graph)
     return fx.GraphModule(model, graph, model.__class__.__name__)
+
+
+def _drop_concrete_placeholders(graph: fx.Graph) -> None:
+    """symbolic_trace keeps a placeholder per concrete arg, only to assert at run time
+    that the caller passes the same value again; the graph is specialised to that
+    value, so drop the check and the placeholder: the graph takes the example inputs."""
+    for node in list(graph.find_nodes(op="placeholder")):
+        checks = [u for u in node.users if u.target is operator.eq and all(
+            w.target is torch._assert for w in u.users)]
+        if not checks or len(checks) != len(node.users):
+            continue
+        for check in checks:
+            for assertion in list(check.users):
+                graph.erase_node(assertion)
+            graph.erase_node(check)
+        graph.erase_node(node)
 
 
 def _trace_error(model: torch.nn.Module, exc: Exception) -> TraceError:
@@ -176,7 +198,7 @@ def _user_frame(exc: BaseException, model: torch.nn.Module | None = None) -> str
     for err in _chain(exc):
         for frame, lineno in traceback.walk_tb(err.__traceback__):
             filename = frame.f_code.co_filename
-            if filename.startswith(_LIB_DIRS) or "site-packages/torch" in filename:
+            if filename.startswith(_LIB_DIRS + ("<",)) or "site-packages/torch" in filename:
                 continue
             best = (frame, lineno)
     if best is None:

@@ -58,12 +58,29 @@ def _get_attr(gm, node, name):
         return gm.graph.get_attr(f"{node.target}.{name}")
 
 
+def _inplace(gm, node) -> bool:
+    """True for an in-place spelling: nn.ReLU(inplace=True), F.relu(x, inplace=True), x.relu_().
+
+    The module-level tracer does not track mutation (later readers of `x` still name
+    `x`), so these must become the in-place ATen op; canonicalize's functionalize row
+    then makes them functional where that is safe.
+    """
+    module = _module(gm, node)
+    if module is not None:
+        return bool(getattr(module, "inplace", False))
+    if node.op == "call_method" or node.target in (torch.relu_,):
+        return str(node.target).endswith("_") or node.target is torch.relu_
+    return bool(node.args[1] if len(node.args) > 1 else node.kwargs.get("inplace", False))
+
+
 def _relu(gm, node):
-    return _new_call(gm, node, aten.relu.default, (node.args[0],))
+    target = aten.relu_.default if _inplace(gm, node) else aten.relu.default
+    return _new_call(gm, node, target, (node.args[0],))
 
 
 def _relu6(gm, node):
-    return _new_call(gm, node, aten.hardtanh.default, (node.args[0], 0.0, 6.0))
+    target = aten.hardtanh_.default if _inplace(gm, node) else aten.hardtanh.default
+    return _new_call(gm, node, target, (node.args[0], 0.0, 6.0))
 
 
 def _flatten(gm, node):
@@ -130,7 +147,8 @@ def _either(*matchers):
 def add_rules(table: RuleTable) -> None:
     """Append the module-level spellings' rows to canonicalize's table."""
     rows = [
-        (_either(_spelled((F.relu, torch.relu), ("relu",)), _module_matcher(nn.ReLU)), _relu),
+        (_either(_spelled((F.relu, torch.relu, torch.relu_), ("relu", "relu_")),
+                 _module_matcher(nn.ReLU)), _relu),
         (_either(_spelled((F.relu6,)), _module_matcher(nn.ReLU6)), _relu6),
         (_either(_spelled((torch.flatten,), ("flatten",)), _module_matcher(nn.Flatten)), _flatten),
         (_spelled((), ("view", "reshape")), _view),

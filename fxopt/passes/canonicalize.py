@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,8 @@ def _functionalize(gm: fx.GraphModule, node: fx.Node) -> bool:
         return False
     if _is_alias(mutated) or any(u is not node and node < u for u in mutated.users):
         return False
+    if any(u is not node and _is_alias(u) for u in mutated.users):
+        return False  # a view taken earlier sees the mutation: keep it in place
     _replace(gm, node, twin, node.args, node.kwargs)
     return True
 
@@ -76,7 +79,13 @@ def _is_alias(node: fx.Node) -> bool:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
         return any(r.alias_info is not None for r in target._schema.returns)
+    if target in _FRESH_RESULT:  # the module-level tracer's arithmetic: always a new tensor
+        return False
     return True  # unknown functions may return views: stay safe
+
+
+_FRESH_RESULT = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+                 operator.neg, operator.matmul, operator.pow, operator.mod}
 
 
 def _dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -136,7 +145,12 @@ class Canonicalize(Pass):
         table.rule(is_call(*_DROPOUTS))(_dropout)
         table.rule(is_call(*_VIEWS))(_reshape)
         canonical_modules.add_rules(table)
-        changed = table.apply(gm)
+        changed = 0
+        for _ in range(8):  # a rewrite's result may match another row (x.view -> reshape -> flatten)
+            step = table.apply(gm)
+            changed += step
+            if not step:
+                break
         changed += replace_pattern(gm, *_silu_graphs())
         if not changed:
             return PassResult.unchanged()

@@ -130,8 +130,19 @@ class Verify(Instrument):
 
 
 def _run(gm, inputs):
-    with torch.no_grad():
-        return gm(*inputs)
+    """Run the graph for a comparison without side effects: the same random stream each
+    time (training-mode dropout draws the same masks) and buffers restored afterwards
+    (a training-mode BN's running stats are not moved by verification)."""
+    buffers = {name: b.clone() for name, b in gm.named_buffers()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(0)
+            return gm(*inputs)
+    finally:
+        with torch.no_grad():
+            for name, b in gm.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
 
 
 def _compare(expected, actual, tolerance: float, text: str) -> None:

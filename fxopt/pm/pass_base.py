@@ -101,6 +101,10 @@ def register_pass(name: str):
         if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
             raise FxoptError(f"a pass named '{name}' is already registered ({_REGISTRY[name].__qualname__})",
                              hint="choose another name")
+        if dataclasses.is_dataclass(cls) and any(f.name == "name" for f in dataclasses.fields(cls)):
+            raise FxoptError(f"pass '{name}' ({cls.__qualname__}) has an option field called 'name', "
+                             "which would hide the pass's pipeline name",
+                             hint="rename the option (e.g. 'module_name' or 'label')")
         cls.name = name
         _REGISTRY[name] = cls
         return cls

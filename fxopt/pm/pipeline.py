@@ -23,6 +23,14 @@ PRESETS: dict[str, str] = {
 _SPECIAL = set(",{}[]()= \t\"'")
 
 
+_SYNTAX_HINT = ("write passes as name{key=value key=value},name,...; lists as [a,b]; "
+                "quote strings holding spaces or punctuation")
+
+
+class _Quoted(str):
+    """A value written in quotes: always a string (never `none`, a number or a bool)."""
+
+
 class _Cursor:
     """A position in the pipeline text, with error reporting by column."""
 
@@ -54,7 +62,7 @@ class _Cursor:
         return self.text[start:self.pos], start + 1
 
     def fail(self, message: str, column: int | None = None, hint: str | None = None):
-        raise PipelineSyntaxError(message, self.text, column or self.pos + 1, hint)
+        raise PipelineSyntaxError(message, self.text, column or self.pos + 1, hint or _SYNTAX_HINT)
 
 
 def parse_pipeline(text) -> list[Pass]:
@@ -89,6 +97,9 @@ def _parse_item(cur: _Cursor) -> list[Pass]:
     name, column = cur.word("a pass name")
     if name == "stages" and cur.peek() == "(":
         cur.pos += 1
+        if cur.peek() == ")":  # stages(): an empty sub-pipeline, as format_pipeline writes it
+            cur.pos += 1
+            return [Stages(())]
         return [Stages(tuple(_parse_list(cur, closing=")")))]
     if name in PRESETS and cur.peek() != "{":
         return parse_pipeline(PRESETS[name])
@@ -156,7 +167,7 @@ def _parse_value(cur: _Cursor):
         end = cur.text.find(char, cur.pos + 1)
         if end < 0:
             cur.fail("unterminated string", hint=f"close it with {char}")
-        value = cur.text[cur.pos + 1:end]
+        value = _Quoted(cur.text[cur.pos + 1:end])
         cur.pos = end + 1
         return value, column
     return cur.word("a value")[0], column
@@ -176,7 +187,9 @@ def convert_option(spec: OptionSpec, raw, pass_name: str, where: str):
 def _convert(tp, raw):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union,) or str(origin) == "<class 'types.UnionType'>":
-        if isinstance(raw, str) and raw == "none" and type(None) in args:
+        if isinstance(raw, _Quoted) and str in args:
+            return str(raw)
+        if isinstance(raw, str) and not isinstance(raw, _Quoted) and raw == "none" and type(None) in args:
             return None
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -203,7 +216,7 @@ def _convert(tp, raw):
     if tp is float:
         return float(raw)
     if tp is str:
-        return raw
+        return str(raw)
     raise TypeError(f"unsupported option type {tp}")
 
 
@@ -216,9 +229,26 @@ def format_value(value) -> str:
     if value is None:
         return "none"
     text = str(value) if not isinstance(value, float) else repr(value)
-    if not text or any(c in _SPECIAL for c in text):
-        return '"' + text + '"'
+    if isinstance(value, str) and (not text or any(c in _SPECIAL or c.isspace() for c in text)
+                                   or _reads_as_other_type(text)):
+        quote = "'" if '"' in text else '"'
+        if quote in text:
+            raise PassOptionError(f"the string {text!r} holds both kinds of quote and cannot be "
+                                  "written in pipeline text",
+                                  hint="drop one kind of quote from the value")
+        return quote + text + quote
     return text
+
+
+def _reads_as_other_type(text: str) -> bool:
+    """True if a bare word would not read back as this string (`none`, `true`, numbers)."""
+    if text in ("none", "true", "false"):
+        return True
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def format_pipeline(passes) -> str:

@@ -1,0 +1,201 @@
+"""Timing helpers and result writers shared by every benchmark suite.
+
+- `measure(fn, repeats=5, warmup=1, setup=None)`: runs `setup()` (untimed) and then
+  `fn(state)` (timed with perf_counter) `repeats` times after `warmup` untimed
+  runs; returns a `Measurement` with the median, min/max and spread.
+- `environment()`: torch / Python version, CPU model, thread count, date — recorded
+  in every results file so numbers are never compared across machines blindly.
+- `write_json` / `write_text`: write to a temporary name in the same folder, then
+  rename, so a killed run never leaves half a results file.
+- `markdown_table`, `loglog_slope`: formatting and the linearity fit.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Measurement:
+    """Wall-clock samples of one timed operation, in seconds."""
+
+    samples: list[float] = field(default_factory=list)
+    warmup: int = 0
+    last: Any = field(default=None, repr=False, compare=False)  # what the last run returned
+
+    @property
+    def repeats(self) -> int:
+        return len(self.samples)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    @property
+    def max(self) -> float:
+        return max(self.samples)
+
+    @property
+    def stdev(self) -> float:
+        return statistics.stdev(self.samples) if len(self.samples) > 1 else 0.0
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: 0.05 means the samples lie within 5% of each other."""
+        return (self.max - self.min) / self.median if self.median > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"median_s": self.median, "min_s": self.min, "max_s": self.max,
+                "stdev_s": self.stdev, "spread": self.spread, "repeats": self.repeats,
+                "warmup": self.warmup, "samples_s": list(self.samples)}
+
+
+def measure(fn: Callable[[Any], Any], repeats: int = 5, warmup: int = 1,
+            setup: Callable[[], Any] | None = None) -> Measurement:
+    """Time `fn(state)`; `state = setup()` is made fresh, untimed, before every run.
+
+    The garbage collector runs (untimed) before each sample and stays enabled while
+    timing: collections the measured code triggers are part of its cost. What the
+    last run returned is kept on `.last`; earlier results are freed untimed.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    result = Measurement(warmup=warmup)
+    total = warmup + repeats
+    for i in range(total):
+        state = setup() if setup is not None else None
+        gc.collect()
+        start = time.perf_counter()
+        value = fn(state)
+        elapsed = time.perf_counter() - start
+        if i == total - 1:
+            result.last = value
+        del state, value
+        if i >= warmup:
+            result.samples.append(elapsed)
+    return result
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or the platform's best guess)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """What the numbers were measured on."""
+    import torch
+
+    import fxopt
+
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "fxopt": fxopt.__version__,
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # other work on the box
+        "argv": list(sys.argv),
+    }
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for everyone to read
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write `data` as indented JSON via a temporary file and a rename."""
+    return _atomic_write(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write `text` via a temporary file and a rename."""
+    return _atomic_write(path, text if text.endswith("\n") else text + "\n")
+
+
+def _jsonable(value):
+    if isinstance(value, Measurement):
+        return value.to_dict()
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def markdown_table(headers: list[str], rows: list[list], align: str | None = None) -> str:
+    """A GitHub Markdown table; `align` is one char per column ('l' or 'r', default 'l')."""
+    align = align or "l" * len(headers)
+    cells = [[str(c) for c in row] for row in rows]
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def loglog_slope(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope of log(y) against log(x): 1 is linear, 2 quadratic."""
+    points = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
+    if len(points) < 2:
+        return None
+    mx = sum(p[0] for p in points) / len(points)
+    my = sum(p[1] for p in points) / len(points)
+    sxx = sum((p[0] - mx) ** 2 for p in points)
+    if sxx == 0:
+        return None
+    return sum((p[0] - mx) * (p[1] - my) for p in points) / sxx
+
+
+def fmt_seconds(s: float) -> str:
+    """Seconds with three significant figures, in s / ms / µs."""
+    if s >= 1:
+        return f"{s:.3g} s" if s < 100 else f"{s:.0f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} µs"

@@ -1,0 +1,14 @@
+"""The benchmark suites, by name: each module has
+`run(models, repeats, quick, out_dir, log)` and `render(out_dir)`."""
+from __future__ import annotations
+
+import importlib
+
+SUITES = {"passes": "benchmarks.suites.passes"}
+
+
+def get(name: str):
+    """The suite module called `name`."""
+    if name not in SUITES:
+        raise KeyError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+    return importlib.import_module(SUITES[name])

@@ -1,0 +1,28 @@
+"""Shared test set-up: import fxopt from this checkout, seed torch, small hypothesis profile."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `pytest` from the repo root without `pip install -e .`
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+try:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("fxopt", deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fxopt"))
+except ImportError:  # hypothesis is a dev dependency
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
