@@ -1,0 +1,281 @@
+"""The model zoo: every torchvision classification model, and BERT / GPT-2 built
+from small transformers configs, must
+
+- trace with `fxopt.trace`, with a shape on every call_function node;
+- have a cost: MACs > 0 and no op the cost tables do not know;
+- compile with `fold-bn,canonicalize,dce` (Verify on, so every pass is checked
+  against the graph before it) to outputs equal to eager within 1e-4;
+- leave the user's model as it was (weights and training flag).
+
+Models are built with random weights (weights=None: nothing is downloaded) and
+run on small inputs. The heaviest are marked `slow`; they still run in CI.
+Run the whole zoo with `pytest tests/test_zoo.py --durations=0`.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._pytree import tree_leaves
+
+import fxopt
+
+torchvision = pytest.importorskip("torchvision")
+
+PIPELINE = "fold-bn,canonicalize,dce"
+TOL = 1e-4
+
+VISION = torchvision.models.list_models(module=torchvision.models)
+
+# The smallest input each family accepts (default 64x64).
+_IMAGE_SIZE = {
+    "inception_v3": 75,      # its stem needs >= 75x75
+    "maxvit_t": 224,         # every stage's grid must be a multiple of partition_size=7
+    "vit_h_14": 56,          # ViTs are built for the input size (image_size=...): patch 14
+}
+
+# The heaviest (measured with --durations=0: 4-19 s each on 2 cores, the rest 0.5-4 s).
+# Marked so a quick run can skip them with -m "not slow"; CI runs them.
+SLOW = {
+    "regnet_y_128gf", "vit_h_14", "maxvit_t", "efficientnet_v2_l", "densenet161", "swin_v2_b",
+    "efficientnet_b7", "swin_v2_s", "densenet201", "vit_l_32", "densenet121", "swin_b",
+    "efficientnet_v2_m", "efficientnet_b6", "vit_l_16", "densenet169", "convnext_large",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: the zoo's time is graph work (export, fake-tensor
+    propagation) and small convolutions, and two OpenMP threads on two shared
+    cores stall on every op when another job runs (measured: 5x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Models whose weights are also compared before/after compile (the others are too big
+# to copy cheaply; the check is the same for all of them).
+_MUTATION_CHECK_MAX_PARAMS = 30_000_000
+
+
+def _image_size(name: str) -> int:
+    return _IMAGE_SIZE.get(name, 64)
+
+
+def _build_vision(name: str) -> torch.nn.Module:
+    kwargs = {"image_size": _image_size(name)} if name.startswith("vit_") else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    _randomize_batch_norm(model)
+    return model.eval()
+
+
+def _randomize_batch_norm(model: torch.nn.Module) -> None:
+    """Give every BatchNorm random statistics and affine parameters.
+
+    A fresh model's BN has mean 0, var 1, gamma 1, beta 0, so folding it is almost
+    a no-op and a wrong fold-bn would pass. (Statistics measured on activations
+    would be realistic but make deep random ResNets chaotic: their float32 output
+    then differs from float64 by ~1e-4 before any rewrite.)
+    """
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) and bn.track_running_stats:
+                bn.running_mean.uniform_(-0.1, 0.1)
+                bn.running_var.uniform_(0.5, 2.0)
+                if bn.affine:
+                    bn.weight.uniform_(0.5, 1.5)
+                    bn.bias.uniform_(-0.1, 0.1)
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class _TraceSpy:
+    """Checks the graph `fxopt.trace` gives inside `fxopt.compile`, before the pipeline
+    rewrites it, so each model is traced once instead of twice (tracing is the
+    zoo's main cost). Falls back to a separate `fxopt.trace` if compile did not
+    go through `fxopt.api.trace`."""
+
+    def __init__(self):
+        self.missing_shapes: list[str] | None = None
+        self.cost = None
+
+    def __call__(self, *args, **kwargs):
+        gm = fxopt.trace(*args, **kwargs)
+        self.inspect(gm)
+        return gm
+
+    def inspect(self, gm) -> None:
+        self.missing_shapes = [n.name for n in gm.graph.nodes
+                               if n.op == "call_function" and "fxopt.tensor" not in n.meta]
+        self.cost = fxopt.AnalysisManager(gm).get(fxopt.analyses.Cost)
+
+
+def _snapshot(model: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model: torch.nn.Module, before: dict, training: bool) -> None:
+    assert model.training == training, "compile changed the model's training flag"
+    after = model.state_dict()
+    assert after.keys() == before.keys(), "compile added or removed weights of the user's model"
+    for key, value in before.items():
+        assert torch.equal(after[key], value), f"compile changed the user's {key}"
+
+
+def _assert_same_outputs(expected, actual) -> None:
+    """Every output leaf within TOL of eager, relative to the output's scale:
+    max |actual - expected| <= TOL * max |expected|. (Folding BN into the weights
+    reorders float32 rounding, so an element near zero in an output of scale 1e3
+    legitimately moves by more than TOL of itself; and a scale below 1 is not
+    rounded up to 1, which would let a small wrong output pass.)"""
+    assert type(actual) is type(expected)
+    flat_e, flat_a = tree_leaves(expected), tree_leaves(actual)
+    assert len(flat_a) == len(flat_e)
+    for e, a in zip(flat_e, flat_a):
+        scale = (e.abs().max().item() if e.is_floating_point() and e.numel() else 0.0) or 1.0
+        torch.testing.assert_close(a, e, atol=TOL * scale, rtol=0)
+
+
+def check_model(model: torch.nn.Module, inputs: tuple, monkeypatch, check_mutation: bool) -> None:
+    """Trace + shapes + cost + verified compile == eager; optionally: the model is untouched."""
+    assert not model.training
+    with torch.no_grad():
+        expected = model(*inputs)
+    before = _snapshot(model) if check_mutation else None
+
+    spy = _TraceSpy()
+    monkeypatch.setattr(fxopt.api, "trace", spy)
+    compiled = fxopt.compile(model, inputs, pipeline=PIPELINE, verify=True)
+    monkeypatch.undo()
+    if spy.cost is None:
+        spy.inspect(fxopt.trace(model, inputs))
+
+    assert spy.missing_shapes == [], f"call_function nodes without shapes: {spy.missing_shapes}"
+    assert spy.cost.macs > 0
+    assert spy.cost.params > 0
+    assert spy.cost.unknown == [], f"ops the cost tables do not know: {spy.cost.unknown}"
+    assert [r.name for r in compiled.report.records] == PIPELINE.split(",")
+
+    with torch.no_grad():
+        actual = compiled(*inputs)
+    _assert_same_outputs(expected, actual)
+    if check_mutation:
+        _assert_unchanged(model, before, training=False)
+
+
+@pytest.mark.filterwarnings("ignore:The default weight initialization:FutureWarning")
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in VISION])
+def test_torchvision(name, monkeypatch):
+    model = _build_vision(name)
+    size = _image_size(name)
+    x = torch.randn(1, 3, size, size)
+    check_model(model, (x,), monkeypatch,
+                check_mutation=_params(model) <= _MUTATION_CHECK_MAX_PARAMS)
+
+
+def test_zoo_lists_every_classification_model():
+    assert len(VISION) >= 80
+    assert SLOW <= set(VISION), f"unknown names in SLOW: {SLOW - set(VISION)}"
+
+
+# ----- transformers -----------------------------------------------------------------
+
+VOCAB, BATCH, LENGTH = 1000, 2, 16
+
+
+def _text_inputs(name: str) -> tuple:
+    ids = torch.randint(0, VOCAB, (BATCH, LENGTH))
+    mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
+    mask[1, LENGTH - 5:] = 0  # the second sequence is padded
+    if name.startswith("bert"):
+        return ids, mask                    # forward(input_ids, attention_mask)
+    if name.endswith("padded"):
+        return ids, None, mask              # forward(input_ids, past_key_values, attention_mask)
+    return (ids,)
+
+
+def _bert_config(**kwargs):
+    transformers = pytest.importorskip("transformers")
+    return transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=128,
+                                   max_position_embeddings=64, **kwargs)
+
+
+def _gpt2_config(**kwargs):
+    transformers = pytest.importorskip("transformers")
+    return transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                                   n_positions=64, bos_token_id=0, eos_token_id=0,
+                                   use_cache=False, **kwargs)
+
+
+_HF_MODELS = {
+    "bert": lambda t: t.BertModel(_bert_config()),
+    "bert-eager-attention": lambda t: t.BertModel(_bert_config(attn_implementation="eager")),
+    "bert-classifier": lambda t: t.BertForSequenceClassification(_bert_config(num_labels=3)),
+    "gpt2": lambda t: t.GPT2Model(_gpt2_config()),
+    "gpt2-lm-head": lambda t: t.GPT2LMHeadModel(_gpt2_config()),
+    "gpt2-eager-attention": lambda t: t.GPT2LMHeadModel(_gpt2_config(attn_implementation="eager")),
+    "gpt2-lm-head-padded": lambda t: t.GPT2LMHeadModel(_gpt2_config()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_HF_MODELS))
+def test_transformers(name, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    model = _HF_MODELS[name](transformers).eval()
+    inputs = _text_inputs(name)
+    check_model(model, inputs, monkeypatch, check_mutation=True)
+
+
+# ----- MACs against the published figures -------------------------------------------
+
+# torchvision's and the papers' figures (maxvit_t: its attention is written with einsum)
+PUBLISHED_GMACS = {"resnet18": 1.82, "resnet50": 4.11, "mobilenet_v2": 0.30, "vit_b_16": 17.6,
+                   "maxvit_t": 5.56}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_GMACS))
+def test_published_macs(name):
+    model = torchvision.models.get_model(name, weights=None).eval()
+    gm = fxopt.trace(model, (torch.randn(1, 3, 224, 224),))
+    cost = fxopt.AnalysisManager(gm).get(fxopt.analyses.Cost)
+    assert cost.unknown == []
+    assert cost.macs / 1e9 == pytest.approx(PUBLISHED_GMACS[name], rel=0.02)
+    assert cost.params == _params(model)
+
+
+class _Einsum(torch.nn.Module):
+    def __init__(self, equation: str):
+        super().__init__()
+        self.equation = equation
+
+    def forward(self, *operands):
+        return torch.einsum(self.equation, *operands)
+
+
+@pytest.mark.parametrize("equation, shapes, macs", [
+    ("B G H I D, B G H J D -> B G H I J", [(2, 3, 4, 5, 8), (2, 3, 4, 6, 8)], 2 * 3 * 4 * 5 * 6 * 8),
+    ("...id,...jd->...ij", [(2, 4, 5, 8), (4, 6, 8)], 2 * 4 * 5 * 6 * 8),      # broadcast batch
+    ("ij,jk,kl->il", [(3, 4), (4, 5), (5, 6)], 2 * 3 * 4 * 5 * 6),             # 2 products per point
+    ("ij->ji", [(3, 4)], 0),                                                    # a transpose
+])
+def test_einsum_macs(equation, shapes, macs):
+    gm = fxopt.trace(_Einsum(equation), tuple(torch.randn(s) for s in shapes))
+    cost = fxopt.AnalysisManager(gm).get(fxopt.analyses.Cost)
+    assert cost.unknown == []
+    assert cost.macs == macs
+
+
+# ----- the user's model is never touched ----------------------------------------------
+
+def test_compile_leaves_a_training_model_alone():
+    """A model left in training mode: compile traces a copy, so neither the
+    flag nor the BN running statistics of the user's model change."""
+    model = torchvision.models.get_model("resnet18", weights=None)
+    assert model.training
+    before = _snapshot(model)
+    fxopt.compile(model, (torch.randn(2, 3, 64, 64),), pipeline=PIPELINE)
+    _assert_unchanged(model, before, training=True)
