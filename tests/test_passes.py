@@ -532,3 +532,21 @@ def test_graph_view_is_invalidated_by_a_changing_pass():
     after = am.get(GraphView)
     assert after is not before
     assert set(after.nodes) == {n.name for n in gm.graph.nodes}
+
+
+def test_default_preset_folds_batchnorm_in_module_level_trace_mode():
+    """`default` canonicalizes first, so BN modules kept by symbolic_trace get folded too."""
+    class Leaf(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), Leaf()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    cm = fxopt.compile(model, (x,), pipeline="default", leaf_modules=(Leaf,), verify=True)
+    targets = {n.target for n in cm.graph_module.graph.nodes}
+    assert torch.ops.aten.conv2d.default in targets
+    assert torch.ops.aten.batch_norm.default not in targets
+    modules = [cm.graph_module.get_submodule(n.target) for n in cm.graph_module.graph.nodes
+               if n.op == "call_module"]
+    assert [type(m) for m in modules] == [Leaf]
+    torch.testing.assert_close(cm(x), model(x), atol=1e-5, rtol=1e-5)

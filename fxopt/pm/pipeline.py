@@ -16,7 +16,7 @@ from .pass_base import OptionSpec, Pass, list_passes, type_name
 from .stages import Stages
 
 PRESETS: dict[str, str] = {
-    "default": "fold-bn,canonicalize,dce",
+    "default": "canonicalize,fold-bn,dce",
     "cleanup": "canonicalize,dce",
 }
 
