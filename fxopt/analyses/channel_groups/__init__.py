@@ -1,0 +1,177 @@
+"""ChannelGroups: the sets of channel dims that must be pruned together.
+
+A group is one index space of `size` channels shared by dims of several values
+(activations and get_attr weights). Removing channel `c` of a group removes, from
+every member, the indices `offset + c*block + r` (0 <= r < block) of its dim: block > 1
+where a flatten spread a channel over H*W features, offset > 0 where a cat or split
+put the channels after others. The op handlers are in `registry.py` and the modules it names; an op not in
+that table blocks every dim it touches (never a guess), and so do the graph's inputs
+and outputs (the model's interface is fixed).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from ...pm.analysis import Analysis
+from . import elementwise, layers, shape_ops  # noqa: F401  (they fill the registry)
+from .registry import HANDLERS, block_all as _block_all, handler_for, register
+from .solver import Ties, solve
+
+__all__ = ["ChannelGroup", "ChannelGroups", "ChannelGroupsResult", "GroupMember", "HANDLERS", "register"]
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    """One dim of one value: `name` is a node name, a get_attr's FQN, `node[i]` for a
+    tuple element; `param` is True for get_attr tensors."""
+
+    name: str
+    dim: int
+    offset: int = 0
+    block: int = 1
+    param: bool = False
+
+    def indices(self, channel: int) -> range:
+        """The indices of this member's dim that channel `channel` of the group owns."""
+        start = self.offset + channel * self.block
+        return range(start, start + self.block)
+
+    def __str__(self) -> str:
+        mapping = "" if (self.offset, self.block) == (0, 1) else f" @{self.offset}" + (
+            f" x{self.block}" if self.block > 1 else "")
+        return f"{self.name}:{self.dim}{mapping}"
+
+
+@dataclass
+class ChannelGroup:
+    id: int
+    size: int
+    members: list[GroupMember]
+    sources: list[str]
+    prunable: bool = True
+    reason: str | None = None
+
+    def member(self, name: str, dim: int | None = None) -> list[GroupMember]:
+        return [m for m in self.members if m.name == name and (dim is None or m.dim == dim)]
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "size": self.size, "prunable": self.prunable, "reason": self.reason,
+                "sources": list(self.sources),
+                "members": [{"name": m.name, "dim": m.dim, "offset": m.offset, "block": m.block,
+                             "param": m.param} for m in self.members]}
+
+
+@dataclass
+class ChannelGroupsResult:
+    groups: list[ChannelGroup] = field(default_factory=list)
+    blocked_ops: list[str] = field(default_factory=list)
+
+    def prunable(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def groups_of(self, name: str, dim: int | None = None) -> list[ChannelGroup]:
+        """The groups with a member `name` (at `dim`)."""
+        return [g for g in self.groups if g.member(name, dim)]
+
+    def to_dict(self) -> dict:
+        return {"groups": [g.to_dict() for g in self.groups], "blocked_ops": list(self.blocked_ops)}
+
+    def __str__(self) -> str:
+        rows = [f"{'id':>4} {'size':>6}  {'prunable':<8}  {'sources':<28}  members / reason"]
+        for g in self.groups:
+            params = [str(m) for m in g.members if m.param]
+            rows.append(f"{g.id:>4} {g.size:>6}  {'yes' if g.prunable else 'no':<8}  "
+                        f"{','.join(g.sources)[:28]:<28}  {' '.join(params)}"
+                        + ("" if g.prunable else f"  [{g.reason}]"))
+        if self.blocked_ops:
+            rows.append("blocked ops: " + "; ".join(self.blocked_ops))
+        return "\n".join(rows)
+
+
+class ChannelGroups(Analysis):
+    """Channel groups of the graph (see the module docstring); needs node.meta shapes."""
+
+    def run(self, gm: fx.GraphModule, am) -> ChannelGroupsResult:
+        ties, blocked_ops = Ties(), []
+        for node in gm.graph.nodes:
+            _visit(ties, node, blocked_ops)
+        order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+        return _result(ties, blocked_ops, order)
+
+
+def _visit(t: Ties, node: fx.Node, blocked_ops: list[str]) -> None:
+    if node.op == "placeholder":
+        t.block_value(node, f"model input {node.name}")
+    elif node.op == "output":
+        for value in _leaves(node.args[0]):
+            t.block_value(value, f"model output {value.name}")
+    elif node.op == "call_module" and node.target == "_guards_fn":
+        return
+    elif node.op in ("call_function", "call_module", "call_method"):
+        handler = handler_for(node) if node.op == "call_function" else None
+        if handler is None and not _touches_tensors(t, node):
+            return  # arithmetic on sizes (SymInt), not on tensors
+        if handler is None:
+            target = getattr(node.target, "__name__", None) or str(node.target)
+            if node.op == "call_function" and hasattr(node.target, "_schema"):
+                target = str(node.target)
+            reason = f"unknown op {target} at node {node.name}"
+            blocked_ops.append(reason)
+            _block_all(t, node, reason)
+            return
+        try:
+            handler(t, node)
+        except Exception as exc:  # a handler that cannot read this spelling: block, never guess
+            reason = f"unsupported use of {node.target} at node {node.name} ({type(exc).__name__}: {exc})"
+            blocked_ops.append(reason)
+            _block_all(t, node, reason)
+
+
+def _touches_tensors(t: Ties, node: fx.Node) -> bool:
+    info = node.meta.get("fxopt.tensor")
+    return (isinstance(info, (tuple, list)) or t.shape(node) is not None
+            or any(t.shape(a) is not None for a in node.all_input_nodes))
+
+
+def _leaves(arg):
+    found = []
+    fx.node.map_arg(arg, lambda n: found.append(n))
+    return found
+
+
+def _name(value) -> tuple[str, bool]:
+    if isinstance(value, tuple) and value[0] == "virtual":
+        return f"{value[1]}.{value[2]}", False
+    if isinstance(value, tuple):
+        return f"{value[0].name}[{value[1]}]", False
+    if value.op == "get_attr":
+        return str(value.target), True
+    return value.name, False
+
+
+def _result(t: Ties, blocked_ops: list[str], order: dict[str, int]) -> ChannelGroupsResult:
+    pieces_of, uf, blocked = solve(t)
+    members, sizes, sources = defaultdict(list), {}, defaultdict(list)
+    for sp in t.parent:
+        cls = t.find(sp)
+        name, param = _name(sp[0])
+        for piece in pieces_of[cls]:
+            root, block = uf.find(piece)
+            sizes[root] = root[2]
+            members[root].append(GroupMember(name, sp[1], piece[1], block, param))
+            for node, label in t.sources.get(sp, ()):
+                if (node, label) not in sources[root]:
+                    sources[root].append((node, label))
+    groups = []
+    for root in sorted(sources, key=lambda r: min(order[n] for n, _ in sources[r])):
+        reasons = list(dict.fromkeys(blocked.get(root, [])))
+        if not reasons and sizes[root] < 2:
+            reasons = ["a single channel"]
+        uniq = sorted(set(members[root]), key=lambda m: (not m.param, m.name, m.dim, m.offset))
+        labels = list(dict.fromkeys(label for _, label in sorted(sources[root], key=lambda s: order[s[0]])))
+        groups.append(ChannelGroup(len(groups), sizes[root], uniq, labels,
+                                   prunable=not reasons, reason="; ".join(reasons[:3]) or None))
+    return ChannelGroupsResult(groups, list(dict.fromkeys(blocked_ops)))

@@ -1,0 +1,151 @@
+"""Layers: convs, linear, matmul, attention, embedding, norms, PReLU — the ops whose weights
+carry channel dims, and the sources of groups."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .registry import arg as _arg, block_all as _block_all, is_tensor as _tensor, register
+from .solver import Ties
+
+aten = torch.ops.aten
+
+
+# -- contractions ---------------------------------------------------------------------------
+def _conv_parts(node: fx.Node):
+    """(transposed, groups, bias) of any conv spelling."""
+    name = node.target._schema.name
+    if name.endswith("convolution"):
+        return bool(_arg(node, 6, "transposed", False)), _arg(node, 8, "groups", 1), _arg(node, 2, "bias")
+    if "transpose" in name:
+        return True, _arg(node, 6, "groups", 1), _arg(node, 2, "bias")
+    return False, _arg(node, 6, "groups", 1), _arg(node, 2, "bias")
+
+
+@register(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten.conv_transpose1d,
+          aten.conv_transpose2d, aten.conv_transpose3d)
+def conv(t: Ties, node: fx.Node) -> None:
+    """Conv weight [Cout, Cin/g, k...] (transposed: [Cin, Cout/g, k...]). groups == 1:
+    input channels = weight in-dim, output channels = weight out-dim = bias. groups > 1:
+    whole conv groups are the unit — a virtual space of size g with in = g ⊗ Cin/g and
+    out = g ⊗ Cout/g; depthwise (Cin == g) ties in and out channels."""
+    x, w = node.args[0], node.args[1]
+    transposed, groups, bias = _conv_parts(node)
+    xs, ws = t.shape(x), t.shape(w)
+    if xs is None or ws is None or t.shape(node) is None:
+        t.block_value(node, f"conv without shapes at {node.name}")
+        return
+    ch = len(xs) - len(ws) + 1  # 0 for an unbatched input
+    if ch == 1:
+        t.tie(x, 0, node, 0)
+    w_in, w_out = (0, 1) if transposed else (1, 0)
+    if _tensor(bias):
+        t.tie(bias, 0, node, ch)
+    if groups == 1:
+        t.source(w, w_out, node)
+        t.tie(x, ch, w, w_in)
+        t.tie(node, ch, w, w_out)
+        return
+    g = t.virtual(node, "groups", groups)
+    cin, cout = xs[ch], t.shape(node)[ch]
+    t.blk(x, ch, g, 0, cin // groups)
+    t.blk(node, ch, g, 0, cout // groups)
+    t.blk(w, 0, g, 0, ws[0] // groups)
+    t.source(g, 0, node)
+    if ws[1] > 1:  # channels inside a group: strided across groups, not a unit here
+        t.block(w, 1, f"in-group channels of grouped conv {node.name} (whole groups are the unit)")
+
+
+@register(aten.linear)
+def linear(t: Ties, node: fx.Node) -> None:
+    """Linear: input's last dim = weight dim 1; output's last dim = weight dim 0 = bias;
+    leading dims (batch, sequence) pass through."""
+    x, w = node.args[0], node.args[1]
+    bias = _arg(node, 2, "bias")
+    t.tie(x, -1, w, 1)
+    t.tie(node, -1, w, 0)
+    if _tensor(bias):
+        t.tie(bias, 0, w, 0)
+    for d in range(len(t.shape(x) or ()) - 1):
+        t.tie(x, d, node, d)
+    t.source(w, 0, node)
+
+
+@register(aten.matmul, aten.mm, aten.bmm)
+def matmul(t: Ties, node: fx.Node) -> None:
+    a, b = node.args[0], node.args[1]
+    sa, sb = t.shape(a), t.shape(b)
+    if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
+        return _block_all(t, node, f"matmul on a vector at {node.name}")
+    t.tie(a, -1, b, -2)
+    t.tie(a, -2, node, -2)
+    t.tie(b, -1, node, -1)
+    for value, shape in ((a, sa), (b, sb)):
+        for k in range(3, len(shape) + 1):
+            t.tie_equal(value, -k, node, -k)
+
+
+@register(aten.scaled_dot_product_attention)
+def attention(t: Ties, node: fx.Node) -> None:
+    """q [..., L, E], k [..., S, E], v [..., S, Ev] -> out [..., L, Ev]."""
+    q, k, v = node.args[:3]
+    t.tie(q, -1, k, -1)
+    t.tie(k, -2, v, -2)
+    t.tie(q, -2, node, -2)
+    t.tie(v, -1, node, -1)
+    for k_ in range(3, len(t.shape(q) or ()) + 1):
+        for value in (q, k, v):
+            t.tie_equal(value, -k_, node, -k_)
+
+
+@register(aten.embedding)
+def embedding(t: Ties, node: fx.Node) -> None:
+    w, idx = node.args[0], node.args[1]
+    t.tie(node, -1, w, 1)
+    t.source(w, 1, node)
+    for d in range(len(t.shape(idx) or ())):
+        t.tie(idx, d, node, d)
+
+
+# -- norms ----------------------------------------------------------------------------------
+@register(aten.batch_norm, aten.instance_norm, aten._native_batch_norm_legit_no_training)
+def batch_norm(t: Ties, node: fx.Node) -> None:
+    x = node.args[0]
+    out = node if t.shape(node) is not None else (node, 0)
+    t.tie_all(out, x)
+    ch = 1 if len(t.shape(x) or ()) > 1 else 0
+    for p in node.args[1:5]:
+        if _tensor(p):
+            t.tie(p, 0, x, ch)
+
+
+@register(aten.layer_norm)
+def layer_norm(t: Ties, node: fx.Node) -> None:
+    x, normalized = node.args[0], node.args[1]
+    t.tie_all(node, x)
+    for p in (_arg(node, 2, "weight"), _arg(node, 3, "bias")):
+        if _tensor(p):
+            for k in range(1, len(normalized) + 1):
+                t.tie(p, -k, x, -k)
+
+
+@register(aten.group_norm)
+def group_norm(t: Ties, node: fx.Node) -> None:
+    """GroupNorm: one group ties channels plainly; G > 1 prunes whole norm groups
+    (C = G ⊗ C/G), so the remaining groups' statistics do not change."""
+    x, groups = node.args[0], node.args[1]
+    t.tie_all(node, x)
+    params = [p for p in (_arg(node, 2, "weight"), _arg(node, 3, "bias")) if _tensor(p)]
+    for p in params:
+        t.tie(p, 0, x, 1)
+    if groups > 1:
+        g = t.virtual(node, "groups", groups)
+        t.blk(x, 1, g, 0, t.shape(x)[1] // groups)
+
+
+@register(aten.prelu, aten._prelu_kernel)
+def prelu(t: Ties, node: fx.Node) -> None:
+    x, w = node.args[0], node.args[1]
+    t.tie_all(node, x)
+    if (t.shape(w) or (1,))[0] > 1:
+        t.tie(w, 0, x, 1 if len(t.shape(x)) > 1 else 0)

@@ -1,0 +1,56 @@
+"""The handler registry: one small handler per op kind, keyed by ATen op (overload or
+packet) — the shape of Torch-Pruning's per-layer handlers. A handler gets the `Ties`
+to write to and the node. Anything not in the registry blocks every space it touches
+(see __init__). Handlers live in `elementwise`, `layers` and `shape_ops`."""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from .solver import Ties
+
+HANDLERS: dict = {}
+
+
+def register(*targets):
+    def add(fn):
+        for target in targets:
+            HANDLERS[target] = fn
+        return fn
+    return add
+
+
+def handler_for(node: fx.Node):
+    target = node.target
+    if target in HANDLERS:
+        return HANDLERS[target]
+    packet = getattr(target, "overloadpacket", None)
+    return HANDLERS.get(packet) if packet is not None else None
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    """Argument `name` of a call: its position read from the op's schema where it has
+    one (overloads differ: var.dim vs var.correction), else `index`."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        names = [a.name for a in schema.arguments]
+        if name not in names:
+            return node.kwargs.get(name, default)
+        index = names.index(name)
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def is_tensor(value) -> bool:
+    return isinstance(value, fx.Node)
+
+
+def block_all(t: Ties, node: fx.Node, reason: str) -> None:
+    """Block every dim of every tensor the node reads or writes."""
+    values = [a for a in node.all_input_nodes]
+    values += [node] if t.shape(node) is not None else []
+    info = node.meta.get("fxopt.tensor")
+    if isinstance(info, (tuple, list)):
+        values += [(node, i) for i in range(len(info))]
+    for value in values:
+        t.block_value(value, reason)

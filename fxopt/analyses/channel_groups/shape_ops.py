@@ -1,0 +1,192 @@
+"""Shape ops: pooling/interpolation, reductions, permutes, reshapes, cat/split/slice/select."""
+from __future__ import annotations
+
+import math
+import operator
+import re
+
+import torch
+import torch.fx as fx
+
+from .elementwise import broadcast
+from .registry import arg as _arg, block_all as _block_all, register
+from .solver import Ties
+
+aten = torch.ops.aten
+
+
+# -- spatial ops: leading (batch, channel) dims pass through, the last k do not -------------
+_SPATIAL = ["max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+            "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+            "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+            "max_pool2d_with_indices", "max_pool3d_with_indices", "_adaptive_avg_pool2d",
+            "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_linear1d",
+            "upsample_bilinear2d", "upsample_bicubic2d", "upsample_trilinear3d",
+            "_upsample_nearest_exact2d"]
+
+
+@register(*(getattr(aten, n) for n in _SPATIAL if hasattr(aten, n)))
+def spatial(t: Ties, node: fx.Node) -> None:
+    k = int(re.search(r"(\d)d", node.target._schema.name).group(1))
+    x = node.args[0]
+    outs = [node] if t.shape(node) is not None else [(node, i) for i in range(2)]
+    for out in outs:
+        for d in range(len(t.shape(x) or ()) - k):
+            t.tie(x, d, out, d)
+
+
+@register(aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std)
+def reduce(t: Ties, node: fx.Node) -> None:
+    x = node.args[0]
+    rank = len(t.shape(x) or ())
+    dims = _arg(node, 1, "dim")
+    if not isinstance(dims, (list, tuple)):
+        dims = list(range(rank)) if dims is None else [dims]
+    dims = {d % rank for d in dims} if rank else set()
+    keep = bool(_arg(node, 2, "keepdim", False))
+    j = 0
+    for d in range(rank):
+        if d not in dims:
+            t.tie(x, d, node, j)
+        j += 1 if (keep or d not in dims) else 0
+
+
+# -- dim bookkeeping ------------------------------------------------------------------------
+@register(aten.permute)
+def permute(t: Ties, node: fx.Node) -> None:
+    for i, d in enumerate(node.args[1]):
+        t.tie(node, i, node.args[0], d)
+
+
+@register(aten.transpose, aten.t, aten.numpy_T, aten.swapaxes)
+def transpose(t: Ties, node: fx.Node) -> None:
+    rank = len(t.shape(node) or ())
+    a, b = (node.args[1], node.args[2]) if len(node.args) > 2 else (0, 1)
+    perm = list(range(rank))
+    if rank >= 2:
+        perm[a % rank], perm[b % rank] = perm[b % rank], perm[a % rank]
+    for i, d in enumerate(perm):
+        t.tie(node, i, node.args[0], d)
+
+
+@register(aten.expand)
+def expand(t: Ties, node: fx.Node) -> None:
+    broadcast(t, node)
+
+
+@register(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten,
+          aten.squeeze, aten.unsqueeze, aten.view_copy)
+def reshape(t: Ties, node: fx.Node) -> None:
+    """Match runs of input dims and output dims with equal products. One dim to one: tie.
+    Dims merged into one (flatten): the outermost merged dim maps to blocks of the
+    result; dims split out of one: the outermost part maps to blocks of the source.
+    The inner dims of a merge or split are strided views of it: blocked."""
+    x = node.args[0]
+    a, b = t.shape(x), t.shape(node)
+    if a is None or b is None:
+        return
+    for ia, ib in _runs(a, b):
+        ia = [d for d in ia if a[d] != 1]
+        ib = [d for d in ib if b[d] != 1]
+        if len(ia) == 1 and len(ib) == 1:
+            t.tie(x, ia[0], node, ib[0])
+        elif len(ib) == 1 and ia:
+            t.blk(node, ib[0], x, ia[0], math.prod(a[d] for d in ia[1:]))
+            for d in ia[1:]:
+                t.block(x, d, f"merged as an inner dim by {node.name} (strided)")
+        elif len(ia) == 1 and ib:
+            t.blk(x, ia[0], node, ib[0], math.prod(b[d] for d in ib[1:]))
+            for d in ib[1:]:
+                t.block(node, d, f"split out as an inner dim by {node.name} (strided)")
+        else:
+            for d in ia:
+                t.block(x, d, f"reshape {node.name} regroups dims")
+            for d in ib:
+                t.block(node, d, f"reshape {node.name} regroups dims")
+
+
+def _runs(a, b):
+    i = j = 0
+    while i < len(a) and j < len(b):
+        si, sj, pa, pb = i, j, a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                pa, i = pa * a[i], i + 1
+            elif pb < pa and j < len(b):
+                pb, j = pb * b[j], j + 1
+            else:
+                break
+        yield range(si, i), range(sj, j)
+    yield range(i, len(a)), range(j, len(b))
+
+
+@register(aten.cat, aten.concat)
+def cat(t: Ties, node: fx.Node) -> None:
+    """Concatenation: each input is a segment of the output's cat dim, at its offset."""
+    out = t.shape(node)
+    dim = _arg(node, 1, "dim", 0) % len(out)
+    offset = 0
+    for x in node.args[0]:
+        shape = t.shape(x)
+        if shape is None or len(shape) != len(out):
+            continue  # legacy empty [0] tensors
+        for d in range(len(out)):
+            if d != dim:
+                t.tie(x, d, node, d)
+        t.seg(node, dim, offset, x, dim)
+        offset += shape[dim]
+
+
+@register(aten.split, aten.split_with_sizes, aten.chunk)
+def split(t: Ties, node: fx.Node) -> None:
+    """Split/chunk: output i is the segment of the input's dim at its offset."""
+    x = node.args[0]
+    rank = len(t.shape(x) or ())
+    dim = _arg(node, 2, "dim", 0) % rank
+    offset, i = 0, 0
+    while t.shape((node, i)) is not None:
+        for d in range(rank):
+            if d != dim:
+                t.tie(x, d, (node, i), d)
+        t.seg(x, dim, offset, (node, i), dim)
+        offset += t.shape((node, i))[dim]
+        i += 1
+
+
+@register(aten.slice, aten.narrow)
+def slice_(t: Ties, node: fx.Node) -> None:
+    x = node.args[0]
+    shape = t.shape(x)
+    dim = _arg(node, 1, "dim", 0) % len(shape)
+    start = _arg(node, 2, "start", 0) or 0
+    step = 1 if node.target._schema.name.endswith("narrow") else _arg(node, 4, "step", 1)
+    start = start + shape[dim] if start < 0 else min(start, shape[dim])
+    for d in range(len(shape)):
+        if d != dim:
+            t.tie(x, d, node, d)
+    if step == 1:
+        t.seg(x, dim, start, node, dim)
+    else:
+        t.block(x, dim, f"strided slice {node.name}")
+        t.block(node, dim, f"strided slice {node.name}")
+
+
+@register(aten.select)
+def select(t: Ties, node: fx.Node) -> None:
+    x, dim = node.args[0], node.args[1]
+    rank = len(t.shape(x) or ())
+    dim %= rank
+    t.block(x, dim, f"select {node.name} reads one fixed index")
+    for d in range(rank):
+        if d != dim:
+            t.tie(x, d, node, d - (d > dim))
+
+
+@register(operator.getitem)
+def getitem(t: Ties, node: fx.Node) -> None:
+    src, index = node.args
+    if isinstance(index, int) and t.shape(src) is None:
+        t.tie_all(node, (src, index))
+    else:
+        _block_all(t, node, f"indexing a tensor with {index!r} at {node.name}")
