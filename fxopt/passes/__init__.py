@@ -2,5 +2,6 @@
 from .canonicalize import Canonicalize
 from .dce import DeadCodeElimination
 from .fold_bn import FoldBatchNorm
+from .prune_channels import PruneChannels
 
-__all__ = ["Canonicalize", "DeadCodeElimination", "FoldBatchNorm"]
+__all__ = ["Canonicalize", "DeadCodeElimination", "FoldBatchNorm", "PruneChannels"]

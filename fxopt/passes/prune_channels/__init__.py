@@ -1,0 +1,171 @@
+"""prune-channels: structured pruning that physically removes channels.
+
+The ChannelGroups analysis says which channel dims must be pruned together and how
+a group's channel maps to indices of every member (offset, block). For every prunable
+group this pass scores the channels (importance aggregated over the group's weights),
+keeps the highest-scoring ones and removes the rest from every member: get_attr
+tensors are sliced (new tensors; the traced originals are never mutated) and literal
+shape arguments are rewritten (reshape/view/expand sizes, conv and GroupNorm groups,
+split sizes, slice bounds, LayerNorm shapes). A group whose literals cannot be
+rewritten is left unpruned, with a note; the result is checked by shape propagation.
+
+Not yet: scope=global, taylor and bn-scale importance, whole-head pruning (`heads`),
+the replayable PruningPlan — this first version prunes each group locally.
+"""
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.fx as fx
+
+from ...analyses import ChannelGroups
+from ...errors import PassOptionError
+from ...ir.shape_prop import propagate_shapes
+from ...pm import Pass, PassResult, register_pass
+from .importance import channel_scores, channels_to_keep, kept_channels
+from .rewrite import Plan, Rewriter, node_of, apply
+
+__all__ = ["PruneChannels"]
+_ATTEMPTS = 4
+
+
+@register_pass("prune-channels")
+@dataclass(frozen=True)
+class PruneChannels(Pass):
+    """Remove a fraction of the channels of every prunable channel group (local scope:
+    each group loses `ratio` of its own channels).
+
+    ratio: fraction of each group's channels removed, in [0, 1).
+    importance: l1 | l2 (per-channel norm of each weight member's slice, summed over
+        the group) | random (seeded by `seed`).
+    round_to: keep a multiple of this many channels per group.
+    min_channels: never keep fewer than this many channels in a group.
+    ignore: fnmatch patterns of parameter FQNs or module paths (e.g. `layer1.*`,
+        `fc`); a group with a matching member is left intact.
+    seed: the seed of `importance=random`.
+    """
+
+    ratio: float = 0.5
+    importance: Literal["l1", "l2", "random"] = "l1"
+    round_to: int = 1
+    min_channels: int = 1
+    ignore: tuple[str, ...] = ()
+    seed: int = 0
+
+    tolerance: ClassVar[float | None] = None  # pruning changes what the model computes
+
+    def __post_init__(self):
+        if not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio < 1.0:
+            raise PassOptionError(f"prune-channels: ratio must be in [0, 1), got {self.ratio!r}",
+                                  hint="ratio is the fraction of each group's channels removed, e.g. ratio=0.5")
+        if self.importance not in ("l1", "l2", "random"):
+            raise PassOptionError(f"prune-channels: unknown importance {self.importance!r}",
+                                  hint="use l1, l2 or random")
+        if self.round_to < 1 or self.min_channels < 1:
+            raise PassOptionError(f"prune-channels: round-to and min-channels must be >= 1, got "
+                                  f"{self.round_to} and {self.min_channels}")
+        if isinstance(self.ignore, str):
+            object.__setattr__(self, "ignore", (self.ignore,))
+        else:
+            object.__setattr__(self, "ignore", tuple(self.ignore))
+
+    def run(self, gm: fx.GraphModule, am) -> PassResult:
+        groups = am.get(ChannelGroups)
+        notes: list[str] = []
+        self._warn_unmatched(gm)
+        generator = torch.Generator().manual_seed(self.seed)
+        choices = []
+        for group in groups.prunable():
+            hit = self._ignored(group)
+            if hit:
+                notes.append(f"group {group.id} ({','.join(group.sources)}) ignored: {hit} matches an ignore pattern")
+                continue
+            keep = channels_to_keep(group.size, self.ratio, self.round_to, self.min_channels)
+            if keep >= group.size:
+                continue
+            scores = channel_scores(gm, group, self.importance, generator)
+            choices.append((group, kept_channels(scores, keep)))
+        if not choices:
+            return PassResult.unchanged(notes=tuple(notes))
+        pruned = _prune(gm, choices, notes)
+        if not pruned:
+            return PassResult.unchanged(notes=tuple(notes))
+        removed = sum(g.size - len(k) for g, k in pruned)
+        notes.insert(0, f"pruned {len(pruned)} of {len(groups.groups)} groups, removed {removed} channels")
+        return PassResult.changed(notes=tuple(notes))
+
+    def _ignored(self, group) -> str | None:
+        for m in group.members:
+            if m.param and any(_match(m.name, p) for p in self.ignore):
+                return m.name
+        return None
+
+    def _warn_unmatched(self, gm: fx.GraphModule) -> None:
+        fqns = sorted({str(n.target) for n in gm.graph.find_nodes(op="get_attr")})
+        for pattern in self.ignore:
+            if not any(_match(f, pattern) for f in fqns):
+                shown = ", ".join(fqns[:12]) + (", ..." if len(fqns) > 12 else "")
+                warnings.warn(f"prune-channels: ignore pattern {pattern!r} matches no parameter; "
+                              f"parameters are e.g. {shown}", stacklevel=2)
+
+
+def _match(fqn: str, pattern: str) -> bool:
+    """A pattern matches a parameter's FQN or any module path above it."""
+    parts = fqn.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
+
+
+def _prune(gm: fx.GraphModule, choices: list, notes: list[str]) -> list:
+    """Apply the choices; groups whose rewrite fails are dropped (with a note) and the
+    rest retried. Returns the choices applied."""
+    active = list(choices)
+    for _ in range(_ATTEMPTS):
+        if not active:
+            return []
+        rw = Rewriter(gm, Plan(active))
+        todo, failures = rw.rewrites()
+        if failures:
+            active = _without(active, failures, gm, notes)
+            continue
+        rw.predict()
+        undo = apply(gm, rw, todo)
+        try:
+            propagate_shapes(gm)
+        except Exception as exc:  # noqa: BLE001 - report, restore, prune nothing
+            undo()
+            notes.append(f"pruning left nothing: the pruned graph did not run on fake tensors ({exc})")
+            return []
+        bad = rw.mismatches()
+        if not bad:
+            return active
+        undo()
+        active = _without(active, bad, gm, notes)
+    notes.append("pruning left nothing: rewrites kept failing")
+    return []
+
+
+def _without(active: list, failures: dict[str, str], gm: fx.GraphModule, notes: list[str]) -> list:
+    """The choices minus the groups that touch a failing node (itself, its inputs or users)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    touched = set()
+    for name in failures:
+        touched.add(name)
+        touched.update(a.name for a in nodes[name].all_input_nodes)
+        touched.update(u.name for u in nodes[name].users)
+    keep = []
+    for group, kept in active:
+        bases = {node_of(m.name) for m in group.members if not m.param}
+        hit = sorted(bases & touched)
+        if hit:
+            why = "; ".join(f"{n}: {failures[n]}" for n in failures if n in touched)[:300]
+            notes.append(f"group {group.id} ({','.join(group.sources)}) not pruned: {why}")
+        else:
+            keep.append((group, kept))
+    if len(keep) == len(active):  # nothing attributable: give up on all of them
+        notes.append("not pruned: failures could not be traced to a group: " + "; ".join(failures)[:300])
+        return []
+    return keep
