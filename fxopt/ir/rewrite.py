@@ -41,9 +41,8 @@ def _drop_guards(gm: fx.GraphModule) -> None:
 def replace_pattern(gm: fx.GraphModule, pattern: fx.GraphModule, replacement: fx.GraphModule,
                     match_filters=None) -> int:
     """Replace every non-overlapping match; returns how many were replaced."""
-    matches = subgraph_rewriter.replace_pattern_with_filters(
+    matches = subgraph_rewriter.replace_pattern_with_filters(  # recompiles gm itself
         gm, pattern, replacement, match_filters=match_filters, ignore_literals=False)
-    gm.recompile()
     return len(matches)
 
 
@@ -65,7 +64,8 @@ class RuleTable:
         return add
 
     def apply(self, gm: fx.GraphModule) -> int:
-        """Walk the graph once; returns the number of nodes rewritten."""
+        """Walk the graph once; returns the number of nodes rewritten. The graph is linted,
+        not recompiled: the PassManager regenerates the code once after a changed pass."""
         changed = 0
         for node in list(gm.graph.nodes):
             if node._erased:  # erased by an earlier row
@@ -77,8 +77,24 @@ class RuleTable:
                     break
         if changed:
             gm.graph.lint()
-            gm.recompile()
         return changed
+
+
+def replace_with_call(gm: fx.GraphModule, node: fx.Node, target, args, kwargs=None) -> fx.Node:
+    """Put a call_function node `target(*args, **kwargs)` in place of `node`, keeping its meta."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, tuple(args), kwargs or {})
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def bypass(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Remove an identity-like node, handing its first argument to its users."""
+    node.replace_all_uses_with(node.args[0])
+    gm.graph.erase_node(node)
+    return True
 
 
 def is_call(*targets) -> Matcher:

@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ir.rewrite import RuleTable
+from ..ir.rewrite import RuleTable, bypass, replace_with_call
 
 aten = torch.ops.aten
 
@@ -42,11 +42,7 @@ def _module_matcher(*types):
 
 
 def _new_call(gm, node, target, args) -> bool:
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(target, tuple(args))
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
+    replace_with_call(gm, node, target, args)
     return True
 
 
@@ -108,9 +104,7 @@ def _identity(gm, node):
         training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
         if training:
             return False
-    node.replace_all_uses_with(node.args[0])
-    gm.graph.erase_node(node)
-    return True
+    return bypass(gm, node)
 
 
 _CONV = {nn.Conv1d: aten.conv1d.default, nn.Conv2d: aten.conv2d.default, nn.Conv3d: aten.conv3d.default}

@@ -22,29 +22,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..ir.meta import tensor_info
-from ..ir.rewrite import RuleTable, is_call, pattern_graph, replace_pattern
+from ..ir.rewrite import (RuleTable, bypass, is_call, pattern_graph, replace_pattern,
+                          replace_with_call)
 from ..pm import Pass, PassResult, register_pass
 from . import canonical_modules
 
 aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default}
-
-
-def _replace(gm: fx.GraphModule, node: fx.Node, target, args, kwargs=None) -> fx.Node:
-    """Put a call_function node `target(*args)` in place of `node`, keeping its meta."""
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(target, tuple(args), kwargs or {})
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
-    return new
-
-
-def _bypass(gm: fx.GraphModule, node: fx.Node) -> bool:
-    node.replace_all_uses_with(node.args[0])
-    gm.graph.erase_node(node)
-    return True
 
 
 def _is_inplace(node: fx.Node) -> bool:
@@ -68,7 +53,7 @@ def _functionalize(gm: fx.GraphModule, node: fx.Node) -> bool:
         return False
     if any(u is not node and _is_alias(u) for u in mutated.users):
         return False  # a view taken earlier sees the mutation: keep it in place
-    _replace(gm, node, twin, node.args, node.kwargs)
+    replace_with_call(gm, node, twin, node.args, node.kwargs)
     return True
 
 
@@ -90,18 +75,18 @@ _FRESH_RESULT = {operator.add, operator.sub, operator.mul, operator.truediv, ope
 
 def _dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
     train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
-    return _bypass(gm, node) if not train else False
+    return bypass(gm, node) if not train else False
 
 
 def _reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
     src, out = tensor_info(node.args[0]), tensor_info(node)
     start = _flatten_start(src.shape, out.shape) if src and out else None
     if start is not None:
-        _replace(gm, node, aten.flatten.using_ints, (node.args[0], start, -1))
+        replace_with_call(gm, node, aten.flatten.using_ints, (node.args[0], start, -1))
         return True
     if node.target == aten.reshape.default:
         return False
-    _replace(gm, node, aten.reshape.default, node.args)
+    replace_with_call(gm, node, aten.reshape.default, node.args)
     return True
 
 
