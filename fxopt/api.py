@@ -94,7 +94,8 @@ def compile(model, example_inputs, pipeline="default", backend: str = "eager", c
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    am = AnalysisManager(gm)
+    calibration = list(calibration) if calibration is not None else None
+    am = AnalysisManager(gm, calibration)
     am.put(Shapes, ShapeTable(gm))
     instruments = tuple(instruments) + (CostTracker(),)
     if verify if verify is not None else _verify_by_default():

@@ -24,10 +24,16 @@ class Analysis:
 
 
 class AnalysisManager:
-    """Cache of analysis results for one GraphModule."""
+    """Cache of analysis results for one GraphModule.
 
-    def __init__(self, gm: fx.GraphModule):
+    `calibration` holds the batches given to compile, for passes that need real data
+    (e.g. gradient-based importance); it is data, not a cached result, so it survives
+    invalidation.
+    """
+
+    def __init__(self, gm: fx.GraphModule, calibration=None):
         self.gm = gm
+        self.calibration = list(calibration) if calibration is not None else None
         self._cache: dict[type, object] = {}
 
     def get(self, analysis: type[Analysis]):

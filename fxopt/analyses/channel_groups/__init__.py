@@ -53,12 +53,14 @@ class ChannelGroup:
     sources: list[str]
     prunable: bool = True
     reason: str | None = None
+    kind: str = "channels"  # "heads": channels are attention heads (each a block of head_dim)
 
     def member(self, name: str, dim: int | None = None) -> list[GroupMember]:
         return [m for m in self.members if m.name == name and (dim is None or m.dim == dim)]
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "size": self.size, "prunable": self.prunable, "reason": self.reason,
+        return {"id": self.id, "size": self.size, "kind": self.kind, "prunable": self.prunable,
+                "reason": self.reason,
                 "sources": list(self.sources),
                 "members": [{"name": m.name, "dim": m.dim, "offset": m.offset, "block": m.block,
                              "param": m.param} for m in self.members]}

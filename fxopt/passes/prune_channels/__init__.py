@@ -24,13 +24,11 @@ import torch.fx as fx
 
 from ...analyses import ChannelGroups
 from ...errors import PassOptionError
-from ...ir.shape_prop import propagate_shapes
 from ...pm import Pass, PassResult, register_pass
 from .importance import channel_scores, channels_to_keep, kept_channels
-from .rewrite import Plan, Rewriter, node_of, apply
+from .apply import apply_choices
 
 __all__ = ["PruneChannels"]
-_ATTEMPTS = 4
 
 
 @register_pass("prune-channels")
@@ -91,7 +89,7 @@ class PruneChannels(Pass):
             choices.append((group, kept_channels(scores, keep)))
         if not choices:
             return PassResult.unchanged(notes=tuple(notes))
-        pruned = _prune(gm, choices, notes)
+        pruned = apply_choices(gm, choices, notes)
         if not pruned:
             return PassResult.unchanged(notes=tuple(notes))
         removed = sum(g.size - len(k) for g, k in pruned)
@@ -117,55 +115,3 @@ def _match(fqn: str, pattern: str) -> bool:
     """A pattern matches a parameter's FQN or any module path above it."""
     parts = fqn.split(".")
     return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
-
-
-def _prune(gm: fx.GraphModule, choices: list, notes: list[str]) -> list:
-    """Apply the choices; groups whose rewrite fails are dropped (with a note) and the
-    rest retried. Returns the choices applied."""
-    active = list(choices)
-    for _ in range(_ATTEMPTS):
-        if not active:
-            return []
-        rw = Rewriter(gm, Plan(active))
-        todo, failures = rw.rewrites()
-        if failures:
-            active = _without(active, failures, gm, notes)
-            continue
-        rw.predict()
-        undo = apply(gm, rw, todo)
-        try:
-            propagate_shapes(gm)
-        except Exception as exc:  # noqa: BLE001 - report, restore, prune nothing
-            undo()
-            notes.append(f"pruning left nothing: the pruned graph did not run on fake tensors ({exc})")
-            return []
-        bad = rw.mismatches()
-        if not bad:
-            return active
-        undo()
-        active = _without(active, bad, gm, notes)
-    notes.append("pruning left nothing: rewrites kept failing")
-    return []
-
-
-def _without(active: list, failures: dict[str, str], gm: fx.GraphModule, notes: list[str]) -> list:
-    """The choices minus the groups that touch a failing node (itself, its inputs or users)."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    touched = set()
-    for name in failures:
-        touched.add(name)
-        touched.update(a.name for a in nodes[name].all_input_nodes)
-        touched.update(u.name for u in nodes[name].users)
-    keep = []
-    for group, kept in active:
-        bases = {node_of(m.name) for m in group.members if not m.param}
-        hit = sorted(bases & touched)
-        if hit:
-            why = "; ".join(f"{n}: {failures[n]}" for n in failures if n in touched)[:300]
-            notes.append(f"group {group.id} ({','.join(group.sources)}) not pruned: {why}")
-        else:
-            keep.append((group, kept))
-    if len(keep) == len(active):  # nothing attributable: give up on all of them
-        notes.append("not pruned: failures could not be traced to a group: " + "; ".join(failures)[:300])
-        return []
-    return keep
