@@ -13,7 +13,7 @@ import fxopt
 from fxopt.analyses import ChannelGroups, Cost
 from fxopt.ir.graph import fetch_attr, set_attr
 from fxopt.passes.prune_channels import PruneChannels
-from fxopt.passes.prune_channels.importance import channel_scores, kept_channels
+from fxopt.passes.prune_channels.importance import Importance, kept_channels
 
 aten = torch.ops.aten
 
@@ -169,9 +169,9 @@ def _zero_dropped(model, x, options: PruneChannels):
     """A fresh trace with the channels the pass would drop zeroed in every weight member."""
     gm = fxopt.trace(model, (x,))
     groups = fxopt.AnalysisManager(gm).get(ChannelGroups)
-    generator = torch.Generator().manual_seed(options.seed)
-    choices = [(g, kept_channels(channel_scores(gm, g, options.importance, generator),
-                                 g.size - int(g.size * options.ratio))) for g in groups.prunable()]
+    importance = Importance(gm, options.importance, options.seed)
+    choices = [(g, kept_channels(importance.scores(g), g.size - int(g.size * options.ratio)))
+               for g in groups.prunable()]
     for group, kept in choices:  # scores first: zeroing one group moves another's norms
         dropped = [c for c in range(group.size) if c not in kept]
         for name, dim in sorted({(m.name, m.dim) for m in group.members if m.param}):

@@ -8,9 +8,6 @@ tensors are sliced (new tensors; the traced originals are never mutated) and lit
 shape arguments are rewritten (reshape/view/expand sizes, conv and GroupNorm groups,
 split sizes, slice bounds, LayerNorm shapes). A group whose literals cannot be
 rewritten is left unpruned, with a note; the result is checked by shape propagation.
-
-Not yet: scope=global, taylor and bn-scale importance, whole-head pruning (`heads`),
-the replayable PruningPlan — this first version prunes each group locally.
 """
 from __future__ import annotations
 
@@ -25,7 +22,7 @@ import torch.fx as fx
 from ...analyses import ChannelGroups
 from ...errors import PassOptionError
 from ...pm import Pass, PassResult, register_pass
-from .importance import channel_scores, channels_to_keep, kept_channels
+from .importance import Importance, channels_to_keep, global_keep_counts, kept_channels
 from .apply import apply_choices
 
 __all__ = ["PruneChannels"]
@@ -34,35 +31,43 @@ __all__ = ["PruneChannels"]
 @register_pass("prune-channels")
 @dataclass(frozen=True)
 class PruneChannels(Pass):
-    """Remove a fraction of the channels of every prunable channel group (local scope:
-    each group loses `ratio` of its own channels).
+    """Remove a fraction of the channels of every prunable channel group.
 
-    ratio: fraction of each group's channels removed, in [0, 1).
+    ratio: fraction of the prunable channels removed, in [0, 1).
     importance: l1 | l2 (per-channel norm of each weight member's slice, summed over
-        the group) | random (seeded by `seed`).
+        the group) | bn-scale (|gamma| of the group's BatchNorms) | taylor (|w * grad|
+        on the calibration batches given to compile) | random (seeded by `seed`).
+    scope: local (every group loses `ratio` of its own channels) | global (scores
+        normalised per group, the lowest `ratio` of all channels go, so unimportant
+        groups lose more).
     round_to: keep a multiple of this many channels per group.
     min_channels: never keep fewer than this many channels in a group.
     ignore: fnmatch patterns of parameter FQNs or module paths (e.g. `layer1.*`,
-        `fc`); a group with a matching member is left intact.
+        `fc`); a group with a matching member is left intact. The model's outputs
+        (e.g. the classifier's classes) are never pruned.
+    heads: prune whole attention heads (each keeps its head_dim); false leaves every
+        heads group intact.
     seed: the seed of `importance=random`.
     """
 
     ratio: float = 0.5
-    importance: Literal["l1", "l2", "random"] = "l1"
+    importance: Literal["l1", "l2", "bn-scale", "taylor", "random"] = "l1"
+    scope: Literal["local", "global"] = "local"
     round_to: int = 1
     min_channels: int = 1
     ignore: tuple[str, ...] = ()
+    heads: bool = True
     seed: int = 0
 
     tolerance: ClassVar[float | None] = None  # pruning changes what the model computes
 
     def __post_init__(self):
-        if not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio < 1.0:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) \
+                or not 0.0 <= self.ratio < 1.0:
             raise PassOptionError(f"prune-channels: ratio must be in [0, 1), got {self.ratio!r}",
-                                  hint="ratio is the fraction of each group's channels removed, e.g. ratio=0.5")
-        if self.importance not in ("l1", "l2", "random"):
-            raise PassOptionError(f"prune-channels: unknown importance {self.importance!r}",
-                                  hint="use l1, l2 or random")
+                                  hint="ratio is the fraction of the prunable channels removed, e.g. ratio=0.5")
+        _check_choice("importance", self.importance, ("l1", "l2", "bn-scale", "taylor", "random"))
+        _check_choice("scope", self.scope, ("local", "global"))
         if self.round_to < 1 or self.min_channels < 1:
             raise PassOptionError(f"prune-channels: round-to and min-channels must be >= 1, got "
                                   f"{self.round_to} and {self.min_channels}")
@@ -75,18 +80,16 @@ class PruneChannels(Pass):
         groups = am.get(ChannelGroups)
         notes: list[str] = []
         self._warn_unmatched(gm)
-        generator = torch.Generator().manual_seed(self.seed)
-        choices = []
-        for group in groups.prunable():
-            hit = self._ignored(group)
-            if hit:
-                notes.append(f"group {group.id} ({','.join(group.sources)}) ignored: {hit} matches an ignore pattern")
-                continue
-            keep = channels_to_keep(group.size, self.ratio, self.round_to, self.min_channels)
-            if keep >= group.size:
-                continue
-            scores = channel_scores(gm, group, self.importance, generator)
-            choices.append((group, kept_channels(scores, keep)))
+        importance = Importance(gm, self.importance, self.seed, am.calibration)
+        candidates = self._candidates(groups, notes)
+        if not candidates or self.ratio == 0:
+            return PassResult.unchanged(notes=tuple(notes))
+        scored = [(g, importance.scores(g)) for g in candidates]
+        if self.scope == "global":
+            keeps = global_keep_counts(scored, self.ratio, self.round_to, self.min_channels)
+        else:
+            keeps = [channels_to_keep(g.size, self.ratio, self.round_to, self.min_channels) for g, _ in scored]
+        choices = [(g, kept_channels(s, k)) for (g, s), k in zip(scored, keeps) if k < g.size]
         if not choices:
             return PassResult.unchanged(notes=tuple(notes))
         pruned = apply_choices(gm, choices, notes)
@@ -95,6 +98,19 @@ class PruneChannels(Pass):
         removed = sum(g.size - len(k) for g, k in pruned)
         notes.insert(0, f"pruned {len(pruned)} of {len(groups.groups)} groups, removed {removed} channels")
         return PassResult.changed(notes=tuple(notes))
+
+    def _candidates(self, groups, notes: list[str]) -> list:
+        """The prunable groups this pass may prune: not ignored, heads only if `heads`."""
+        found = []
+        for group in groups.prunable():
+            hit = self._ignored(group)
+            if hit:
+                notes.append(f"group {group.id} ({','.join(group.sources)}) ignored: {hit} matches an ignore pattern")
+            elif group.kind == "heads" and not self.heads:
+                notes.append(f"group {group.id} ({','.join(group.sources)}) left intact: heads=false")
+            else:
+                found.append(group)
+        return found
 
     def _ignored(self, group) -> str | None:
         for m in group.members:
@@ -115,3 +131,8 @@ def _match(fqn: str, pattern: str) -> bool:
     """A pattern matches a parameter's FQN or any module path above it."""
     parts = fqn.split(".")
     return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
+
+
+def _check_choice(option: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise PassOptionError(f"prune-channels: unknown {option} {value!r}", hint="use " + ", ".join(allowed))
