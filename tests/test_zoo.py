@@ -5,13 +5,18 @@ from small transformers configs, must
 - have a cost: MACs > 0 and no op the cost tables do not know;
 - compile with `fold-bn,canonicalize,dce` (Verify on, so every pass is checked
   against the graph before it) to outputs equal to eager within 1e-4;
-- leave the user's model as it was (weights and training flag).
+- leave the user's model as it was (weights and training flag);
+- prune: `prune-channels{ratio=0.0}` gives the original outputs within 1e-5, and
+  `prune-channels{ratio=0.5}` gives a graph with fewer MACs that runs to outputs
+  of the original shapes.
 
 Models are built with random weights (weights=None: nothing is downloaded) and
 run on small inputs. The heaviest are marked `slow`; they still run in CI.
 Run the whole zoo with `pytest tests/test_zoo.py --durations=0`.
 """
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -100,10 +105,12 @@ class _TraceSpy:
     def __init__(self):
         self.missing_shapes: list[str] | None = None
         self.cost = None
+        self.traced = None
 
     def __call__(self, *args, **kwargs):
         gm = fxopt.trace(*args, **kwargs)
         self.inspect(gm)
+        self.traced = copy.deepcopy(gm)  # for the pruning checks, before the pipeline runs
         return gm
 
     def inspect(self, gm) -> None:
@@ -124,7 +131,7 @@ def _assert_unchanged(model: torch.nn.Module, before: dict, training: bool) -> N
         assert torch.equal(after[key], value), f"compile changed the user's {key}"
 
 
-def _assert_same_outputs(expected, actual) -> None:
+def _assert_same_outputs(expected, actual, tol: float = TOL) -> None:
     """Every output leaf within TOL of eager, relative to the output's scale:
     max |actual - expected| <= TOL * max |expected|. (Folding BN into the weights
     reorders float32 rounding, so an element near zero in an output of scale 1e3
@@ -135,7 +142,7 @@ def _assert_same_outputs(expected, actual) -> None:
     assert len(flat_a) == len(flat_e)
     for e, a in zip(flat_e, flat_a):
         scale = (e.abs().max().item() if e.is_floating_point() and e.numel() else 0.0) or 1.0
-        torch.testing.assert_close(a, e, atol=TOL * scale, rtol=0)
+        torch.testing.assert_close(a, e, atol=tol * scale, rtol=0)
 
 
 def check_model(model: torch.nn.Module, inputs: tuple, monkeypatch, check_mutation: bool) -> None:
@@ -163,6 +170,25 @@ def check_model(model: torch.nn.Module, inputs: tuple, monkeypatch, check_mutati
     _assert_same_outputs(expected, actual)
     if check_mutation:
         _assert_unchanged(model, before, training=False)
+    check_pruning(spy.traced or fxopt.trace(model, inputs), inputs, expected, spy.cost.macs)
+
+
+def check_pruning(traced, inputs: tuple, expected, macs_before: int) -> None:
+    """ratio 0: the original outputs within 1e-5 (of their scale); ratio 0.5: fewer
+    MACs, and the pruned graph runs to outputs of the original shapes."""
+    unpruned = copy.deepcopy(traced)
+    fxopt.PassManager("prune-channels{ratio=0.0}").run(unpruned, example_inputs=inputs)
+    with torch.no_grad():
+        _assert_same_outputs(expected, unpruned(*inputs), tol=1e-5)
+    report = fxopt.PassManager("prune-channels{ratio=0.5}").run(traced, example_inputs=inputs)
+    macs_after = fxopt.AnalysisManager(traced).get(fxopt.analyses.Cost).macs
+    assert macs_after < macs_before, report.records[0].notes
+    with torch.no_grad():
+        pruned = traced(*inputs)
+    flat_e, flat_p = tree_leaves(expected), tree_leaves(pruned)
+    assert len(flat_e) == len(flat_p)
+    for e, p in zip(flat_e, flat_p):
+        assert p.shape == e.shape and (not p.is_floating_point() or torch.isfinite(p).all())
 
 
 @pytest.mark.filterwarnings("ignore:The default weight initialization:FutureWarning")
