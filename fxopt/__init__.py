@@ -11,6 +11,9 @@ from .backends import list_backends, register_backend
 from .errors import (FxoptError, InputShapeError, PassFailedError, PassOptionError,
                      PipelineSyntaxError, TraceError, UnknownPassError, UnsupportedError,
                      VerificationError)
+from .finetune import FinetuneHistory, finetune
+from .pruning import (ChannelGroupsTable, PruningPlan, apply_plan, explain_pruning, load_pruned,
+                      pruning_plan, save_pruned)
 from .pm import (PRESETS, Analysis, AnalysisManager, Pass, PassManager, PassResult, Report,
                  format_pipeline, instruments, list_passes, parse_pipeline, register_pass)
 
@@ -22,4 +25,7 @@ __all__ = [
     "Report", "TraceError", "UnknownPassError", "UnsupportedError", "VerificationError", "analyses",
     "backends", "calibrate", "compile", "format_pipeline", "freeze", "instruments", "list_backends",
     "list_passes", "lower", "parse_pipeline", "register_backend", "register_pass", "trace",
+    "ChannelGroupsTable", "PruningPlan", "apply_plan", "explain_pruning", "load_pruned", "pruning_plan",
+    "save_pruned",
+    "FinetuneHistory", "finetune",
 ]

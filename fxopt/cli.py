@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="lint, check shapes and compare outputs after every pass")
     r.add_argument("--reproducer", metavar="DIR", help="on a failure, write a reproducer here")
     r.add_argument("--json", metavar="FILE", help="write the report and summary as JSON")
+    r.add_argument("--explain", action="store_true",
+                   help="print the channel groups prune-channels sees (members, size, kind, prunable "
+                        "and why not) and stop; with --json FILE write them there as JSON")
     r.set_defaults(handler=cmd_run)
     return parser
 
@@ -90,6 +93,8 @@ def cmd_backends(args) -> int:
 def cmd_run(args) -> int:
     model = load_model(args.model)
     inputs = make_inputs(args.input_shape, args.input_dtype)
+    if args.explain:
+        return _explain(model, inputs, args.json)
     instruments = [fxopt.instruments.Timing(print_summary=args.time_passes)]
     if args.print_ir_after:
         instruments.append(fxopt.instruments.PrintIR(after=args.print_ir_after))
@@ -109,6 +114,15 @@ def cmd_run(args) -> int:
         summary = {"model": args.model, "inputs": args.input_shape, "backend": args.backend,
                    "max_abs_diff": diff, "cost": cost.to_dict(), "report": compiled.report.to_dict()}
         write_json_atomically(args.json, summary)
+    return 0
+
+
+def _explain(model, inputs, json_path) -> int:
+    """`run --explain`: the channel groups as a table (and as JSON), no compilation."""
+    groups = fxopt.explain_pruning(model, inputs)
+    print(groups)
+    if json_path:
+        write_json_atomically(json_path, groups.to_dict())
     return 0
 
 

@@ -24,6 +24,7 @@ from ...errors import PassOptionError
 from ...pm import Pass, PassResult, register_pass
 from .importance import Importance, channels_to_keep, global_keep_counts, kept_channels
 from .apply import apply_choices
+from .plan import record_plan
 
 __all__ = ["PruneChannels"]
 
@@ -95,6 +96,7 @@ class PruneChannels(Pass):
         pruned = apply_choices(gm, choices, notes)
         if not pruned:
             return PassResult.unchanged(notes=tuple(notes))
+        record_plan(gm, pruned)
         removed = sum(g.size - len(k) for g, k in pruned)
         notes.insert(0, f"pruned {len(pruned)} of {len(groups.groups)} groups, removed {removed} channels")
         return PassResult.changed(notes=tuple(notes))

@@ -1,0 +1,252 @@
+"""finetune: a short training loop that wins back the accuracy a rewrite cost.
+
+Pruning removes channels, so the pruned network starts from weights chosen for
+the full one; a few hundred steps of training, best guided by the unpruned
+model's soft predictions (knowledge distillation), usually recover most of the
+loss. This is deliberately a plain loop (Adam, cosine-decayed learning rate, no
+hooks): recovery needs little more, and anything fancier belongs in the user's
+own training code, which can train `cm.graph_module` like any nn.Module.
+
+    cm = fxopt.compile(model, (x,), pipeline="prune-channels{ratio=0.5}")
+    fxopt.finetune(cm, batches, teacher=model, steps=300, lr=1e-3)
+    cm.finetune_history.loss    # the loss of every step
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .api import CompiledModel
+from .errors import InputShapeError, PassOptionError
+
+__all__ = ["FinetuneHistory", "finetune"]
+
+
+@dataclass
+class FinetuneHistory:
+    """What each step did, stored on the trained model as `finetune_history`.
+
+    `loss` is the optimised loss of every step; `task` and `distill` its two
+    parts (NaN where a part was not computed: no targets, or no teacher); `lr`
+    the learning rate used. `epochs` counts the passes made over the data.
+    """
+
+    loss: list[float] = field(default_factory=list)
+    task: list[float] = field(default_factory=list)
+    distill: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    epochs: int = 0
+
+
+def finetune(model, teacher=None, data=None, steps: int = 100, lr: float = 1e-3, *, alpha: float = 0.5,
+             temperature: float = 4.0, loss=None):
+    """Train `model`'s parameters in place on `data` and return `model`.
+
+    model: a CompiledModel (its `graph_module` is trained; the eager backend runs
+        that very module, other backends need `fxopt.lower` again afterwards) or
+        any nn.Module. Only Parameters with requires_grad are trained, so frozen
+        weights and buffers stay as they are. The module is in train mode while
+        training and gets its own modes back afterwards.
+    data: an iterable of batches, re-iterated as often as `steps` needs (so a
+        list or DataLoader, not a one-shot generator, when steps exceed one
+        epoch). A batch is `x`, `(x, target)` or `(x, None)`, where `x` is a
+        tensor or a tuple of the model's inputs. Without targets the loss is the
+        distillation loss alone, which needs a teacher. A CompiledModel was
+        traced for fixed input shapes: every batch must have them (use
+        `DataLoader(..., drop_last=True)`).
+    teacher: the unpruned model (nn.Module or CompiledModel); run in eval mode
+        without gradients, its weights and modes are left exactly as they were.
+    steps, lr: optimiser steps, and Adam's initial learning rate, which decays
+        along a half cosine to 0 so the last steps settle rather than jump.
+    alpha: the weight of the distillation loss; the task loss gets 1 - alpha.
+    temperature: T of the softened softmaxes; the KL divergence between teacher
+        and student is scaled by T^2 so its gradients keep their size as T grows.
+        Logits are taken along the last dimension.
+    loss: the task loss, `loss(output, target) -> scalar`; default cross-entropy.
+
+    The per-step losses are stored on `model.finetune_history` (a FinetuneHistory).
+    """
+    if data is None:
+        raise PassOptionError("finetune: no data given",
+                              hint="pass batches: fxopt.finetune(pruned, teacher, data=[(x, y), ...])")
+    _check_options(model, teacher, steps, lr, alpha, temperature)
+    net = model.graph_module if isinstance(model, CompiledModel) else model
+    params = [p for p in net.parameters() if p.requires_grad]
+    if not params:
+        raise PassOptionError("finetune: the model has no parameter that requires grad",
+                              hint="set requires_grad=True on the weights to train")
+    step = _Step(net, teacher, loss or F.cross_entropy, alpha, temperature)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
+    history = FinetuneHistory()
+    expected = model.input_shapes if isinstance(model, CompiledModel) else ()
+    device = params[0].device
+    parts = []
+    with _modes(net, True), _modes(teacher, False):
+        for inputs, target in _batches(data, steps, history):
+            inputs = tuple(_to(x, device) for x in inputs)
+            _check_shapes(expected, inputs)
+            total, task, distill = step(inputs, _to(target, device))
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            history.lr.append(schedule.get_last_lr()[0])
+            schedule.step()
+            parts.append(torch.stack([total.detach().float(), task.float(), distill.float()]))
+    optimizer.zero_grad(set_to_none=True)
+    history.loss, history.task, history.distill = torch.stack(parts).T.cpu().tolist()
+    model.finetune_history = history
+    return model
+
+
+class _Step:
+    """The loss of one batch: task loss, distillation loss, or their alpha mix."""
+
+    def __init__(self, net, teacher, task_loss, alpha: float, temperature: float):
+        self.net, self.teacher, self.task_loss = net, teacher, task_loss
+        self.alpha, self.temperature = alpha, temperature
+
+    def __call__(self, inputs: tuple, target):
+        """(total, task, distill); a part not computed is NaN, kept out of the total."""
+        if target is None and self.teacher is None:
+            raise PassOptionError("finetune: a batch has no target and there is no teacher",
+                                  hint="give (inputs, target) batches, or a teacher to distil from")
+        out = self.net(*inputs)
+        nan = torch.full((), math.nan, device=_device_of(out))
+        task = distill = nan
+        if target is not None and (self.teacher is None or self.alpha < 1):
+            task = self.task_loss(out, target)
+        if self.teacher is not None and (target is None or self.alpha > 0):
+            with torch.no_grad():
+                soft = self.teacher(*inputs)
+            distill = _distill_loss(out, soft, self.temperature)
+        if target is None or self.teacher is None:
+            total = task if self.teacher is None else distill
+        else:
+            total = _mix(task, distill, self.alpha)
+        return total, task.detach(), distill.detach()
+
+
+def _mix(task, distill, alpha: float):
+    """alpha * distill + (1 - alpha) * task, leaving out a part whose weight is 0."""
+    if alpha == 0:
+        return task
+    if alpha == 1:
+        return distill
+    return alpha * distill + (1 - alpha) * task
+
+
+def _distill_loss(student, teacher, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over rows."""
+    if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
+        raise PassOptionError(
+            f"finetune: distillation needs tensor outputs, got {type(student).__name__} from the "
+            f"model and {type(teacher).__name__} from the teacher",
+            hint="wrap the models so forward returns the logits tensor")
+    if student.shape != teacher.shape:
+        raise PassOptionError(
+            f"finetune: teacher output shape {tuple(teacher.shape)} differs from the model's "
+            f"{tuple(student.shape)}",
+            hint="the teacher must predict the same classes for the same batch; was the "
+                 "classifier pruned? (prune-channels never prunes the model's outputs)")
+    classes = student.shape[-1]
+    s = F.log_softmax(student.reshape(-1, classes).float() / temperature, dim=-1)
+    t = F.log_softmax(teacher.reshape(-1, classes).float() / temperature, dim=-1)
+    return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def _check_options(model, teacher, steps, lr, alpha, temperature) -> None:
+    """Reject bad arguments before any work, each with what to pass instead."""
+    checks = [
+        (isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}"),
+        (lr > 0, f"lr must be > 0, got {lr!r}"),
+        (0 <= alpha <= 1, f"alpha must be in [0, 1], got {alpha!r}"),
+        (temperature > 0, f"temperature must be > 0, got {temperature!r}"),
+        (isinstance(model, torch.nn.Module), f"model must be an nn.Module or CompiledModel, "
+                                             f"got {type(model).__name__}"),
+        (teacher is None or isinstance(teacher, torch.nn.Module),
+         f"teacher must be an nn.Module, CompiledModel or None, got {type(teacher).__name__}"),
+        (teacher is None or teacher is not model, "teacher is the model being trained"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise PassOptionError(f"finetune: {message}",
+                                  hint="see help(fxopt.finetune) for what each argument takes")
+
+
+def _batches(data, steps: int, history: FinetuneHistory):
+    """Yield `steps` (inputs tuple, target or None) pairs, re-iterating `data` by epochs."""
+    produced = 0
+    while True:
+        history.epochs += 1
+        epoch = 0
+        for batch in data:
+            epoch += 1
+            yield _split(batch)
+            produced += 1
+            if produced == steps:
+                return
+        if epoch == 0:
+            where = "" if produced == 0 else f" after {produced} steps (a one-shot iterator?)"
+            raise PassOptionError(f"finetune: data gave no batches{where}",
+                                  hint="pass a non-empty list of batches or a DataLoader")
+
+
+def _split(batch) -> tuple[tuple, object]:
+    """A batch as (inputs tuple, target or None): `x`, `(x, y)`, `(x, None)` or `((x1, x2), y)`."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), None
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+        inputs = batch[0]
+        target = batch[1] if len(batch) == 2 else None
+        return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), target
+    raise PassOptionError(
+        f"finetune: cannot read a batch of type {type(batch).__name__}"
+        + (f" with {len(batch)} items" if isinstance(batch, (tuple, list)) else ""),
+        hint="give batches as x, (x, target) or ((x1, x2, ...), target)")
+
+
+def _check_shapes(expected: tuple, inputs: tuple) -> None:
+    """A compiled graph is specialised to its example shapes: say so before it asserts."""
+    if not expected:
+        return
+    got = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs]
+    want = [tuple(e.shape) if e is not None else None for e in expected]
+    if got != want:
+        raise InputShapeError(
+            f"finetune: a batch has input shapes {got}, the model was compiled for {want}",
+            hint="batch the data in the compiled shape, e.g. DataLoader(..., drop_last=True), "
+                 "or compile with an example batch of the training batch size")
+
+
+@contextlib.contextmanager
+def _modes(module, training: bool):
+    """Set train/eval mode for the block, then give every submodule back its own mode."""
+    if module is None:
+        yield
+        return
+    saved = [(m, m.training) for m in module.modules()]
+    try:
+        module.train(training)
+    except NotImplementedError:  # torch.export's module refuses train(); its ops ignore the flag
+        for m in module.modules():
+            m.training = training
+    try:
+        yield
+    finally:
+        for m, mode in saved:
+            m.training = mode
+
+
+def _to(value, device):
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+
+def _device_of(value) -> torch.device:
+    leaves = [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+    return leaves[0].device if leaves else torch.device("cpu")

@@ -1,0 +1,200 @@
+"""Pruning, seen from outside the pass: explain it, and keep its result.
+
+`explain_pruning` shows what prune-channels would see (the channel groups, and why
+a group cannot be pruned). A pruned model is kept as two files that need no pickle
+and no fxopt graph format: `plan.json` (which indices survived, see
+`passes/prune_channels/plan.py`) and `model.safetensors` (the pruned weights).
+`load_pruned` replays the plan on a fresh instance of the user's model class, which
+rebuilds the pruned graph, and fills it from the weights file.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import textwrap
+
+import torch
+import torch.fx as fx
+
+from .analyses import ChannelGroups
+from .analyses.channel_groups import ChannelGroupsResult
+from .api import CompiledModel, trace
+from .errors import FxoptError
+from .passes.prune_channels.apply import apply_choices
+from .passes.prune_channels.plan import PLAN_KEY, PruningPlan, choices_from_plan, inputs_of
+from .pm import AnalysisManager
+
+__all__ = ["ChannelGroupsTable", "PruningPlan", "apply_plan", "explain_pruning", "load_pruned",
+           "pruning_plan", "save_pruned"]
+
+MODEL_FILE, PLAN_FILE = "model.safetensors", "plan.json"
+
+
+# -- explain --------------------------------------------------------------------------------------
+class ChannelGroupsTable(ChannelGroupsResult):
+    """A ChannelGroupsResult that prints as a wrapped table: one row per group (id,
+    kind, size, prunable, sources), its parameter members below, and the reason a
+    group is not prunable; then the ops that blocked pruning."""
+
+    width = 100
+
+    def __str__(self) -> str:
+        prunable = self.prunable()
+        lines = [f"{len(self.groups)} channel groups, {len(prunable)} prunable "
+                 f"({sum(g.size for g in prunable)} of {sum(g.size for g in self.groups)} channels)",
+                 f"{'id':>4}  {'kind':<8}  {'size':>5}  {'prunable':<8}  sources"]
+        for g in self.groups:
+            lines.append(f"{g.id:>4}  {g.kind:<8}  {g.size:>5}  {'yes' if g.prunable else 'no':<8}  "
+                         + ", ".join(g.sources))
+            params = [str(m) for m in g.members if m.param]
+            values = [str(m) for m in g.members if not m.param]
+            shown = "params: " + " ".join(params) if params else "values: " + " ".join(values[:6]) + (
+                f" (+{len(values) - 6} more)" if len(values) > 6 else "")
+            lines += self._wrap(shown)
+            if not g.prunable:
+                lines += self._wrap(f"why not: {g.reason}")
+        if self.blocked_ops:
+            lines.append(f"blocked ops ({len(self.blocked_ops)}):")
+            lines += [f"  - {op}" for op in self.blocked_ops]
+        return "\n".join(lines)
+
+    def _wrap(self, text: str) -> list[str]:
+        return textwrap.wrap(text, self.width, initial_indent=" " * 6, subsequent_indent=" " * 14,
+                             break_on_hyphens=False)
+
+
+def explain_pruning(model: torch.nn.Module, example_inputs, **trace_kwargs) -> ChannelGroupsTable:
+    """The channel groups of the traced `model` (which dims prune-channels removes
+    together, which groups it cannot touch and why). Prints as a table; `.to_dict()`
+    for JSON. `trace_kwargs` go to fxopt.trace (leaf_modules, concrete_args)."""
+    gm = trace(model, example_inputs, **trace_kwargs)
+    result = AnalysisManager(gm).get(ChannelGroups)
+    return ChannelGroupsTable(result.groups, result.blocked_ops)
+
+
+# -- the plan of a pruned model -------------------------------------------------------------------
+def _graph_module(compiled_or_gm) -> fx.GraphModule:
+    if isinstance(compiled_or_gm, CompiledModel):
+        return compiled_or_gm.graph_module
+    if isinstance(compiled_or_gm, fx.GraphModule):
+        return compiled_or_gm
+    raise FxoptError(f"expected a CompiledModel or a GraphModule, got {type(compiled_or_gm).__name__}",
+                     hint="pass what fxopt.compile, fxopt.apply_plan or fxopt.load_pruned returned")
+
+
+def pruning_plan(compiled_or_gm) -> PruningPlan | None:
+    """The plan prune-channels recorded on this compiled model / graph, or None when
+    nothing was pruned."""
+    plan = _graph_module(compiled_or_gm).meta.get(PLAN_KEY)
+    return plan if isinstance(plan, PruningPlan) else None
+
+
+def apply_plan(fresh_model: torch.nn.Module, plan: PruningPlan, example_inputs=None) -> fx.GraphModule:
+    """Trace `fresh_model` (an unpruned instance of the model the plan came from; it is
+    not modified) and remove the channels the plan removed. With the same weights the
+    result computes exactly what the pruned model computed.
+
+    `example_inputs` default to zeros of the shapes and dtypes the plan recorded."""
+    if not isinstance(plan, PruningPlan):
+        raise FxoptError(f"expected a PruningPlan, got {type(plan).__name__}",
+                         hint="use fxopt.pruning_plan(compiled) or PruningPlan.load(path)")
+    if example_inputs is None:
+        example_inputs = plan.example_inputs(_device_of(fresh_model))
+    gm = trace(fresh_model, example_inputs)
+    groups = AnalysisManager(gm).get(ChannelGroups)
+    choices = choices_from_plan(groups, plan, gm)
+    notes: list[str] = []
+    applied = apply_choices(gm, choices, notes) if choices else []
+    if len(applied) != len(choices):
+        failed = sorted({g.id for g, _ in choices} - {g.id for g, _ in applied})
+        raise FxoptError(f"the plan could not be replayed: groups {failed} could not be pruned here",
+                         where="; ".join(notes)[:500] or None,
+                         hint="apply the plan to the model class and fxopt version it was made with")
+    gm.recompile()
+    gm.meta[PLAN_KEY] = PruningPlan.from_dict(plan.to_dict())  # a copy: later passes compose on it
+    if not gm.meta[PLAN_KEY].inputs:
+        gm.meta[PLAN_KEY].inputs = inputs_of(gm)
+    return gm
+
+
+def _device_of(model: torch.nn.Module):
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return None
+
+
+# -- saving and loading ---------------------------------------------------------------------------
+def save_pruned(compiled_or_gm, directory) -> None:
+    """Write `directory/model.safetensors` (the pruned graph's state_dict) and
+    `directory/plan.json`. Both are written to temp names and renamed once complete,
+    so an error never leaves a half-written file. A graph that nothing pruned is saved
+    with an empty plan."""
+    from safetensors.torch import save_file
+
+    gm = _graph_module(compiled_or_gm)
+    plan = pruning_plan(gm) or PruningPlan(inputs=inputs_of(gm))
+    # clone each tensor: safetensors refuses shared or non-contiguous storage
+    tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+               for k, v in gm.state_dict().items()}
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    temps = []
+    try:
+        temps.append(_temp_name(directory, ".safetensors"))
+        save_file(tensors, temps[0], metadata={"fxopt.format": "pruned-state-dict"})
+        temps.append(_temp_name(directory, ".json"))
+        with open(temps[1], "w", encoding="utf-8") as fh:
+            fh.write(plan.to_json())
+        os.replace(temps[0], os.path.join(directory, MODEL_FILE))
+        os.replace(temps[1], os.path.join(directory, PLAN_FILE))
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _temp_name(directory: str, suffix: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    os.close(fd)
+    return path
+
+
+def load_pruned(fresh_model: torch.nn.Module, directory) -> fx.GraphModule:
+    """Rebuild a model saved by save_pruned: replay `directory/plan.json` on
+    `fresh_model` (an unpruned instance of the same class, not modified; its weights do
+    not matter) and load `directory/model.safetensors` into the result (strict)."""
+    from safetensors.torch import load_file
+
+    directory = os.fspath(directory)
+    paths = {name: os.path.join(directory, name) for name in (PLAN_FILE, MODEL_FILE)}
+    missing = [name for name, path in paths.items() if not os.path.isfile(path)]
+    if missing:
+        raise FxoptError(f"{directory} has no {' and no '.join(missing)}",
+                         hint="point at a directory written by fxopt.save_pruned")
+    gm = apply_plan(fresh_model, PruningPlan.load(paths[PLAN_FILE]))
+    state = load_file(paths[MODEL_FILE])
+    _check_state(gm, state, paths[MODEL_FILE])
+    gm.load_state_dict(state, strict=True)
+    return gm
+
+
+def _check_state(gm: fx.GraphModule, state: dict, path: str) -> None:
+    """Missing / unexpected keys and shape mismatches, said plainly before loading."""
+    own = gm.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = ([f"missing {_few(missing)}"] if missing else []) + (
+        [f"unexpected {_few(unexpected)}"] if unexpected else []) + (
+        [f"shape mismatch {_few(wrong)}"] if wrong else [])
+    if problems:
+        raise FxoptError(f"the weights in {path} do not fit the replayed model: " + "; ".join(problems),
+                         where=path,
+                         hint="load into a fresh instance of the model class that was pruned; a model "
+                              "compiled with passes that change parameters (e.g. fold-bn) before pruning "
+                              "cannot be replayed from the plan alone")
+
+
+def _few(items: list[str]) -> str:
+    return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
