@@ -22,7 +22,7 @@ from .api import CompiledModel, trace
 from .errors import FxoptError
 from .passes.prune_channels.apply import apply_choices
 from .passes.prune_channels.plan import PLAN_KEY, PruningPlan, choices_from_plan, inputs_of
-from .pm import AnalysisManager
+from .pm import AnalysisManager, PassManager
 
 __all__ = ["ChannelGroupsTable", "PruningPlan", "apply_plan", "explain_pruning", "load_pruned",
            "pruning_plan", "save_pruned"]
@@ -101,6 +101,8 @@ def apply_plan(fresh_model: torch.nn.Module, plan: PruningPlan, example_inputs=N
     if example_inputs is None:
         example_inputs = plan.example_inputs(_device_of(fresh_model))
     gm = trace(fresh_model, example_inputs)
+    if plan.before:  # the rewrites the pruning saw, e.g. fold-bn: same FQNs and shapes
+        PassManager(plan.before).run(gm, example_inputs=tuple(example_inputs))
     groups = AnalysisManager(gm).get(ChannelGroups)
     choices = choices_from_plan(groups, plan, gm)
     notes: list[str] = []

@@ -248,3 +248,17 @@ def test_cli_explain_prints_the_table_and_json(tmp_path, capsys):
     assert "pass" not in out.split("\n")[0]  # no compile report: --explain stops before compiling
     data = json.loads(out_json.read_text())
     assert len(data["groups"]) == 5 and data["groups"][4]["prunable"] is False
+
+
+def test_a_plan_replays_the_passes_that_ran_before_the_pruning(tmp_path):
+    torch.manual_seed(0)
+    model, x = SmallNet().eval(), torch.randn(2, 3, 8, 8)
+    cm = fxopt.compile(model, (x,), pipeline="fold-bn,dce,prune-channels{ratio=0.5}")
+    plan = fxopt.pruning_plan(cm)
+    assert plan.before == "fold-bn,dce"
+    assert fxopt.PruningPlan.from_json(plan.to_json()).before == "fold-bn,dce"
+    fxopt.save_pruned(cm, tmp_path)
+    fresh = SmallNet().eval()
+    loaded = fxopt.load_pruned(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), cm(x), rtol=0, atol=0)

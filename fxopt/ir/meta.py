@@ -11,6 +11,7 @@ import torch
 
 TENSOR = "fxopt.tensor"          # TensorInfo, or a tuple/list of them for tuple outputs; owner: Shapes
 INPUT_SHAPES = "fxopt.input_shapes"  # on gm.meta: tuple of TensorInfo of the example inputs; owner: trace
+PIPELINE_BEFORE = "fxopt.pipeline_before"  # gm.meta: pipeline text run before the current pass
 
 
 @dataclass(frozen=True)

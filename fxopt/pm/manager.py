@@ -16,6 +16,7 @@ from .analysis import AnalysisManager
 from .pass_base import Pass, PassResult
 from .pipeline import format_pipeline, parse_pipeline
 from .report import PassRecord, Report
+from ..ir.meta import PIPELINE_BEFORE
 
 
 @dataclass
@@ -47,6 +48,7 @@ class PassManager:
         self._notify("before_pipeline", ctx, gm)
         for index, p in enumerate(self.passes):
             record = PassRecord(p.name, format_pipeline([p]))
+            gm.meta[PIPELINE_BEFORE] = format_pipeline(self.passes[:index])  # what a plan must replay
             self._notify("before_pass", ctx, p, gm)
             try:
                 start = time.perf_counter()

@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from ...errors import FxoptError
 from ...ir.graph import fetch_attr
-from ...ir.meta import INPUT_SHAPES, TensorInfo
+from ...ir.meta import INPUT_SHAPES, PIPELINE_BEFORE, TensorInfo
 from .rewrite import Plan as _Drops
 
 __all__ = ["PLAN_KEY", "PruningPlan", "choices_from_plan", "plan_from_choices", "record_plan"]
@@ -38,12 +38,15 @@ VERSION = 1
 class PruningPlan:
     """Kept indices per parameter FQN and dim (only dims that shrank), in original
     coordinates; `shapes` the original shape of every such tensor; `inputs` the traced
-    inputs as {"shape", "dtype"} dicts (None for a None input)."""
+    inputs as {"shape", "dtype"} dicts (None for a None input); `before` the pipeline
+    text that rewrote the graph before the first prune pass (e.g. `fold-bn`), replayed
+    first, so the plan's FQNs and shapes are those the pruning saw."""
 
     params: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     inputs: list[dict | None] = field(default_factory=list)
     version: int = VERSION
+    before: str = ""
 
     # -- queries --------------------------------------------------------------------------------
     def kept(self, fqn: str, dim: int) -> list[int] | None:
@@ -73,7 +76,7 @@ class PruningPlan:
             for dim, positions in dims.items():
                 base = own.get(dim, range(shapes[fqn][dim]))
                 own[dim] = [base[p] for p in positions]
-        return PruningPlan(params, shapes, list(self.inputs or later.inputs), self.version)
+        return PruningPlan(params, shapes, list(self.inputs or later.inputs), self.version, self.before)
 
     def __str__(self) -> str:
         removed = sum(self.shapes[f][d] - len(k) for f, dims in self.params.items() for d, k in dims.items())
@@ -84,8 +87,8 @@ class PruningPlan:
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": self.version, "inputs": [None if s is None else dict(s)
-                                                                      for s in self.inputs],
+        return {"format": FORMAT, "version": self.version, "before": self.before,
+                "inputs": [None if s is None else dict(s) for s in self.inputs],
                 "params": {fqn: {"shape": list(self.shapes[fqn]),
                                  "kept": {str(d): list(k) for d, k in sorted(dims.items())}}
                            for fqn, dims in self.params.items()}}
@@ -104,12 +107,13 @@ class PruningPlan:
             shapes = {fqn: tuple(int(s) for s in entry["shape"]) for fqn, entry in data["params"].items()}
             inputs = [None if s is None else {"shape": [int(x) for x in s["shape"]], "dtype": str(s["dtype"])}
                       for s in data["inputs"]]
+            before = str(data.get("before", ""))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FxoptError(f"malformed pruning plan: {type(exc).__name__}: {exc}") from exc
         for spec in inputs:
             if spec is not None:
                 _dtype(spec["dtype"])
-        return cls(params, shapes, inputs, VERSION)
+        return cls(params, shapes, inputs, VERSION, before)
 
     def to_json(self) -> str:
         """JSON with one line per tensor: long index lists stay readable and diffable."""
@@ -179,7 +183,7 @@ def plan_from_choices(gm: fx.GraphModule, applied_choices: list) -> PruningPlan:
         shape[dim] = current[dim] + len(dropped)
         shapes[fqn] = tuple(shape)
         params.setdefault(fqn, {})[dim] = [i for i in range(shape[dim]) if i not in dropped]
-    return PruningPlan(params, shapes, inputs_of(gm))
+    return PruningPlan(params, shapes, inputs_of(gm), before=gm.meta.get(PIPELINE_BEFORE, ""))
 
 
 def record_plan(gm: fx.GraphModule, applied_choices: list) -> PruningPlan:
