@@ -210,7 +210,7 @@ def test_bert_heads_and_mlp():
     mlp = _one(r, p + "intermediate.dense.weight", 0)
     assert mlp.prunable and mlp.size == 64 and (p + "output.dense.weight", 1, 0, 1) in _params(mlp)
     heads = _one(r, p + "attention.self.query.weight", 0)  # whole heads, head_dim 8 kept
-    assert heads.prunable and heads.size == 4
+    assert heads.prunable and heads.size == 4 and heads.kind == "heads" and mlp.kind == "channels"
     assert {(p + "attention.self.key.weight", 0, 0, 8), (p + "attention.self.value.weight", 0, 0, 8),
             (p + "attention.output.dense.weight", 1, 0, 8)} <= _params(heads)
     hidden = _one(r, "embeddings.word_embeddings.weight", 1)
@@ -359,7 +359,7 @@ class HandAttention(nn.Module):
 def test_hand_written_attention_prunes_whole_heads():
     _, r = _groups(HandAttention(), torch.randn(2, 5, 16))
     heads = _one(r, "q.weight", 0)
-    assert heads.prunable and heads.size == 4 and heads.sources == ["q", "k", "v"]
+    assert heads.prunable and heads.size == 4 and heads.sources == ["q", "k", "v"] and heads.kind == "heads"
     assert {("k.weight", 0, 0, 4), ("v.bias", 0, 0, 4), ("o.weight", 1, 0, 4)} <= _params(heads)
     stream = _one(r, "o.weight", 0)
     assert not stream.prunable and ("scale", 2, 0, 1) in _params(stream)
@@ -383,3 +383,58 @@ def test_incompatible_mappings_block_instead_of_guessing():
         g = _one(r, name, 0)
         assert not g.prunable and "index mappings disagree" in g.reason
     assert _one(r, "c.weight", 0).prunable
+
+
+# -- addmm: Hugging Face Conv1D ---------------------------------------------------------------
+class Conv1DNet(nn.Module):
+    """GPT-2's Conv1D: addmm(bias, x.view(-1, in), W[in, out]); the second bias is [1, out]."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(6, 10)), nn.Parameter(torch.randn(10))
+        self.w2, self.b2 = nn.Parameter(torch.randn(10, 3)), nn.Parameter(torch.randn(1, 3))
+
+    def forward(self, x):
+        h = torch.addmm(self.b1, x.view(-1, 6), self.w1).relu()
+        return torch.addmm(self.b2, h, self.w2, beta=0.5, alpha=2.0).view(x.shape[0], x.shape[1], 3)
+
+
+def test_addmm_ties_contracted_rows_and_output_columns():
+    gm, r = _groups(Conv1DNet(), torch.randn(2, 4, 6))
+    hidden = _one(r, "w1", 1)
+    assert hidden.prunable and hidden.size == 10 and hidden.sources == ["w1"]
+    assert _params(hidden) == {("w1", 1, 0, 1), ("b1", 0, 0, 1), ("w2", 0, 0, 1)}
+    out = _one(r, "w2", 1)
+    assert not out.prunable and ("b2", 1, 0, 1) in _params(out) and "model output" in out.reason
+    assert not r.groups_of("b2", 0)  # a broadcast size-1 dim is no channel
+    assert not r.blocked_ops
+    x = torch.randn(2, 4, 6)
+    zeroed, pruned = _groups(Conv1DNet(), x)[0], _groups(Conv1DNet(), x)[0]
+    for module in (zeroed, pruned):
+        for name in ("w1", "b1", "w2", "b2"):
+            set_attr(module, name, fetch_attr(gm, name).detach().clone())
+    _edit(zeroed, hidden, 3, remove=False)
+    _edit(pruned, hidden, 3, remove=True)
+    assert fetch_attr(pruned, "w1").shape == (6, 9) and fetch_attr(pruned, "w2").shape == (9, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), zeroed(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(pruned(x), gm(x))
+
+
+class ShuffleUp(nn.Module):
+    """A pixel shuffle written as view/permute/reshape: the sub-pixel factors become
+    spatial dims of the next conv, never a group of their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(4, 5, 3, padding=1)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        return self.b(self.a(x).view(n, 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, 4, 2 * h, 2 * w))
+
+
+def test_strided_sub_pixel_dims_are_no_channels():
+    _, r = _groups(ShuffleUp(), torch.randn(2, 3, 4, 4))
+    assert [(g.size, g.prunable) for g in r.groups] == [(4, True), (5, False)]
+    assert _params(r.groups[0]) == {("a.weight", 0, 0, 4), ("a.bias", 0, 0, 4), ("b.weight", 1, 0, 1)}

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import fxopt
 from fxopt.analyses import ChannelGroups, Cost
-from fxopt.passes.prune_channels.importance import Importance
+from fxopt.passes.prune_channels.importance import Importance, channels_to_keep
 from test_properties import RandomNet, _assert_close, _inputs, _reference, net_specs
 
 
@@ -41,7 +41,7 @@ def test_pruned_random_nets_run_and_shrink(spec, ratio, importance, scope, round
     assert _macs(cm.graph_module) <= before
     record = cm.report.records[0]
     groups = fxopt.AnalysisManager(fxopt.trace(model, inputs)).get(ChannelGroups)
-    shrinkable = [g for g in groups.prunable() if g.size - int(g.size * ratio) < g.size]
+    shrinkable = [g for g in groups.prunable() if channels_to_keep(g.size, ratio, round_to, 1) < g.size]
     if record.changed:
         assert _params(cm.graph_module) < _params(model)
     else:  # nothing pruned must have a reason: no group could lose a channel, or a note says why

@@ -4,9 +4,16 @@ A group is one index space of `size` channels shared by dims of several values
 (activations and get_attr weights). Removing channel `c` of a group removes, from
 every member, the indices `offset + c*block + r` (0 <= r < block) of its dim: block > 1
 where a flatten spread a channel over H*W features, offset > 0 where a cat or split
-put the channels after others. The op handlers are in `registry.py` and the modules it names; an op not in
-that table blocks every dim it touches (never a guess), and so do the graph's inputs
-and outputs (the model's interface is fixed).
+put the channels after others. A dim that holds the channels strided (heads inside a
+`batch*heads` dim, q/k/v inside a packed `3*E` projection) is listed once per repetition,
+each member at its own offset. The op handlers are in `registry.py` and the modules it
+names; an op not in that table blocks every dim it touches (never a guess), and so do
+the graph's inputs and outputs (the model's interface is fixed).
+
+A group's `kind` is "heads" when its channels are attention heads: a dim that an
+attention (scaled_dot_product_attention, or a batched matmul) reads as its heads dim,
+split out of a projection's output whose weight holds each head as a block of head_dim.
+An attention's head_dim is never cut out of its heads (whole heads are the unit).
 """
 from __future__ import annotations
 
@@ -82,10 +89,10 @@ class ChannelGroupsResult:
         return {"groups": [g.to_dict() for g in self.groups], "blocked_ops": list(self.blocked_ops)}
 
     def __str__(self) -> str:
-        rows = [f"{'id':>4} {'size':>6}  {'prunable':<8}  {'sources':<28}  members / reason"]
+        rows = [f"{'id':>4} {'size':>6}  {'kind':<8}  {'prunable':<8}  {'sources':<28}  members / reason"]
         for g in self.groups:
             params = [str(m) for m in g.members if m.param]
-            rows.append(f"{g.id:>4} {g.size:>6}  {'yes' if g.prunable else 'no':<8}  "
+            rows.append(f"{g.id:>4} {g.size:>6}  {g.kind:<8}  {'yes' if g.prunable else 'no':<8}  "
                         f"{','.join(g.sources)[:28]:<28}  {' '.join(params)}"
                         + ("" if g.prunable else f"  [{g.reason}]"))
         if self.blocked_ops:
@@ -155,18 +162,28 @@ def _name(value) -> tuple[str, bool]:
 
 
 def _result(t: Ties, blocked_ops: list[str], order: dict[str, int]) -> ChannelGroupsResult:
-    pieces_of, uf, blocked = solve(t)
-    members, sizes, sources = defaultdict(list), {}, defaultdict(list)
-    for sp in t.parent:
-        cls = t.find(sp)
+    pieces_of, uf, blocked, strided = solve(t)
+    members, sizes, sources, heads = defaultdict(list), {}, defaultdict(list), set()
+
+    def add(root, sp, offset: int, block: int) -> None:
+        if _is_atom(sp[0]):
+            return  # a reshape's helper space, not a value of the graph
         name, param = _name(sp[0])
-        for piece in pieces_of[cls]:
+        sizes[root] = root[2]
+        members[root].append(GroupMember(name, sp[1], offset, block, param))
+        if block == 1 and "heads" in t.tags.get(sp, ()):
+            heads.add(root)
+        for node, label in t.sources.get(sp, ()):
+            if (node, label) not in sources[root]:
+                sources[root].append((node, label))
+
+    for sp in t.parent:
+        for piece in pieces_of[t.find(sp)]:
             root, block = uf.find(piece)
-            sizes[root] = root[2]
-            members[root].append(GroupMember(name, sp[1], piece[1], block, param))
-            for node, label in t.sources.get(sp, ()):
-                if (node, label) not in sources[root]:
-                    sources[root].append((node, label))
+            add(root, sp, piece[1], block)
+    for root, extra in strided.items():
+        for sp, offset, block in extra:
+            add(root, sp, offset, block)
     groups = []
     for root in sorted(sources, key=lambda r: min(order[n] for n, _ in sources[r])):
         reasons = list(dict.fromkeys(blocked.get(root, [])))
@@ -174,6 +191,11 @@ def _result(t: Ties, blocked_ops: list[str], order: dict[str, int]) -> ChannelGr
             reasons = ["a single channel"]
         uniq = sorted(set(members[root]), key=lambda m: (not m.param, m.name, m.dim, m.offset))
         labels = list(dict.fromkeys(label for _, label in sorted(sources[root], key=lambda s: order[s[0]])))
-        groups.append(ChannelGroup(len(groups), sizes[root], uniq, labels,
-                                   prunable=not reasons, reason="; ".join(reasons[:3]) or None))
+        kind = "heads" if root in heads and any(m.param and m.block > 1 for m in uniq) else "channels"
+        groups.append(ChannelGroup(len(groups), sizes[root], uniq, labels, prunable=not reasons,
+                                   reason="; ".join(reasons[:3]) or None, kind=kind))
     return ChannelGroupsResult(groups, list(dict.fromkeys(blocked_ops)))
+
+
+def _is_atom(value) -> bool:
+    return isinstance(value, tuple) and value[0] == "virtual" and value[2].startswith("atom")

@@ -36,10 +36,11 @@ def identity(t: Ties, node: fx.Node) -> None:
 _BINARY = ["add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "pow", "maximum",
            "minimum", "where", "masked_fill", "masked_fill_", "eq", "ne", "lt", "le", "gt", "ge",
            "logical_and", "logical_or", "bitwise_and", "bitwise_or", "remainder", "fmod",
-           "floor_divide", "addcmul", "addcdiv", "lerp"]
+           "floor_divide", "addcmul", "addcdiv", "lerp", "__and__", "__or__", "__xor__",
+           "bitwise_xor", "logical_xor"]
 
 
-@register(*(getattr(aten, n) for n in _BINARY))
+@register(*(getattr(aten, n) for n in _BINARY if hasattr(aten, n)))
 def broadcast(t: Ties, node: fx.Node) -> None:
     """Elementwise with broadcasting: dims aligned from the right; a dim of size 1
     broadcast against a larger one is not tied. Free parameters (pos_embed, layer scale)
@@ -58,6 +59,8 @@ def broadcast(t: Ties, node: fx.Node) -> None:
 
 @register(aten.sym_size, aten.sym_numel, aten.sym_stride, aten.arange, aten.ones, aten.zeros, aten.full, aten.empty, aten.scalar_tensor,
           aten.randn, aten.rand, aten._assert_tensor_metadata, aten._assert_scalar,
-          aten.sym_constrain_range_for_size, aten.lift_fresh)
+          aten.sym_constrain_range_for_size, aten.lift_fresh, aten.new_ones, aten.new_zeros,
+          aten.new_full, aten.new_empty)
 def no_ties(t: Ties, node: fx.Node) -> None:
-    """Factory ops and assertions: constants whose dims are free."""
+    """Factory ops and assertions: constants whose dims are free (`new_ones(x, size)`
+    reads only x's dtype and device)."""

@@ -71,9 +71,32 @@ def linear(t: Ties, node: fx.Node) -> None:
     t.source(w, 0, node)
 
 
-@register(aten.matmul, aten.mm, aten.bmm)
+@register(aten.addmm)
+def addmm(t: Ties, node: fx.Node) -> None:
+    """addmm(bias, m1 [n, k], m2 [k, m]) = beta*bias + alpha*(m1 @ m2): Hugging Face's
+    Conv1D (GPT-2), a linear whose weight is stored [in, out]. k is contracted (m1's
+    columns = m2's rows); m2's columns are the output channels (a source when m2 is a
+    parameter); bias broadcasts against [n, m] from the right."""
+    bias, m1, m2 = node.args[:3]
+    s1, s2, out = t.shape(m1), t.shape(m2), t.shape(node)
+    if s1 is None or s2 is None or out is None or len(s1) != 2 or len(s2) != 2:
+        return _block_all(t, node, f"addmm without 2-d operands at {node.name}")
+    t.tie(m1, 1, m2, 0)
+    t.tie(m1, 0, node, 0)
+    t.tie(m2, 1, node, 1)
+    _broadcast_into(t, bias, node)
+    if _tensor(m2) and m2.op == "get_attr":
+        t.source(node, 1, node, weight=m2)
+
+
+@register(aten.matmul, aten.mm, aten.bmm, aten.baddbmm)
 def matmul(t: Ties, node: fx.Node) -> None:
-    a, b = node.args[0], node.args[1]
+    """Matmul; baddbmm(input, a, b) adds an input broadcast against a @ b. For two
+    batched operands (q @ k^T, attn @ v of eager attention) the batch dim just above the
+    matrices is tagged a heads candidate and the last dims head_dim candidates (the
+    solver never cuts a head_dim out of its heads)."""
+    baddbmm = node.target._schema.name.endswith("baddbmm")
+    a, b = node.args[1:3] if baddbmm else node.args[:2]
     sa, sb = t.shape(a), t.shape(b)
     if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
         return _block_all(t, node, f"matmul on a vector at {node.name}")
@@ -83,19 +106,65 @@ def matmul(t: Ties, node: fx.Node) -> None:
     for value, shape in ((a, sa), (b, sb)):
         for k in range(3, len(shape) + 1):
             t.tie_equal(value, -k, node, -k)
+    if baddbmm:
+        _broadcast_into(t, node.args[0], node)
+    if len(sa) >= 3 and len(sb) >= 3:
+        for value in (a, b, node):
+            t.tag(value, -3, "heads")
+            t.tag(value, -1, "head_dim")
+
+
+def _broadcast_into(t: Ties, value, node: fx.Node) -> None:
+    """An addend broadcast against the node's output: dims aligned from the right, a
+    size-1 dim broadcast against a larger one is not tied."""
+    shape, out = (t.shape(value) if _tensor(value) else None), t.shape(node)
+    for k in range(1, len(shape or ()) + 1):
+        if shape[-k] == out[-k]:
+            t.tie(value, -k, node, -k)
 
 
 @register(aten.scaled_dot_product_attention)
 def attention(t: Ties, node: fx.Node) -> None:
-    """q [..., L, E], k [..., S, E], v [..., S, Ev] -> out [..., L, Ev]."""
+    """q [..., Hq, L, E], k [..., H, S, E], v [..., H, S, Ev] -> out [..., Hq, L, Ev].
+    Batch dims of equal size are one index space; a size-1 dim broadcasts; grouped-query
+    attention (Hq = H*r, enable_gqa) maps kv head j to q heads j*r .. j*r+r-1. The mask
+    broadcasts against [..., Hq, L, S]. With no explicit scale the softmax scale reads E,
+    so E is blocked. Dim -3 is tagged "heads", the last dims "head_dim"."""
     q, k, v = node.args[:3]
+    sq = t.shape(q)
     t.tie(q, -1, k, -1)
     t.tie(k, -2, v, -2)
     t.tie(q, -2, node, -2)
     t.tie(v, -1, node, -1)
-    for k_ in range(3, len(t.shape(q) or ()) + 1):
+    if _arg(node, 6, "scale") is None:
+        t.block(q, -1, f"the default softmax scale of {node.name} reads head_dim")
+    gqa = bool(_arg(node, 7, "enable_gqa", False))
+    for d in range(-len(sq), -2):
         for value in (q, k, v):
-            t.tie_equal(value, -k_, node, -k_)
+            _batch_dim(t, node, value, d, gqa and value is not q and d == -3)
+    mask = _arg(node, 3, "attn_mask")
+    if _tensor(mask):
+        for d, (value, vd) in zip((-1, -2), ((k, -2), (q, -2))):
+            t.tie_equal(mask, d, value, vd)
+        for d in range(-len(t.shape(mask) or ()), -2):
+            _batch_dim(t, node, mask, d, False)
+    for value in (q, k, v, node):
+        t.tag(value, -1, "head_dim")
+        if len(sq) >= 3:
+            t.tag(value, -3, "heads")
+
+
+def _batch_dim(t: Ties, node: fx.Node, value, d: int, grouped: bool) -> None:
+    shape, out = t.shape(value), t.shape(node)
+    if shape is None or -d > len(shape) or shape[d] == 1:
+        return
+    if shape[d] == out[d]:
+        t.tie(value, d, node, d)
+    elif grouped and out[d] % shape[d] == 0:
+        t.blk(node, d, value, d, out[d] // shape[d])
+    else:
+        t.block(value, d, f"batch dim of {node.name} neither equal nor broadcast")
+        t.block(node, d, f"batch dim of {node.name} neither equal nor broadcast")
 
 
 @register(aten.embedding)

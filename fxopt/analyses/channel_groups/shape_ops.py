@@ -51,6 +51,26 @@ def reduce(t: Ties, node: fx.Node) -> None:
         j += 1 if (keep or d not in dims) else 0
 
 
+@register(aten.cumsum, aten.cumprod, aten.cummax, aten.cummin, aten.logcumsumexp, aten.diff)
+def scan(t: Ties, node: fx.Node) -> None:
+    """Running ops along one dim (cumsum, diff with its prepend/append): every other dim
+    passes through; the scanned dim mixes neighbouring indices, so it is blocked."""
+    x = node.args[0]
+    rank = len(t.shape(x) or ())
+    is_diff = node.target._schema.name.endswith("diff")
+    dim = (_arg(node, 2, "dim", -1) if is_diff else _arg(node, 1, "dim")) % rank
+    outs = [node] if t.shape(node) is not None else [(node, 0), (node, 1)]  # cummax: (values, indices)
+    extra = [_arg(node, 3, "prepend"), _arg(node, 4, "append")] if is_diff else []
+    for value in [x] + [e for e in extra if isinstance(e, fx.Node)]:
+        for out in outs:
+            for d in range(rank):
+                if d != dim:
+                    t.tie(value, d, out, d)
+        t.block(value, dim, f"{node.name} runs along dim {dim}")
+    for out in outs:
+        t.block(out, dim, f"{node.name} runs along dim {dim}")
+
+
 # -- dim bookkeeping ------------------------------------------------------------------------
 @register(aten.permute)
 def permute(t: Ties, node: fx.Node) -> None:
@@ -78,9 +98,11 @@ def expand(t: Ties, node: fx.Node) -> None:
           aten.squeeze, aten.unsqueeze, aten.view_copy)
 def reshape(t: Ties, node: fx.Node) -> None:
     """Match runs of input dims and output dims with equal products. One dim to one: tie.
-    Dims merged into one (flatten): the outermost merged dim maps to blocks of the
-    result; dims split out of one: the outermost part maps to blocks of the source.
-    The inner dims of a merge or split are strided views of it: blocked."""
+    Otherwise the run is cut into *atoms*, the common refinement of both sides (their
+    prefix products must form a divisibility chain, else the dims are blocked). A dim
+    made of atoms maps its outermost atom to blocks of itself (`blk`: a flatten's
+    channels) and each inner atom to a strided pattern (`stride`: heads inside
+    `batch*heads`, q/k/v inside `3*E`)."""
     x = node.args[0]
     a, b = t.shape(x), t.shape(node)
     if a is None or b is None:
@@ -90,19 +112,44 @@ def reshape(t: Ties, node: fx.Node) -> None:
         ib = [d for d in ib if b[d] != 1]
         if len(ia) == 1 and len(ib) == 1:
             t.tie(x, ia[0], node, ib[0])
-        elif len(ib) == 1 and ia:
-            t.blk(node, ib[0], x, ia[0], math.prod(a[d] for d in ia[1:]))
-            for d in ia[1:]:
-                t.block(x, d, f"merged as an inner dim by {node.name} (strided)")
-        elif len(ia) == 1 and ib:
-            t.blk(x, ia[0], node, ib[0], math.prod(b[d] for d in ib[1:]))
-            for d in ib[1:]:
-                t.block(node, d, f"split out as an inner dim by {node.name} (strided)")
-        else:
-            for d in ia:
-                t.block(x, d, f"reshape {node.name} regroups dims")
-            for d in ib:
-                t.block(node, d, f"reshape {node.name} regroups dims")
+        elif ia and ib:
+            _refine(t, node, [(x, d, a[d]) for d in ia], [(node, d, b[d]) for d in ib])
+
+
+def _refine(t: Ties, node: fx.Node, left: list, right: list) -> None:
+    """Facts for one run of a reshape: `left`/`right` are (value, dim, size) lists with
+    equal products."""
+    bounds = sorted({1} | set(_prefixes(left)) | set(_prefixes(right)))
+    if any(hi % lo for lo, hi in zip(bounds, bounds[1:])):
+        for value, d, _ in left + right:
+            t.block(value, d, f"reshape {node.name} regroups dims")
+        return
+    atoms = [(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+    spans = {}  # (value, dim) -> the atoms it is made of
+    for side in (left, right):
+        for (value, d, _), lo, hi in zip(side, [1] + _prefixes(side), _prefixes(side)):
+            spans[(value, d)] = [k for k, (alo, ahi) in enumerate(atoms) if alo >= lo and ahi <= hi]
+    reps = {}
+    for (value, d), ks in spans.items():
+        if len(ks) == 1:
+            reps.setdefault(ks[0], (value, d))
+    for k, (lo, hi) in enumerate(atoms):
+        reps.setdefault(k, (t.virtual(node, f"atom{k}", hi // lo), 0))
+    for (value, d), ks in spans.items():
+        sizes = [atoms[k][1] // atoms[k][0] for k in ks]
+        for i, k in enumerate(ks):
+            if reps[k] == (value, d):
+                continue
+            outer, block = math.prod(sizes[:i]), math.prod(sizes[i + 1:])
+            t.stride(value, d, reps[k][0], reps[k][1], outer, block)
+
+
+def _prefixes(side: list) -> list[int]:
+    out, p = [], 1
+    for _, _, size in side:
+        p *= size
+        out.append(p)
+    return out
 
 
 def _runs(a, b):
@@ -181,6 +228,22 @@ def select(t: Ties, node: fx.Node) -> None:
     for d in range(rank):
         if d != dim:
             t.tie(x, d, node, d - (d > dim))
+
+
+@register(aten.unbind)
+def unbind(t: Ties, node: fx.Node) -> None:
+    """unbind(x, dim): one output per index of dim, each a select of it (timm's
+    `q, k, v = qkv.unbind(0)`)."""
+    x = node.args[0]
+    rank = len(t.shape(x) or ())
+    dim = _arg(node, 1, "dim", 0) % rank
+    t.block(x, dim, f"unbind {node.name} reads fixed indices")
+    i = 0
+    while t.shape((node, i)) is not None:
+        for d in range(rank):
+            if d != dim:
+                t.tie(x, d, (node, i), d - (d > dim))
+        i += 1
 
 
 @register(operator.getitem)

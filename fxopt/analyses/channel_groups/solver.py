@@ -7,13 +7,18 @@ groups). Handlers state three kinds of facts through `Ties`:
 - `tie(a, b)`: the two spaces are the same index space (identity mapping);
 - `seg(big, offset, small)`: `small` is `big[offset : offset + len(small)]` (cat, split, slice);
 - `blk(fine, coarse, b)`: index `c` of `coarse` is the contiguous block
-  `c*b .. c*b+b-1` of `fine` (flatten, a reshape that merges or splits dims).
+  `c*b .. c*b+b-1` of `fine` (flatten, a reshape that merges or splits dims);
+- `stride(fine, coarse, outer, b)`: `fine` is `outer` repetitions of `coarse ⊗ b`, index
+  `c` of `coarse` owns `o*len(coarse)*b + c*b + r` of `fine` for every `o < outer` (an
+  inner dim of a merge: heads inside `batch*heads`, q/k/v inside a packed `3*E`).
 
 Solving: a union-find merges tied spaces into classes; segment and block facts cut
 classes into pieces (cut points propagated to a fixpoint); a second, weighted
 union-find over pieces (weight = block factor to the root) gives the groups. A group's
 root piece is its index space of `size` channels; every member maps channel `c` to
-the indices `offset + c*block + r`, `0 <= r < block`, of its dim.
+the indices `offset + c*block + r`, `0 <= r < block`, of its dim. Stride facts stay out
+of the union-find (the fine dim already belongs to its outer factor's group): they add
+`outer` members, one per repetition, to the coarse dim's group.
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ class Ties:
         self.blks: list[tuple[Space, Space, int]] = []
         self.blocked: dict[Space, list[str]] = defaultdict(list)
         self.sources: dict[Space, list[tuple[str, str]]] = defaultdict(list)  # (node, label)
+        self.strides: list[tuple[Space, Space, int, int]] = []  # (fine, coarse, outer, block)
+        self.tags: dict[Space, set[str]] = defaultdict(set)
 
     # -- values and spaces --------------------------------------------------------
     def shape(self, value) -> tuple[int, ...] | None:
@@ -111,6 +118,24 @@ class Ties:
             else:
                 self.blks.append((sf, sc, block))
 
+    def stride(self, fine, dfine: int, coarse, dcoarse: int, outer: int, block: int) -> None:
+        """`fine` = outer x (coarse ⊗ block): see the module docstring."""
+        if outer == 1:
+            return self.blk(fine, dfine, coarse, dcoarse, block)
+        sf, sc = self.space(fine, dfine), self.space(coarse, dcoarse)
+        if sf is not None and sc is not None:
+            if self.size[sf] != outer * self.size[sc] * block:
+                self.block(fine, dfine, "a strided view whose sizes do not multiply out")
+                self.block(coarse, dcoarse, "a strided view whose sizes do not multiply out")
+            else:
+                self.strides.append((sf, sc, outer, block))
+
+    def tag(self, value, dim: int, tag: str) -> None:
+        """Mark a dim (e.g. "heads": the heads dim of an attention's q/k/v)."""
+        sp = self.space(value, dim)
+        if sp is not None:
+            self.tags[sp].add(tag)
+
     def block(self, value, dim: int, reason: str) -> None:
         sp = self.space(value, dim)
         if sp is not None and reason not in self.blocked[sp]:
@@ -120,11 +145,12 @@ class Ties:
         for d in range(len(self.shape(value) or ())):
             self.block(value, d, reason)
 
-    def source(self, value, dim: int, node: fx.Node) -> None:
-        """`node` defines these channels (a conv/linear/embedding); labelled by its
+    def source(self, value, dim: int, node: fx.Node, weight=None) -> None:
+        """`node` defines these channels (a conv/linear/embedding/addmm); labelled by its
         weight's module FQN when the weight is a get_attr, else by the node's name."""
         sp = self.space(value, dim)
-        weight = node.args[1] if node.target != _EMBEDDING else node.args[0]
+        if weight is None:
+            weight = node.args[1] if node.target != _EMBEDDING else node.args[0]
         label = node.name
         if isinstance(weight, fx.Node) and weight.op == "get_attr":
             label = str(weight.target).removesuffix(".weight")
@@ -222,8 +248,9 @@ def _cut_fixpoint(t: Ties, cuts: dict) -> dict:
 
 
 def solve(t: Ties):
-    """Groups from the facts: returns (pieces of each class, piece union-find, piece
-    lengths, blocked reasons per root piece)."""
+    """Groups from the facts: returns (pieces of each class, piece union-find, blocked
+    reasons per root piece, {root piece: [(space, offset, block)]} from stride facts)."""
+    _tie_strides(t)
     classes = {t.find(sp) for sp in t.parent}
     cuts = {c: {0, t.size[c]} for c in classes}
     bad = _cut_fixpoint(t, cuts)
@@ -256,4 +283,80 @@ def solve(t: Ties):
         root = uf.find(p)[0]
         if root in uf.conflicts and uf.conflicts[root]:
             blocked[root].extend(uf.conflicts[root])
-    return pieces_of, uf, blocked
+    strided = _strided_members(t, pieces_of, uf, blocked)
+    return pieces_of, uf, blocked, strided
+
+
+# -- stride facts ------------------------------------------------------------------------------
+# more repetitions than this: block rather than list that many members (a parameter's
+# members are each scored by importance, so they are held to fewer)
+_MAX_OUTER, _MAX_OUTER_PARAM = 1024, 64
+
+
+def _tie_strides(t: Ties) -> None:
+    """Two stride facts on one fine index space with the same outer, block and coarse
+    size name the same coarse index space (c = (i // block) % size): tie them. This is
+    how the heads of `view(L, B*H, hd)` meet the heads of a later `view(B, H, L, hd)`."""
+    changed = True
+    while changed:
+        changed, first = False, {}
+        for fine, coarse, outer, b in t.strides:
+            other = first.setdefault((t.find(fine), outer, b, t.size[coarse]), coarse)
+            ro, rc = t.find(other), t.find(coarse)
+            if ro != rc:
+                t.parent[rc] = ro
+                changed = True
+
+
+def _strided_members(t: Ties, pieces_of: dict, uf: _Pieces, blocked: dict) -> dict:
+    """The members stride facts add to the coarse dims' groups: every space of the fine
+    class, once per repetition. A fact that cannot be honoured exactly blocks those groups."""
+    spaces_of = defaultdict(list)
+    for sp in t.parent:
+        spaces_of[t.find(sp)].append(sp)
+    reshaped = {t.find(c) for _, c, _ in t.blks} | {t.find(c) for _, c, _, _ in t.strides}
+    reshaped |= {t.find(s) for s, _, _ in t.segs} | {t.find(b) for b, _, _ in t.segs}
+    weighted = {uf.find(p)[0] for sp in t.parent if _is_param(sp) for p in pieces_of[t.find(sp)]}
+    out = defaultdict(list)
+    for fine, coarse, outer, b in t.strides:
+        cf, cc = t.find(fine), t.find(coarse)
+        roots = [uf.find(p) for p in pieces_of[cc]]
+        why = _stride_problem(t, cf, outer, pieces_of, reshaped, spaces_of)
+        if why is None and any("head_dim" in t.tags.get(sp, ()) for sp in spaces_of[cc]):
+            why = ["an attention's head_dim is kept (whole heads are the unit)"]
+        if why is None and any(r not in weighted for r, _ in roots):
+            why = [f"the strided channels of {_label(cf)} reach no weight (a spatial or position dim)"]
+        if why is None and uf.find(pieces_of[cf][0])[0] in {r for r, _ in roots}:
+            why = ["two index mappings of one dim disagree (a dim strided into its own group)"]
+        if why:
+            for root, _ in roots:
+                blocked[root].extend(why)
+            continue
+        n = t.size[cc]
+        for (_, start, _), (root, bp) in zip(pieces_of[cc], roots):
+            for o in range(outer):
+                out[root].extend((sp, o * n * b + start * b, bp * b) for sp in spaces_of[cf])
+    return out
+
+
+def _stride_problem(t: Ties, cf, outer: int, pieces_of, reshaped, spaces_of) -> list[str] | None:
+    """Why the fine class `cf` of a stride fact cannot follow its coarse group, or None."""
+    what = f"the strided view {_label(cf)}"
+    param = any(_is_param(sp) for sp in spaces_of[cf])
+    if outer > (_MAX_OUTER_PARAM if param else _MAX_OUTER):
+        return [f"{what} repeats the channels {outer} times"]
+    if len(pieces_of[cf]) > 1 or cf in reshaped:
+        return [f"{what} is also sliced or reshaped"]
+    reasons = [r for sp in spaces_of[cf] for r in t.blocked.get(sp, ())]
+    return list(dict.fromkeys(reasons)) or None
+
+
+def _is_param(sp: Space) -> bool:
+    return isinstance(sp[0], fx.Node) and sp[0].op == "get_attr"
+
+
+def _label(sp: Space) -> str:
+    value, dim = sp
+    if isinstance(value, tuple):
+        return f"{value[0] if value[0] != 'virtual' else value[1]}:{dim}"
+    return f"{value.name}:{dim}"

@@ -4,9 +4,13 @@ that name channel counts, and check the result by shape propagation.
 A *plan* lists the dropped indices, in original coordinates, of every member dim of
 the chosen groups: `params[(fqn, dim)]` and `values[(key, dim)]`, where a value key is
 a node name, `node[i]` for a tuple element or `node.groups` for a conv's / GroupNorm's
-virtual groups space (the ChannelGroups member names). Literal rewrites are one small
-handler per op kind (`_LITERALS`); an op with a channel literal no handler can rewrite
-fails the groups that touch it, and they are left unpruned with a note.
+virtual groups space (the ChannelGroups member names). A dim listed by several members
+(a packed `3*E` projection, heads inside `batch*heads`) drops the union of their
+indices, so new sizes follow from the plan alone. Literal rewrites are one small
+handler per op kind (`_LITERALS`): the sizes of views, reshapes, unflattens and expands
+(`num_heads*head_dim`, `E`, `3*E`, `batch*num_heads`) are replaced by the predicted ones;
+an op with a channel literal no handler can rewrite fails the groups that touch it,
+and they are left unpruned with a note.
 """
 from __future__ import annotations
 
