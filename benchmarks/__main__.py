@@ -1,4 +1,4 @@
-"""`python -m benchmarks --suite passes [--models a,b] [--repeats N] [--quick] [--render] [--out DIR]`."""
+"""`python -m benchmarks --suite passes|prune|prune-zoo [--models a,b] [--repeats N] [--quick] [--render] [--out DIR]`."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated zoo names (default: the suite's list)")
     parser.add_argument("--repeats", type=int, help="timed repeats per stage (default: by graph size)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: the 1k-node synthetic graph, 1 repeat, no warm-up")
+                        help="smoke run: each suite's smallest models (passes: the 1k-node synthetic graph), 1 repeat")
     parser.add_argument("--render", action="store_true",
                         help="only rewrite <suite>.md from the <suite>.json already in --out")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")

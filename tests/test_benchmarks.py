@@ -1,11 +1,11 @@
-"""The benchmark harness: a quick run of the `passes` suite and its helpers (no timing asserted)."""
+"""The benchmark harness: quick runs of the `passes`, `prune` and `prune-zoo` suites and their helpers (no timing asserted)."""
 import json
 
 import pytest
 
 from benchmarks import harness, models
 from benchmarks.__main__ import main
-from benchmarks.suites import passes
+from benchmarks.suites import passes, prune
 
 
 def test_quick_passes_suite_writes_json_and_markdown(tmp_path, capsys):
@@ -37,6 +37,71 @@ def test_quick_passes_suite_writes_json_and_markdown(tmp_path, capsys):
     (tmp_path / "passes.md").unlink()
     assert main(["--suite", "passes", "--render", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "passes.md").read_text() == md
+
+
+def test_quick_prune_suite_compares_both_tools(tmp_path):
+    assert main(["--suite", "prune", "--quick", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prune.json", "prune.md"]
+
+    result = json.loads((tmp_path / "prune.json").read_text())
+    assert result["suite"] == "prune" and result["config"]["quick"] is True
+    assert result["environment"]["torch_pruning"] and result["config"]["batch"] == prune.BATCH
+    [record] = result["models"]
+    size = [3, prune.QUICK_SIZE, prune.QUICK_SIZE]
+    assert record["name"] == "resnet18" and record["input"] == [prune.PRUNE_BATCH, *size]
+    assert record["latency_input"] == [prune.BATCH, *size]
+    unpruned = record["unpruned"]
+    assert unpruned["macs"] > 0 and unpruned["latency"]["median_s"] > 0
+    fx, tp = record["tools"]["fxopt"], record["tools"]["torch-pruning"]
+    assert fx["ok"] and tp["ok"], (fx.get("error"), tp.get("error"))
+    assert 0 < fx["macs"] < unpruned["macs"] and 0 < fx["params"] < unpruned["params"]
+    assert 0 < tp["macs"] < unpruned["macs"]
+    assert fx["macs_ratio"] == pytest.approx(unpruned["macs"] / fx["macs"])
+    for t, stages in ((fx, ("trace", "prune")), (tp, ("analysis", "prune"))):
+        assert all(t["times"][s]["median_s"] > 0 and t["times"][s]["repeats"] == 1 for s in stages)
+        assert t["times"]["total_s"] == pytest.approx(sum(t["times"][s]["median_s"] for s in stages))
+        assert t["latency"]["repeats"] == 3 and t["speedup"] > 0
+    assert record["latency_ratio"] == pytest.approx(fx["latency"]["median_s"] / tp["latency"]["median_s"])
+    assert tp["options"]["ignored_layers"] == ["fc"]
+
+    md = (tmp_path / "prune.md").read_text()
+    assert "| model | MACs unpruned | MACs fxopt | MACs Torch-Pruning |" in md
+    assert "| resnet18 |" in md and "ratio fxopt/TP" in md
+    (tmp_path / "prune.md").unlink()
+    assert main(["--suite", "prune", "--render", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "prune.md").read_text() == md
+
+
+def test_quick_prune_zoo_suite_counts_groups_and_macs(tmp_path):
+    assert main(["--suite", "prune-zoo", "--quick", "--models", "resnet18", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "prune-zoo.json").read_text())
+    (record,) = result["models"]
+    assert record["model"] == "resnet18" and record["runs_with_same_output_shapes"]
+    assert 0 < record["prunable"] <= record["groups"]
+    assert 0 < record["macs_after"] < record["macs_before"] and record["params_after"] < record["params_before"]
+    assert "| resnet18 | 12/13 |" in (tmp_path / "prune-zoo.md").read_text()
+
+
+def test_prune_suite_flags_unequal_macs_and_failures():
+    lat = {"median_s": 0.1, "min_s": 0.1, "max_s": 0.1}
+    ok = {"ok": True, "macs": 10**9, "macs_ratio": 4.0, "params": 10**6, "notes": [],
+          "latency": lat, "speedup": 2.0,
+          "times": {k: {"median_s": 1.0} for k in ("trace", "prune", "analysis")} | {"total_s": 2.0}}
+    record = {"name": "m", "input": [1, 3, 224, 224], "equal_macs": False,
+              "latency_ratio": 0.5, "latency_ratio_min": 0.4,
+              "unpruned": {"macs": 4 * 10**9, "params": 4 * 10**6, "latency": {**lat, "median_s": 0.2}},
+              "unpruned_graph": {"latency": {**lat, "max_s": 0.5}},
+              "tools": {"fxopt": ok, "torch-pruning": {**ok, "macs": 2 * 10**9, "macs_ratio": 2.0}}}
+    failed = {"name": "n", "error": "TraceError: boom"}
+    env = {k: "x" for k in ("date", "torch", "python", "fxopt", "cpu_model", "cpu_count", "torch_threads")}
+    cfg = {"batch": 8, "threads": 2, "latency_runs": 11, "latency_warmup": 2, "repeats": 3}
+    md = prune.to_markdown({"environment": env, "config": cfg, "wall_s": 1.0, "models": [record, failed]})
+    assert "| m | 4G | 1G (4.00x) | 2G (2.00x) | 4M | 1M | 1M | **no** |" in md
+    assert "m: **not at equal MACs**" in md and "n: not measured: `TraceError: boom`" in md
+    assert "| m | 200 ms | 100 ms | 100 ms | 100 ms | 0.50 | 0.40 | 2.00x | 2.00x |" in md
+    assert "m: noisy latency (slowest run 5.0x the fastest" in md
+    with pytest.raises(KeyError, match="known: resnet50"):
+        prune.run(models=["nope"], quick=True)
 
 
 def test_measure_times_after_warmup_with_fresh_setup():

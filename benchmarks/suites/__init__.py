@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-SUITES = {"passes": "benchmarks.suites.passes"}
+SUITES = {"passes": "benchmarks.suites.passes", "prune": "benchmarks.suites.prune",
+          "prune-zoo": "benchmarks.suites.prune_zoo"}
 
 
 def get(name: str):

@@ -1,0 +1,425 @@
+"""Suite `prune`: fxopt's prune-channels next to Torch-Pruning, same models, same ratio, one run.
+
+Per model (torchvision, weights=None, eval; pruned on one 3x224x224 image, run at
+batch 8), three things:
+
+  time     fxopt: `fxopt.trace` and `PassManager("prune-channels{ratio=0.5}")` on it,
+           timed apart (what fxopt.compile does, less its Cost-tracking instrument and
+           the eager lowering); the pass time includes the ChannelGroups analysis.
+           Torch-Pruning: `tp.pruner.MetaPruner(...)` construction (it builds the
+           DependencyGraph: its analysis) and `pruner.step()` (the rewrite), each on a
+           fresh deep copy made untimed (Torch-Pruning mutates the model it is given;
+           fxopt.trace copies the model itself, and that copy is in its time).
+           Both see a batch of one: Torch-Pruning runs the model forward and backward to
+           build its graph (a batch of 8 would charge it for arithmetic), fxopt traces on
+           fake tensors. Each tool first prunes once, untimed (that result is the one
+           counted and run); then the four stages are timed round-robin.
+  cost     MACs per image and parameters of the unpruned model and of both pruned ones,
+           all by one counter: fxopt's Cost analysis on an `fxopt.trace` of each model,
+           so the tools are never compared through two counting conventions.
+  latency  CPU forward time at batch 8 with 2 torch threads of the unpruned model, its
+           traced graph, and both pruned models, round-robin too. fxopt's graph is
+           specialised to the shapes it was traced with, so fxopt prunes once more,
+           untimed, at batch 8; the same importance picks the same channels (checked:
+           both graphs hold as many weights).
+
+Round-robin (the order rotating each round) because the machine may be shared: load
+drifts, and every stage then sees the same drift, so the ratios stay fair.
+
+Torch-Pruning runs the standard way: `MagnitudeImportance(p=1)`, `pruning_ratio=0.5`,
+local scope, the final classifier in `ignored_layers`. For torchvision's ViT it follows
+Torch-Pruning's own torchvision example: `round_to=num_heads` and `model.hidden_dim`
+set to the pruned width afterwards (torchvision reshapes by that attribute). Passing
+`num_heads={mha: mha.num_heads}` instead (the recipe for timm's attention) makes
+Torch-Pruning 1.6 drop the residual-stream group on torchvision's
+nn.MultiheadAttention: only the MLPs shrink, so that recipe is not the one measured.
+fxopt gets no ignore list: a model's outputs are never pruned, the classifier's
+inputs may be, as with Torch-Pruning's ignored classifier.
+
+Both tools run at the same `ratio`, which is not the same as equal MACs: where the
+MACs ratios differ the Markdown says so, and prints both, so latency can be judged.
+A tool that fails on a model is recorded with its error; the suite goes on.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import fxopt
+from fxopt.analyses import Cost, Shapes, ShapeTable
+
+from ..harness import (RESULTS_DIR, Measurement, environment, fmt_seconds, markdown_table, write_json,
+                       write_text)
+
+NAME = "prune"
+RATIO = 0.5
+PIPELINE = f"prune-channels{{ratio={RATIO}}}"
+PRUNE_BATCH = 1      # the example input both tools prune with
+BATCH = 8            # the latency runs' batch
+THREADS = 2
+TOOLS = ("fxopt", "torch-pruning")
+SAME_MACS = 0.01     # MACs ratios within 1% of each other count as equal MACs
+NOISY = 2.0          # a variant whose slowest latency run is over 2x its fastest: a busy machine
+DEFAULT_MODELS = ("resnet50", "mobilenet_v2", "vit_b_16", "convnext_tiny", "efficientnet_b0")
+QUICK_MODELS = ("resnet18",)
+MODELS = DEFAULT_MODELS + QUICK_MODELS   # torchvision.models names the suite knows
+SIZE = 224           # input height = width
+QUICK_SIZE = 64      # --quick: every model at 64x64 (ViT needs 224: its position table is fixed)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Repeats and warm-ups: pruning is timed a few times, latency at least 10 times."""
+
+    repeats: int
+    warmup: int
+    latency_runs: int
+    latency_warmup: int
+
+
+def plan(repeats: int | None, quick: bool) -> Plan:
+    if quick:
+        return Plan(repeats or 1, 0, 3, 1)
+    return Plan(repeats or 3, 1, 15, 2)
+
+
+def build(name: str, quick: bool):
+    """The torchvision model `name` (random weights), its inputs to prune with and to time."""
+    import torchvision
+
+    size = QUICK_SIZE if quick and not name.startswith("vit") else SIZE
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    return model, (torch.randn(PRUNE_BATCH, 3, size, size),), (torch.randn(BATCH, 3, size, size),)
+
+
+def count(module, inputs) -> dict:
+    """MACs and parameters of `module` by fxopt's Cost on a fresh trace (the one counter)."""
+    table = fxopt.AnalysisManager(fxopt.trace(module, inputs)).get(Cost)
+    return {"macs": table.macs, "params": table.params, "uncounted_ops": list(table.unknown)}
+
+
+def interleaved(stages: dict, runs: int, warmup: int) -> dict[str, Measurement]:
+    """Time every stage `(fn, setup)` once per round, the order rotating each round.
+
+    On a shared machine the load drifts; round-robin puts every stage under the same
+    drift, so ratios between stages stay fair. `setup()` (untimed) makes fn's state.
+    """
+    names = list(stages)
+    out = {n: Measurement(warmup=warmup) for n in names}
+    for i in range(warmup + runs):
+        shift = i % len(names)
+        for n in names[shift:] + names[:shift]:
+            fn, setup = stages[n]
+            state = setup() if setup is not None else None
+            gc.collect()
+            start = time.perf_counter()
+            fn(state)
+            elapsed = time.perf_counter() - start
+            del state
+            if i >= warmup:
+                out[n].samples.append(elapsed)
+    return out
+
+
+def _numel(module) -> int:
+    return sum(t.numel() for t in module.state_dict().values())
+
+
+def _traced_with_am(gm):
+    """A copy of the traced graph and a manager holding its recorded shapes, as compile seeds it."""
+    g = copy.deepcopy(gm)
+    am = fxopt.AnalysisManager(g)
+    am.put(Shapes, ShapeTable(g))
+    return g, am
+
+
+def _fxopt_prune(gm) -> tuple:
+    g, am = _traced_with_am(gm)
+    return g, fxopt.PassManager(PIPELINE).run(g, am)
+
+
+def fxopt_tool(model, one, eight):
+    """fxopt: the pruned graph, the graph to time (pruned again at the latency batch: a graph
+    is specialised to its traced shapes), the stages to time, what it said."""
+    traced = fxopt.trace(model, one)
+    pruned, report = _fxopt_prune(traced)
+    timed, _ = _fxopt_prune(fxopt.trace(model, eight))
+    if _numel(timed) != _numel(pruned):
+        raise RuntimeError(f"pruned at batch {BATCH} it keeps {_numel(timed)} weights, at batch "
+                           f"{PRUNE_BATCH} {_numel(pruned)}: the timed graph is not the counted one")
+    stages = {"trace": (lambda _: fxopt.trace(model, one), None),
+              "prune": (lambda s: fxopt.PassManager(PIPELINE).run(*s), lambda: _traced_with_am(traced))}
+    return pruned, timed, stages, {"notes": list(report.records[0].notes), "pipeline": report.pipeline}
+
+
+def _tp_options(model) -> dict:
+    """Torch-Pruning's keyword arguments for `model`, and what they are, for the record."""
+    import torch_pruning as tp
+    import torchvision
+
+    names = {m: n for n, m in model.named_modules()}
+    classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    options = {"importance": tp.importance.MagnitudeImportance(p=1), "pruning_ratio": RATIO,
+               "ignored_layers": [classifier]}
+    shown = {"importance": "MagnitudeImportance(p=1)", "pruning_ratio": RATIO,
+             "ignored_layers": [names[classifier]]}
+    if isinstance(model, torchvision.models.VisionTransformer):
+        options["round_to"] = shown["round_to"] = model.encoder.layers[0].num_heads
+    return {"kwargs": options, "shown": shown}
+
+
+def _tp_pruner(model, inputs):
+    """A MetaPruner over `model` (constructing it builds Torch-Pruning's DependencyGraph)."""
+    import torch_pruning as tp
+
+    return tp.pruner.MetaPruner(model, inputs, **_tp_options(model)["kwargs"])
+
+
+def tp_tool(model, one, eight):
+    """Torch-Pruning on a deep copy (it mutates its model): the pruned module (it runs at any
+    batch, so it is also the one timed), the stages to time, its options."""
+    pruner = _tp_pruner(copy.deepcopy(model), one)
+    pruner.step()
+    pruned = pruner.model
+    if hasattr(pruned, "hidden_dim") and hasattr(pruned, "conv_proj"):  # torchvision ViT reshapes by it
+        pruned.hidden_dim = pruned.conv_proj.out_channels
+    stages = {"analysis": (lambda m: _tp_pruner(m, one), lambda: copy.deepcopy(model)),
+              "prune": (lambda pr: pr.step(), lambda: _tp_pruner(copy.deepcopy(model), one))}
+    return pruned, pruned, stages, {"options": _tp_options(model)["shown"]}
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def _run_tool(tool: str, model, one, eight):
+    """(module to time or None, stages, record): one untimed pruning with its cost, or its error."""
+    try:
+        pruned, timed, stages, extra = (fxopt_tool if tool == "fxopt" else tp_tool)(model, one, eight)
+        return timed, stages, {"ok": True, **count(pruned, one), **extra}
+    except Exception as exc:  # noqa: BLE001 — a tool's failure is a result, not a crash
+        return None, {}, {"ok": False, "error": _error(exc)}
+
+
+def _infer(module, inputs):
+    with torch.inference_mode():
+        return module(*inputs)
+
+
+def bench_model(name: str, p: Plan, quick: bool = False, log=print) -> dict:
+    """Prune `name` with both tools, count and time everything; returns its JSON record."""
+    model, one, eight = build(name, quick)
+    unpruned = count(model, one)
+    variants = {"unpruned": model, "unpruned-graph": fxopt.trace(model, eight)}
+    tools, stages = {}, {}
+    for tool in TOOLS:
+        timed, tool_stages, record = _run_tool(tool, model, one, eight)
+        if timed is None:
+            log(f"  {tool} FAILED: {record['error'][:200]}")
+        else:
+            variants[tool] = timed
+            stages.update({(tool, s): v for s, v in tool_stages.items()})
+            record["macs_ratio"] = unpruned["macs"] / record["macs"] if record["macs"] else None
+            record["params_ratio"] = unpruned["params"] / record["params"] if record["params"] else None
+        tools[tool] = record
+    for (tool, stage), m in interleaved(stages, p.repeats, p.warmup).items():
+        tools[tool].setdefault("times", {})[stage] = m.to_dict()
+    lat = interleaved({n: ((lambda _, m=m: _infer(m, eight)), None) for n, m in variants.items()},
+                      p.latency_runs, p.latency_warmup)
+    lat = {n: m.to_dict() for n, m in lat.items()}
+    for tool, record in tools.items():
+        if record["ok"]:
+            record["times"]["total_s"] = sum(t["median_s"] for t in record["times"].values())
+            record["latency"] = lat[tool]
+            record["speedup"] = lat["unpruned"]["median_s"] / lat[tool]["median_s"]
+            log(f"  {tool}: {fmt_seconds(record['times']['total_s'])}, MACs {unpruned['macs'] / 1e9:.2f}G"
+                f" -> {record['macs'] / 1e9:.2f}G, {record['speedup']:.2f}x faster")
+    both = all(r["ok"] for r in tools.values())
+    fx, tp = tools["fxopt"], tools["torch-pruning"]
+    return {"name": name, "input": list(one[0].shape), "latency_input": list(eight[0].shape),
+            "unpruned": {**unpruned, "latency": lat["unpruned"]},
+            "unpruned_graph": {"latency": lat["unpruned-graph"]}, "tools": tools,
+            "latency_ratio": fx["latency"]["median_s"] / tp["latency"]["median_s"] if both else None,
+            "latency_ratio_min": fx["latency"]["min_s"] / tp["latency"]["min_s"] if both else None,
+            "equal_macs": abs(fx["macs"] / tp["macs"] - 1) <= SAME_MACS if both else None}
+
+
+def _g(macs: int) -> str:
+    return f"{macs / 1e9:.3g}G"
+
+
+def _m(params: int) -> str:
+    return f"{params / 1e6:.3g}M"
+
+
+def _rows(records, *columns) -> list[list]:
+    """One row per model. A column is (fn, tool): fn of that tool's record ("failed" where
+    the tool failed), or of the model's record where tool is None."""
+    def cell(r, fn, tool):
+        t = r if tool is None else r["tools"][tool]
+        return fn(t) if tool is None or t["ok"] else "failed"
+
+    return [[r["name"]] + [cell(r, fn, tool) for fn, tool in columns] for r in records]
+
+
+def _ratio(key: str):
+    return lambda r: f"{r[key]:.2f}" if r.get(key) else "n/a"
+
+
+def _took(stage: str):
+    return lambda t: fmt_seconds(t["times"][stage] if stage == "total_s" else t["times"][stage]["median_s"])
+
+
+def _tables(records) -> tuple[list, list, list]:
+    """Rows of the cost, latency and pruning-time tables."""
+    fx, tp = TOOLS
+    macs = lambda t: f"{_g(t['macs'])} ({t['macs_ratio']:.2f}x)"  # noqa: E731
+    params = lambda t: _m(t["params"])  # noqa: E731
+    lat = lambda t: fmt_seconds(t["latency"]["median_s"])  # noqa: E731
+    speedup = lambda t: f"{t['speedup']:.2f}x"  # noqa: E731
+    equal = {True: "yes", False: "**no**", None: "n/a"}
+    cost = _rows(records, (lambda r: _g(r["unpruned"]["macs"]), None), (macs, fx), (macs, tp),
+                 (lambda r: params(r["unpruned"]), None), (params, fx), (params, tp),
+                 (lambda r: equal[r["equal_macs"]], None))
+    latency = _rows(records, (lambda r: lat(r["unpruned"]), None), (lambda r: lat(r["unpruned_graph"]), None),
+                    (lat, fx), (lat, tp), (_ratio("latency_ratio"), None), (_ratio("latency_ratio_min"), None),
+                    (speedup, fx), (speedup, tp))
+    times = _rows(records, *((_took(stage), tool) for tool, stage in (
+        (fx, "trace"), (fx, "prune"), (fx, "total_s"), (tp, "analysis"), (tp, "prune"), (tp, "total_s"))))
+    return cost, latency, times
+
+
+def _findings(records) -> list[str]:
+    """Sentences for what a reader must not miss: unequal MACs, failures, fxopt notes."""
+    out = []
+    for r in records:
+        fx, tp = r["tools"]["fxopt"], r["tools"]["torch-pruning"]
+        if r["equal_macs"] is False:
+            out.append(f"- {r['name']}: **not at equal MACs** — fxopt {_g(fx['macs'])} "
+                       f"({fx['macs_ratio']:.2f}x fewer), Torch-Pruning {_g(tp['macs'])} "
+                       f"({tp['macs_ratio']:.2f}x fewer) per image; its latency ratio compares different "
+                       "amounts of pruning.")
+        for tool, t in r["tools"].items():
+            if not t["ok"]:
+                out.append(f"- {r['name']}: {tool} failed: `{t['error'][:300]}`")
+        worst = max(v["latency"]["max_s"] / v["latency"]["min_s"]
+                    for v in (r["unpruned"], r["unpruned_graph"], *(t for t in (fx, tp) if t["ok"])))
+        if worst > NOISY:
+            out.append(f"- {r['name']}: noisy latency (slowest run {worst:.1f}x the fastest: other work "
+                       "shared the cores); the ratio of minima is the steadier figure.")
+        if fx["ok"] and fx["notes"]:
+            out.append(f"- {r['name']}: fxopt says: {fx['notes'][0]}")
+    return out
+
+
+def _load(env: dict) -> str:
+    """Load average at start -> end: above the CPU count, other work shared the cores."""
+    start, end = env.get("load_avg_1m_start"), env.get("load_avg_1m")
+    return " -> ".join(f"{v:.1f}" for v in (start, end) if v is not None) or "n/a"
+
+
+def to_markdown(result: dict) -> str:
+    env, cfg = result["environment"], result["config"]
+    records = [r for r in result["models"] if "error" not in r]
+    broken = [f"- {r['name']}: not measured: `{r['error'][:300]}`" for r in result["models"] if "error" in r]
+    shape = "x".join(str(d) for d in records[0]["input"]) if records else "n/a"
+    cost, latency, times = _tables(records)
+    out = [f"# Benchmark suite `{NAME}`", "",
+           f"{env['date']} · torch {env['torch']} · torchvision {env.get('torchvision')} · "
+           f"Torch-Pruning {env.get('torch_pruning')} · Python {env['python']} · fxopt {env['fxopt']} · "
+           f"{env['cpu_model']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch threads) · "
+           f"load average {_load(env)} · suite wall time {result['wall_s']:.0f} s", "",
+           f"fxopt `{PIPELINE}` and Torch-Pruning `MetaPruner(MagnitudeImportance(p=1), "
+           f"pruning_ratio={RATIO})`, local scope, both pruning on input {shape}; random weights.", "",
+           "MACs per image and parameters, all counted by fxopt's Cost on a trace of each model "
+           "(ratio = unpruned / pruned). Equal MACs: both tools' MACs within "
+           f"{SAME_MACS:.0%} of each other.", ""]
+    out += [markdown_table(["model", "MACs unpruned", "MACs fxopt", "MACs Torch-Pruning", "params unpruned",
+                            "params fxopt", "params Torch-Pruning", "equal MACs"],
+                           cost, "lrrrrrrl"), ""]
+    out += [f"CPU latency, batch {cfg['batch']}, {cfg['threads']} threads, median of {cfg['latency_runs']} runs "
+            f"after {cfg['latency_warmup']} warm-up, all variants interleaved in one run. "
+            "\"unpruned graph\" is fxopt's trace before pruning (what fxopt's pruned graph should be "
+            "compared with to separate tracing from pruning); ratio = fxopt / Torch-Pruning "
+            "(below 1: fxopt faster) of the medians, and of the fastest runs (less sensitive to other "
+            "work on the machine); speed-up = unpruned nn.Module / pruned, medians.", ""]
+    out += [markdown_table(["model", "unpruned", "unpruned graph", "fxopt", "Torch-Pruning", "ratio fxopt/TP",
+                            "ratio of minima", "fxopt speed-up", "TP speed-up"], latency,
+                           "lrrrrrrrr"), ""]
+    out += [f"Analysis + rewrite time, median of {cfg['repeats']} (fxopt: trace, then the prune-channels "
+            "pass with its ChannelGroups analysis; Torch-Pruning: MetaPruner construction with its "
+            "DependencyGraph, then step()).", ""]
+    out += [markdown_table(["model", "fxopt trace", "fxopt prune pass", "fxopt total", "TP analysis",
+                            "TP step", "TP total"], times, "lrrrrrr"), ""]
+    findings = broken + _findings(records)
+    if findings:
+        out += ["Notes:", ""] + findings + [""]
+    out += [f"Method: `python -m benchmarks --suite {NAME}`. Torch-Pruning prunes a deep copy (it mutates "
+            "its model), made outside the timed region; fxopt's trace time includes the copy it makes of "
+            "the model. For torchvision's ViT it uses its torchvision example's recipe, "
+            "`round_to=num_heads` and `hidden_dim` set afterwards (`num_heads={mha: mha.num_heads}` makes "
+            "Torch-Pruning 1.6 leave the residual stream of nn.MultiheadAttention unpruned). The classifier "
+            "is Torch-Pruning's ignored layer; fxopt never prunes a model's outputs. Latency runs the "
+            "unpruned nn.Module, fxopt's unpruned and pruned GraphModules (fxopt's pruned again, untimed, "
+            f"at batch {cfg['batch']}: a graph is specialised to its traced shapes) and Torch-Pruning's pruned "
+            "nn.Module under torch.inference_mode, eager, round-robin with a rotating order."]
+    return "\n".join(out)
+
+
+def render(out_dir=None) -> Path:
+    """Rewrite prune.md from prune.json (after a change to the Markdown layout)."""
+    import json
+
+    out = RESULTS_DIR if out_dir is None else Path(out_dir)
+    result = json.loads((out / f"{NAME}.json").read_text(encoding="utf-8"))
+    return write_text(out / f"{NAME}.md", to_markdown(result))
+
+
+def _environment() -> dict:
+    import torch_pruning
+    import torchvision
+
+    return {**environment(), "torchvision": torchvision.__version__,
+            "torch_pruning": getattr(torch_pruning, "__version__", "unknown")}
+
+
+def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=None, log=print) -> dict:
+    """Run the suite; writes prune.json and prune.md into `out_dir` (default results/)."""
+    start = time.perf_counter()
+    names = tuple(models) if models else (QUICK_MODELS if quick else DEFAULT_MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:  # fail before any timing on a typo
+        raise KeyError(f"unknown model {unknown[0]!r}; known: {', '.join(MODELS)}")
+    p = plan(repeats, quick)
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work on the box
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        records = []
+        for name in names:
+            log(f"{name} ...")
+            try:
+                records.append(bench_model(name, p, quick, log))
+            except Exception as exc:  # noqa: BLE001 — e.g. the shared counter cannot trace it
+                log(f"  FAILED: {_error(exc)[:200]}")
+                records.append({"name": name, "error": _error(exc)})
+        env = {**_environment(), "load_avg_1m_start": load_start}
+    finally:
+        torch.set_num_threads(threads)
+    result = {"suite": NAME, "environment": env,
+              "config": {"models": list(names), "ratio": RATIO, "pipeline": PIPELINE,
+                         "prune_batch": PRUNE_BATCH, "batch": BATCH,
+                         "threads": THREADS, "repeats": p.repeats, "warmup": p.warmup,
+                         "latency_runs": p.latency_runs, "latency_warmup": p.latency_warmup, "quick": quick},
+              "models": records, "wall_s": time.perf_counter() - start}
+    out = RESULTS_DIR if out_dir is None else Path(out_dir)
+    result["files"] = {"json": str(write_json(out / f"{NAME}.json", result)),
+                       "markdown": str(write_text(out / f"{NAME}.md", to_markdown(result)))}
+    return result
