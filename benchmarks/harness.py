@@ -199,3 +199,19 @@ def fmt_seconds(s: float) -> str:
     if s >= 1e-3:
         return f"{s * 1e3:.3g} ms"
     return f"{s * 1e6:.3g} µs"
+
+
+def save_results(name: str, result: dict, to_markdown, out_dir=None) -> dict:
+    """Write `<name>.json` and `<name>.md` (atomically) into `out_dir` (default
+    results/); records their paths in result["files"] and returns `result`."""
+    out = RESULTS_DIR if out_dir is None else Path(out_dir)
+    result["files"] = {"json": str(write_json(out / f"{name}.json", result)),
+                       "markdown": str(write_text(out / f"{name}.md", to_markdown(result)))}
+    return result
+
+
+def render_results(name: str, to_markdown, out_dir=None) -> Path:
+    """Rewrite `<name>.md` from `<name>.json` (after a change to the Markdown layout)."""
+    out = RESULTS_DIR if out_dir is None else Path(out_dir)
+    result = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+    return write_text(out / f"{name}.md", to_markdown(result))

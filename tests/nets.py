@@ -25,3 +25,19 @@ class SmallNet(nn.Module):
         u, v = y.chunk(2, dim=1)
         z = F.adaptive_avg_pool2d(self.act(self.g(u * torch.sigmoid(v))), 2)
         return self.fc2(F.relu(self.fc1(torch.flatten(z, 1))))
+
+
+class HandAttention(nn.Module):
+    """Heads split by view/transpose with hard-coded head counts: the view literals must be rewritten."""
+
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = nn.Linear(d, 32), nn.Linear(32, d)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = (m(x).view(b, n, self.heads, d // self.heads).transpose(1, 2) for m in (self.q, self.k, self.v))
+        h = x + self.o(((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, n, d))
+        return h + self.down(F.gelu(self.up(h)))

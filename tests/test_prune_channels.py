@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nets import SmallNet
+from nets import HandAttention, SmallNet
 import fxopt
 from fxopt.analyses import ChannelGroups, Cost
 from fxopt.ir.graph import fetch_attr, set_attr
@@ -52,22 +52,6 @@ class CatNet(nn.Module):
 
     def forward(self, x):
         return self.c(torch.cat([self.a(x).relu(), self.b(x).relu()], 1)).mean((2, 3))
-
-
-class HandAttention(nn.Module):
-    """Heads split by view/transpose with hard-coded head counts: the view literals must be rewritten."""
-
-    def __init__(self, d=16, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.up, self.down = nn.Linear(d, 32), nn.Linear(32, d)
-
-    def forward(self, x):
-        b, n, d = x.shape
-        q, k, v = (m(x).view(b, n, self.heads, d // self.heads).transpose(1, 2) for m in (self.q, self.k, self.v))
-        h = x + self.o(((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, n, d))
-        return h + self.down(F.gelu(self.up(h)))
 
 
 class SliceNet(nn.Module):

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import fxopt
+from nets import HandAttention
 from fxopt.ir.graph import fetch_attr
 
 
@@ -108,27 +109,13 @@ def test_global_scope_respects_min_channels():
     assert all(fetch_attr(cm.graph_module, n).shape[0] >= 3 for n in ("a.weight", "b.weight"))
 
 
-class Heads(nn.Module):
-    def __init__(self, d=16, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.up, self.down = nn.Linear(d, 32), nn.Linear(32, d)
-
-    def forward(self, x):
-        b, n, d = x.shape
-        q, k, v = (m(x).view(b, n, self.heads, d // self.heads).transpose(1, 2) for m in (self.q, self.k, self.v))
-        h = x + self.o(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
-        return h + self.down(self.up(h).relu())
-
-
 def test_heads_false_leaves_the_heads_alone():
     x = torch.randn(2, 5, 16)
-    cm, record = _prune(Heads(), x, "ratio=0.5 heads=false")
+    cm, record = _prune(HandAttention(), x, "ratio=0.5 heads=false")
     gm = cm.graph_module
     assert fetch_attr(gm, "q.weight").shape == (16, 16) and fetch_attr(gm, "up.weight").shape == (16, 16)
     assert any("heads=false" in n for n in record.notes)
-    cm, _ = _prune(Heads(), x, "ratio=0.5")
+    cm, _ = _prune(HandAttention(), x, "ratio=0.5")
     assert fetch_attr(cm.graph_module, "q.weight").shape == (8, 16)  # 2 of 4 heads, head_dim 4 kept
 
 

@@ -31,8 +31,8 @@ import fxopt
 from fxopt.analyses import Cost, Shapes, ShapeTable
 
 from .. import models as zoo
-from ..harness import (RESULTS_DIR, environment, fmt_seconds, loglog_slope, markdown_table,
-                       measure, write_json, write_text)
+from ..harness import (environment, fmt_seconds, loglog_slope, markdown_table, measure, render_results,
+                       save_results)
 
 NAME = "passes"
 STAGES = ("trace", "shapes", "cost", "fold-bn", "dce")
@@ -183,12 +183,8 @@ def to_markdown(result: dict) -> str:
 
 
 def render(out_dir=None) -> Path:
-    """Rewrite passes.md from passes.json (after a change to the Markdown layout)."""
-    import json
-
-    out = RESULTS_DIR if out_dir is None else Path(out_dir)
-    result = json.loads((out / f"{NAME}.json").read_text(encoding="utf-8"))
-    return write_text(out / f"{NAME}.md", to_markdown(result))
+    """Rewrite the .md from the .json already in `out_dir`."""
+    return render_results(NAME, to_markdown, out_dir)
 
 
 def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=None, log=print) -> dict:
@@ -211,7 +207,4 @@ def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=No
               "config": {"models": list(names), "repeats": repeats, "quick": quick},
               "models": records, "linearity": linearity(records),
               "wall_s": time.perf_counter() - start}
-    out = RESULTS_DIR if out_dir is None else Path(out_dir)
-    result["files"] = {"json": str(write_json(out / f"{NAME}.json", result)),
-                       "markdown": str(write_text(out / f"{NAME}.md", to_markdown(result)))}
-    return result
+    return save_results(NAME, result, to_markdown, out_dir)

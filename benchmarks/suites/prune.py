@@ -54,8 +54,8 @@ import torch
 import fxopt
 from fxopt.analyses import Cost, Shapes, ShapeTable
 
-from ..harness import (RESULTS_DIR, Measurement, environment, fmt_seconds, markdown_table, write_json,
-                       write_text)
+from ..harness import (Measurement, environment, fmt_seconds, markdown_table, render_results,
+                       save_results)
 
 NAME = "prune"
 RATIO = 0.5
@@ -374,12 +374,8 @@ def to_markdown(result: dict) -> str:
 
 
 def render(out_dir=None) -> Path:
-    """Rewrite prune.md from prune.json (after a change to the Markdown layout)."""
-    import json
-
-    out = RESULTS_DIR if out_dir is None else Path(out_dir)
-    result = json.loads((out / f"{NAME}.json").read_text(encoding="utf-8"))
-    return write_text(out / f"{NAME}.md", to_markdown(result))
+    """Rewrite the .md from the .json already in `out_dir`."""
+    return render_results(NAME, to_markdown, out_dir)
 
 
 def _environment() -> dict:
@@ -419,7 +415,4 @@ def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=No
                          "threads": THREADS, "repeats": p.repeats, "warmup": p.warmup,
                          "latency_runs": p.latency_runs, "latency_warmup": p.latency_warmup, "quick": quick},
               "models": records, "wall_s": time.perf_counter() - start}
-    out = RESULTS_DIR if out_dir is None else Path(out_dir)
-    result["files"] = {"json": str(write_json(out / f"{NAME}.json", result)),
-                       "markdown": str(write_text(out / f"{NAME}.md", to_markdown(result)))}
-    return result
+    return save_results(NAME, result, to_markdown, out_dir)

@@ -10,7 +10,6 @@ suite measures coverage, not speed (see the `prune` suite for that).
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import fxopt
 from fxopt.analyses import ChannelGroups, Cost
 
-from ..harness import RESULTS_DIR, environment, markdown_table, write_json, write_text
+from ..harness import environment, markdown_table, render_results, save_results
 
 NAME = "prune-zoo"
 QUICK_MODELS = ("resnet18", "mobilenet_v3_small")
@@ -96,9 +95,8 @@ def to_markdown(result: dict) -> str:
 
 
 def render(out_dir=None) -> Path:
-    out = RESULTS_DIR if out_dir is None else Path(out_dir)
-    result = json.loads((out / f"{NAME}.json").read_text(encoding="utf-8"))
-    return write_text(out / f"{NAME}.md", to_markdown(result))
+    """Rewrite the .md from the .json already in `out_dir`."""
+    return render_results(NAME, to_markdown, out_dir)
 
 
 def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=None, log=print) -> dict:
@@ -115,7 +113,4 @@ def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=No
             records.append({"model": name, "error": f"{type(exc).__name__}: {exc}"})
     result = {"suite": NAME, "environment": environment(), "config": {"models": names, "quick": quick},
               "models": records, "wall_s": time.perf_counter() - start}
-    out = RESULTS_DIR if out_dir is None else Path(out_dir)
-    result["files"] = {"json": str(write_json(out / f"{NAME}.json", result)),
-                       "markdown": str(write_text(out / f"{NAME}.md", to_markdown(result)))}
-    return result
+    return save_results(NAME, result, to_markdown, out_dir)

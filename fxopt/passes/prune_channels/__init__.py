@@ -16,7 +16,6 @@ import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import torch
 import torch.fx as fx
 
 from ...analyses import ChannelGroups
