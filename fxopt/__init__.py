@@ -5,7 +5,7 @@
 
 Everything public is re-exported here; submodules are implementation.
 """
-from . import analyses, backends, passes  # noqa: F401  (passes registers the built-ins)
+from . import analyses, backends, passes, quant  # noqa: F401  (passes registers the built-ins)
 from .api import CompiledModel, calibrate, compile, freeze, lower, trace
 from .backends import list_backends, register_backend
 from .errors import (FxoptError, InputShapeError, PassFailedError, PassOptionError,
@@ -14,6 +14,7 @@ from .errors import (FxoptError, InputShapeError, PassFailedError, PassOptionErr
 from .finetune import FinetuneHistory, finetune
 from .pruning import (ChannelGroupsTable, PruningPlan, apply_plan, explain_pruning, load_pruned,
                       pruning_plan, save_pruned)
+from .quant import FakeQuantize, QuantReport
 from .pm import (PRESETS, Analysis, AnalysisManager, Pass, PassManager, PassResult, Report,
                  format_pipeline, instruments, list_passes, parse_pipeline, register_pass)
 
@@ -28,4 +29,5 @@ __all__ = [
     "ChannelGroupsTable", "PruningPlan", "apply_plan", "explain_pruning", "load_pruned", "pruning_plan",
     "save_pruned",
     "FinetuneHistory", "finetune",
+    "FakeQuantize", "QuantReport", "quant",
 ]

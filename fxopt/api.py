@@ -8,7 +8,7 @@ import torch.fx as fx
 
 from .analyses import CostTracker, Shapes, ShapeTable
 from .backends import get_backend
-from .errors import InputShapeError
+from .errors import InputShapeError, UnsupportedError
 from .ir.meta import INPUT_SHAPES, TensorInfo, describe
 from .ir.trace import trace
 from .pm import AnalysisManager, PassManager, Report, Timing, Verify
@@ -103,6 +103,8 @@ def compile(model, example_inputs, pipeline="default", backend: str = "eager", c
     report = PassManager(pipeline, instruments).run(gm, am, example_inputs=example_inputs)
     if calibration is not None:
         _run_batches(gm, calibration)
+        if _quantizers(gm):  # observers have seen the batches: fix the scales before lowering
+            _freeze_module(gm)
     lowered = get_backend(backend).lower(gm, example_inputs, **backend_options)
     recompile = None
     if on_new_shape == "retrace":
@@ -125,17 +127,42 @@ def lower(compiled: CompiledModel, backend: str = "eager", example_inputs=None, 
 
 
 def calibrate(compiled: CompiledModel, batches, progress: bool = False) -> CompiledModel:
-    """Run calibration batches through the rewritten graph (observers record ranges)."""
-    _run_batches(compiled.graph_module, batches, progress)
+    """Run calibration batches through the rewritten graph (observers record ranges).
+
+    A batch is the model's input (a tensor, or a tuple of its inputs). The model
+    must hold fake quantizers (a pipeline with fake-quant); `progress` shows a bar.
+    Call `freeze` afterwards to fix the scales.
+    """
+    gm = _graph_of(compiled)
+    if not _quantizers(gm):
+        raise UnsupportedError("calibrate: the model has no fake quantizers, so there is nothing to "
+                               "calibrate",
+                               hint="compile with a pipeline that quantizes, e.g. "
+                                    "pipeline='fold-bn,fake-quant'")
+    _run_batches(gm, batches, progress)
     return compiled
 
 
 def freeze(compiled: CompiledModel) -> CompiledModel:
     """Stop observers: every submodule with a `freeze()` method is frozen."""
-    for module in compiled.graph_module.modules():
-        if module is not compiled.graph_module and callable(getattr(module, "freeze", None)):
-            module.freeze()
+    _freeze_module(_graph_of(compiled))
     return compiled
+
+
+def _graph_of(compiled) -> fx.GraphModule:
+    return compiled.graph_module if isinstance(compiled, CompiledModel) else compiled
+
+
+def _quantizers(gm: torch.nn.Module) -> list:
+    from .quant import FakeQuantize
+
+    return [m for m in gm.modules() if isinstance(m, FakeQuantize)]
+
+
+def _freeze_module(gm: torch.nn.Module) -> None:
+    for module in gm.modules():
+        if module is not gm and callable(getattr(module, "freeze", None)):
+            module.freeze()
 
 
 def _run_batches(gm: fx.GraphModule, batches, progress: bool = False) -> None:

@@ -1,7 +1,8 @@
 """The built-in passes; importing this package registers them."""
 from .canonicalize import Canonicalize
 from .dce import DeadCodeElimination
+from .fake_quant import FakeQuant
 from .fold_bn import FoldBatchNorm
 from .prune_channels import PruneChannels
 
-__all__ = ["Canonicalize", "DeadCodeElimination", "FoldBatchNorm", "PruneChannels"]
+__all__ = ["Canonicalize", "DeadCodeElimination", "FakeQuant", "FoldBatchNorm", "PruneChannels"]

@@ -56,6 +56,7 @@ class PassManager:
                 record.seconds = time.perf_counter() - start
                 self._check_result(p, result)
                 record.changed, record.notes = result.is_changed, result.notes
+                ctx.report.sections.update(result.sections)
                 if result.is_changed:
                     gm.recompile()
                 am.invalidate(result.preserves, result.preserves_all)

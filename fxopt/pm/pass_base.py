@@ -74,22 +74,27 @@ def type_name(tp) -> str:
 
 @dataclass(frozen=True)
 class PassResult:
-    """What a pass did: whether it changed the graph, what it preserved, notes for the report."""
+    """What a pass did: whether it changed the graph, what it preserved, notes for the report.
+
+    `sections` are named report sections (e.g. {"quant": QuantReport}) merged into
+    `Report.sections`, so users read them as `report.quant`.
+    """
 
     is_changed: bool
     preserves: tuple = ()
     notes: tuple[str, ...] = field(default=())
     preserves_all: bool = False
+    sections: dict = field(default_factory=dict, compare=False)
 
     @classmethod
-    def changed(cls, preserves=(), notes=()) -> "PassResult":
+    def changed(cls, preserves=(), notes=(), sections=None) -> "PassResult":
         """The graph changed; analyses not in `preserves` are invalidated."""
-        return cls(True, tuple(preserves), tuple(notes))
+        return cls(True, tuple(preserves), tuple(notes), sections=dict(sections or {}))
 
     @classmethod
-    def unchanged(cls, notes=()) -> "PassResult":
+    def unchanged(cls, notes=(), sections=None) -> "PassResult":
         """Nothing changed: every analysis stays valid."""
-        return cls(False, (), tuple(notes), preserves_all=True)
+        return cls(False, (), tuple(notes), preserves_all=True, sections=dict(sections or {}))
 
 
 def register_pass(name: str):

@@ -1,0 +1,192 @@
+"""fake-quant: insert quantize-dequantize (FakeQuantize modules) on weights and activations.
+
+The graph form it leaves (what the int8 backend and the ONNX export pattern-match):
+
+    %w_q  = call_module[fake_quant.<weight fqn>](%weight)      # role "weight", per-channel axis 0
+    %x_q  = call_module[fake_quant.act_<value>](%x)            # role "activation", per tensor
+    %y    = aten.conv2d(%x_q, %w_q, %bias, ...)                # likewise aten.linear; bias stays float
+    %mm   = aten.mm(%a_q, %b_q)                                # matmul / mm / bmm: args 0,1; addmm: args 1,2
+
+Rules:
+1. Quantizable ops are conv (aten.conv1d/2d/3d, non-transposed aten.convolution),
+   aten.linear and the matmul family (matmul, mm, bmm, addmm). Each of their
+   operands is quantized: a constant (get_attr) operand by its own weight
+   quantizer, inserted just before the op (per-channel on the output-channel
+   axis: dim 0 of conv / linear weights; columns of a right matmul operand, rows
+   of a left one), anything else by an activation quantizer (per tensor). Biases
+   stay float: an int8 kernel adds them in int32 at scale s_x * s_w.
+2. An activation quantizer belongs to a value: one call_module node per value,
+   right after its producer (after the placeholders for a model input), read by
+   every quantizable op and join that uses the value; other users keep the float
+   value. A value produced by a quantizable op is quantized only where a
+   quantizable op or a join reads it; the model's outputs stay float.
+3. Joins (add / sub of two non-constant tensors, cat, stack) share ONE scale:
+   every tensor input of a join goes through the same FakeQuantize module (one
+   call_module node per input value, all with the same target), and values that
+   meet at several joins are merged transitively. A join therefore adds or
+   concatenates integers on one grid; nothing reaches it half-float. Its result is
+   a new value, quantized again by rule 2 where a quantizable op or join reads it.
+4. Nothing is silently left out: report.quant (QuantReport) lists every
+   quantized op with its bits, every join with its quantizer, and every other op
+   node with the reason it is float (skipped by option, unsupported op,
+   value-preserving op, BatchNorm not folded, ...).
+
+FakeQuantize modules live under `fake_quant.` on the GraphModule and expose role,
+bits, symmetric, axis, qmin, qmax, scale and zero_point (see fxopt.quant).
+Run fold-bn first: an unfolded BatchNorm after a conv is reported, not folded.
+Activation quantizers need calibration (compile(..., calibration=batches) or
+fxopt.calibrate + fxopt.freeze) before they quantize in eval mode.
+Options: see FakeQuant.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch.fx as fx
+
+from ...errors import PassOptionError
+from ...ir.graph import module_path
+from ...pm import Pass, PassResult, register_pass
+from ...quant import OBSERVERS, FakeQuantize, FloatOp, QuantizedOp, QuantReport
+from .insert import QuantConfig, ValueGroups, quantize_values, quantize_weight
+from .rules import classify, skip_match
+
+__all__ = ["FakeQuant"]
+
+
+@register_pass("fake-quant")
+@dataclass(frozen=True)
+class FakeQuant(Pass):
+    """Insert quantize-dequantize on conv/linear/matmul operands; joins share one scale;
+    report.quant says what stayed float and why (full rules: fxopt.passes.fake_quant).
+
+    weight_bits: weight bit width, 1..16 (1: binary, sign x per-channel mean |w|).
+    act_bits: activation bit width, 2..16.
+    weight_granularity: per-channel | per-tensor scales for weights.
+    symmetric: symmetric (signed, zero point 0) weights; false: affine.
+    act_symmetric: symmetric activations; default affine (unsigned, zero point).
+    observer: minmax | moving-average | percentile | mse | histogram (fxopt.quant.observers).
+    skip: fnmatch patterns of module paths or weight FQNs (e.g. `layer1.*`, `fc`) whose
+        ops and joins stay float; a pattern matching nothing warns.
+    first_last_bits: bits for the weights and inputs of the first and last quantized
+        ops (e.g. 8 while weight-bits=4); none: same as the others.
+    learnable_scale: scales are Parameters trained by QAT (LSQ gradient) once frozen.
+    """
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    weight_granularity: Literal["per-channel", "per-tensor"] = "per-channel"
+    symmetric: bool = True
+    act_symmetric: bool = False
+    observer: Literal["minmax", "moving-average", "percentile", "mse", "histogram"] = "minmax"
+    skip: tuple[str, ...] = ()
+    first_last_bits: int | None = None
+    learnable_scale: bool = False
+
+    tolerance: ClassVar[float | None] = None  # quantization changes what the model computes
+
+    def __post_init__(self):
+        _check_bits("weight-bits", self.weight_bits, 1)
+        _check_bits("act-bits", self.act_bits, 2)
+        if self.first_last_bits is not None:
+            _check_bits("first-last-bits", self.first_last_bits, 1)
+        if self.observer not in OBSERVERS:
+            raise PassOptionError(f"fake-quant: unknown observer {self.observer!r}",
+                                  hint="use one of " + ", ".join(OBSERVERS))
+        if self.weight_granularity not in ("per-channel", "per-tensor"):
+            raise PassOptionError(f"fake-quant: unknown weight-granularity {self.weight_granularity!r}",
+                                  hint="use per-channel or per-tensor")
+        object.__setattr__(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))
+
+    def run(self, gm: fx.GraphModule, am) -> PassResult:
+        if any(isinstance(m, FakeQuantize) for m in gm.modules()):
+            return PassResult.unchanged(notes=("the graph already has fake quantizers; left as is",))
+        report = QuantReport()
+        self._check_skip(gm, report)
+        decisions = classify(gm, self.skip)
+        quant = [d for d in decisions if d.kind == "quant"]
+        edges = {quant[0].node, quant[-1].node} if quant and self.first_last_bits is not None else set()
+        config = QuantConfig(self.observer, self.learnable_scale, self.symmetric, self.act_symmetric,
+                             self.weight_granularity == "per-channel")
+        groups, consumers = ValueGroups(), {}
+        for d in decisions:
+            bits = self.first_last_bits if d.node in edges else self.act_bits
+            for value in d.acts if d.kind in ("quant", "join") else ():
+                groups.add(value, max(bits, 2))  # activations have no 1-bit form
+                consumers.setdefault(value, []).append(d.node)
+            if d.kind == "join":
+                groups.union(d.acts)
+        weight_paths = {}
+        for d in quant:
+            bits = self.first_last_bits if d.node in edges else self.weight_bits
+            weight_paths[d.node] = [quantize_weight(gm, d.node, attr, axis, bits, config)
+                                    for attr, axis in d.weights]
+        act_paths = quantize_values(gm, groups, consumers, config)
+        self._fill_report(report, decisions, weight_paths, act_paths)
+        report.quantizers = sum(isinstance(m, FakeQuantize) for m in gm.modules())
+        if not report.quantizers:
+            return PassResult.unchanged(notes=("nothing to quantize",), sections={"quant": report})
+        gm.graph.lint()
+        return PassResult.changed(notes=self._notes(report), sections={"quant": report})
+
+    def _fill_report(self, report: QuantReport, decisions, weight_paths: dict, act_paths: dict) -> None:
+        for d in decisions:
+            node, op = d.node, _op_name(d.node)
+            if d.kind == "bookkeeping":
+                report.bookkeeping += 1
+            elif d.kind == "float":
+                report.float_ops.append(FloatOp(node.name, op, module_path(node), d.reason))
+            elif d.kind == "join":
+                report.joins[node.name] = act_paths[d.acts[0]]
+            else:
+                paths = tuple(weight_paths[node]) + tuple(act_paths[v] for v in d.acts)
+                report.quantized.append(QuantizedOp(
+                    node.name, op, module_path(node), _weight_bits(node, weight_paths),
+                    _act_bits(node, d, act_paths), self._granularity(d), paths))
+
+    def _granularity(self, d) -> str:
+        return self.weight_granularity if d.weights else "none"
+
+    def _check_skip(self, gm: fx.GraphModule, report: QuantReport) -> None:
+        """Warn about (and report) a skip pattern that matches no op: a typo would
+        otherwise quantize what the user meant to keep in float."""
+        ops = [n for n in gm.graph.nodes if n.op == "call_function"]
+        for pattern in self.skip:
+            if not any(skip_match(n, (pattern,)) for n in ops):
+                paths = sorted({module_path(n) for n in ops} - {""})
+                shown = ", ".join(paths[:12]) + (", ..." if len(paths) > 12 else "")
+                message = f"skip pattern {pattern!r} matches no op; module paths are e.g. {shown}"
+                warnings.warn(f"fake-quant: {message}", stacklevel=2)
+                report.notes.append(message)
+
+    @staticmethod
+    def _notes(report: QuantReport) -> tuple[str, ...]:
+        notes = [f"quantized {len(report.quantized)} ops, {len(report.joins)} joins share a scale, "
+                 f"{len(report.float_ops)} ops float (see report.quant)"]
+        notes += [f"{f.node}: {f.reason}" for f in report.float_ops if f.reason.startswith("BatchNorm")]
+        return tuple(notes + report.notes)
+
+
+def _check_bits(option: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 16:
+        extra = " (1-bit binary quantization is for weights only)" if option == "act-bits" and value == 1 else ""
+        raise PassOptionError(f"fake-quant: {option} must be an integer in {low}..16, got {value!r}{extra}",
+                              hint=f"e.g. {option}=8")
+
+
+def _op_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _weight_bits(node: fx.Node, weight_paths: dict) -> int | None:
+    root = node.graph.owning_module
+    bits = [root.get_submodule(p).bits for p in weight_paths[node]]
+    return max(bits) if bits else None
+
+
+def _act_bits(node: fx.Node, decision, act_paths: dict) -> int:
+    root = node.graph.owning_module
+    bits = [root.get_submodule(act_paths[v]).bits for v in decision.acts]
+    return max(bits) if bits else 0
