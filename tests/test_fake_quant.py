@@ -101,7 +101,7 @@ def test_ste_gradients_and_learnable_scale():
 @pytest.mark.parametrize("text", ["fake-quant{weight-bits=17}", "fake-quant{act-bits=0}",
                                   "fake-quant{weight-bits=0}", "fake-quant{act-bits=1}",
                                   "fake-quant{observer=kl}", "fake-quant{first-last-bits=32}",
-                                  "fake-quant{weight-granularity=per-row}"])
+                                  "fake-quant{weight-granularity=per-row}", "fake-quant{joins=sometimes}"])
 def test_bad_options_fail_at_parse_time(text):
     with pytest.raises(fxopt.PassOptionError):
         fxopt.parse_pipeline(text)

@@ -161,8 +161,9 @@ def _float_reason(node: fx.Node) -> str:
     return f"unsupported: no int8 form for {_name(node)}"
 
 
-def classify(gm: fx.GraphModule, skip: tuple[str, ...]) -> list[Decision]:
-    """One Decision per op node, in graph order."""
+def classify(gm: fx.GraphModule, skip: tuple[str, ...], joins: str = "shared") -> list[Decision]:
+    """One Decision per op node, in graph order. joins="float" keeps every join in
+    float: its inputs are the float (dequantized) values, so none arrives half-float."""
     decisions = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr", "output"):
@@ -177,6 +178,8 @@ def classify(gm: fx.GraphModule, skip: tuple[str, ...]) -> list[Decision]:
             decisions.append(Decision(node, "float", f"skipped: matches skip pattern '{hit}'"))
         elif operands:
             decisions.append(_quant_decision(node, operands))
+        elif is_join and joins == "float":
+            decisions.append(Decision(node, "float", "joins=float: the join adds float (dequantized) values"))
         elif is_join:
             decisions.append(Decision(node, "join", acts=join_inputs(node)))
         else:
