@@ -11,6 +11,7 @@ from .backends import list_backends, register_backend
 from .errors import (FxoptError, InputShapeError, PassFailedError, PassOptionError,
                      PipelineSyntaxError, TraceError, UnknownPassError, UnsupportedError,
                      VerificationError)
+from .export import export_onnx
 from .finetune import FinetuneHistory, finetune
 from .pruning import (ChannelGroupsTable, PruningPlan, apply_plan, explain_pruning, load_pruned,
                       pruning_plan, save_pruned)
@@ -30,4 +31,5 @@ __all__ = [
     "save_pruned",
     "FinetuneHistory", "finetune",
     "FakeQuantize", "QuantReport", "quant",
+    "export_onnx",
 ]

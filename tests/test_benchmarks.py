@@ -162,3 +162,28 @@ def test_unknown_model_is_reported_before_timing():
 def test_synthetic_sizes():
     assert [models.blocks_for(n) for n in (1000, 10_000, 50_000)] == [91, 909, 4545]
     assert set(models.ZOO) >= {"resnet50", "transformer-24", "synthetic-1k", "synthetic-10k", "synthetic-50k"}
+
+
+def test_quick_quant_suite_compares_fxopt_int8_with_torch_ao(tmp_path):
+    from benchmarks.suites import quant
+
+    assert main(["--suite", "quant", "--quick", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quant.json", "quant.md"]
+    result = json.loads((tmp_path / "quant.json").read_text())
+    assert result["suite"] == "quant" and result["config"]["quick"] is True
+    assert result["config"]["batch"] == quant.BATCH and result["config"]["threads"] == quant.THREADS
+    [record] = result["models"]
+    assert record["name"] == "resnet18", record.get("error")
+    assert record["fp32"]["latency"]["median_s"] > 0
+    for tool in quant.TOOLS:
+        t = record["tools"][tool]
+        assert t["convert"]["median_s"] > 0 and t["latency"]["repeats"] == 3 and t["speedup"] > 0
+        assert 0 <= t["agreement"]["top1"] <= 1 and t["agreement"]["cosine"] > 0.9
+    fx, ao = record["tools"]["fxopt"], record["tools"]["torch.ao"]
+    assert record["latency_ratio"] == pytest.approx(ao["latency"]["median_s"] / fx["latency"]["median_s"])
+    assert record["fxopt_int8"]["int8_ops"] >= 20 and record["fxopt_int8"]["kernels"]["QConv2d"] == 20
+    md = (tmp_path / "quant.md").read_text()
+    assert "| resnet18 |" in md and "ratio ao/fxopt" in md and "left in float" in md
+    (tmp_path / "quant.md").unlink()
+    assert main(["--suite", "quant", "--render", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "quant.md").read_text() == md

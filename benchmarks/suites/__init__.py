@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 SUITES = {"passes": "benchmarks.suites.passes", "prune": "benchmarks.suites.prune",
-          "prune-zoo": "benchmarks.suites.prune_zoo"}
+          "prune-zoo": "benchmarks.suites.prune_zoo", "quant": "benchmarks.suites.quant"}
 
 
 def get(name: str):

@@ -48,3 +48,4 @@ def list_backends() -> dict[str, "Backend"]:
 
 
 from . import eager  # noqa: E402,F401  (registers the built-in backends)
+from . import int8  # noqa: E402,F401

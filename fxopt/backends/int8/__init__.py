@@ -1,0 +1,83 @@
+"""int8: run a calibrated fake-quant graph on real int8 CPU kernels.
+
+    cm = fxopt.compile(model, x, pipeline="fold-bn,fake-quant", backend="int8", calibration=batches)
+    # or, after fxopt.calibrate / fxopt.freeze (or QAT):
+    cm = fxopt.lower(cm, backend="int8")
+    print(fxopt.backends.int8.int8_report(cm))
+
+The quantize-dequantize patterns fake-quant left become quantized conv / linear /
+add / cat kernels (x86, fbgemm or oneDNN engine; see `kernels` and `lowering`);
+int8 values flow between them as quantized tensors. What has no int8 kernel stays
+float, and the report lists it with the reason: nothing fails for it.
+
+Options: `engine` (default: the fastest supported, x86 first).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.fx as fx
+
+from ...errors import UnsupportedError
+from ...quant import FakeQuantize
+from .. import register_backend
+from .kernels import INT8_MODULES, pick_engine
+from .lowering import Lowering
+from .report import Int8Report
+
+__all__ = ["INT8_MODULES", "Int8Backend", "Int8Report", "int8_report"]
+
+
+class Int8Backend:
+    name = "int8"
+
+    def lower(self, gm: fx.GraphModule, example_inputs: tuple, engine: str | None = None, **options):
+        if options:
+            raise UnsupportedError(f"backend 'int8' takes only the option 'engine', got {sorted(options)}",
+                                   hint="e.g. backend='int8', engine='x86'")
+        _check_quantized(gm)
+        try:
+            chosen = pick_engine(engine)
+        except ValueError as exc:
+            raise UnsupportedError(f"backend 'int8': {exc}") from None
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # quantized tensor constructors: deprecation
+            lowered, report = Lowering(gm, chosen).run()
+        lowered.int8_report = report
+        lowered.eval()
+        return lowered
+
+    def available(self) -> str | None:
+        engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
+        return None if engines else "a PyTorch build with quantized CPU kernels (fbgemm / x86 / onednn)"
+
+
+def _check_quantized(gm: fx.GraphModule) -> None:
+    """The graph must hold fake quantizers, every activation one calibrated and frozen."""
+    quantizers = [m for m in gm.modules() if isinstance(m, FakeQuantize)]
+    if not quantizers:
+        raise UnsupportedError(
+            "backend 'int8' found no fake quantizers in the graph: there is nothing to lower to int8",
+            hint="add fake-quant to the pipeline and calibrate, e.g. fxopt.compile(model, x, "
+                 "pipeline='fold-bn,fake-quant', backend='int8', calibration=batches)")
+    observing = [m.label or "(unnamed)" for m in quantizers if m.role == "activation" and m.observing]
+    if observing:
+        raise UnsupportedError(
+            f"backend 'int8': {len(observing)} activation quantizers are not frozen "
+            f"(e.g. {', '.join(observing[:3])}), so their scales are not final",
+            hint="run fxopt.calibrate(compiled, batches) then fxopt.freeze(compiled) before "
+                 "fxopt.lower(compiled, backend='int8'), or compile with calibration=batches")
+
+
+def int8_report(compiled) -> Int8Report:
+    """The Int8Report of a model compiled or lowered with backend='int8'."""
+    lowered = getattr(compiled, "_lowered", compiled)
+    report = getattr(lowered, "int8_report", None)
+    if report is None:
+        raise UnsupportedError("this model was not lowered with backend='int8'",
+                               hint="fxopt.lower(compiled, backend='int8')")
+    return report
+
+
+register_backend(Int8Backend())
