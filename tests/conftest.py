@@ -26,3 +26,20 @@ except ImportError:  # hypothesis is a dev dependency
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits, split once (see digits.py)."""
+    pytest.importorskip("sklearn")
+    import digits as data
+
+    return data.load()
+
+
+@pytest.fixture(scope="session")
+def trained(digits):
+    """The digits CNN, trained once per session; tests must not change it (copy first)."""
+    import digits as data
+
+    return data.train(digits)

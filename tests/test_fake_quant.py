@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import fxopt
+from digits import BATCH, accuracy as _accuracy, batches as _batches
 from fxopt.quant import FakeQuantize, QSpec, dequantize, fake_quantize, qparams_from_range, quantize
-from fxopt.quant.qparams import as_rows
 
-BATCH = 64
 
 
 # ---- the grid: property tests ---------------------------------------------------------------
@@ -246,51 +245,6 @@ def test_resnet18_compiles_and_reports_what_stayed_float():
 
 
 # ---- real data: digits ----------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def digits():
-    datasets = pytest.importorskip("sklearn.datasets")
-    model_selection = pytest.importorskip("sklearn.model_selection")
-    data = datasets.load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    x_train, x_test, y_train, y_test = model_selection.train_test_split(x, y, test_size=0.25, random_state=0)
-    return x_train, y_train, x_test, y_test
-
-
-def _batches(x, y, seed: int):
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    return [(x[order[i:i + BATCH]], y[order[i:i + BATCH]]) for i in range(0, len(x) - BATCH + 1, BATCH)]
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    x_train, y_train, _, _ = digits
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    epochs = 6
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(_batches(x_train, y_train, 0)))
-    for epoch in range(epochs):
-        for x, y in _batches(x_train, y_train, epoch):
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
-
-
-def _accuracy(model, digits) -> float:
-    _, _, x, y = digits
-    padded = torch.cat([x, x.new_zeros((-len(x) % BATCH, *x.shape[1:]))])
-    with torch.no_grad():
-        logits = torch.cat([model(padded[i:i + BATCH]) for i in range(0, len(padded), BATCH)])
-    return (logits[:len(x)].argmax(1) == y).float().mean().item()
-
 
 def test_digits_int8_ptq_loses_at_most_half_a_point(trained, digits):
     fp32 = _accuracy(trained, digits)

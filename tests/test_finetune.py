@@ -12,68 +12,11 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fxopt
+from digits import BATCH, accuracy as _accuracy, batches as _batches
 
-BATCH = 64
 PIPELINE = "prune-channels{ratio=0.5}"
-
-
-@pytest.fixture(scope="module")
-def digits():
-    """(x_train, y_train, x_test, y_test): 1347 / 450 images scaled to [0, 1]."""
-    datasets = pytest.importorskip("sklearn.datasets")
-    model_selection = pytest.importorskip("sklearn.model_selection")
-    data = datasets.load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    x_train, x_test, y_train, y_test = model_selection.train_test_split(
-        x, y, test_size=0.25, random_state=0)
-    return x_train, y_train, x_test, y_test
-
-
-def _batches(x, y, seed: int):
-    """Shuffled full batches only: the compiled graph is specialised to BATCH rows."""
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    return [(x[order[i:i + BATCH]], y[order[i:i + BATCH]])
-            for i in range(0, len(x) - BATCH + 1, BATCH)]
-
-
-def _cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    """The CNN after 10 epochs of Adam with a cosine schedule, in eval mode."""
-    x_train, y_train, _, _ = digits
-    torch.manual_seed(0)
-    model = _cnn()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    epochs = 10
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, epochs * len(_batches(x_train, y_train, 0)))
-    for epoch in range(epochs):
-        for x, y in _batches(x_train, y_train, epoch):
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
-
-
-def _accuracy(model, digits) -> float:
-    """Test accuracy, in BATCH-row chunks; the last one padded with zeros that are not scored."""
-    _, _, x, y = digits
-    padded = torch.cat([x, x.new_zeros((-len(x) % BATCH, *x.shape[1:]))])
-    with torch.no_grad():
-        logits = torch.cat([model(padded[i:i + BATCH]) for i in range(0, len(padded), BATCH)])
-    return (logits[:len(x)].argmax(1) == y).float().mean().item()
 
 
 def _prune(model, digits):

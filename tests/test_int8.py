@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxopt
+from digits import BATCH, accuracy as _accuracy
 from fxopt.backends.int8 import INT8_MODULES, int8_report
 
 PIPELINE = "fold-bn,fake-quant"
@@ -171,8 +172,6 @@ def test_bert_like_encoder_int8_agrees():
 
 
 def test_digits_cnn_int8_loses_at_most_half_a_point(trained, digits):
-    from test_finetune import BATCH, _accuracy
-
     x_train = digits[0]
     calibration = [x_train[i:i + BATCH] for i in range(0, 8 * BATCH, BATCH)]
     cm = fxopt.compile(trained, (x_train[:BATCH],), pipeline=PIPELINE, backend="int8", calibration=calibration)
@@ -180,5 +179,3 @@ def test_digits_cnn_int8_loses_at_most_half_a_point(trained, digits):
     assert fp32 > 0.9 and int8 >= fp32 - 0.005, (fp32, int8)
     assert len(int8_report(cm).int8_ops) == 3
 
-
-from test_finetune import digits, trained  # noqa: E402,F401  (the fixtures, shared)
