@@ -8,11 +8,11 @@ import inspect
 import json
 import os
 import sys
-import tempfile
 
 import torch
 
 import fxopt
+from fxopt.files import write_atomically
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "int64": torch.int64, "int32": torch.int32}
@@ -200,12 +200,7 @@ def _max_difference(expected, actual) -> float:
 
 def write_json_atomically(path: str, data) -> None:
     """Write JSON to a temp file beside `path`, then rename: never half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(data, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -25,14 +25,13 @@ to even, like torch.round, and saturates to the container type):
 """
 from __future__ import annotations
 
-import os
-import tempfile
 
 import numpy as np
 import torch
 import torch.fx as fx
 
 from ..errors import FxoptError, UnsupportedError
+from ..files import write_atomically
 from ..ir.graph import fetch_attr, node_location
 from ..quant import FakeQuantize, quantize
 
@@ -304,15 +303,5 @@ def save_atomically(model, path: str) -> str:
     except onnx.checker.ValidationError as e:
         raise FxoptError(f"ONNX export produced an invalid model: {e}",
                          hint="please report this graph; the exporter should have refused it") from e
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fxopt-", suffix=".onnx.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    path = write_atomically(path, model.SerializeToString())
     return path

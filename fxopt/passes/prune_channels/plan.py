@@ -15,14 +15,13 @@ original model.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
 from ...errors import FxoptError
+from ...files import write_atomically
 from ...ir.graph import fetch_attr
 from ...ir.meta import INPUT_SHAPES, PIPELINE_BEFORE, TensorInfo
 from .rewrite import Plan as _Drops
@@ -133,26 +132,12 @@ class PruningPlan:
 
     def save(self, path) -> None:
         """Write to a temp file beside `path`, then rename: a reader never sees half a plan."""
-        write_text_atomically(os.fspath(path), self.to_json())
+        write_atomically(path, self.to_json())
 
     @classmethod
     def load(cls, path) -> "PruningPlan":
         with open(path, encoding="utf-8") as fh:
             return cls.from_json(fh.read())
-
-
-def write_text_atomically(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _dtype(name: str) -> torch.dtype:
