@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/fxopt run torchvision:resnet50 -p default --input-shape 1x3x224x224 --time-passes
 
 bench: setup
-	$(BIN)/python -m benchmarks --suite passes
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
