@@ -1,6 +1,7 @@
 """The user-facing entry points: trace, compile, lower, calibrate, freeze."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -106,6 +107,7 @@ def compile(model, example_inputs, pipeline="default", backend: str = "eager", c
         if _quantizers(gm):  # observers have seen the batches: fix the scales before lowering
             _freeze_module(gm)
     lowered = get_backend(backend).lower(gm, example_inputs, **backend_options)
+    report = _with_backend_sections(report, lowered)
     recompile = None
     if on_new_shape == "retrace":
         def recompile(new_inputs):
@@ -123,7 +125,16 @@ def lower(compiled: CompiledModel, backend: str = "eager", example_inputs=None, 
         example_inputs = tuple(torch.zeros(i.shape, dtype=i.dtype, device=i.device)
                                if i is not None else None for i in compiled.input_shapes)
     lowered = get_backend(backend).lower(gm, tuple(example_inputs), **options)
-    return CompiledModel(gm, lowered, compiled.report)
+    return CompiledModel(gm, lowered, _with_backend_sections(compiled.report, lowered))
+
+
+def _with_backend_sections(report, lowered):
+    """The report plus the sections a backend attached to its lowered module (e.g.
+    `int8`: what runs in int8 and what stays float); a copy, the original is kept."""
+    extra = getattr(lowered, "report_sections", None)
+    if not extra:
+        return report
+    return dataclasses.replace(report, sections={**report.sections, **extra})
 
 
 def calibrate(compiled: CompiledModel, batches, progress: bool = False) -> CompiledModel:

@@ -72,6 +72,7 @@ def test_vision_int8_agrees_with_fake_quant(name):
     top1, cosine = _agreement(fake, cm, data[4:])
     assert top1 >= 0.99 and cosine >= 0.999, (top1, cosine)
     report = int8_report(cm)
+    assert cm.report.int8 is report and "fake-quant" in [r.name for r in cm.report.records]
     assert report.engine in torch.backends.quantized.supported_engines
     assert len(report.int8_ops) >= 20 and "adaptive_avg_pool2d" in {n for n, _ in report.float_ops}
 

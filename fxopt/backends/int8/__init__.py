@@ -45,6 +45,7 @@ class Int8Backend:
             warnings.simplefilter("ignore", UserWarning)  # quantized tensor constructors: deprecation
             lowered, report = Lowering(gm, chosen).run()
         lowered.int8_report = report
+        lowered.report_sections = {"int8": report}  # compiled.report.int8
         lowered.eval()
         return lowered
 
