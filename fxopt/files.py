@@ -1,5 +1,6 @@
 """Writing files so that a failure never leaves half a file: write to a temp name in
-the target's folder, then rename over the target (atomic on one file system)."""
+the target's folder, flush it to disk, then rename over the target (atomic on one
+file system)."""
 from __future__ import annotations
 
 import os
@@ -8,18 +9,21 @@ import tempfile
 
 def write_atomically(path, data: str | bytes) -> str:
     """Write `data` (text as UTF-8, or bytes) to `path` via a temp file and a rename;
-    on any error the temp file is removed and `path` is left as it was."""
+    on any error the temp file is removed and `path` is left as it was. The file gets
+    the usual permissions (mkstemp's are owner-only)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".fxopt-", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
-        if isinstance(data, bytes):
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-        else:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(data)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w",
+                       **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
