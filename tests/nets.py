@@ -41,3 +41,27 @@ class HandAttention(nn.Module):
         q, k, v = (m(x).view(b, n, self.heads, d // self.heads).transpose(1, 2) for m in (self.q, self.k, self.v))
         h = x + self.o(((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, n, d))
         return h + self.down(F.gelu(self.up(h)))
+
+
+class Gate(nn.Module):
+    """Value-dependent control flow: only a leaf can hold it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(x)
+        return -x
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.gate = Gate()
+        self.post = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.post(F.relu(self.gate(self.pre(x))))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import fxopt
 from fxopt.ir.meta import INPUT_SHAPES, TENSOR, TensorInfo
+from nets import Gate, Gated
 
 
 class ConvNet(nn.Module):
@@ -181,30 +182,6 @@ def test_every_node_has_its_shape_in_symbolic_mode_too():
             assert isinstance(node.meta.get(TENSOR), TensorInfo), node.name
     conv = next(n for n in gm.graph.nodes if n.target == "conv")
     assert conv.meta[TENSOR].shape == (2, 8, 8, 8)
-
-
-class Gate(nn.Module):
-    """Value-dependent control flow: only a leaf can hold it."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        if x.sum() > 0:
-            return self.fc(x)
-        return -x
-
-
-class Gated(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.pre = nn.Linear(4, 4)
-        self.gate = Gate()
-        self.post = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.post(F.relu(self.gate(self.pre(x))))
 
 
 @pytest.mark.parametrize("leaf", [Gate, "gate"])
