@@ -13,8 +13,8 @@ from .errors import (FxoptError, InputShapeError, PassFailedError, PassOptionErr
                      VerificationError)
 from .export import export_onnx
 from .finetune import FinetuneHistory, finetune
-from .pruning import (ChannelGroupsTable, PruningPlan, apply_plan, explain_pruning, load_pruned,
-                      pruning_plan, save_pruned)
+from .pruning import (PruningPlan, apply_plan, explain_pruning, load_pruned, pruning_plan,
+                      save_pruned)
 from .quant import FakeQuantize, QuantReport
 from .pm import (PRESETS, Analysis, AnalysisManager, Pass, PassManager, PassResult, Report,
                  format_pipeline, instruments, list_passes, parse_pipeline, register_pass)
@@ -27,7 +27,7 @@ __all__ = [
     "Report", "TraceError", "UnknownPassError", "UnsupportedError", "VerificationError", "analyses",
     "backends", "calibrate", "compile", "format_pipeline", "freeze", "instruments", "list_backends",
     "list_passes", "lower", "parse_pipeline", "register_backend", "register_pass", "trace",
-    "ChannelGroupsTable", "PruningPlan", "apply_plan", "explain_pruning", "load_pruned", "pruning_plan",
+    "PruningPlan", "apply_plan", "explain_pruning", "load_pruned", "pruning_plan",
     "save_pruned",
     "FinetuneHistory", "finetune",
     "FakeQuantize", "QuantReport", "quant",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import textwrap
 
 import torch
 import torch.fx as fx
@@ -24,52 +23,19 @@ from .passes.prune_channels.apply import apply_choices
 from .passes.prune_channels.plan import PLAN_KEY, PruningPlan, choices_from_plan, inputs_of
 from .pm import AnalysisManager, PassManager
 
-__all__ = ["ChannelGroupsTable", "PruningPlan", "apply_plan", "explain_pruning", "load_pruned",
+__all__ = ["PruningPlan", "apply_plan", "explain_pruning", "load_pruned",
            "pruning_plan", "save_pruned"]
 
 MODEL_FILE, PLAN_FILE = "model.safetensors", "plan.json"
 
 
 # -- explain --------------------------------------------------------------------------------------
-class ChannelGroupsTable(ChannelGroupsResult):
-    """A ChannelGroupsResult that prints as a wrapped table: one row per group (id,
-    kind, size, prunable, sources), its parameter members below, and the reason a
-    group is not prunable; then the ops that blocked pruning."""
-
-    width = 100
-
-    def __str__(self) -> str:
-        prunable = self.prunable()
-        lines = [f"{len(self.groups)} channel groups, {len(prunable)} prunable "
-                 f"({sum(g.size for g in prunable)} of {sum(g.size for g in self.groups)} channels)",
-                 f"{'id':>4}  {'kind':<8}  {'size':>5}  {'prunable':<8}  sources"]
-        for g in self.groups:
-            lines.append(f"{g.id:>4}  {g.kind:<8}  {g.size:>5}  {'yes' if g.prunable else 'no':<8}  "
-                         + ", ".join(g.sources))
-            params = [str(m) for m in g.members if m.param]
-            values = [str(m) for m in g.members if not m.param]
-            shown = "params: " + " ".join(params) if params else "values: " + " ".join(values[:6]) + (
-                f" (+{len(values) - 6} more)" if len(values) > 6 else "")
-            lines += self._wrap(shown)
-            if not g.prunable:
-                lines += self._wrap(f"why not: {g.reason}")
-        if self.blocked_ops:
-            lines.append(f"blocked ops ({len(self.blocked_ops)}):")
-            lines += [f"  - {op}" for op in self.blocked_ops]
-        return "\n".join(lines)
-
-    def _wrap(self, text: str) -> list[str]:
-        return textwrap.wrap(text, self.width, initial_indent=" " * 6, subsequent_indent=" " * 14,
-                             break_on_hyphens=False)
-
-
-def explain_pruning(model: torch.nn.Module, example_inputs, **trace_kwargs) -> ChannelGroupsTable:
+def explain_pruning(model: torch.nn.Module, example_inputs, **trace_kwargs) -> ChannelGroupsResult:
     """The channel groups of the traced `model` (which dims prune-channels removes
     together, which groups it cannot touch and why). Prints as a table; `.to_dict()`
     for JSON. `trace_kwargs` go to fxopt.trace (leaf_modules, concrete_args)."""
     gm = trace(model, example_inputs, **trace_kwargs)
-    result = AnalysisManager(gm).get(ChannelGroups)
-    return ChannelGroupsTable(result.groups, result.blocked_ops)
+    return AnalysisManager(gm).get(ChannelGroups)
 
 
 # -- the plan of a pruned model -------------------------------------------------------------------
@@ -193,9 +159,9 @@ def _check_state(gm: fx.GraphModule, state: dict, path: str) -> None:
     if problems:
         raise FxoptError(f"the weights in {path} do not fit the replayed model: " + "; ".join(problems),
                          where=path,
-                         hint="load into a fresh instance of the model class that was pruned; a model "
-                              "compiled with passes that change parameters (e.g. fold-bn) before pruning "
-                              "cannot be replayed from the plan alone")
+                         hint="load into a fresh instance of the model class that was pruned; the plan "
+                              "replays the passes that ran before the pruning, not passes run after it "
+                              "that change parameters")
 
 
 def _few(items: list[str]) -> str:

@@ -17,6 +17,7 @@ An attention's head_dim is never cut out of its heads (whole heads are the unit)
 """
 from __future__ import annotations
 
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -89,15 +90,32 @@ class ChannelGroupsResult:
         return {"groups": [g.to_dict() for g in self.groups], "blocked_ops": list(self.blocked_ops)}
 
     def __str__(self) -> str:
-        rows = [f"{'id':>4} {'size':>6}  {'kind':<8}  {'prunable':<8}  {'sources':<28}  members / reason"]
+        """A wrapped table: one row per group (id, kind, size, prunable, sources), its
+        parameter members below (or its values, when it has no parameter), the reason a
+        group is not prunable; then the ops that blocked pruning."""
+        prunable = self.prunable()
+        lines = [f"{len(self.groups)} channel groups, {len(prunable)} prunable "
+                 f"({sum(g.size for g in prunable)} of {sum(g.size for g in self.groups)} channels)",
+                 f"{'id':>4}  {'kind':<8}  {'size':>5}  {'prunable':<8}  sources"]
         for g in self.groups:
+            lines.append(f"{g.id:>4}  {g.kind:<8}  {g.size:>5}  {'yes' if g.prunable else 'no':<8}  "
+                         + ", ".join(g.sources))
             params = [str(m) for m in g.members if m.param]
-            rows.append(f"{g.id:>4} {g.size:>6}  {g.kind:<8}  {'yes' if g.prunable else 'no':<8}  "
-                        f"{','.join(g.sources)[:28]:<28}  {' '.join(params)}"
-                        + ("" if g.prunable else f"  [{g.reason}]"))
+            values = [str(m) for m in g.members if not m.param]
+            shown = "params: " + " ".join(params) if params else "values: " + " ".join(values[:6]) + (
+                f" (+{len(values) - 6} more)" if len(values) > 6 else "")
+            lines += _wrap(shown)
+            if not g.prunable:
+                lines += _wrap(f"why not: {g.reason}")
         if self.blocked_ops:
-            rows.append("blocked ops: " + "; ".join(self.blocked_ops))
-        return "\n".join(rows)
+            lines.append(f"blocked ops ({len(self.blocked_ops)}):")
+            lines += [f"  - {op}" for op in self.blocked_ops]
+        return "\n".join(lines)
+
+
+def _wrap(text: str, width: int = 100) -> list[str]:
+    return textwrap.wrap(text, width, initial_indent=" " * 6, subsequent_indent=" " * 14,
+                         break_on_hyphens=False)
 
 
 class ChannelGroups(Analysis):
