@@ -1,6 +1,7 @@
 """Small helpers over torch.fx graphs that every layer uses."""
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import operator
 
@@ -88,6 +89,14 @@ def module_path(node: fx.Node) -> str:
     if node.op == "call_module":
         return str(node.target)
     return ""
+
+
+def fqn_matches(fqn: str, pattern: str) -> bool:
+    """An fnmatch `pattern` matches `fqn` or any module path above it (so `layer1`,
+    `layer1.*` and `layer1.0.conv1.weight` all match `layer1.0.conv1.weight`): how
+    option patterns such as prune-channels' `ignore` and fake-quant's `skip` name layers."""
+    parts = fqn.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
 
 
 def has_side_effects(node: fx.Node) -> bool:

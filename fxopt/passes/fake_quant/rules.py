@@ -8,14 +8,13 @@ the reasons the rest stay float. `classify` walks the graph once and returns one
 """
 from __future__ import annotations
 
-import fnmatch
 import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from ...ir.graph import module_path
+from ...ir.graph import fqn_matches, module_path
 from ...ir.meta import TENSOR
 
 aten = torch.ops.aten
@@ -115,10 +114,8 @@ def skip_match(node: fx.Node, patterns) -> str | None:
     """The first skip pattern matching the node's module path or a weight FQN it reads."""
     names = [module_path(node)] + [a.target for a in node.all_input_nodes if a.op == "get_attr"]
     for pattern in patterns:
-        for name in filter(None, names):
-            parts = name.split(".")
-            if any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1)):
-                return pattern
+        if any(fqn_matches(name, pattern) for name in filter(None, names)):
+            return pattern
     return None
 
 

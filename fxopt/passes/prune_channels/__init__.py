@@ -11,7 +11,6 @@ rewritten is left unpruned, with a note; the result is checked by shape propagat
 """
 from __future__ import annotations
 
-import fnmatch
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -20,6 +19,7 @@ import torch.fx as fx
 
 from ...analyses import ChannelGroups
 from ...errors import PassOptionError
+from ...ir.graph import fqn_matches
 from ...pm import Pass, PassResult, register_pass
 from .importance import Importance, channels_to_keep, global_keep_counts, kept_channels
 from .apply import apply_choices
@@ -115,23 +115,17 @@ class PruneChannels(Pass):
 
     def _ignored(self, group) -> str | None:
         for m in group.members:
-            if m.param and any(_match(m.name, p) for p in self.ignore):
+            if m.param and any(fqn_matches(m.name, p) for p in self.ignore):
                 return m.name
         return None
 
     def _warn_unmatched(self, gm: fx.GraphModule) -> None:
         fqns = sorted({str(n.target) for n in gm.graph.find_nodes(op="get_attr")})
         for pattern in self.ignore:
-            if not any(_match(f, pattern) for f in fqns):
+            if not any(fqn_matches(f, pattern) for f in fqns):
                 shown = ", ".join(fqns[:12]) + (", ..." if len(fqns) > 12 else "")
                 warnings.warn(f"prune-channels: ignore pattern {pattern!r} matches no parameter; "
                               f"parameters are e.g. {shown}", stacklevel=2)
-
-
-def _match(fqn: str, pattern: str) -> bool:
-    """A pattern matches a parameter's FQN or any module path above it."""
-    parts = fqn.split(".")
-    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
 
 
 def _check_choice(option: str, value, allowed: tuple[str, ...]) -> None:
