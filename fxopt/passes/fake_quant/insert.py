@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ...ir.graph import fetch_attr
+from ...ir.graph import fetch_attr, fresh_attr_name
 from ...ir.meta import TENSOR
 from ...quant import FakeQuantize, QSpec
 
@@ -36,12 +36,7 @@ def slug(text: str) -> str:
 
 def _add_module(gm: fx.GraphModule, base: str, module: FakeQuantize) -> str:
     """Install `module` under fake_quant.<base> (suffixed if taken); returns its path."""
-    root = gm.get_submodule(PREFIX) if hasattr(gm, PREFIX) else None
-    name, i = base, 0
-    while root is not None and hasattr(root, name):
-        i += 1
-        name = f"{base}_{i}"
-    path = f"{PREFIX}.{name}"
+    path = fresh_attr_name(gm, f"{PREFIX}.{base}")
     gm.add_submodule(path, module)
     module.label = path
     return path
