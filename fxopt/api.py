@@ -122,8 +122,7 @@ def lower(compiled: CompiledModel, backend: str = "eager", example_inputs=None, 
     """Lower an already compiled model's graph with another backend."""
     gm = compiled.graph_module
     if example_inputs is None:
-        example_inputs = tuple(torch.zeros(i.shape, dtype=i.dtype, device=i.device)
-                               if i is not None else None for i in compiled.input_shapes)
+        example_inputs = traced_inputs(gm)
     lowered = get_backend(backend).lower(gm, tuple(example_inputs), **options)
     return CompiledModel(gm, lowered, _with_backend_sections(compiled.report, lowered))
 
@@ -162,6 +161,22 @@ def freeze(compiled: CompiledModel) -> CompiledModel:
 
 def _graph_of(compiled) -> fx.GraphModule:
     return compiled.graph_module if isinstance(compiled, CompiledModel) else compiled
+
+
+def graph_module_of(compiled, what: str) -> fx.GraphModule:
+    """The GraphModule of a CompiledModel, or `compiled` itself when it is one; `what`
+    (the caller's name) goes into the error for anything else."""
+    gm = _graph_of(compiled)
+    if not isinstance(gm, fx.GraphModule):
+        raise UnsupportedError(f"{what} takes a CompiledModel or a GraphModule, got {type(compiled).__name__}",
+                               hint="pass what fxopt.compile (or apply_plan / load_pruned) returned")
+    return gm
+
+
+def traced_inputs(gm: fx.GraphModule) -> tuple:
+    """Zeros of the input shapes and dtypes `gm` was traced with (None where None was)."""
+    return tuple(torch.zeros(i.shape, dtype=i.dtype, device=i.device) if i is not None else None
+                 for i in gm.meta.get(INPUT_SHAPES, ()))
 
 
 def _quantizers(gm: torch.nn.Module) -> list:

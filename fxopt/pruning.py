@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from .analyses import ChannelGroups
 from .analyses.channel_groups import ChannelGroupsResult
-from .api import CompiledModel, trace
+from .api import graph_module_of, trace
 from .errors import FxoptError
 from .passes.prune_channels.apply import apply_choices
 from .passes.prune_channels.plan import PLAN_KEY, PruningPlan, choices_from_plan, inputs_of
@@ -39,19 +39,10 @@ def explain_pruning(model: torch.nn.Module, example_inputs, **trace_kwargs) -> C
 
 
 # -- the plan of a pruned model -------------------------------------------------------------------
-def _graph_module(compiled_or_gm) -> fx.GraphModule:
-    if isinstance(compiled_or_gm, CompiledModel):
-        return compiled_or_gm.graph_module
-    if isinstance(compiled_or_gm, fx.GraphModule):
-        return compiled_or_gm
-    raise FxoptError(f"expected a CompiledModel or a GraphModule, got {type(compiled_or_gm).__name__}",
-                     hint="pass what fxopt.compile, fxopt.apply_plan or fxopt.load_pruned returned")
-
-
 def pruning_plan(compiled_or_gm) -> PruningPlan | None:
     """The plan prune-channels recorded on this compiled model / graph, or None when
     nothing was pruned."""
-    plan = _graph_module(compiled_or_gm).meta.get(PLAN_KEY)
+    plan = graph_module_of(compiled_or_gm, "pruning_plan").meta.get(PLAN_KEY)
     return plan if isinstance(plan, PruningPlan) else None
 
 
@@ -99,7 +90,7 @@ def save_pruned(compiled_or_gm, directory) -> None:
     with an empty plan."""
     from safetensors.torch import save_file
 
-    gm = _graph_module(compiled_or_gm)
+    gm = graph_module_of(compiled_or_gm, "save_pruned")
     plan = pruning_plan(gm) or PruningPlan(inputs=inputs_of(gm))
     # clone each tensor: safetensors refuses shared or non-contiguous storage
     tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)

@@ -11,10 +11,9 @@ fxopt.export.onnx_qdq (quantizers) and fxopt.export.onnx_ops (the op table).
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 
 from ..errors import UnsupportedError
-from ..ir.meta import INPUT_SHAPES
+from ..api import graph_module_of, traced_inputs
 
 __all__ = ["export_onnx"]
 
@@ -26,7 +25,7 @@ def export_onnx(compiled_or_gm, path, example_inputs=None, opset: int = DEFAULT_
 
     Frozen FakeQuantize modules become QDQ: weights as stored integer codes with
     DequantizeLinear, activations as QuantizeLinear -> DequantizeLinear. Shapes are
-    those of `example_inputs` (default: random tensors of the traced input shapes).
+    those of `example_inputs` (default: zeros of the traced input shapes).
     Raises UnsupportedError naming the node for an op with no exact ONNX form, and
     FxoptError for an activation quantizer that is not calibrated and frozen; in
     either case nothing is written at `path`. Returns `path`.
@@ -34,32 +33,16 @@ def export_onnx(compiled_or_gm, path, example_inputs=None, opset: int = DEFAULT_
     from .onnx_ops import RULES
     from .onnx_qdq import MIN_OPSET, build_model, save_atomically
 
-    gm = getattr(compiled_or_gm, "graph_module", compiled_or_gm)
-    if not isinstance(gm, fx.GraphModule):
-        raise UnsupportedError(f"export_onnx takes a CompiledModel or a GraphModule, got "
-                               f"{type(compiled_or_gm).__name__}",
-                               hint="compile it first: fxopt.compile(model, example_inputs, ...)")
+    gm = graph_module_of(compiled_or_gm, "export_onnx")
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise UnsupportedError(f"export_onnx: opset must be an integer >= {MIN_OPSET} (per-channel "
                                f"QuantizeLinear), got {opset!r}")
     if example_inputs is None:
-        example_inputs = _inputs_like(gm)
+        example_inputs = traced_inputs(gm)
+        if len(example_inputs) != len(gm.graph.find_nodes(op="placeholder")):
+            raise UnsupportedError("export_onnx: the graph has no recorded input shapes",
+                                   hint="pass example_inputs=...")
     elif isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     flat = torch.utils._pytree.tree_leaves(tuple(example_inputs))
     return save_atomically(build_model(gm, flat, opset, RULES), path)
-
-
-def _inputs_like(gm: fx.GraphModule) -> tuple:
-    """Random inputs with the traced shapes and dtypes (integer inputs: zeros, valid indices)."""
-    inputs = []
-    for node in gm.graph.find_nodes(op="placeholder"):
-        val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor):
-            raise UnsupportedError(f"export_onnx: input {node.name!r} has no recorded shape",
-                                   hint="pass example_inputs=...")
-        shape = [int(s) for s in val.shape]
-        inputs.append(torch.randn(shape, dtype=val.dtype) if val.dtype.is_floating_point else torch.zeros(shape, dtype=val.dtype))
-    if not inputs and gm.meta.get(INPUT_SHAPES):
-        raise UnsupportedError("export_onnx: cannot rebuild the example inputs", hint="pass example_inputs=...")
-    return tuple(inputs)
