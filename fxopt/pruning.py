@@ -20,7 +20,7 @@ from .analyses.channel_groups import ChannelGroupsResult
 from .api import graph_module_of, trace
 from .errors import FxoptError
 from .passes.prune_channels.apply import apply_choices
-from .passes.prune_channels.plan import PLAN_KEY, PruningPlan, choices_from_plan, inputs_of
+from .passes.prune_channels.plan import PLAN_KEY, PruningPlan, choices_from_plan, few, inputs_of
 from .pm import AnalysisManager, PassManager
 
 __all__ = ["PruningPlan", "apply_plan", "explain_pruning", "load_pruned",
@@ -144,16 +144,12 @@ def _check_state(gm: fx.GraphModule, state: dict, path: str) -> None:
     unexpected = sorted(set(state) - set(own))
     wrong = [f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = ([f"missing {_few(missing)}"] if missing else []) + (
-        [f"unexpected {_few(unexpected)}"] if unexpected else []) + (
-        [f"shape mismatch {_few(wrong)}"] if wrong else [])
+    problems = ([f"missing {few(missing)}"] if missing else []) + (
+        [f"unexpected {few(unexpected)}"] if unexpected else []) + (
+        [f"shape mismatch {few(wrong)}"] if wrong else [])
     if problems:
         raise FxoptError(f"the weights in {path} do not fit the replayed model: " + "; ".join(problems),
                          where=path,
                          hint="load into a fresh instance of the model class that was pruned; the plan "
                               "replays the passes that ran before the pruning, not passes run after it "
                               "that change parameters")
-
-
-def _few(items: list[str]) -> str:
-    return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")

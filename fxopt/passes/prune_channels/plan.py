@@ -248,8 +248,7 @@ def _check_tensors(gm: fx.GraphModule, plan: PruningPlan) -> None:
                              f"{tuple(value.shape)}", where=fqn,
                              hint="apply the plan to a fresh (unpruned) instance of the model it was made from")
     if missing:
-        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-        raise FxoptError(f"the plan prunes {shown}, which this model does not have", where=missing[0],
+        raise FxoptError(f"the plan prunes {few(missing)}, which this model does not have", where=missing[0],
                          hint="apply the plan to a fresh instance of the model it was made from")
 
 
@@ -266,6 +265,11 @@ def _check_covered(groups_result, plan: PruningPlan, choices: list) -> None:
             raise FxoptError(f"the plan prunes {fqn} dim {dim}, which cannot be pruned that way in this model"
                              + (f": {why}" if why else "" if groups else ": it is in no channel group"),
                              where=fqn, hint="the plan came from another model (or another fxopt version)")
+
+
+def few(items: list[str]) -> str:
+    """The first five items, and how many more."""
+    return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
 
 
 def _short(values: list[int]) -> str:
