@@ -94,6 +94,29 @@ def measure(fn: Callable[[Any], Any], repeats: int = 5, warmup: int = 1,
     return result
 
 
+def interleaved(stages: dict, runs: int, warmup: int) -> dict[str, Measurement]:
+    """Time every stage `(fn, setup)` once per round, the order rotating each round.
+
+    On a shared machine the load drifts; round-robin puts every stage under the same
+    drift, so ratios between stages stay fair. `setup()` (untimed) makes fn's state.
+    """
+    names = list(stages)
+    out = {n: Measurement(warmup=warmup) for n in names}
+    for i in range(warmup + runs):
+        shift = i % len(names)
+        for n in names[shift:] + names[:shift]:
+            fn, setup = stages[n]
+            state = setup() if setup is not None else None
+            gc.collect()
+            start = time.perf_counter()
+            fn(state)
+            elapsed = time.perf_counter() - start
+            del state
+            if i >= warmup:
+                out[n].samples.append(elapsed)
+    return out
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (or the platform's best guess)."""
     try:

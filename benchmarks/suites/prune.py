@@ -43,7 +43,6 @@ A tool that fails on a model is recorded with its error; the suite goes on.
 from __future__ import annotations
 
 import copy
-import gc
 import os
 import time
 from dataclasses import dataclass
@@ -54,8 +53,7 @@ import torch
 import fxopt
 from fxopt.analyses import Cost, Shapes, ShapeTable
 
-from ..harness import (Measurement, environment, fmt_seconds, markdown_table, render_results,
-                       save_results)
+from ..harness import environment, fmt_seconds, interleaved, markdown_table, render_results, save_results
 
 NAME = "prune"
 RATIO = 0.5
@@ -103,29 +101,6 @@ def count(module, inputs) -> dict:
     """MACs and parameters of `module` by fxopt's Cost on a fresh trace (the one counter)."""
     table = fxopt.AnalysisManager(fxopt.trace(module, inputs)).get(Cost)
     return {"macs": table.macs, "params": table.params, "uncounted_ops": list(table.unknown)}
-
-
-def interleaved(stages: dict, runs: int, warmup: int) -> dict[str, Measurement]:
-    """Time every stage `(fn, setup)` once per round, the order rotating each round.
-
-    On a shared machine the load drifts; round-robin puts every stage under the same
-    drift, so ratios between stages stay fair. `setup()` (untimed) makes fn's state.
-    """
-    names = list(stages)
-    out = {n: Measurement(warmup=warmup) for n in names}
-    for i in range(warmup + runs):
-        shift = i % len(names)
-        for n in names[shift:] + names[:shift]:
-            fn, setup = stages[n]
-            state = setup() if setup is not None else None
-            gc.collect()
-            start = time.perf_counter()
-            fn(state)
-            elapsed = time.perf_counter() - start
-            del state
-            if i >= warmup:
-                out[n].samples.append(elapsed)
-    return out
 
 
 def _numel(module) -> int:

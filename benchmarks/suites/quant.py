@@ -33,8 +33,7 @@ import torch
 
 import fxopt
 
-from ..harness import environment, fmt_seconds, markdown_table, render_results, save_results
-from .prune import interleaved
+from ..harness import environment, fmt_seconds, interleaved, markdown_table, render_results, save_results
 
 NAME = "quant"
 PIPELINE = "fold-bn,fake-quant"
