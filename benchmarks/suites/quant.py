@@ -13,10 +13,10 @@ Per model (torchvision, weights=None, eval; batch 8 at 224x224, 2 torch threads)
   agreement each int8 model against fp32 on fresh random batches: top-1 agreement
             and mean cosine of the logits.
 
-Random weights make vanishing activations (torchvision's random mobilenet_v2 gives
-logits of ~1e-9, which any 8-bit grid rounds to zero), so every model first gets
-realistic BatchNorm statistics: a few forward passes in train mode on random
-inputs (cumulative averages), then eval. Both tools quantize that same model.
+Random weights as torchvision initialises them make vanishing activations and a
+chaotic mobilenet_v2, so every model first gets BatchNorm statistics from random
+inputs and damped residual branches (`benchmarks.models.with_realistic_statistics`
+says why). Both tools quantize that same model.
 Both use the x86 quantized engine (torch.ao's default here, and the one fxopt
 picks). fxopt observes with min/max; torch.ao's x86 mapping uses histogram
 observers for activations: the agreement columns show what each choice gives.
@@ -34,6 +34,7 @@ import torch
 import fxopt
 
 from ..harness import environment, fmt_seconds, interleaved, markdown_table, render_results, save_results
+from ..models import with_realistic_statistics
 
 NAME = "quant"
 PIPELINE = "fold-bn,fake-quant"
@@ -65,20 +66,13 @@ def plan(repeats: int | None, quick: bool) -> Plan:
 
 
 def build(name: str, quick: bool, p: Plan):
-    """Model `name` with BatchNorm statistics from random inputs; calibration and check batches."""
+    """Model `name` made numerically realistic (`with_realistic_statistics`); calibration and check batches."""
     import torchvision
 
     size = QUICK_SIZE if quick else SIZE
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None   # cumulative average over the passes below
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.randn(BATCH, 3, size, size))
-    model.eval()
+    model = with_realistic_statistics(model, [torch.randn(BATCH, 3, size, size) for _ in range(4)])
     calib = [torch.randn(BATCH, 3, size, size) for _ in range(p.calib)]
     check = [torch.randn(BATCH, 3, size, size) for _ in range(p.check)]
     return model, calib, check
