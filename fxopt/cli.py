@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--input-dtype", action="append", choices=sorted(_DTYPES),
                    help="dtype per input (default float32; int64 inputs are token ids in [0, 100))")
     r.add_argument("--backend", default="eager")
+    r.add_argument("--calibration-batches", type=int, default=0, metavar="N",
+                   help="run N random batches shaped like the inputs through the rewritten graph "
+                        "before lowering (fake-quant observers; backend int8 needs them)")
     r.add_argument("--time-passes", action="store_true", help="print a pass timing summary")
     r.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
                    help="print the graph after this pass ('all' for every pass)")
@@ -100,12 +103,16 @@ def cmd_run(args) -> int:
         instruments.append(fxopt.instruments.PrintIR(after=args.print_ir_after))
     if args.reproducer:
         instruments.append(fxopt.instruments.Reproducer(args.reproducer))
+    calibration = [make_inputs(args.input_shape, args.input_dtype)
+                   for _ in range(args.calibration_batches)] or None
     compiled = fxopt.compile(model, inputs, pipeline=args.pipeline, backend=args.backend,
-                             instruments=instruments, verify=args.verify_each)
+                             calibration=calibration, instruments=instruments, verify=args.verify_each)
     with torch.no_grad():
         diff = _max_difference(model(*inputs), compiled(*inputs))
     cost = fxopt.AnalysisManager(compiled.graph_module).get(fxopt.analyses.Cost)
     print(compiled.report)
+    for name, section in compiled.report.sections.items():
+        print(f"\n[{name}]\n{section}")
     print(f"\nmodel: {args.model}  inputs: {', '.join(args.input_shape)}  backend: {args.backend}")
     print(f"params {cost.params:,}  MACs {cost.macs:,}  max |compiled - eager| = {diff:.3g}")
     if cost.unknown:

@@ -54,6 +54,25 @@ def test_run_model_from_a_file_with_a_factory(tmp_path, capsys):
     assert "folded 1 BatchNorm" in capsys.readouterr().out
 
 
+def test_run_int8_calibrates_and_prints_the_quant_and_int8_sections(tmp_path, capsys):
+    source = tmp_path / "cnn.py"
+    source.write_text(textwrap.dedent("""
+        import torch.nn as nn
+        def build():
+            return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(8 * 6 * 6, 4))
+    """))
+    args = ["run", f"{source}:build", "-p", "fold-bn,fake-quant", "--backend", "int8",
+            "--input-shape", "4x3x8x8"]
+    assert main(args) == 2                       # observers never saw data: not frozen
+    assert "not frozen" in capsys.readouterr().err
+    assert main(args + ["--calibration-batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[quant]" in out and "quantized  linear" in out
+    assert "[int8]" in out and "QConv2d x1" in out
+    assert "ops without a cost model" not in out   # FakeQuantize modules are costed
+
+
 def test_run_bad_pipeline_reports_column(capsys):
     assert main(["run", "torchvision:resnet18", "-p", "fold-bn{eps-guard=1e-6", "--input-shape",
                  "1x3x32x32"]) == 2

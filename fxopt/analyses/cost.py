@@ -156,11 +156,21 @@ RULES = {
                                "linalg_vector_norm")},
     **{f"{kind}_pool{d}d": _pool(d) for kind in ("max", "avg") for d in (1, 2, 3)},
     "max_pool2d_with_indices": _pool(2),
+    "fake_quantize": _per_output(4),   # scale, round, clamp, rescale per value
 }
 _MODULE_RULES = {  # call_module nodes (symbolic_trace mode leaves)
     torch.nn.Conv1d: "conv1d", torch.nn.Conv2d: "conv2d", torch.nn.Conv3d: "conv3d",
     torch.nn.ConvTranspose2d: "conv_transpose2d", torch.nn.Linear: "linear",
 }
+
+
+def _module_kind(module: torch.nn.Module, node: fx.Node) -> str:
+    """The table key of a call_module node: its layer type, or a module fxopt inserted."""
+    from ..quant import FakeQuantize   # the quant package builds on the analyses
+
+    if isinstance(module, FakeQuantize):
+        return "fake_quantize"
+    return _MODULE_RULES.get(type(module), "_guards_fn" if node.target == "_guards_fn" else "")
 
 
 def _name(node: fx.Node) -> str:
@@ -211,8 +221,8 @@ class Cost(Analysis):
         kind = op_kind(node)
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            kind = _MODULE_RULES.get(type(module), "_guards_fn" if node.target == "_guards_fn" else "")
-            if kind in RULES:
+            kind = _module_kind(module, node)
+            if type(module) in _MODULE_RULES:
                 ins = ins + [TensorInfo.of(module.weight)]
             cost = NodeCost(params=sum(p.numel() for p in module.parameters()))
         else:
