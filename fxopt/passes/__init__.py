@@ -4,5 +4,6 @@ from .dce import DeadCodeElimination
 from .fake_quant import FakeQuant
 from .fold_bn import FoldBatchNorm
 from .prune_channels import PruneChannels
+from .low_rank import LowRank
 
-__all__ = ["Canonicalize", "DeadCodeElimination", "FakeQuant", "FoldBatchNorm", "PruneChannels"]
+__all__ = ["Canonicalize", "DeadCodeElimination", "FakeQuant", "FoldBatchNorm", "LowRank", "PruneChannels"]

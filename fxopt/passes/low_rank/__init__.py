@@ -1,0 +1,212 @@
+"""low-rank: substitute factorized layers where they pay.
+
+A linear becomes two linears through a rank-r bottleneck; a k x k conv becomes a
+Tucker-2 chain (1x1, k x k core, 1x1) or a spatial pair (k x 1, 1 x k), whichever
+loses less at equal cost; a 1x1 conv becomes two 1x1 convs. The factors are plain
+ops with their own weights, so the MACs really fall: no weight is rebuilt at run
+time. Which layers and ranks: see `LowRank`; the forms and costs: `layers`; the
+policies: `plan`; the decompositions: `decompose`. `report.lowrank` lists every
+targeted layer with its form, rank, MACs before / after and relative output error
+on the calibration batches (the weight error when none were given), and says why
+each layer left dense stayed so.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch.fx as fx
+
+from ...errors import PassOptionError
+from ...ir.graph import fqn_matches, node_location
+from ...ir.shape_prop import propagate_shapes
+from ...pm import Pass, PassResult, register_pass
+from .layers import Layer, collect_grams, find_layers
+from .measure import measure_errors, speedup
+from .plan import Choice, Policy, Spectra, budget_options, choose
+from .ranks import allot_budget
+from .report import LayerRow, LowRankReport
+from .rewrite import factors, substitute
+
+__all__ = ["LowRank", "LowRankReport"]
+
+METHODS = ("svd", "activation-aware")
+POLICIES = ("fixed", "energy", "budget", "vbmf")
+TARGETS = ("linear", "conv")
+CONV_FORMS = ("auto", "tucker2", "spatial")
+
+
+@register_pass("low-rank")
+@dataclass(frozen=True)
+class LowRank(Pass):
+    """Factorize linear and conv layers into low-rank chains of plain ops (full rules:
+    fxopt.passes.low_rank).
+
+    method: svd (truncate for weight error) | activation-aware (whiten by the calibration
+        batches' input Gram matrices, so the truncation minimises the output error).
+    rank_policy: fixed (`rank`) | energy (keep `energy` of the squared singular values) |
+        budget (keep `budget` of the targeted layers' MACs, ranks allotted across layers
+        by least error per saved MAC) | vbmf (EVBMF rank estimate per spectrum).
+    rank: for fixed: below 1 a fraction of each layer's full rank, else an absolute rank.
+    energy: for energy: the share of squared singular values kept, in (0, 1].
+    budget: for budget: the share of the targeted layers' MACs kept, in (0, 1].
+    min_saving: a layer is factorized only if it saves at least this share of its MACs.
+    min_speedup: if set, a layer is factorized only if its factor chain runs at least this
+        many times faster than the dense op on its input shape (timed here, on CPU).
+    targets: which ops: linear, conv.
+    skip: fnmatch patterns of module paths or weight FQNs left dense.
+    conv_form: auto (per layer, the form with the smaller error at equal MACs) | tucker2 | spatial.
+    """
+
+    method: Literal["svd", "activation-aware"] = "svd"
+    rank_policy: Literal["fixed", "energy", "budget", "vbmf"] = "energy"
+    rank: float = 0.5
+    energy: float = 0.9
+    budget: float = 0.5
+    min_saving: float = 0.1
+    min_speedup: float | None = None
+    targets: tuple[str, ...] = TARGETS
+    skip: tuple[str, ...] = ()
+    conv_form: Literal["auto", "tucker2", "spatial"] = "auto"
+
+    tolerance: ClassVar[float | None] = None  # a truncated factorization changes the outputs
+
+    def __post_init__(self):
+        _check_choice("method", self.method, METHODS)
+        _check_choice("rank-policy", self.rank_policy, POLICIES)
+        _check_choice("conv-form", self.conv_form, CONV_FORMS)
+        for name in ("targets", "skip"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        for target in self.targets:
+            _check_choice("targets", target, TARGETS)
+        _check_share("energy", self.energy, "e.g. energy=0.9 keeps 90% of the squared singular values")
+        _check_share("budget", self.budget, "e.g. budget=0.7 keeps 70% of the targeted layers' MACs")
+        if not (isinstance(self.rank, (int, float)) and self.rank > 0):
+            raise PassOptionError(f"low-rank: rank must be positive, got {self.rank!r}",
+                                  hint="below 1: a fraction of the full rank (rank=0.25); else an absolute rank")
+        if not self.min_saving < 1:
+            raise PassOptionError(f"low-rank: min-saving must be below 1, got {self.min_saving!r}",
+                                  hint="e.g. min-saving=0.1: factorize only layers that save 10% of their MACs")
+        if self.min_speedup is not None and self.min_speedup <= 0:
+            raise PassOptionError(f"low-rank: min-speedup must be positive, got {self.min_speedup!r}")
+
+    def run(self, gm: fx.GraphModule, am) -> PassResult:
+        report = LowRankReport(self.method, self._policy_text())
+        layers, untargeted = find_layers(gm, self.targets)
+        report.untargeted = [(n.name, why) for n, why in untargeted]
+        self._warn_unmatched(layers)
+        layers = [layer for layer in layers if not self._skipped(layer, report)]
+        whiten = self.method == "activation-aware"
+        if whiten and not am.calibration:
+            raise PassOptionError(
+                "low-rank: method=activation-aware needs calibration batches",
+                hint="pass them to compile: fxopt.compile(model, inputs, pipeline=..., calibration=[batch, ...]), "
+                     "or use method=svd")
+        if whiten:
+            collect_grams(gm, layers, am.calibration)
+        spectra = [Spectra(layer, whiten) for layer in layers]
+        choices = self._choices(spectra)
+        chains = {}
+        for layer, choice in zip(layers, choices):
+            row = _row(layer, choice)
+            report.layers.append(row)
+            row.kept = row.kept or self._why_dense(layer, choice)
+            if not row.kept:
+                chains[layer] = (choice, factors(layer, choice, whiten))
+                if self.min_speedup is not None:
+                    row.speedup = speedup(layer, chains[layer][1])
+                    if row.speedup < self.min_speedup:
+                        row.kept = f"measured speedup {row.speedup:.2f}x < min-speedup {self.min_speedup}"
+                        del chains[layer]
+        measure_errors(gm, chains, report, am.calibration)
+        for layer, (_, chain) in chains.items():
+            substitute(gm, layer, chain)
+        if not chains:
+            return PassResult.unchanged(notes=(_summary(report),), sections={"lowrank": report})
+        propagate_shapes(gm)
+        gm.graph.lint()
+        return PassResult.changed(notes=(_summary(report),), sections={"lowrank": report})
+
+    # ---- choices ------------------------------------------------------------------------
+    def _choices(self, spectra: list[Spectra]) -> list[Choice | None]:
+        if not spectra:
+            return []
+        if self.rank_policy == "budget":
+            pooled = [budget_options(s, self.conv_form) for s in spectra]
+            try:
+                picks = allot_budget([opts for opts, _ in pooled], self.budget, self.min_saving)
+            except ValueError as exc:
+                raise PassOptionError(f"low-rank: {exc}", hint="raise budget or lower min-saving") from None
+            return [None if i is None else env[i] for (_, env), i in zip(pooled, picks)]
+        policy = Policy(self.rank_policy, self.rank, self.energy, self.conv_form)
+        out = []
+        for s in spectra:
+            try:
+                out.append(choose(s, policy))
+            except ValueError as exc:
+                raise PassOptionError(f"low-rank: layer {s.layer.path}: {exc}",
+                                      where=node_location(s.layer.node),
+                                      hint="use a fraction (rank=0.5) or a smaller rank, or skip the layer") from None
+        return out
+
+    def _why_dense(self, layer: Layer, choice: Choice | None) -> str:
+        if choice is None:
+            return "the budget is met without it"
+        saving = 1 - choice.macs / layer.dense_macs()
+        if saving < self.min_saving:
+            return f"saves {saving:.1%} of its MACs (< min-saving {self.min_saving:g})"
+        return ""
+
+    def _policy_text(self) -> str:
+        value = {"fixed": f"rank={self.rank:g}", "energy": f"energy={self.energy:g}",
+                 "budget": f"budget={self.budget:g}", "vbmf": ""}[self.rank_policy]
+        return f"{self.rank_policy} {value}".strip()
+
+    # ---- skip -----------------------------------------------------------------------------
+    def _skipped(self, layer: Layer, report: LowRankReport) -> bool:
+        names = [layer.path, str(layer.weight_node.target)]
+        hit = next((p for p in self.skip if any(fqn_matches(n, p) for n in names if n)), None)
+        if hit:
+            row = _row(layer, None)
+            row.kept = f"skipped: matches skip pattern '{hit}'"
+            report.layers.append(row)
+        return hit is not None
+
+    def _warn_unmatched(self, layers: list[Layer]) -> None:
+        names = sorted({n for layer in layers for n in (layer.path, str(layer.weight_node.target)) if n})
+        for pattern in self.skip:
+            if not any(fqn_matches(n, pattern) for n in names):
+                shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+                warnings.warn(f"low-rank: skip pattern {pattern!r} matches no targeted layer; "
+                              f"layers are e.g. {shown}", stacklevel=3)
+
+
+def _row(layer: Layer, choice: Choice | None) -> LayerRow:
+    row = LayerRow(layer.node.name, layer.path, tuple(layer.weight.shape), macs_before=layer.dense_macs())
+    if layer.is_pointwise:
+        row.full_rank = str(min(layer.matrix().shape))
+    else:
+        o, i = layer.weight.shape[:2]
+        row.full_rank = f"{o}x{i}" if choice is None or choice.form == "tucker2" else \
+            str(min(i * layer.weight.shape[2], o * layer.weight.shape[3]))
+    if choice is not None:
+        row.form, row.rank, row.macs_after = choice.form, choice.rank_text, choice.macs
+    return row
+
+
+def _summary(report: LowRankReport) -> str:
+    before, after = report.macs()
+    return (f"factorized {len(report.factorized)} of {len(report.layers)} targeted layers; "
+            f"their MACs {after / before:.1%} of before" if before else "no targeted layers")
+
+
+def _check_choice(option: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise PassOptionError(f"low-rank: unknown {option} {value!r}", hint="use " + " | ".join(allowed))
+
+
+def _check_share(option: str, value, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise PassOptionError(f"low-rank: {option} must be in (0, 1], got {value!r}", hint=hint)
