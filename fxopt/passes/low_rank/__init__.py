@@ -109,12 +109,12 @@ class LowRank(Pass):
         spectra = [Spectra(layer, whiten) for layer in layers]
         choices = self._choices(spectra)
         chains = {}
-        for layer, choice in zip(layers, choices):
+        for layer, spectrum, choice in zip(layers, spectra, choices):
             row = _row(layer, choice)
             report.layers.append(row)
             row.kept = row.kept or self._why_dense(layer, choice)
             if not row.kept:
-                chains[layer] = (choice, factors(layer, choice, whiten))
+                chains[layer] = (choice, factors(spectrum, choice))
                 if self.min_speedup is not None:
                     row.speedup = speedup(layer, chains[layer][1])
                     if row.speedup < self.min_speedup:
@@ -170,7 +170,7 @@ class LowRank(Pass):
         hit = next((p for p in self.skip if any(fqn_matches(n, p) for n in names if n)), None)
         if hit:
             row = _row(layer, None)
-            row.kept = f"skipped: matches skip pattern '{hit}'"
+            row.kept, row.targeted = f"skipped: matches skip pattern '{hit}'", False
             report.layers.append(row)
         return hit is not None
 
@@ -198,7 +198,7 @@ def _row(layer: Layer, choice: Choice | None) -> LayerRow:
 
 def _summary(report: LowRankReport) -> str:
     before, after = report.macs()
-    return (f"factorized {len(report.factorized)} of {len(report.layers)} targeted layers; "
+    return (f"factorized {len(report.factorized)} of {sum(r.targeted for r in report.layers)} targeted layers; "
             f"their MACs {after / before:.1%} of before" if before else "no targeted layers")
 
 

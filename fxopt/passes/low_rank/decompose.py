@@ -16,9 +16,10 @@ import operator
 import torch
 from torch import Tensor
 
-__all__ = ["factorize_matrix", "matrix_spectrum", "spatial_spectrum", "spatial_svd", "tucker2",
-           "tucker2_spectra", "whitening"]
+__all__ = ["MatrixSVD", "factorize_matrix", "matrix_spectrum", "spatial_decomposition", "spatial_factors",
+           "spatial_spectrum", "spatial_svd", "tucker2", "tucker2_spectra", "whitening"]
 
+_WIDE = 2            # a matrix this many times wider than tall takes the Gram route
 _MAX_DAMPING = 1e-1
 _FIRST_RETRY = 1e-8  # where the retries start when the caller asked for no damping at all
 
@@ -58,36 +59,71 @@ def whitening(gram: Tensor, damping: float = 1e-4) -> Tensor:
 
 
 # -- matrices (linear layers) ------------------------------------------------------------------
+class MatrixSVD:
+    """The SVD of a weight matrix (out, in), whitened on the input side when a gram is given,
+    computed once: its spectrum for the rank policies and balanced factors at any rank.
+
+    Why one object: the policies read the spectrum and the rewrite then needs the vectors;
+    for a large layer (a 4096 x 25088 classifier) one decomposition costs seconds. A
+    clearly non-square matrix is decomposed through its small Gram matrix (a GEMM and a
+    small symmetric eigenproblem instead of an SVD of the whole matrix). Factors are built
+    as projections (U U^T W or W V V^T), so they are exact however small the singular
+    values are; in float64 the squared condition number only blurs values below ~1e-8 of
+    the largest, which no rank policy distinguishes.
+    """
+
+    def __init__(self, weight2d: Tensor, gram: Tensor | None = None, *, damping: float = 1e-4):
+        w = _matrix(weight2d)
+        self.factor = _whitening_for(gram, w.shape[1], damping)
+        a = w if self.factor is None else w @ self.factor
+        rows, cols = a.shape
+        self.a, self.u, self.v = a, None, None
+        if cols >= _WIDE * rows:
+            squares, u = torch.linalg.eigh(a @ a.T)
+            self.u = u.flip(1)
+        elif rows >= _WIDE * cols:
+            squares, v = torch.linalg.eigh(a.T @ a)
+            self.v = v.flip(1)
+        else:
+            u, values, vh = torch.linalg.svd(a, full_matrices=False)
+            self.u, self.v, squares = u, vh.T, (values ** 2).flip(0)
+        self.values = squares.flip(0).clamp_min(0).sqrt()
+
+    def factors(self, rank: int) -> tuple[Tensor, Tensor]:
+        """(first (rank, in), second (out, rank)) float32, second @ first ~= the weight.
+        S is split evenly (first = sqrt(S) V^T L^-1, second = U sqrt(S)), so both factors
+        have similar ranges: they are quantized later, and a lopsided split would waste the
+        bits of one of them."""
+        rank = _check_rank(rank, self.a.shape, "weight")
+        floor = max(float(self.values[0]), 1e-300) * 1e-12
+        root = self.values[:rank].clamp_min(floor).sqrt()
+        if self.u is not None and self.v is not None:
+            first, second = root[:, None] * self.v[:, :rank].T, self.u[:, :rank] * root
+        elif self.u is not None:
+            u = self.u[:, :rank]
+            first, second = (u.T @ self.a) / root[:, None], u * root
+        else:
+            v = self.v[:, :rank]
+            first, second = root[:, None] * v.T, (self.a @ v) / root
+        if self.factor is not None:
+            first = _times_inverse(first, self.factor)
+        return first.float(), second.float()
+
+
 def matrix_spectrum(weight2d: Tensor, gram: Tensor | None = None, *, damping: float = 1e-4) -> Tensor:
     """Singular values (descending, float64) of weight2d (out, in), or of weight2d @ L when
     gram (in x in) is given: then sum(s[r:]**2) is exactly the output error energy
     ||(W - W_r) X||^2 of rank-r truncation (gram = X X^T summed over calibration rows;
     exactly for damping=0, otherwise for gram + damping*mean(diag)*I)."""
-    w = _matrix(weight2d)
-    factor = _whitening_for(gram, w.shape[1], damping)
-    return torch.linalg.svdvals(w if factor is None else w @ factor)
+    return MatrixSVD(weight2d, gram, damping=damping).values
 
 
 def factorize_matrix(weight2d: Tensor, rank: int, gram: Tensor | None = None, *,
                      damping: float = 1e-4) -> tuple[Tensor, Tensor]:
-    """(first (rank, in), second (out, rank)) float32 with second @ first ~= weight2d.
-
-    Plain SVD without gram; with gram the whitened SVD: W L = U S V^T,
-    W_r = U_r S_r V_r^T L^-1 (a triangular solve, never an explicit inverse). S is split
-    evenly, first = sqrt(S_r) V_r^T L^-1 and second = U_r sqrt(S_r), so both factors have
-    similar ranges: they are quantized later, and a lopsided split would waste the bits of
-    one of them. rank must be 1..min(out, in).
-    """
-    w = _matrix(weight2d)
-    rank = _check_rank(rank, w.shape, "weight")
-    factor = _whitening_for(gram, w.shape[1], damping)
-    u, s, vh = torch.linalg.svd(w if factor is None else w @ factor, full_matrices=False)
-    root = s[:rank].sqrt()
-    first = root[:, None] * vh[:rank]
-    if factor is not None:
-        first = _times_inverse(first, factor)
-    second = u[:, :rank] * root
-    return first.float(), second.float()
+    """(first (rank, in), second (out, rank)) float32 with second @ first ~= weight2d: the
+    plain SVD without gram, the whitened one with it (W L = U S V^T, W_r = U_r S_r V_r^T
+    L^-1, by a triangular solve). rank must be 1..min(out, in). See MatrixSVD."""
+    return MatrixSVD(weight2d, gram, damping=damping).factors(rank)
 
 
 # -- Tucker-2 (convs: output and input channel modes) ------------------------------------------
@@ -132,43 +168,38 @@ def tucker2_spectra(weight4d: Tensor, gram: Tensor | None = None) -> tuple[Tenso
     Tucker-2 read."""
     w = _conv_weight(weight4d)
     wt = _whiten_inputs(w, _whitening_for(gram, w.shape[1], 1e-4))
-    return torch.linalg.svdvals(_unfold(wt, 0)), torch.linalg.svdvals(_unfold(wt, 1))
+    return _singular_values(_unfold(wt, 0)), _singular_values(_unfold(wt, 1))
 
 
 # -- spatial separation (kh x kw -> kh x 1 then 1 x kw) ----------------------------------------
-def spatial_svd(weight4d: Tensor, rank: int, gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Spatial separation of a kh x kw conv weight (O, I, kh, kw), kh > 1 and kw > 1.
+def spatial_decomposition(weight4d: Tensor, gram: Tensor | None = None) -> MatrixSVD:
+    """The SVD behind the spatial separation of a kh x kw conv weight (O, I, kh, kw),
+    kh > 1 and kw > 1: of M^T, M[(i, y), (o, x)] = W[o, i, y, x], whose inputs are the
+    vertical patches (i, y); whitened by gram (I*kh x I*kh, their Gram) when given."""
+    return MatrixSVD(_spatial_matrix(_conv_weight(weight4d)).T, gram)
 
-    M[(i, y), (o, x)] = W[o, i, y, x] (shape (I*kh, O*kw)); a rank-r SVD of M, whitened on
-    the (i, y) side by gram (I*kh x I*kh, the Gram of vertical input patches) when given:
-    L^T M = U S V^T, M_r = L^-T U_r S_r V_r^T. Returns (vertical (rank, I, kh, 1),
-    horizontal (O, rank, 1, kw)) float32 with S split evenly. The vertical conv takes
-    stride (sh, 1), padding (ph, 0), dilation (dh, 1); the horizontal conv stride (1, sw),
-    padding (0, pw), dilation (1, dw); the two in sequence equal the approximation.
-    rank must be 1..min(I*kh, O*kw).
-    """
-    w = _conv_weight(weight4d)
-    m = _spatial_matrix(w)
-    rank = _check_rank(rank, m.shape, "spatial matrix (I*kh, O*kw)")
-    factor = _whitening_for(gram, m.shape[0], 1e-4)
-    u, s, vh = torch.linalg.svd(m if factor is None else factor.T @ m, full_matrices=False)
-    root = s[:rank].sqrt()
-    left = root[:, None] * u[:, :rank].T  # (rank, I*kh)
-    if factor is not None:
-        left = _times_inverse(left, factor)
-    right = root[:, None] * vh[:rank]  # (rank, O*kw)
-    out_channels, in_channels, kh, kw = w.shape
+
+def spatial_factors(svd: MatrixSVD, weight_shape, rank: int) -> tuple[Tensor, Tensor]:
+    """(vertical (rank, I, kh, 1), horizontal (O, rank, 1, kw)) float32 from `svd`. The
+    vertical conv takes stride (sh, 1), padding (ph, 0), dilation (dh, 1); the horizontal
+    conv stride (1, sw), padding (0, pw), dilation (1, dw); the two in sequence equal the
+    rank-r approximation. rank must be 1..min(I*kh, O*kw)."""
+    out_channels, in_channels, kh, kw = weight_shape
+    left, right = svd.factors(_check_rank(rank, svd.a.shape, "spatial matrix (O*kw, I*kh)"))
     vertical = left.reshape(rank, in_channels, kh, 1)
-    horizontal = right.reshape(rank, out_channels, kw).permute(1, 0, 2).unsqueeze(2)
-    return vertical.float().contiguous(), horizontal.float().contiguous()
+    horizontal = right.T.reshape(rank, out_channels, kw).permute(1, 0, 2).unsqueeze(2)
+    return vertical.contiguous(), horizontal.contiguous()
+
+
+def spatial_svd(weight4d: Tensor, rank: int, gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Spatial separation at rank `rank` (see spatial_decomposition and spatial_factors)."""
+    return spatial_factors(spatial_decomposition(weight4d, gram), tuple(weight4d.shape), rank)
 
 
 def spatial_spectrum(weight4d: Tensor, gram: Tensor | None = None) -> Tensor:
-    """Singular values (descending, float64) of M, or of L^T M when gram is given (see
-    spatial_svd): the tail energy is then the output error energy of truncation."""
-    m = _spatial_matrix(_conv_weight(weight4d))
-    factor = _whitening_for(gram, m.shape[0], 1e-4)
-    return torch.linalg.svdvals(m if factor is None else factor.T @ m)
+    """Singular values (descending, float64) of the spatial matrix, whitened when gram is
+    given: the tail energy is then the output error energy of truncation."""
+    return spatial_decomposition(weight4d, gram).values
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -243,6 +274,23 @@ def _unfold(t: Tensor, mode: int) -> Tensor:
 
 def _leading(m: Tensor, rank: int) -> Tensor:
     """The `rank` leading left singular vectors of m; when rank exceeds m's column count
-    the rest is an orthonormal completion (so full ranks give a square orthogonal basis)."""
+    the rest is an orthonormal completion (so full ranks give a square orthogonal basis).
+    A wide m (conv unfoldings: O x I*kh*kw) goes through the eigenvectors of m m^T, a
+    small symmetric problem, instead of an SVD of the whole unfolding."""
+    if m.shape[1] >= _WIDE * m.shape[0]:
+        values, vectors = torch.linalg.eigh(m @ m.T)
+        return vectors.flip(1)[:, :rank]
     u = torch.linalg.svd(m, full_matrices=m.shape[0] > m.shape[1])[0]
     return u[:, :rank]
+
+
+def _singular_values(m: Tensor) -> Tensor:
+    """Singular values of m, descending. For a clearly non-square m, the square roots of
+    the eigenvalues of its small Gram matrix: one GEMM and a small symmetric eigenproblem
+    instead of an SVD of the whole matrix (in float64 the squared condition number only
+    blurs values below ~1e-8 of the largest, which no rank policy distinguishes)."""
+    rows, cols = m.shape
+    if max(rows, cols) < _WIDE * min(rows, cols):
+        return torch.linalg.svdvals(m)
+    small = m @ m.T if rows < cols else m.T @ m
+    return torch.linalg.eigvalsh(small).clamp_min(0).sqrt().flip(0)

@@ -48,17 +48,19 @@ class Policy:
 
 
 class Spectra:
-    """The (whitened) spectra of one layer's forms, computed once."""
+    """The (whitened) spectra of one layer's forms, computed once; the matrix and spatial
+    decompositions are kept for the rewrite (Tucker-2 is fitted per rank pair there)."""
 
     def __init__(self, layer: Layer, whiten: bool):
         self.layer = layer
-        rows = layer.grams.get("rows") if whiten else None
+        self.rows = layer.grams.get("rows") if whiten else None
         if layer.is_pointwise:
-            self.matrix = D.matrix_spectrum(layer.matrix(), rows)
+            self.matrix_svd = D.MatrixSVD(layer.matrix(), self.rows)
+            self.matrix = self.matrix_svd.values
         else:
-            self.modes = D.tucker2_spectra(layer.weight, rows)
-            patches = layer.grams.get("patches") if whiten else None
-            self.spatial = D.spatial_spectrum(layer.weight, patches)
+            self.modes = D.tucker2_spectra(layer.weight, self.rows)
+            self.spatial_svd = D.spatial_decomposition(layer.weight, layer.grams.get("patches") if whiten else None)
+            self.spatial = self.spatial_svd.values
 
     def forms(self, conv_form: str) -> list[str]:
         if self.layer.is_pointwise:

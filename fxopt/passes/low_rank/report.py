@@ -25,6 +25,7 @@ class LayerRow:
     error_kind: str = ""
     speedup: float | None = None   # measured dense / factorized time, when min-speedup is set
     kept: str = ""             # why the layer stays dense ('' when factorized)
+    targeted: bool = True      # False: left out by a skip pattern (not in the MAC totals)
 
 
 @dataclass
@@ -39,9 +40,10 @@ class LowRankReport:
         return [r for r in self.layers if not r.kept]
 
     def macs(self) -> tuple[int, int]:
-        """(before, after) MACs over the targeted layers."""
-        return (sum(r.macs_before for r in self.layers),
-                sum(r.macs_after if not r.kept else r.macs_before for r in self.layers))
+        """(before, after) MACs over the targeted layers (the ones no skip pattern left out):
+        what `budget` is a share of."""
+        rows = [r for r in self.layers if r.targeted]
+        return (sum(r.macs_before for r in rows), sum(r.macs_after if not r.kept else r.macs_before for r in rows))
 
     def to_dict(self) -> dict:
         before, after = self.macs()
@@ -51,8 +53,9 @@ class LowRankReport:
     def __str__(self) -> str:
         before, after = self.macs()
         kept = before and after / before
-        lines = [f"low-rank ({self.method}, {self.policy}): {len(self.factorized)} of {len(self.layers)} "
-                 f"targeted layers factorized; their MACs {_h(before)} -> {_h(after)} ({kept:.1%} kept)"]
+        lines = [f"low-rank ({self.method}, {self.policy}): {len(self.factorized)} of "
+                 f"{sum(r.targeted for r in self.layers)} targeted layers factorized; "
+                 f"their MACs {_h(before)} -> {_h(after)} ({kept:.1%} kept)"]
         header = ("layer", "form", "rank/full", "MACs before", "MACs after", "error", "")
         rows = [header] + [_row(r) for r in self.layers]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]

@@ -4,7 +4,8 @@ The factors become new Parameters on the GraphModule next to the original weight
 (`<layer>.lr_first`, `lr_core`, `lr_last`); the bias moves to the last factor. The new
 nodes carry the original node's module stack, so skip patterns and reports of later
 passes (fake-quant quantizes each factor) still name the user's layer. The original
-weight is left in place for dead-code elimination; it is never modified.
+weight is dropped from the GraphModule (the traced copy's, never the user's) unless
+another op still reads it.
 """
 from __future__ import annotations
 
@@ -15,17 +16,16 @@ from ...ir.graph import fetch_attr, fresh_attr_name, set_attr
 from ...ir.meta import TENSOR, TensorInfo
 from . import decompose as D
 from .layers import Layer
-from .plan import Choice
+from .plan import Choice, Spectra
 
 aten = torch.ops.aten
 
 
-def factors(layer: Layer, choice: Choice, whiten: bool) -> list[tuple[torch.Tensor, dict]]:
+def factors(spectra: Spectra, choice: Choice) -> list[tuple[torch.Tensor, dict]]:
     """[(weight, conv geometry kwargs)] of the factor ops, first to last."""
-    grams = layer.grams if whiten else {}
-    w = layer.weight.float()
+    layer = spectra.layer
     if choice.form == "matrix":
-        first, second = D.factorize_matrix(layer.matrix().float(), choice.ranks[0], grams.get("rows"))
+        first, second = spectra.matrix_svd.factors(choice.ranks[0])
         if not layer.is_conv:
             return [(first, {}), (second, {})]
         g = layer.geometry
@@ -33,10 +33,10 @@ def factors(layer: Layer, choice: Choice, whiten: bool) -> list[tuple[torch.Tens
                 (second[:, :, None, None], _conv((1, 1), (0, 0), (1, 1)))]
     g = layer.geometry
     if choice.form == "tucker2":
-        first, core, last = D.tucker2(w, choice.ranks, grams.get("rows"))
+        first, core, last = D.tucker2(layer.weight.float(), choice.ranks, spectra.rows)
         return [(first, _conv((1, 1), (0, 0), (1, 1))), (core, _conv(g.stride, g.padding, g.dilation)),
                 (last, _conv((1, 1), (0, 0), (1, 1)))]
-    vertical, horizontal = D.spatial_svd(w, choice.ranks[0], grams.get("patches"))
+    vertical, horizontal = D.spatial_factors(spectra.spatial_svd, tuple(layer.weight.shape), choice.ranks[0])
     return [(vertical, _conv((g.stride[0], 1), (g.padding[0], 0), (g.dilation[0], 1))),
             (horizontal, _conv((1, g.stride[1]), (0, g.padding[1]), (1, g.dilation[1])))]
 
@@ -70,4 +70,17 @@ def substitute(gm: fx.GraphModule, layer: Layer, chain: list[tuple[torch.Tensor,
             value = op
     node.replace_all_uses_with(value)
     gm.graph.erase_node(node)
+    _drop_if_unread(gm, layer.weight_node)
     return value
+
+
+def _drop_if_unread(gm: fx.GraphModule, attr: fx.Node) -> None:
+    """Erase a get_attr nobody reads any more, and free its tensor when no other node
+    names it (the factors replace it: keeping it would count its parameters twice)."""
+    if attr.users:
+        return
+    gm.graph.erase_node(attr)
+    if not any(n.target == attr.target for n in gm.graph.find_nodes(op="get_attr")):
+        owner_path, _, name = str(attr.target).rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        delattr(owner, name)
