@@ -98,6 +98,19 @@ def test_energy_policy_keeps_at_least_the_energy_asked():
         assert kept_energy(values, rank) >= 0.6 > kept_energy(values, rank - 1)
 
 
+def test_vbmf_finds_the_rank_of_noisy_low_rank_weights():
+    model, x = MLP((64, 96, 48, 10)).eval(), torch.randn(16, 64)
+    with torch.no_grad():
+        for layer, rank in zip(model.layers[:2], (6, 4)):
+            out, inp = layer.weight.shape
+            layer.weight.copy_(torch.randn(out, rank) @ torch.randn(rank, inp) / 8 + 0.01 * torch.randn(out, inp))
+    cm = _compile(model, x, "low-rank{rank-policy=vbmf skip=[layers.2]}")
+    assert [r.rank for r in cm.report.lowrank.layers[:2]] == ["6", "4"]
+    with torch.no_grad():
+        ref = model(x)
+        assert (cm(x) - ref).norm() < 0.1 * ref.norm()     # only the noise was dropped
+
+
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
 def test_budget_is_met_within_one_percent(budget):
     model, x = ConvNet().eval(), torch.randn(2, 8, 16, 16)

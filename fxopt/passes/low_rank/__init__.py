@@ -120,6 +120,8 @@ class LowRank(Pass):
                     if row.speedup < self.min_speedup:
                         row.kept = f"measured speedup {row.speedup:.2f}x < min-speedup {self.min_speedup}"
                         del chains[layer]
+        order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+        report.layers.sort(key=lambda r: order[r.node])    # graph order, skipped layers included
         measure_errors(gm, chains, report, am.calibration)
         for layer, (_, chain) in chains.items():
             substitute(gm, layer, chain)

@@ -8,7 +8,8 @@ matrix form), of the weight itself otherwise. A Tucker-2 choice sums the discard
 shares of its two modes (an upper bound of the truncation's share).
 
 Policies: `fixed` and `energy` give one choice per form (`energy` keeps at least that
-share in every truncated spectrum); `vbmf` estimates each spectrum's rank by EVBMF.
+share in every truncated spectrum); `vbmf` estimates each spectrum's rank by EVBMF
+(from the same, possibly whitened, spectra).
 Where a conv has two forms, the one with the smaller error at equal cost wins: the
 other form is taken at its largest rank within the first one's MACs. `budget`
 pools every form's choices per layer and `allot_budget` picks across layers.
@@ -22,7 +23,7 @@ import torch
 
 from . import decompose as D
 from .layers import Layer
-from .ranks import Options, energy_rank, fixed_rank, vbmf_rank
+from .ranks import Options, energy_rank, fixed_rank, vbmf_rank_of_values
 
 BUDGET_STEPS = 96   # choices per form offered to the budget allotment
 
@@ -111,18 +112,18 @@ def _policy_ranks(spectra: Spectra, form: str, policy: Policy) -> tuple[int, ...
         values = [spectra.matrix] if form == "matrix" else [spectra.spatial] if form == "spatial" \
             else list(spectra.modes)
         return tuple(energy_rank(v, policy.energy) for v in values)
-    return tuple(min(vbmf_rank(m), f) for m, f in zip(_vbmf_matrices(spectra.layer, form), full))
+    return tuple(min(vbmf_rank_of_values(v, shape), f) for (v, shape), f in zip(_spectra_of(spectra, form), full))
 
 
-def _vbmf_matrices(layer: Layer, form: str) -> list[torch.Tensor]:
-    """The matrices whose rank EVBMF estimates: the weight matrix, or each Tucker unfolding."""
-    w = layer.weight.double()
+def _spectra_of(spectra: Spectra, form: str) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    """(singular values, matrix shape) of each spectrum a form truncates (whitened ones
+    under activation-aware): what EVBMF reads."""
     if form == "matrix":
-        return [layer.matrix().double()]
+        return [(spectra.matrix, tuple(spectra.matrix_svd.a.shape))]
     if form == "spatial":
-        o, i, kh, kw = w.shape
-        return [w.permute(1, 2, 0, 3).reshape(i * kh, o * kw)]
-    return [w.reshape(w.shape[0], -1), w.transpose(0, 1).reshape(w.shape[1], -1)]
+        return [(spectra.spatial, tuple(spectra.spatial_svd.a.shape))]
+    o, i, kh, kw = spectra.layer.weight.shape
+    return [(spectra.modes[0], (o, i * kh * kw)), (spectra.modes[1], (i, o * kh * kw))]
 
 
 def _within(spectra: Spectra, form: str, macs: int) -> Choice | None:

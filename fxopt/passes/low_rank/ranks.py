@@ -100,8 +100,14 @@ def vbmf_rank(matrix: Tensor) -> int:
         raise ValueError(f"vbmf_rank needs a non-empty matrix, got shape {tuple(m.shape)}")
     if not bool(torch.isfinite(m).all()):
         raise ValueError("vbmf_rank: the matrix has non-finite entries")
-    short, long = sorted(m.shape)
-    squares = torch.linalg.svdvals(m).cpu().pow(2)  # same for m and m.T
+    return vbmf_rank_of_values(torch.linalg.svdvals(m), tuple(m.shape))  # same for m and m.T
+
+
+def vbmf_rank_of_values(values: Tensor, shape: tuple[int, int]) -> int:
+    """vbmf_rank of a matrix of `shape` with singular values `values` (descending; all of
+    them): the estimate needs nothing else, so a decomposition already made is reused."""
+    short, long = sorted(shape)
+    squares = torch.as_tensor(values).detach().to(torch.float64).cpu().pow(2)
     if not float(squares[0]) > 0:
         return 1
     alpha = short / long
