@@ -162,6 +162,18 @@ def test_low_rank_then_fake_quant_quantizes_both_factors():
     assert len(weights) == 6
 
 
+def test_low_rank_factors_run_as_int8_kernels():
+    model, x = ConvNet().eval(), torch.randn(4, 8, 16, 16)
+    batches = [torch.randn(4, 8, 16, 16) for _ in range(3)]
+    cm = fxopt.compile(model, (x,), pipeline="low-rank{rank-policy=budget budget=0.6 min-saving=0},fake-quant",
+                       backend="int8", calibration=batches)
+    kernels = [k for _, k in fxopt.backends.int8.int8_report(cm).int8_ops]
+    assert kernels.count("QConv2d") >= 2 * len(cm.report.lowrank.factorized) - 2
+    fake = fxopt.lower(cm, backend="eager")
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(fake(x), cm(x)).min() > 0.999
+
+
 def test_prune_then_low_rank_factorizes_the_pruned_layers():
     model, x = MLP((64, 128, 128, 10)).eval(), torch.randn(16, 64)
     cm = _compile(model, x, "prune-channels{ratio=0.5},low-rank{rank-policy=fixed rank=0.25 min-saving=0}")
