@@ -65,6 +65,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the channel groups prune-channels sees (members, size, kind, prunable "
                         "and why not) and stop; with --json FILE write them there as JSON")
     r.set_defaults(handler=cmd_run)
+
+    pr = sub.add_parser("pipeline-run", help="run MODEL's split stages on torch.distributed.pipelining, "
+                                             "one process per stage (torchrun on this machine), and "
+                                             "compare with one process")
+    pr.add_argument("model", help="torchvision:NAME, path/file.py:ATTR or pkg.module:ATTR")
+    pr.add_argument("-p", "--pipeline", default="fold-bn",
+                    help="passes before split-stages (default: %(default)s; with --train use -p '')")
+    pr.add_argument("--num-stages", type=int, default=2)
+    pr.add_argument("--microbatches", type=int, default=1, help="must divide the batch")
+    pr.add_argument("--input-shape", action="append", required=True, help="the whole batch, e.g. 8x3x64x64")
+    pr.add_argument("--input-dtype", action="append", choices=sorted(_DTYPES))
+    pr.add_argument("--nproc-per-node", type=int, help="processes (default: --num-stages)")
+    pr.add_argument("--schedule", choices=("gpipe", "1f1b"), default="gpipe")
+    pr.add_argument("--train", action="store_true", help="one training step; compare the gradients")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    pr.add_argument("--json", metavar="FILE", help="rank 0 writes the results here")
+    pr.set_defaults(handler=cmd_pipeline_run)
     return parser
 
 
@@ -122,6 +140,36 @@ def cmd_run(args) -> int:
                    "max_abs_diff": diff, "cost": cost.to_dict(), "report": compiled.report.to_dict()}
         write_json_atomically(args.json, summary)
     return 0
+
+
+def cmd_pipeline_run(args) -> int:
+    """`torch.distributed.run` on this machine (loopback, a free port) running
+    `fxopt.runtime.pipeline`; its output goes straight through, its exit code is returned."""
+    import socket
+    import subprocess
+
+    batches = {t.shape[0] if t.dim() else 0 for t in make_inputs(args.input_shape, args.input_dtype)}
+    if args.microbatches < 1 or len(batches) != 1 or min(batches) % args.microbatches:
+        raise fxopt.FxoptError(f"--microbatches {args.microbatches} does not divide the batch: every input's "
+                               f"first dimension must be a multiple of it (--input-shape {args.input_shape})",
+                               hint="pick a batch that is a multiple of --microbatches")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    forwarded = [args.model, "-p", args.pipeline, "--num-stages", str(args.num_stages),
+                 "--microbatches", str(args.microbatches), "--schedule", args.schedule,
+                 "--seed", str(args.seed), "--device", args.device]
+    for shape in args.input_shape:
+        forwarded += ["--input-shape", shape]
+    for dtype in args.input_dtype or []:
+        forwarded += ["--input-dtype", dtype]
+    forwarded += ["--train"] if args.train else []
+    forwarded += ["--json", args.json] if args.json else []
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+               str(args.nproc_per_node or args.num_stages), "--master-addr", "127.0.0.1",
+               "--master-port", str(port), "-m", "fxopt.runtime.pipeline", *forwarded]
+    sys.stdout.flush()
+    return subprocess.run(command).returncode
 
 
 def _explain(model, inputs, json_path) -> int:

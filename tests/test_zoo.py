@@ -6,6 +6,8 @@ from small transformers configs, must
 - compile with `fold-bn,canonicalize,dce` (Verify on, so every pass is checked
   against the graph before it) to outputs equal to eager within 1e-4;
 - leave the user's model as it was (weights and training flag);
+- split: `split-stages{num-stages=2}` and `{num-stages=4}` give stages whose
+  in-sequence run equals the original outputs within 1e-5;
 - prune: `prune-channels{ratio=0.0}` gives the original outputs within 1e-5, and
   `prune-channels{ratio=0.5}` gives a graph with fewer MACs that runs to outputs
   of the original shapes.
@@ -170,7 +172,22 @@ def check_model(model: torch.nn.Module, inputs: tuple, monkeypatch, check_mutati
     _assert_same_outputs(expected, actual)
     if check_mutation:
         _assert_unchanged(model, before, training=False)
-    check_pruning(spy.traced or fxopt.trace(model, inputs), inputs, expected, spy.cost.macs)
+    traced = spy.traced or fxopt.trace(model, inputs)
+    check_stages(traced, inputs, expected)
+    check_pruning(traced, inputs, expected, spy.cost.macs)
+
+
+def check_stages(traced, inputs: tuple, expected) -> None:
+    """split-stages at 2 and 4 stages: the stages, called in sequence, give the original
+    outputs within 1e-5 (of their scale). Each split works on a GraphModule sharing the
+    traced one's weights (splitting moves them into the stages of the new module only)."""
+    for k in (2, 4):
+        gm = torch.fx.GraphModule(traced, copy.deepcopy(traced.graph))
+        gm.meta.update(traced.meta)
+        report = fxopt.PassManager(f"split-stages{{num-stages={k}}}").run(gm, example_inputs=inputs)
+        assert len(report.stages.stages) == k
+        with torch.no_grad():
+            _assert_same_outputs(expected, gm(*inputs), tol=1e-5)
 
 
 def check_pruning(traced, inputs: tuple, expected, macs_before: int) -> None:

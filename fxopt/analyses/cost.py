@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from ..ir.graph import fetch_attr
 from ..ir.meta import TENSOR, TensorInfo, tensor_info
-from ..pm.analysis import Analysis
+from ..pm.analysis import Analysis, AnalysisManager
 from ..pm.instruments import Instrument
 from .shapes import Shapes
 
@@ -164,6 +164,15 @@ _MODULE_RULES = {  # call_module nodes (symbolic_trace mode leaves)
 }
 
 
+def _nested_cost(sub: fx.GraphModule, table: CostTable, name: str) -> NodeCost:
+    """The summed cost of a GraphModule child (a pipeline stage), its unknown ops listed
+    under `name/`."""
+    inner = AnalysisManager(sub).get(Cost)
+    table.unknown.extend(f"{name}/{u}" for u in inner.unknown)
+    return NodeCost(params=inner.params, macs=inner.macs, flops=inner.flops,
+                    bytes_read=inner.bytes_read, bytes_written=inner.bytes_written)
+
+
 def _module_kind(module: torch.nn.Module, node: fx.Node) -> str:
     """The table key of a call_module node: its layer type, or a module fxopt inserted."""
     from ..quant import FakeQuantize   # the quant package builds on the analyses
@@ -221,6 +230,8 @@ class Cost(Analysis):
         kind = op_kind(node)
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
+            if isinstance(module, fx.GraphModule):   # a stage of a split graph: its own ops' costs
+                return _nested_cost(module, table, node.name)
             kind = _module_kind(module, node)
             if type(module) in _MODULE_RULES:
                 ins = ins + [TensorInfo.of(module.weight)]

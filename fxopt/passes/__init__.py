@@ -5,5 +5,6 @@ from .fake_quant import FakeQuant
 from .fold_bn import FoldBatchNorm
 from .prune_channels import PruneChannels
 from .low_rank import LowRank
+from .split_stages import SplitStages
 
-__all__ = ["Canonicalize", "DeadCodeElimination", "FakeQuant", "FoldBatchNorm", "LowRank", "PruneChannels"]
+__all__ = ["Canonicalize", "DeadCodeElimination", "FakeQuant", "FoldBatchNorm", "LowRank", "PruneChannels", "SplitStages"]

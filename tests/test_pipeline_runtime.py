@@ -1,0 +1,106 @@
+"""fxopt.runtime.pipeline: split stages run on torch.distributed.pipelining in real processes
+(torchrun, CPU, gloo, loopback) give the single-process outputs and gradients."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fxopt import cli
+from fxopt.runtime import pipeline
+
+MODELS = textwrap.dedent("""
+    import torch.nn as nn
+
+    def cnn():
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+    def features():                      # 4-D output: --train uses the mean of squares
+        return cnn()[:8]
+
+    def mlp():
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                             nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+""")
+SHAPES = {"cnn": "8x3x8x8", "mlp": "8x16"}
+OUTPUT = re.compile(r"max \|pipeline - single process\| = (\S+)")
+GRADS = re.compile(r"max \|grad pipeline - grad single process\| = (\S+)")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("models") / "tiny_models.py"
+    path.write_text(MODELS)
+    return str(path)
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int, *args: str) -> str:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+               "-m", "fxopt.runtime.pipeline", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=_env())
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("nproc, model, schedule", [
+    (2, "cnn", "gpipe"), (4, "cnn", "1f1b"), (2, "mlp", "1f1b"), (4, "mlp", "gpipe")])
+def test_inference_equals_one_process(models, nproc, model, schedule):
+    out = _torchrun(nproc, f"{models}:{model}", "--microbatches", "4", "--input-shape", SHAPES[model],
+                    "--schedule", schedule)      # default -p fold-bn
+    assert float(OUTPUT.search(out).group(1)) <= 1e-5, out
+
+
+@pytest.mark.parametrize("nproc, model, schedule", [(2, "cnn", "1f1b"), (4, "mlp", "gpipe")])
+def test_training_step_gradients_equal_one_process(models, nproc, model, schedule):
+    out = _torchrun(nproc, f"{models}:{model}", "-p", "", "--train", "--microbatches", "4",
+                    "--input-shape", SHAPES[model], "--schedule", schedule)
+    assert float(GRADS.search(out).group(1)) <= 1e-4, out
+
+
+def test_cli_pipeline_run(models, tmp_path):
+    report = tmp_path / "run.json"
+    command = [sys.executable, "-m", "fxopt.cli", "pipeline-run", f"{models}:cnn", "--num-stages", "2",
+               "--microbatches", "2", "--input-shape", "4x3x8x8", "--json", str(report)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=_env())
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    assert float(OUTPUT.search(done.stdout).group(1)) <= 1e-5
+    assert '"processes": 2' in report.read_text()
+
+
+def test_one_process_without_torchrun(models, tmp_path, monkeypatch, capsys):
+    """No torchrun: one stage in this process, still compared and written as JSON."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    report = tmp_path / "one.json"
+    assert pipeline.main([f"{models}:features", "--microbatches", "2", "--input-shape", "4x3x8x8", "--train",
+                          "-p", "", "--json", str(report)]) == 0
+    assert float(GRADS.search(capsys.readouterr().out).group(1)) <= 1e-4
+    assert '"max_abs_grad_diff"' in report.read_text()
+
+
+def test_microbatches_that_do_not_divide_the_batch_are_a_clear_error(models, capsys):
+    args = [f"{models}:mlp", "--microbatches", "3", "--input-shape", "8x16"]
+    assert pipeline.main(args) == 2
+    assert "--microbatches 3 does not divide the batch" in capsys.readouterr().err
+    assert cli.main(["pipeline-run", *args]) == 2          # refused before any process starts
+    assert "--microbatches 3 does not divide the batch" in capsys.readouterr().err
