@@ -25,20 +25,14 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 import fxopt
+from benchmarks.zoo import build_vision, image_size, vision_models
 
 torchvision = pytest.importorskip("torchvision")
 
 PIPELINE = "fold-bn,canonicalize,dce"
 TOL = 1e-4
 
-VISION = torchvision.models.list_models(module=torchvision.models)
-
-# The smallest input each family accepts (default 64x64).
-_IMAGE_SIZE = {
-    "inception_v3": 75,      # its stem needs >= 75x75
-    "maxvit_t": 224,         # every stage's grid must be a multiple of partition_size=7
-    "vit_h_14": 56,          # ViTs are built for the input size (image_size=...): patch 14
-}
+VISION = vision_models()
 
 # The heaviest (measured with --durations=0: 4-19 s each on 2 cores, the rest 0.5-4 s).
 # Marked so a quick run can skip them with -m "not slow"; CI runs them.
@@ -66,32 +60,15 @@ _MUTATION_CHECK_MAX_PARAMS = 30_000_000
 
 
 def _image_size(name: str) -> int:
-    return _IMAGE_SIZE.get(name, 64)
+    return image_size(name)
 
 
 def _build_vision(name: str) -> torch.nn.Module:
-    kwargs = {"image_size": _image_size(name)} if name.startswith("vit_") else {}
-    model = torchvision.models.get_model(name, weights=None, **kwargs)
-    _randomize_batch_norm(model)
-    return model.eval()
-
-
-def _randomize_batch_norm(model: torch.nn.Module) -> None:
-    """Give every BatchNorm random statistics and affine parameters.
-
-    A fresh model's BN has mean 0, var 1, gamma 1, beta 0, so folding it is almost
-    a no-op and a wrong fold-bn would pass. (Statistics measured on activations
-    would be realistic but make deep random ResNets chaotic: their float32 output
-    then differs from float64 by ~1e-4 before any rewrite.)
-    """
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) and bn.track_running_stats:
-                bn.running_mean.uniform_(-0.1, 0.1)
-                bn.running_var.uniform_(0.5, 2.0)
-                if bn.affine:
-                    bn.weight.uniform_(0.5, 1.5)
-                    bn.bias.uniform_(-0.1, 0.1)
+    """benchmarks.zoo's build: random weights, random BatchNorm statistics and affine
+    parameters (a fresh BN is the identity, so folding it would prove nothing; statistics
+    measured on activations would make deep random ResNets chaotic, their float32 output
+    then differing from float64 by ~1e-4 before any rewrite)."""
+    return build_vision(name)
 
 
 def _params(model: torch.nn.Module) -> int:

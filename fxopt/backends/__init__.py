@@ -49,3 +49,5 @@ def list_backends() -> dict[str, "Backend"]:
 
 from . import eager  # noqa: E402,F401  (registers the built-in backends)
 from . import int8  # noqa: E402,F401
+from . import inductor  # noqa: E402,F401
+from . import xla  # noqa: E402,F401

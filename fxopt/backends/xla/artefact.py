@@ -1,0 +1,132 @@
+"""The xla artefact: a folder that runs without torch or fxopt.
+
+    model.stablehlo.mlir   the program, `main(*weights, *inputs) -> outputs`
+    weights.safetensors    the weight arguments, by attribute path
+    signature.json         argument order (weights, then inputs) with shapes and
+                           dtypes, the outputs, the pytree specs, the x64 flag
+    run_stablehlo.py       loads the three, compiles with jax, runs on .npy inputs
+
+The folder is written under a temporary name beside the target and renamed into
+place, so a failure never leaves half an artefact. An existing folder is replaced
+only when it is empty or an earlier artefact: anything else is the user's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+from torch.utils._pytree import treespec_dumps
+
+from ...errors import UnsupportedError
+from .script import script_text
+from .stablehlo import FUNCTION, Program, dtype_name
+
+FORMAT = "fxopt.stablehlo.v1"
+FILES = ("model.stablehlo.mlir", "weights.safetensors", "signature.json", "run_stablehlo.py")
+
+
+def check_export_dir(export_dir) -> str:
+    """`export_dir` as a str path, if it can hold an artefact; else a clear error."""
+    try:
+        path = os.fspath(export_dir)
+    except TypeError:
+        raise UnsupportedError(f"backend 'xla': export_dir must be a path, got {type(export_dir).__name__}",
+                               hint="e.g. export_dir='artefacts/resnet18'") from None
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UnsupportedError(f"backend 'xla': export_dir {path!r} exists and is not a folder",
+                               where=path, hint="pass a new or empty folder, or remove the file")
+    if os.path.isdir(path) and os.listdir(path) and not _is_artefact(path):
+        raise UnsupportedError(f"backend 'xla': export_dir {path!r} is a folder with other files in it",
+                               where=path,
+                               hint="pass a new or empty folder (an earlier artefact folder is replaced)")
+    return path
+
+
+def _is_artefact(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "signature.json"), encoding="utf-8") as fh:
+            return json.load(fh).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_artefact(program: Program, export_dir) -> str:
+    """Write the four files into `export_dir` (atomically); returns the path."""
+    from safetensors.torch import save_file
+
+    path = check_export_dir(export_dir)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    try:
+        _write_text(tmp, "model.stablehlo.mlir", program.text)
+        # clones: safetensors refuses shared or non-contiguous storage (tied weights)
+        save_file({name: w.detach().cpu().contiguous().clone()
+                   for name, w in zip(program.weight_names, program.weights)},
+                  os.path.join(tmp, "weights.safetensors"), metadata={"format": FORMAT})
+        _write_text(tmp, "signature.json", json.dumps(signature(program), indent=1) + "\n")
+        _write_text(tmp, "run_stablehlo.py", script_text(FORMAT))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder (and safetensors' file) are owner-only
+        os.chmod(os.path.join(tmp, "weights.safetensors"), 0o666 & ~_umask())
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_text(folder: str, name: str, text: str) -> None:
+    with open(os.path.join(folder, name), "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def _swap_into_place(tmp: str, path: str) -> None:
+    """Rename `tmp` to `path`; an earlier artefact there is moved aside first, then removed."""
+    old = None
+    if os.path.isdir(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=os.path.dirname(tmp))
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def signature(program: Program) -> dict:
+    """What signature.json holds: the function's contract, JSON-ready."""
+    def entry(name, shape, dtype):
+        return {"name": name, "shape": list(shape), "dtype": dtype_name(dtype)}
+
+    weights = [entry(n, w.shape, w.dtype) for n, w in zip(program.weight_names, program.weights)]
+    inputs = [entry(n, s, d) for n, (s, d) in zip(program.input_names, program.inputs)]
+    outputs = [entry(f"output{i}", s, d) for i, (s, d) in enumerate(program.outputs)]
+    return {
+        "format": FORMAT,
+        "function": FUNCTION,
+        "x64": program.x64,
+        "arguments": [w["name"] for w in weights] + [i["name"] for i in inputs],
+        "weights": weights,
+        "inputs": inputs,
+        "outputs": outputs,
+        "in_spec": _spec_json(program.in_structure.spec),
+        "in_nones": list(program.in_structure.nones),
+        "out_spec": _spec_json(program.out_structure.spec),
+        "out_nones": list(program.out_structure.nones),
+        "out_structure": str(program.out_structure.spec),
+    }
+
+
+def _spec_json(spec) -> str | None:
+    """torch's serialized TreeSpec (None for types torch cannot serialize, e.g. a
+    Hugging Face ModelOutput: `out_structure` still describes it)."""
+    try:
+        return treespec_dumps(spec)
+    except Exception:  # noqa: BLE001 - an unregistered node type; the text form stays
+        return None
