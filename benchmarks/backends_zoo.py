@@ -17,6 +17,7 @@ JSON is rewritten after every model; no model starts once --limit-seconds have p
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,17 @@ def run_one(name: str, pipeline: str, backend: str) -> dict:
             "rel_diff": diff, "lower_s": round(lower_s, 3), "run_ms": round(min(run_ms), 2)}
 
 
+def kept_rows(out: Path, backend: str, pipeline: str) -> list:
+    """Rows of an earlier run of the same backend and pipeline that finished (not skipped for time)."""
+    if not out.exists():
+        return []
+    old = json.loads(out.read_text())
+    if (old["backend"], old["pipeline"]) != (backend, pipeline):
+        raise SystemExit(f"{out} holds {old['backend']} / {old['pipeline']}, not {backend} / {pipeline}: "
+                         "pick another --out or drop --resume")
+    return [r for r in old["models"] if r["status"] != "skipped"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", required=True, choices=("inductor", "xla"))
@@ -63,12 +75,18 @@ def main(argv=None) -> int:
     parser.add_argument("--limit-seconds", type=float, default=float("inf"),
                         help="start no model after this many seconds")
     parser.add_argument("--out", type=Path, help="JSON file (default: results/<backend>-zoo.json)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows --out already holds for this backend and pipeline; run only the others")
     args = parser.parse_args(argv)
     out = args.out or RESULTS_DIR / f"{args.backend}-zoo.json"
     missing = fxopt.list_backends()[args.backend].available()
     if missing:
         parser.error(f"backend {args.backend}: {missing}")
     names, rows, start, env = args.models or vision_models(), [], time.perf_counter(), environment()
+    if args.resume:
+        rows = kept_rows(out, args.backend, args.pipeline)
+        done = {r["model"] for r in rows}
+        names = [n for n in names if n not in done]
 
     def save() -> dict:  # after every model: an interrupted run keeps what it measured
         counts = {s: sum(r["status"] == s for r in rows) for s in ("pass", "fail", "error", "skipped")}
