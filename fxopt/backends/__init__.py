@@ -51,3 +51,4 @@ from . import eager  # noqa: E402,F401  (registers the built-in backends)
 from . import int8  # noqa: E402,F401
 from . import inductor  # noqa: E402,F401
 from . import xla  # noqa: E402,F401
+from . import fpga_int8  # noqa: E402,F401

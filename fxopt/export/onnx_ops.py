@@ -190,6 +190,12 @@ def hardtanh(b, node):
     return b.op("Clip", [b.value(x), lo, hi], node.name)
 
 
+def relu6(b, node):
+    x = _kw(node)["input"]
+    lo, hi = b.scalar_like(0.0, x, f"{node.name}.min"), b.scalar_like(6.0, x, f"{node.name}.max")
+    return b.op("Clip", [b.value(x), lo, hi], node.name)
+
+
 def silu(b, node):
     x = b.value(_kw(node)["input"])
     return b.op("Mul", [x, b.op("Sigmoid", [x], f"{node.name}.sigmoid")], node.name)
@@ -300,7 +306,7 @@ RULES = {
     aten.hardsigmoid: _unary("HardSigmoid", alpha=1 / 6, beta=0.5),
     aten.hardsigmoid_: _unary("HardSigmoid", alpha=1 / 6, beta=0.5),
     aten.exp: _unary("Exp"), aten.sqrt: _unary("Sqrt"), aten.neg: _unary("Neg"), aten.abs: _unary("Abs"),
-    aten.hardtanh: hardtanh, aten.hardtanh_: hardtanh, aten.silu: silu, aten.silu_: silu, aten.gelu: gelu,
+    aten.hardtanh: hardtanh, aten.hardtanh_: hardtanh, aten.relu6: relu6, aten.silu: silu, aten.silu_: silu, aten.gelu: gelu,
     aten.leaky_relu: leaky_relu, aten.leaky_relu_: leaky_relu,
     aten.dropout: identity, aten.contiguous: identity, aten.clone: identity, aten.alias: identity,
     aten.detach: identity, aten._to_copy: to_copy, aten.to: to_copy,

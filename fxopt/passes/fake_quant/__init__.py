@@ -53,6 +53,7 @@ import torch.fx as fx
 
 from ...errors import PassOptionError
 from ...ir.graph import module_path
+from ...ir.meta import TENSOR
 from ...pm import Pass, PassResult, register_pass
 from ...quant import OBSERVERS, FakeQuantize, FloatOp, QuantizedOp, QuantReport
 from .insert import QuantConfig, ValueGroups, quantize_values, quantize_weight
@@ -80,6 +81,8 @@ class FakeQuant(Pass):
     learnable_scale: scales are Parameters trained by QAT (LSQ gradient) once frozen.
     joins: shared (the inputs of add/sub/cat/stack share one quantizer: integer joins) |
         float (joins stay float on dequantized inputs; for transformer residual streams).
+    outputs: quantize the model's outputs too, so it returns values on an 8-bit grid (what an
+        integer-only export returns; backend fpga-int8 then outputs int8, else int32 accumulators).
     """
 
     weight_bits: int = 8
@@ -92,6 +95,7 @@ class FakeQuant(Pass):
     first_last_bits: int | None = None
     learnable_scale: bool = False
     joins: Literal["shared", "float"] = "shared"
+    outputs: bool = False
 
     tolerance: ClassVar[float | None] = None  # quantization changes what the model computes
 
@@ -128,6 +132,8 @@ class FakeQuant(Pass):
                 consumers.setdefault(value, []).append(d.node)
             if d.kind == "join":
                 groups.union(d.acts)
+        if self.outputs:
+            self._quantize_outputs(gm, groups, consumers)
         weight_paths = {}
         for d in quant:
             bits = self.first_last_bits if d.node in edges else self.weight_bits
@@ -140,6 +146,14 @@ class FakeQuant(Pass):
             return PassResult.unchanged(notes=("nothing to quantize",), sections={"quant": report})
         gm.graph.lint()
         return PassResult.changed(notes=self._notes(report), sections={"quant": report})
+
+    def _quantize_outputs(self, gm: fx.GraphModule, groups: ValueGroups, consumers: dict) -> None:
+        """outputs=true: the model returns its outputs on an activation grid as well."""
+        output = next(iter(gm.graph.find_nodes(op="output")))
+        for value in output.all_input_nodes:
+            if value.meta.get(TENSOR) is not None and value.op != "placeholder":
+                groups.add(value, self.act_bits)
+                consumers.setdefault(value, []).append(output)
 
     def _fill_report(self, report: QuantReport, decisions, weight_paths: dict, act_paths: dict) -> None:
         for d in decisions:

@@ -1,0 +1,127 @@
+"""fpga-int8: an integer-only int8 export, bit-exact across a simulator and plain C++.
+
+    cm = fxopt.compile(model, x, pipeline="fold-bn,fake-quant", backend="fpga-int8",
+                       calibration=batches, export_dir="out/")     # writes the artefacts
+    y = cm(x)                                                      # runs the bit-exact simulator
+    report = fxopt.backends.fpga_int8.verify("out/", x, cm)        # simulator / C++ / fake-quant
+    print(cm.report.fpga)                                          # resources per layer
+
+Integer arithmetic (Jacob et al. 2018, as gemmlowp / TFLite): int8 weights (symmetric,
+per channel, [-127, 127]) and activations (per tensor, zero point), int32 biases at
+scale s_x * s_w[c] and accumulators whose width is proven at export, requantization
+by an int32 multiplier and a shift (fixedpoint). The layers are listed in model.py,
+the lowering rules in lowering.py. Files under export_dir: model.json, weights/*.npy,
+model.onnx (the fake-quant model as QDQ ONNX), weights.h and model.cpp.
+
+Options: rounding = "double" (gemmlowp: SaturatingRoundingDoublingHighMul then
+RoundingDivideByPOT) | "single" (one 64-bit multiply and one rounded shift);
+pow2_scales (also spelled "pow2-scales"): every scale a power of two, so every
+requantization of conv / linear / add is a shift; reuse_factor for the DSP estimate.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ...errors import UnsupportedError
+from ...quant import FakeQuantize
+from .. import register_backend
+from .fixedpoint import ROUNDINGS
+from .lowering import Lowering
+from .model import IntegerModel, load, save
+from .pow2 import pow2_cost, with_pow2_scales
+from .resources import ResourceReport, resource_report
+from .simulate import dequantize_outputs, quantize_inputs, run_integer, simulate
+from .verify import VerifyReport, verify
+
+__all__ = ["FpgaInt8Backend", "FpgaInt8Model", "ResourceReport", "VerifyReport", "export", "load",
+           "resource_report", "simulate", "verify"]
+
+OPTIONS = ("export_dir", "rounding", "pow2_scales", "reuse_factor")
+
+
+class FpgaInt8Model(torch.nn.Module):
+    """Runs the integer model in the numpy simulator; `reference` is the fake-quant model exported."""
+
+    def __init__(self, spec: dict, weights: dict, reference: fx.GraphModule, export_dir=None):
+        super().__init__()
+        self.spec, self.weights, self.export_dir = spec, weights, export_dir
+        self.reference = reference
+
+    def forward(self, *inputs):
+        floats = {e["name"]: v.detach().cpu().numpy() for e, v in zip(self.spec["inputs"], inputs)}
+        values = run_integer(self.spec, self.weights, quantize_inputs(self.spec, floats))
+        outs = [torch.from_numpy(o) for o in dequantize_outputs(self.spec, values)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def export(gm: fx.GraphModule, example_inputs: tuple, export_dir=None, rounding: str = "double",
+           pow2_scales: bool = False) -> tuple[IntegerModel, fx.GraphModule]:
+    """(integer model, the fake-quant model it was built from); writes the files if export_dir."""
+    if rounding not in ROUNDINGS:
+        raise UnsupportedError(f"fpga-int8: rounding must be one of {ROUNDINGS}, got {rounding!r}",
+                               hint="rounding='double' (gemmlowp / TFLite) or 'single'")
+    _check_quantized(gm)
+    reference = with_pow2_scales(gm) if pow2_scales else gm
+    model = Lowering(reference, rounding, bool(pow2_scales)).run()
+    if export_dir is not None:
+        save(model, export_dir, _derived_files(model, reference, example_inputs))
+    return model, reference
+
+
+def _derived_files(model: IntegerModel, reference: fx.GraphModule, example_inputs: tuple) -> dict:
+    """weights.h, model.cpp and model.onnx as bytes (made before anything is written)."""
+    from ...export import export_onnx
+    from .cpp import emit_cpp
+
+    files = emit_cpp(model.to_json(), {l.name: l.weight for l in model.layers if l.weight is not None})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        export_onnx(reference, path, example_inputs)
+        with open(path, "rb") as f:
+            files["model.onnx"] = f.read()
+    return files
+
+
+def _check_quantized(gm: fx.GraphModule) -> None:
+    quantizers = [m for m in gm.modules() if isinstance(m, FakeQuantize)]
+    if not quantizers:
+        raise UnsupportedError("backend 'fpga-int8' found no fake quantizers in the graph",
+                               hint="fxopt.compile(model, x, pipeline='fold-bn,fake-quant', "
+                                    "backend='fpga-int8', calibration=batches)")
+    observing = [m.label or "(unnamed)" for m in quantizers if m.role == "activation" and m.observing]
+    if observing:
+        raise UnsupportedError(f"backend 'fpga-int8': {len(observing)} activation quantizers are not frozen "
+                               f"(e.g. {', '.join(observing[:3])})",
+                               hint="compile with calibration=batches, or fxopt.calibrate + fxopt.freeze")
+
+
+class FpgaInt8Backend:
+    name = "fpga-int8"
+
+    def lower(self, gm: fx.GraphModule, example_inputs: tuple, **options):
+        options = {k.replace("-", "_"): v for k, v in options.items()}
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise UnsupportedError(f"backend 'fpga-int8' has no option(s) {unknown}",
+                                   hint=f"options: {', '.join(OPTIONS)}")
+        reuse = options.pop("reuse_factor", 1)
+        model, reference = export(gm, example_inputs, **options)
+        spec = model.to_json()
+        weights = {l.name: l.weight for l in model.layers if l.weight is not None}
+        lowered = FpgaInt8Model(spec, weights, reference, options.get("export_dir"))
+        report = resource_report(spec, weights, reuse)
+        if options.get("pow2_scales"):
+            report.pow2_cost = pow2_cost(gm, reference, example_inputs)
+        lowered.report_sections = {"fpga": report}
+        return lowered
+
+    def available(self) -> str | None:
+        return None
+
+
+register_backend(FpgaInt8Backend())

@@ -1,0 +1,158 @@
+"""The integer model: what the lowering builds, the files hold, and the simulator and C++ run.
+
+On disk (`export_dir`), schema "fxopt-fpga-int8" version 1:
+
+    model.json        topology, shapes and every integer parameter except weight tensors
+    weights/*.npy     one int8 array per conv / linear weight (file named in model.json)
+    model.onnx        the fake-quant graph as standard QDQ ONNX (see fxopt.export)
+    weights.h         the same parameters as C++ arrays
+    model.cpp         integer-only reference kernels + a main that runs them on a batch
+
+model.json:
+
+    {"format": "fxopt-fpga-int8", "version": 1, "rounding": "double" | "single",
+     "pow2_scales": bool,
+     "inputs":  [{"name", "shape", "scale", "zero_point", "qmin", "qmax"}],   # host: quantize float
+     "outputs": [tensor name, ...],                                           # host: dequantize
+     "tensors": {name: TENSOR},
+     "layers":  [LAYER, ...]}                                                  # in execution order
+
+Shapes are per sample (no batch dimension), row-major, channels first (C, H, W).
+
+TENSOR: {"dtype": "int8" | "int32", "shape": [...], "source": fx node name,
+         int8:  "scale": float, "zero_point": int, "qmin": int, "qmax": int   real = scale * (q - zero_point)
+         int32: "scale": [floats], "scale_shape": [...] (broadcasts against shape), "bound": int
+                real = scale * v;  |v| <= bound, proven from the integer ranges}
+
+The input quantization (q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax)) and
+the output dequantization are the only float steps, both on the host side of the model.
+
+LAYER: {"name", "op", "inputs": [tensor names], "output": tensor name, ...op fields}
+A requantization is always the pair "multiplier" (M0, int32 in [2^30, 2^31)) and "shift"
+(int, S = M0 * 2^(shift-31)), a scalar or a per-output-channel list, applied as in
+fixedpoint.requantize with the model's "rounding". "clamp": [lo, hi] bounds the result
+(a fused ReLU / ReLU6 / hardtanh and the grid's range); per-channel lists for int32 outputs.
+
+    conv2d   "weight": file, "weight_shape": [O, I/groups, kh, kw], "bias": [O] int32,
+             "stride", "padding", "dilation": [2], "groups", "input_zero_point";
+             int8 out:  y = clamp(zp_out + requant(acc), clamp)   with "multiplier", "shift",
+                        "output_zero_point"
+             int32 out: y = clamp(acc, clamp)  (no requant)
+             acc[o] = bias[o] + sum (x - input_zero_point) * w   (padding reads input_zero_point)
+    linear   "weight": file, "weight_shape": [O, I], "bias", "input_zero_point", and the same
+             two output forms; applied over the last dimension.
+    add      two int8 inputs. "input_zero_points", "left_shift" (20), per input "multipliers" /
+             "shifts"; int8 out: y = clamp(zp_out + requant(sum_i requant((x_i - zp_i) << left_shift,
+             M_i, s_i), M, s), clamp) with "multiplier", "shift", "output_zero_point";
+             int32 out (inputs on one grid): y = clamp(sum_i (x_i - zp_i), clamp).
+    concat   "axis" (per sample); per input "input_zero_points", "multipliers", "shifts";
+             y = clamp(zp_out + requant(x_i - zp_i, M_i, s_i), clamp), "output_zero_point".
+    requantize  one int8 input to another grid: as concat with one input.
+    max_pool2d  "kernel", "stride", "padding", "dilation": [2]; padding never wins (reads -inf).
+    avg_pool2d  "kernel", "stride", "padding": [2] (padding counts, reads the zero point);
+             int8 in:  sum (x - input_zero_point) over the window ("input_zero_point" is
+             present only for an int8 input); int32 in: sum x;
+             y = clamp(zp_out + requant(sum, M, s), clamp), M/s per channel for an int32 input.
+    reshape  "shape": the output shape; the data (row-major) is unchanged.
+    clamp    "clamp": [lo, hi] on an int8 tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT, VERSION = "fxopt-fpga-int8", 1
+
+
+@dataclass
+class Layer:
+    name: str
+    op: str
+    inputs: list[str]
+    output: str
+    fields: dict = field(default_factory=dict)       # the op fields of model.json (JSON-able)
+    weight: np.ndarray | None = None                 # int8 weight tensor (conv / linear)
+
+
+@dataclass
+class IntegerModel:
+    rounding: str
+    pow2_scales: bool
+    inputs: list[dict] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    tensors: dict[str, dict] = field(default_factory=dict)
+    layers: list[Layer] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        layers = []
+        for layer in self.layers:
+            entry = {"name": layer.name, "op": layer.op, "inputs": layer.inputs, "output": layer.output}
+            entry.update(layer.fields)
+            if layer.weight is not None:
+                entry["weight"] = weight_file(layer.name)
+                entry["weight_shape"] = list(layer.weight.shape)
+            layers.append(entry)
+        return {"format": FORMAT, "version": VERSION, "rounding": self.rounding,
+                "pow2_scales": self.pow2_scales, "inputs": self.inputs, "outputs": self.outputs,
+                "tensors": self.tensors, "layers": layers}
+
+
+def weight_file(layer_name: str) -> str:
+    return f"weights/{layer_name}.npy"
+
+
+def save(model: IntegerModel, export_dir, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write model.json, the weights and `extra_files` ({relative name: bytes}) to export_dir.
+
+    Everything is written to a temporary directory next to export_dir and moved into place
+    at the end, so an interrupted export never leaves a half-written artefact; files of an
+    earlier export that this one does not write are kept only if they are not ours.
+    """
+    export_dir = Path(export_dir)
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.", dir=export_dir.parent))
+    try:
+        (staging / "weights").mkdir()
+        for layer in model.layers:
+            if layer.weight is not None:
+                np.save(staging / weight_file(layer.name), layer.weight.astype(np.int8))
+        (staging / "model.json").write_text(json.dumps(model.to_json(), indent=1))
+        for name, data in (extra_files or {}).items():
+            (staging / name).write_bytes(data)
+        _replace_dir(staging, export_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return export_dir
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Move staging into target's place: rename the old one aside, rename, then delete it."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load(export_dir) -> tuple[dict, dict[str, np.ndarray]]:
+    """(model.json as a dict, {layer name: int8 weight}) from an export directory."""
+    export_dir = Path(export_dir)
+    path = export_dir / "model.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: export with backend='fpga-int8', export_dir=...")
+    spec = json.loads(path.read_text())
+    if spec.get("format") != FORMAT or spec.get("version") != VERSION:
+        raise ValueError(f"{path} is not a {FORMAT} v{VERSION} model (format {spec.get('format')!r}, "
+                         f"version {spec.get('version')!r})")
+    weights = {layer["name"]: np.load(export_dir / layer["weight"]) for layer in spec["layers"] if "weight" in layer}
+    return spec, weights
