@@ -11,11 +11,13 @@ rounding: |M0 * 2^(shift-31) - S| <= 2^(shift-32).
 
 - rounding="double" (gemmlowp / TFLite): acc is shifted left by max(shift, 0), then
   SaturatingRoundingDoublingHighMul(acc, M0) (the high 32 bits of 2*acc*M0, rounded
-  half away from zero), then RoundingDivideByPOT by max(-shift, 0) (half away from
-  zero). Two roundings: the result is within 1 of the exact rational rounding.
+  half up: its nudge then C's truncating division), then RoundingDivideByPOT by
+  max(-shift, 0) (half away from zero). Two roundings: the result is within 1 of the
+  exact rational rounding.
 - rounding="single": one 64-bit product acc*M0, then one arithmetic right shift by
   31 - shift with a rounding offset of half: round half up (towards +inf) of
-  acc * M0 * 2^(shift-31), exactly.
+  acc * M0 * 2^(shift-31), exactly. A right shift beyond 62 bits gives 0 (|acc * M0| <
+  2^62, so the exact result rounds to 0), never a wrapped offset.
 - a multiplier of exactly 2^30 (S a power of two, as with pow2-scales) is a shift
   alone in both modes: acc shifted left, or right with one rounding (half away from
   zero for "double", half up for "single"); the hardware needs no multiplier.
@@ -33,6 +35,7 @@ ROUNDINGS = ("double", "single")
 Q31 = 1 << 31
 POW2_MULTIPLIER = 1 << 30
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+MAX_SHIFT = 62              # the widest right shift of an int64 value that keeps its offset in range
 
 
 def quantize_multiplier(scale: float) -> tuple[int, int]:
@@ -74,7 +77,10 @@ def _srdhm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _rounding_divide_by_pot(x: np.ndarray, exponent: np.ndarray) -> np.ndarray:
-    """gemmlowp RoundingDivideByPOT: x / 2^exponent, rounded half away from zero."""
+    """gemmlowp RoundingDivideByPOT: x / 2^exponent, rounded half away from zero.
+
+    An exponent above 62 acts as 62: x holds an int32 value, so both round it to 0."""
+    exponent = np.minimum(exponent, MAX_SHIFT)
     mask = (np.int64(1) << exponent) - 1
     remainder = x & mask
     threshold = (mask >> 1) + (x < 0)
@@ -82,9 +88,11 @@ def _rounding_divide_by_pot(x: np.ndarray, exponent: np.ndarray) -> np.ndarray:
 
 
 def _rounded_shift_half_up(x: np.ndarray, exponent: np.ndarray) -> np.ndarray:
-    """x / 2^exponent rounded half up (exponent >= 0)."""
+    """x / 2^exponent rounded half up (exponent >= 0; |x| < 2^62, so beyond 62 bits: 0)."""
+    beyond = exponent > MAX_SHIFT
+    exponent = np.minimum(exponent, MAX_SHIFT)
     offset = np.where(exponent > 0, np.int64(1) << np.maximum(exponent - 1, 0), 0)
-    return (x + offset) >> exponent
+    return np.where(beyond, 0, (x + offset) >> exponent)
 
 
 def requantize(acc, m0, shift, rounding: str = "double") -> np.ndarray:

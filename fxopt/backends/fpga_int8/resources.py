@@ -9,7 +9,7 @@ factor (each multiplier is reused that many times per output, as in hls4ml's
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -49,6 +49,10 @@ class ResourceReport:
     @property
     def max_accumulator_bits(self) -> int:
         return max((r.accumulator_bits or 0) for r in self.layers)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total_macs": self.total_macs, "total_weight_bytes": self.total_weight_bytes,
+                "total_dsp": self.total_dsp, "max_accumulator_bits": self.max_accumulator_bits}
 
     def __str__(self) -> str:
         lines = [f"{'layer':28s} {'op':11s} {'MACs':>11s} {'w bits':>6s} {'a bits':>6s} {'bytes':>9s} "
