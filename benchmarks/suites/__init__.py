@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-SUITES = {"lowrank": "benchmarks.suites.lowrank", "passes": "benchmarks.suites.passes",
+SUITES = {"backends": "benchmarks.suites.backends", "fpga": "benchmarks.suites.fpga",
+          "lowrank": "benchmarks.suites.lowrank", "passes": "benchmarks.suites.passes",
           "prune": "benchmarks.suites.prune",
           "prune-zoo": "benchmarks.suites.prune_zoo", "quant": "benchmarks.suites.quant"}
 
