@@ -153,6 +153,46 @@ def environment() -> dict:
     }
 
 
+def package_versions(*packages: str) -> dict:
+    """{package: __version__ or None when it is not installed}, for a suite's environment."""
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = __import__(package).__version__
+        except ImportError:
+            versions[package] = None
+    return versions
+
+
+def choose_models(models, quick: bool, default: tuple, quick_default: tuple, known) -> tuple:
+    """The models a suite runs: those asked for, else its (quick) default; a typo fails before any timing."""
+    names = tuple(models) if models else (quick_default if quick else default)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise KeyError(f"unknown model {unknown[0]!r}; known: {', '.join(known)}")
+    return names
+
+
+def bench_each(names, bench, log) -> list[dict]:
+    """`bench(name)` per model, in order; a model that fails is a result (its error), not the end of the run."""
+    records = []
+    for name in names:
+        log(f"{name} ...")
+        try:
+            records.append(bench(name))
+        except Exception as exc:  # noqa: BLE001
+            log(f"  FAILED: {type(exc).__name__}: {str(exc)[:200]}")
+            records.append({"name": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+    return records
+
+
+def closing_lines(suite: str, notes: list[str], models: list[dict]) -> list[str]:
+    """The end of a suite's Markdown: findings, the models that failed, how to rerun."""
+    notes = notes + [f"- {r['name']}: not measured: `{r['error'][:300]}`" for r in models if "error" in r]
+    lines = ["## Findings", ""] + notes + [""] if notes else []
+    return lines + [f"Method: `python -m benchmarks --suite {suite}`; see benchmarks/suites/{suite}.py."]
+
+
 def _atomic_write(path: Path, text: str) -> Path:
     return Path(write_atomically(path, text))
 

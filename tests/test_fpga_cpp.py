@@ -9,7 +9,6 @@ not from the simulator.
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import subprocess

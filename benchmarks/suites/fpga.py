@@ -31,7 +31,7 @@ from fxopt.backends.fpga_int8.cpp import compile_cpp
 
 from .. import digits
 from ..fpga_models import ResidualMLP
-from ..harness import environment, markdown_table, measure, render_results, save_results
+from ..harness import choose_models, environment, markdown_table, measure, render_results, save_results
 from ..models import with_realistic_statistics
 
 NAME = "fpga"
@@ -104,10 +104,7 @@ def bench_variant(model, calib, x, labels, options: dict, workdir: Path) -> dict
 def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=None, log=print) -> dict:
     """Run the suite; writes fpga.json and fpga.md into `out_dir` (default results/)."""
     start = time.perf_counter()
-    names = tuple(models) if models else (MODELS[:2] if quick else MODELS)
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        raise KeyError(f"unknown model {unknown[0]!r}; known: {', '.join(MODELS)}")
+    names = choose_models(models, quick, MODELS, MODELS[:2], MODELS)
     records = []
     for name in names:
         log(f"{name} ...")

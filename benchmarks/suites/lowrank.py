@@ -47,7 +47,8 @@ import torch
 import fxopt
 from fxopt.analyses import Cost
 
-from ..harness import environment, fmt_seconds, interleaved, markdown_table, measure, render_results, save_results
+from ..harness import (bench_each, choose_models, closing_lines, environment, fmt_seconds, interleaved,
+                       markdown_table, measure, package_versions, render_results, save_results)
 from .. import minilm
 from ..models import with_realistic_statistics
 
@@ -304,12 +305,7 @@ def to_markdown(result: dict) -> str:
         lines += [f"## {r['name']}", "",
                   f"Batch {r['batch']}, input {r['input']}, {r['calib_batches']} calibration batches; {fid}.", "",
                   _table(r), ""]
-    notes = findings(ok) + [f"- {r['name']}: not measured: `{r['error'][:300]}`"
-                            for r in result["models"] if "error" in r]
-    if notes:
-        lines += ["## Findings", ""] + notes + [""]
-    lines += [f"Method: `python -m benchmarks --suite {NAME}`; see benchmarks/suites/lowrank.py."]
-    return "\n".join(lines)
+    return "\n".join(lines + closing_lines(NAME, findings(ok), result["models"]))
 
 
 def render(out_dir=None) -> Path:
@@ -318,35 +314,19 @@ def render(out_dir=None) -> Path:
 
 
 def _environment() -> dict:
-    versions = {}
-    for package in ("torchvision", "transformers"):
-        try:
-            versions[package] = __import__(package).__version__
-        except ImportError:
-            versions[package] = None
-    return {**environment(), **versions}
+    return {**environment(), **package_versions("torchvision", "transformers")}
 
 
 def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=None, log=print) -> dict:
     """Run the suite; writes lowrank.json and lowrank.md into `out_dir` (default results/)."""
     start = time.perf_counter()
-    names = tuple(models) if models else (QUICK_MODELS if quick else DEFAULT_MODELS)
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:  # fail before any timing on a typo
-        raise KeyError(f"unknown model {unknown[0]!r}; known: {', '.join(MODELS)}")
+    names = choose_models(models, quick, DEFAULT_MODELS, QUICK_MODELS, MODELS)
     p = plan(repeats, quick)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        records = []
-        for name in names:
-            log(f"{name} ...")
-            try:
-                records.append(bench_model(name, p, quick, log))
-            except Exception as exc:  # noqa: BLE001 — a model that fails is a result
-                log(f"  FAILED: {type(exc).__name__}: {str(exc)[:200]}")
-                records.append({"name": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        records = bench_each(names, lambda name: bench_model(name, p, quick, log), log)
         env = {**_environment(), "load_avg_1m_start": load_start}
     finally:
         torch.set_num_threads(threads)

@@ -53,7 +53,8 @@ import torch
 import fxopt
 from fxopt.analyses import Cost, Shapes, ShapeTable
 
-from ..harness import environment, fmt_seconds, interleaved, markdown_table, render_results, save_results
+from ..harness import (bench_each, choose_models, environment, fmt_seconds, interleaved, markdown_table,
+                       render_results, save_results)
 
 NAME = "prune"
 RATIO = 0.5
@@ -364,23 +365,13 @@ def _environment() -> dict:
 def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=None, log=print) -> dict:
     """Run the suite; writes prune.json and prune.md into `out_dir` (default results/)."""
     start = time.perf_counter()
-    names = tuple(models) if models else (QUICK_MODELS if quick else DEFAULT_MODELS)
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:  # fail before any timing on a typo
-        raise KeyError(f"unknown model {unknown[0]!r}; known: {', '.join(MODELS)}")
+    names = choose_models(models, quick, DEFAULT_MODELS, QUICK_MODELS, MODELS)
     p = plan(repeats, quick)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work on the box
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        records = []
-        for name in names:
-            log(f"{name} ...")
-            try:
-                records.append(bench_model(name, p, quick, log))
-            except Exception as exc:  # noqa: BLE001 — e.g. the shared counter cannot trace it
-                log(f"  FAILED: {_error(exc)[:200]}")
-                records.append({"name": name, "error": _error(exc)})
+        records = bench_each(names, lambda name: bench_model(name, p, quick, log), log)
         env = {**_environment(), "load_avg_1m_start": load_start}
     finally:
         torch.set_num_threads(threads)

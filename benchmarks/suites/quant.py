@@ -33,7 +33,8 @@ import torch
 
 import fxopt
 
-from ..harness import environment, fmt_seconds, interleaved, markdown_table, render_results, save_results
+from ..harness import (bench_each, choose_models, environment, fmt_seconds, interleaved, markdown_table,
+                       render_results, save_results)
 from ..models import with_realistic_statistics
 
 NAME = "quant"
@@ -188,24 +189,14 @@ def render(out_dir=None):
 def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=None, log=print) -> dict:
     """Run the suite; writes quant.json and quant.md into `out_dir` (default results/)."""
     start = time.perf_counter()
-    names = tuple(models) if models else (QUICK_MODELS if quick else DEFAULT_MODELS)
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        raise KeyError(f"unknown model {unknown[0]!r}; known: {', '.join(MODELS)}")
+    names = choose_models(models, quick, DEFAULT_MODELS, QUICK_MODELS, MODELS)
     p = plan(repeats, quick)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     threads, engine = torch.get_num_threads(), torch.backends.quantized.engine
     torch.set_num_threads(THREADS)
     torch.backends.quantized.engine = fxopt.backends.int8.pick_engine()
     try:
-        records = []
-        for name in names:
-            log(f"{name} ...")
-            try:
-                records.append(bench_model(name, p, quick, log))
-            except Exception as exc:  # noqa: BLE001 — a tool failing on a model is a result
-                log(f"  FAILED: {type(exc).__name__}: {str(exc)[:200]}")
-                records.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
+        records = bench_each(names, lambda name: bench_model(name, p, quick, log), log)
         env = {**environment(), "load_avg_1m_start": load_start,
                "quantized_engine": torch.backends.quantized.engine}
     finally:

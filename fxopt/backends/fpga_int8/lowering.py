@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from ...errors import UnsupportedError
-from ...ir.graph import node_location
+from ...ir.graph import fetch_attr, node_location
 from ...ir.meta import TENSOR
 from ...quant import FakeQuantize
 from .model import IntegerModel, Layer
@@ -119,19 +119,19 @@ class Lowering:
         self.build = LayerBuilder(self)
 
     # ---- queries --------------------------------------------------------------------------
-    def act_fq(self, node) -> FakeQuantize | None:
+    def quantizer(self, node, role: str) -> FakeQuantize | None:
+        """The FakeQuantize a call_module node runs, if it has this role ("weight" / "activation")."""
         if isinstance(node, fx.Node) and node.op == "call_module":
             mod = self.gm.get_submodule(node.target)
-            if isinstance(mod, FakeQuantize) and mod.role == "activation":
+            if isinstance(mod, FakeQuantize) and mod.role == role:
                 return mod
         return None
 
+    def act_fq(self, node) -> FakeQuantize | None:
+        return self.quantizer(node, "activation")
+
     def weight_fq(self, node) -> FakeQuantize | None:
-        if isinstance(node, fx.Node) and node.op == "call_module":
-            mod = self.gm.get_submodule(node.target)
-            if isinstance(mod, FakeQuantize) and mod.role == "weight":
-                return mod
-        return None
+        return self.quantizer(node, "weight")
 
     def tensor(self, node: fx.Node, reader: fx.Node) -> tuple[str, dict]:
         """(name, tensor record) of a value an op reads; an error if it has no integer form."""
@@ -179,7 +179,6 @@ class Lowering:
     def constant(self, node) -> torch.Tensor | None:
         if node is None:
             return None
-        from ...ir.graph import fetch_attr
         if isinstance(node, fx.Node) and node.op == "get_attr":
             return fetch_attr(self.gm, node.target).detach()
         raise UnsupportedError(f"fpga-int8: {node} is not a constant parameter",
