@@ -13,8 +13,10 @@ by an int32 multiplier and a shift (fixedpoint). The layers are listed in model.
 the lowering rules in lowering.py. Files under export_dir: model.json, weights/*.npy,
 model.onnx (the fake-quant model as QDQ ONNX), weights.h and model.cpp.
 
-Options: rounding = "double" (gemmlowp: SaturatingRoundingDoublingHighMul then
-RoundingDivideByPOT) | "single" (one 64-bit multiply and one rounded shift);
+Options: rounding = "single" (default: one 64-bit multiply and one rounded shift, the
+exact rounding of acc * M0 * 2^(shift-31)) | "double" (gemmlowp / TFLite:
+SaturatingRoundingDoublingHighMul then RoundingDivideByPOT; its two roundings put
+0.27% of mobilenet_v2's first-layer codes one above the exact rounding);
 pow2_scales (also spelled "pow2-scales"): every scale a power of two, so every
 requantization of conv / linear / add is a shift; reuse_factor for the DSP estimate.
 """
@@ -33,6 +35,7 @@ from .fixedpoint import ROUNDINGS
 from .lowering import Lowering
 from .model import IntegerModel, load, save
 from .pow2 import pow2_cost, with_pow2_scales
+from .reference import with_int32_biases
 from .resources import ResourceReport, resource_report
 from .simulate import dequantize_outputs, quantize_inputs, run_integer, simulate
 from .verify import VerifyReport, verify
@@ -58,14 +61,17 @@ class FpgaInt8Model(torch.nn.Module):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-def export(gm: fx.GraphModule, example_inputs: tuple, export_dir=None, rounding: str = "double",
+def export(gm: fx.GraphModule, example_inputs: tuple, export_dir=None, rounding: str = "single",
            pow2_scales: bool = False) -> tuple[IntegerModel, fx.GraphModule]:
-    """(integer model, the fake-quant model it was built from); writes the files if export_dir."""
+    """(integer model, its reference); writes the files if export_dir.
+
+    The reference is the fake-quant model the integer model implements: gm, with pow2 scales
+    if asked, and its biases on their int32 grid (reference.py); always a copy."""
     if rounding not in ROUNDINGS:
         raise UnsupportedError(f"fpga-int8: rounding must be one of {ROUNDINGS}, got {rounding!r}",
                                hint="rounding='double' (gemmlowp / TFLite) or 'single'")
     _check_quantized(gm)
-    reference = with_pow2_scales(gm) if pow2_scales else gm
+    reference = with_int32_biases(with_pow2_scales(gm) if pow2_scales else gm)
     model = Lowering(reference, rounding, bool(pow2_scales)).run()
     if export_dir is not None:
         save(model, export_dir, _derived_files(model, reference, example_inputs))

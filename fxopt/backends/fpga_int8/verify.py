@@ -112,12 +112,33 @@ def reference_lsb(tensor: dict, value: np.ndarray) -> np.ndarray:
     return value / np.asarray(tensor["scale"]).reshape(tensor["scale_shape"])
 
 
+def _quantized_sources(spec: dict, gm: fx.GraphModule) -> dict[str, str]:
+    """tensor name -> the activation quantizer node that reads its source on the same grid.
+
+    That quantizer's output holds the fake-quant model's own codes (torch rounds x * (1/s)
+    in float32), so the comparison uses them rather than re-rounding the float value."""
+    from ...quant import FakeQuantize
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    found = {}
+    for name, tensor in spec["tensors"].items():
+        for user in nodes[tensor["source"]].users if tensor["dtype"] == "int8" else ():
+            fq = gm.get_submodule(user.target) if user.op == "call_module" else None
+            if isinstance(fq, FakeQuantize) and fq.role == "activation" and \
+                    float(fq.scale.reshape(-1)[0]) == tensor["scale"]:
+                found[name] = user.name
+                break
+    return found
+
+
 def reference_values(spec: dict, gm: fx.GraphModule, floats: dict, batch: int) -> dict[str, np.ndarray]:
     """Every tensor of the integer model as the fake-quant model computes it, in LSBs."""
-    recorder = _Recorder(gm, {t["source"] for t in spec["tensors"].values()})
+    quantized = _quantized_sources(spec, gm)
+    sources = {name: quantized.get(name, t["source"]) for name, t in spec["tensors"].items()}
+    recorder = _Recorder(gm, set(sources.values()))
     with torch.no_grad():
         recorder.run(*[torch.as_tensor(floats[e["name"]]) for e in spec["inputs"]])
-    return {name: reference_lsb(t, recorder.seen[t["source"]].reshape(batch, *t["shape"]))
+    return {name: reference_lsb(t, recorder.seen[sources[name]].reshape(batch, *t["shape"]))
             for name, t in spec["tensors"].items()}
 
 
