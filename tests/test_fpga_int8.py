@@ -13,6 +13,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn as nn
 import torchvision
 
@@ -154,3 +156,45 @@ def test_unquantized_graph_and_bad_options(tmp_path):
         export(ResidualMLP().eval(), (32,), tmp_path, rounding="nearest")
     with pytest.raises(UnsupportedError, match="no option"):
         export(ResidualMLP().eval(), (32,), tmp_path, engine="x86")
+
+
+class Branches(nn.Module):
+    """Two convolutions of one input joined by cat, then average pooling: concat rescaling."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 1)
+        self.c = nn.Conv2d(10, 8, 3, stride=2)
+        self.pool, self.fc = nn.AvgPool2d(2), nn.Linear(8 * 3 * 3, 5)
+
+    def forward(self, x):
+        y = torch.relu(torch.cat([self.a(x), self.b(x)], dim=1))
+        return self.fc(torch.flatten(self.pool(torch.relu(self.c(y))), 1))
+
+
+def test_concat_and_avg_pool(tmp_path):
+    cm, x, out = export(Branches().eval(), (3, 14, 14), tmp_path)
+    spec, _ = load(out)
+    assert {"concat", "avg_pool2d"} <= {layer["op"] for layer in spec["layers"]}
+    report = check_three_way(cm, x, out)
+    assert report.output_drift_within_1 >= 0.999, str(report)
+
+
+@settings(max_examples=6, deadline=None)
+@given(hidden=st.integers(4, 48), gain=st.floats(0.1, 20.0), seed=st.integers(0, 2 ** 16))
+def test_proven_accumulator_widths_hold_on_worst_inputs(hidden, gain, seed, tmp_path_factory):
+    """The inputs that maximise each first-layer accumulator stay within the proven width."""
+    torch.manual_seed(seed)
+    model = ResidualMLP(features=16, hidden=hidden, blocks=1).eval()
+    with torch.no_grad():
+        model.inp.weight.mul_(gain)
+    cm, _, out = export(model, (16,), tmp_path_factory.mktemp("acc"))
+    spec, weights = load(out)
+    layer = spec["layers"][0]
+    w = weights[layer["name"]].astype(np.int64)
+    entry = spec["inputs"][0]
+    # per output channel: the input codes at the end of the grid matching each weight's sign
+    worst = np.where(w > 0, entry["qmax"], entry["qmin"]), np.where(w > 0, entry["qmin"], entry["qmax"])
+    for codes in worst:
+        acc = ((codes - layer["input_zero_point"]) * w).sum(1) + np.array(layer["bias"])
+        assert np.abs(acc).max() < 2 ** (layer["acc_bits"] - 1) <= 2 ** 31

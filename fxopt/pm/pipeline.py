@@ -18,6 +18,13 @@ from .stages import Stages
 PRESETS: dict[str, str] = {
     "default": "canonicalize,fold-bn,dce",
     "cleanup": "canonicalize,dce",
+    # compression presets (the benchmark harness runs them; a fake-quant one wants backend="int8")
+    "prune50": "canonicalize,fold-bn,dce,prune-channels{ratio=0.5}",
+    "int8": "canonicalize,fold-bn,dce,fake-quant",
+    "lowrank30": "canonicalize,fold-bn,dce,low-rank{rank-policy=budget budget=0.7}",
+    "prune50+int8": "canonicalize,fold-bn,dce,prune-channels{ratio=0.5},fake-quant",
+    "prune30+lowrank+int8": "canonicalize,fold-bn,dce,prune-channels{ratio=0.3},"
+                            "low-rank{rank-policy=budget budget=0.7},fake-quant",
 }
 
 _SPECIAL = set(",{}[]()= \t\"'")
