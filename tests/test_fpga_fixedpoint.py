@@ -46,6 +46,10 @@ def half_up(x: Fraction) -> int:
     return math.floor(x + Fraction(1, 2))
 
 
+def half_even(x: Fraction) -> int:
+    return round(x)        # Fraction.__round__: ties to even, exactly
+
+
 def half_away(x: Fraction) -> int:
     return half_up(x) if x >= 0 else -half_up(-x)
 
@@ -122,8 +126,8 @@ def test_quantize_multiplier_rejects_bad_scales(scale):
 # ---------------------------------------------------------------------- single rounding
 @settings(max_examples=1000, deadline=None)
 @given(int32s, multipliers, shifts)
-def test_single_is_exact_round_half_up(acc, m0, shift):
-    assert scalar(acc, m0, shift, "single") == half_up(value(acc, m0, shift))
+def test_single_is_exact_round_half_even(acc, m0, shift):
+    assert scalar(acc, m0, shift, "single") == half_even(value(acc, m0, shift))
 
 
 @settings(max_examples=300, deadline=None)
@@ -136,20 +140,20 @@ def test_tiny_scales_are_exact(acc, m0, shift):
     Kept apart from the properties above so a failure here names the deep-shift domain.
     """
     exact = value(acc, m0, shift)
-    assert scalar(acc, m0, shift, "single") == half_up(exact) == 0
+    assert scalar(acc, m0, shift, "single") == half_even(exact) == 0
     assert scalar(acc, m0, shift, "double") == half_away(exact) == 0
 
 
 @settings(max_examples=800, deadline=None)
 @given(int32s.filter(lambda a: a != 0), multipliers)
-def test_single_rounds_exact_ties_up(acc, m0):
+def test_single_rounds_exact_ties_to_even(acc, m0):
     # acc*M0 has z trailing zero bits; shifting right by z+1 leaves exactly .5
     product = acc * m0
     z = (product & -product).bit_length() - 1
     shift = 30 - z
     exact = value(acc, m0, shift)
     assert exact.denominator == 2                           # really a tie
-    assert scalar(acc, m0, shift, "single") == half_up(exact)
+    assert scalar(acc, m0, shift, "single") == half_even(exact)
     if max(shift, 0) <= max_left(acc):                      # double: gemmlowp's domain only
         double = scalar(acc, m0, shift, "double")
         assert abs(double - half_away(exact)) <= 1
@@ -261,7 +265,7 @@ def test_both_modes_within_one_of_real_scale(scale_acc):
 @given(int32s, st.integers(-40, 31))
 def test_pow2_multiplier_is_an_exact_shift(acc, shift):
     exact = Fraction(acc) * Fraction(2) ** (shift - 1)
-    assert scalar(acc, POW2_MULTIPLIER, shift, "single") == half_up(exact)
+    assert scalar(acc, POW2_MULTIPLIER, shift, "single") == half_even(exact)
     assert scalar(acc, POW2_MULTIPLIER, shift, "double") == half_away(exact)
 
 

@@ -15,12 +15,13 @@ rounding: |M0 * 2^(shift-31) - S| <= 2^(shift-32).
   max(-shift, 0) (half away from zero). Two roundings: the result is within 1 of the
   exact rational rounding.
 - rounding="single": one 64-bit product acc*M0, then one arithmetic right shift by
-  31 - shift with a rounding offset of half: round half up (towards +inf) of
-  acc * M0 * 2^(shift-31), exactly. A right shift beyond 62 bits gives 0 (|acc * M0| <
-  2^62, so the exact result rounds to 0), never a wrapped offset.
+  31 - shift, rounding half to even (torch.round's rule, so ties, frequent with
+  power-of-two scales, go the way the fake-quant model sends them): the exact rounding
+  of acc * M0 * 2^(shift-31). A right shift beyond 62 bits gives 0 (|acc * M0| < 2^62,
+  so the exact result rounds to 0), never a wrapped offset.
 - a multiplier of exactly 2^30 (S a power of two, as with pow2-scales) is a shift
   alone in both modes: acc shifted left, or right with one rounding (half away from
-  zero for "double", half up for "single"); the hardware needs no multiplier.
+  zero for "double", half to even for "single"); the hardware needs no multiplier.
 
 Everything here is numpy int64 arithmetic, vectorised over any broadcastable shapes,
 and is what both the simulator and the generated C++ implement.
@@ -87,12 +88,16 @@ def _rounding_divide_by_pot(x: np.ndarray, exponent: np.ndarray) -> np.ndarray:
     return (x >> exponent) + (remainder > threshold)
 
 
-def _rounded_shift_half_up(x: np.ndarray, exponent: np.ndarray) -> np.ndarray:
-    """x / 2^exponent rounded half up (exponent >= 0; |x| < 2^62, so beyond 62 bits: 0)."""
-    beyond = exponent > MAX_SHIFT
-    exponent = np.minimum(exponent, MAX_SHIFT)
-    offset = np.where(exponent > 0, np.int64(1) << np.maximum(exponent - 1, 0), 0)
-    return np.where(beyond, 0, (x + offset) >> exponent)
+def _rounded_shift_half_even(x: np.ndarray, exponent: np.ndarray) -> np.ndarray:
+    """x / 2^exponent rounded half to even; exponent <= 0 leaves x as it is (no shift), and
+    beyond 62 bits the result is 0 (|x| < 2^62)."""
+    shifted = exponent > 0
+    e = np.clip(exponent, 1, MAX_SHIFT)
+    quotient = x >> e
+    rest = x - (quotient << e)
+    half = np.int64(1) << (e - 1)
+    rounded = quotient + ((rest > half) | ((rest == half) & (quotient % 2 == 1)))
+    return np.where(exponent > MAX_SHIFT, 0, np.where(shifted, rounded, x))
 
 
 def requantize(acc, m0, shift, rounding: str = "double") -> np.ndarray:
@@ -114,9 +119,9 @@ def requantize(acc, m0, shift, rounding: str = "double") -> np.ndarray:
         only_shift = np.where(exponent >= 0, up, _rounding_divide_by_pot(acc, down_exp))
         general = _rounding_divide_by_pot(_srdhm(acc << left, m0), right)
     else:
-        only_shift = np.where(exponent >= 0, up, _rounded_shift_half_up(acc, down_exp))
+        only_shift = np.where(exponent >= 0, up, _rounded_shift_half_even(acc, down_exp))
         total = 31 - shift
-        general = _rounded_shift_half_up(acc * m0, total)
+        general = _rounded_shift_half_even(acc * m0, total)
     return np.where(pow2, only_shift, general)
 
 
