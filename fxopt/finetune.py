@@ -10,11 +10,16 @@ own training code, which can train `cm.graph_module` like any nn.Module.
     cm = fxopt.compile(model, (x,), pipeline="prune-channels{ratio=0.5}")
     fxopt.finetune(cm, batches, teacher=model, steps=300, lr=1e-3)
     cm.finetune_history.loss    # the loss of every step
+
+Launched by torchrun with several processes it trains data-parallel (DistributedDataParallel,
+gloo on CPU, NCCL on GPU), each rank on its share of the batches, with gradient accumulation
+and a checkpoint every N steps that a restarted run resumes from (finetune_ddp.py).
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 
 from .api import CompiledModel
 from .errors import InputShapeError, PassOptionError
+from .finetune_ddp import Stream, join, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 __all__ = ["FinetuneHistory", "finetune"]
 
@@ -33,6 +39,9 @@ class FinetuneHistory:
     `loss` is the optimised loss of every step; `task` and `distill` its two
     parts (NaN where a part was not computed: no targets, or no teacher); `lr`
     the learning rate used. `epochs` counts the passes made over the data.
+    Under data parallelism or accumulation a step's values are the means over the
+    step's batches, on every rank. `resumed` is the step a checkpoint resumed from
+    (0 when the run began afresh); the steps before it are the checkpoint's.
     """
 
     loss: list[float] = field(default_factory=list)
@@ -40,10 +49,12 @@ class FinetuneHistory:
     distill: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     epochs: int = 0
+    resumed: int = 0
 
 
 def finetune(model, teacher=None, data=None, steps: int = 100, lr: float = 1e-3, *, alpha: float = 0.5,
-             temperature: float = 4.0, loss=None):
+             temperature: float = 4.0, loss=None, accumulate: int = 1, checkpoint=None,
+             checkpoint_every: int = 100):
     """Train `model`'s parameters in place on `data` and return `model`.
 
     model: a CompiledModel (its `graph_module` is trained; the eager backend runs
@@ -67,6 +78,28 @@ def finetune(model, teacher=None, data=None, steps: int = 100, lr: float = 1e-3,
         and student is scaled by T^2 so its gradients keep their size as T grows.
         Logits are taken along the last dimension.
     loss: the task loss, `loss(output, target) -> scalar`; default cross-entropy.
+    accumulate: the batches each process runs per step, their gradients averaged
+        (gradient accumulation): a step takes `world size × accumulate` batches.
+    checkpoint: a file path. Every `checkpoint_every` steps and after the last one,
+        rank 0 writes the weights, the optimiser and schedule, the step, where the
+        data stood, every rank's RNG states and the history there, atomically
+        (temp file, then rename). A run that finds the file resumes from it (all
+        ranks load it) and goes on to `steps`: killed and restarted with the same
+        call, it loses nothing and repeats no step. A checkpoint made with other
+        steps, lr, alpha, temperature or world size × accumulate is refused.
+
+    Data parallelism: launched by torchrun with several processes (WORLD_SIZE > 1),
+    or with torch.distributed initialised, the model is wrapped in
+    DistributedDataParallel (the group is initialised if needed: gloo for a model
+    on the CPU, NCCL for one on cuda:LOCAL_RANK). Every rank calls finetune with
+    the same model, teacher and data; the data are read as one sequence of
+    batches, global batch i going to rank i % world, so one step takes the next
+    world × accumulate batches, `accumulate` on each rank, and DDP averages their
+    gradients. The equivalence rule: runs with the same world × accumulate see the
+    same batches in every step and make the same updates, up to float rounding (2
+    processes with accumulate=1 = 1 process with accumulate=2), provided the loss
+    is a mean over a batch's rows and the model draws no random numbers (dropout).
+    Every rank ends with the same weights and the same history.
 
     The per-step losses are stored on `model.finetune_history` (a FinetuneHistory).
     """
@@ -74,34 +107,114 @@ def finetune(model, teacher=None, data=None, steps: int = 100, lr: float = 1e-3,
         raise PassOptionError("finetune: no data given",
                               hint="pass batches: fxopt.finetune(pruned, teacher, data=[(x, y), ...])")
     _check_options(model, teacher, steps, lr, alpha, temperature)
+    _check_run_options(accumulate, checkpoint, checkpoint_every)
     net = model.graph_module if isinstance(model, CompiledModel) else model
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
         raise PassOptionError("finetune: the model has no parameter that requires grad",
                               hint="set requires_grad=True on the weights to train")
-    step = _Step(net, teacher, loss or F.cross_entropy, alpha, temperature)
+    device = params[0].device
+    world = join(device)
+    step = _Step(world.wrap(net, device), teacher, loss or F.cross_entropy, alpha, temperature)
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
-    history = FinetuneHistory()
+    settings = {"steps": steps, "lr": lr, "alpha": alpha, "temperature": temperature,
+                "batches_per_step": world.size * accumulate}
+    run = _Run(net, optimizer, schedule, Stream(data, world), settings)
+    if checkpoint is not None and os.path.exists(checkpoint):
+        run.resume(checkpoint)
     expected = model.input_shapes if isinstance(model, CompiledModel) else ()
-    device = params[0].device
-    parts = []
     with _modes(net, True), _modes(teacher, False):
-        for inputs, target in _batches(data, steps, history):
+        while run.step < steps:
+            run.advance(step, accumulate, expected, device)
+            if checkpoint is not None and (run.step % checkpoint_every == 0 or run.step == steps):
+                run.save(checkpoint)
+    optimizer.zero_grad(set_to_none=True)
+    world.share_buffers(net)
+    model.finetune_history = run.history()
+    return model
+
+
+_FORMAT = "fxopt.finetune/1"
+
+
+class _Run:
+    """The state of a run, which a checkpoint holds: weights, optimiser, schedule, step, data
+    position, RNG and history (the checkpoint's steps as lists, the steps run here as tensors)."""
+
+    def __init__(self, net, optimizer, schedule, stream: Stream, settings: dict):
+        self.net, self.optimizer, self.schedule, self.stream = net, optimizer, schedule, stream
+        self.settings = settings
+        self.step = self.resumed = 0
+        self.earlier = {"loss": [], "task": [], "distill": [], "lr": []}
+        self.parts: list[torch.Tensor] = []
+        self.lrs: list[float] = []
+
+    def advance(self, step: _Step, accumulate: int, expected: tuple, device) -> None:
+        """One optimiser step on this rank's share of the next world × accumulate batches."""
+        world = self.stream.world
+        self.optimizer.zero_grad(set_to_none=True)
+        batches = self.stream.take(world.size * accumulate)
+        summed = 0
+        for k, batch in enumerate(batches):
+            inputs, target = _split(batch)
             inputs = tuple(_to(x, device) for x in inputs)
             _check_shapes(expected, inputs)
-            total, task, distill = step(inputs, _to(target, device))
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            history.lr.append(schedule.get_last_lr()[0])
-            schedule.step()
-            parts.append(torch.stack([total.detach().float(), task.float(), distill.float()]))
-    optimizer.zero_grad(set_to_none=True)
-    history.loss, history.task, history.distill = torch.stack(parts).T.cpu().tolist()
-    model.finetune_history = history
-    return model
+            sync = k == len(batches) - 1 or not world.parallel   # DDP averages on the last backward
+            with contextlib.nullcontext() if sync else step.net.no_sync():
+                total, task, distill = step(inputs, _to(target, device))
+                (total / accumulate if accumulate > 1 else total).backward()
+            summed = summed + torch.stack([total.detach().float(), task.float(), distill.float()])
+        self.optimizer.step()
+        self.lrs.append(self.schedule.get_last_lr()[0])
+        self.schedule.step()
+        self.parts.append(world.mean(summed / accumulate if accumulate > 1 else summed))
+        self.step += 1
+
+    def lists(self) -> dict:
+        loss, task, distill = torch.stack(self.parts).T.cpu().tolist() if self.parts else ([], [], [])
+        new = {"loss": loss, "task": task, "distill": distill, "lr": self.lrs}
+        return {k: list(self.earlier[k]) + new[k] for k in self.earlier}
+
+    def history(self) -> FinetuneHistory:
+        return FinetuneHistory(**self.lists(), epochs=self.stream.epochs, resumed=self.resumed)
+
+    def save(self, path) -> None:
+        """Rank 0 writes the checkpoint (every rank's RNG gathered into it); the others wait."""
+        world = self.stream.world
+        rng = world.gather({"now": rng_state(), "epoch": self.stream.epoch_rng})
+        if world.rank == 0:
+            save_checkpoint(path, {"format": _FORMAT, "settings": self.settings, "step": self.step,
+                                   "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                   "schedule": self.schedule.state_dict(), "data": self.stream.position(),
+                                   "history": self.lists(), "rng": rng})
+        world.barrier()
+
+    def resume(self, path) -> None:
+        state = load_checkpoint(path)
+        saved = state.get("settings", {}) if isinstance(state, dict) else {}
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise PassOptionError(f"finetune: {os.fspath(path)!r} is not a finetune checkpoint",
+                                  hint="give another checkpoint path, or delete the file to start afresh")
+        changed = [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in self.settings.items() if saved.get(k) != v]
+        if changed:
+            raise PassOptionError(f"finetune: the checkpoint {os.fspath(path)!r} is of another run: "
+                                  + "; ".join(changed),
+                                  hint="call with the settings it was made with (batches_per_step is world "
+                                       "size × accumulate), or delete it to start afresh")
+        try:
+            self.net.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise PassOptionError(f"finetune: the checkpoint {os.fspath(path)!r} does not fit this model: {exc}",
+                                  hint="resume with the model it was made for, or delete it to start afresh") from exc
+        self.schedule.load_state_dict(state["schedule"])
+        self.step = self.resumed = state["step"]
+        self.earlier = state["history"]
+        rng = state["rng"][min(self.stream.world.rank, len(state["rng"]) - 1)]
+        self.stream.resume(state["data"], rng["epoch"])
+        set_rng_state(rng["now"])
 
 
 class _Step:
@@ -179,22 +292,18 @@ def _check_options(model, teacher, steps, lr, alpha, temperature) -> None:
                                   hint="see help(fxopt.finetune) for what each argument takes")
 
 
-def _batches(data, steps: int, history: FinetuneHistory):
-    """Yield `steps` (inputs tuple, target or None) pairs, re-iterating `data` by epochs."""
-    produced = 0
-    while True:
-        history.epochs += 1
-        epoch = 0
-        for batch in data:
-            epoch += 1
-            yield _split(batch)
-            produced += 1
-            if produced == steps:
-                return
-        if epoch == 0:
-            where = "" if produced == 0 else f" after {produced} steps (a one-shot iterator?)"
-            raise PassOptionError(f"finetune: data gave no batches{where}",
-                                  hint="pass a non-empty list of batches or a DataLoader")
+def _check_run_options(accumulate, checkpoint, checkpoint_every) -> None:
+    checks = [
+        (isinstance(accumulate, int) and accumulate >= 1, f"accumulate must be an integer >= 1, got {accumulate!r}"),
+        (isinstance(checkpoint_every, int) and checkpoint_every >= 1,
+         f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}"),
+        (checkpoint is None or isinstance(checkpoint, (str, os.PathLike)),
+         f"checkpoint must be a file path or None, got {type(checkpoint).__name__}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise PassOptionError(f"finetune: {message}",
+                                  hint="see help(fxopt.finetune) for what each argument takes")
 
 
 def _split(batch) -> tuple[tuple, object]:
