@@ -39,6 +39,17 @@ inputs may be, as with Torch-Pruning's ignored classifier.
 Both tools run at the same `ratio`, which is not the same as equal MACs: where the
 MACs ratios differ the Markdown says so, and prints both, so latency can be judged.
 A tool that fails on a model is recorded with its error; the suite goes on.
+
+Sparsity rows (models `digits-cnn`, `minilm`): `prune-weights` unstructured at 50/80/90%
+(per layer) and 2:4, no finetuning. digits-cnn: the digits CNN trained here
+(benchmarks/digits.py), `fold-bn` first, fidelity = test accuracy on the 450 held-out
+images. minilm: all-MiniLM-L6-v2 with its real weights, linears only (`skip=[pooler]`),
+batches of 16 sentences at 32 tokens, fidelity = mean cosine of the sentence embeddings to
+the fp32 model's (as suite `lowrank`). Sizes from report.sparsity: the pruned weights
+dense, as int64 CSR, as bitmask + values, as 2:4 (values + 2-bit positions), and the
+whole state dict with each pruned weight in its smallest format. The CPU latency of the
+dense and pruned graphs is measured side by side: no sparse kernel runs on CPU, so it
+is not expected to change.
 """
 from __future__ import annotations
 
@@ -55,6 +66,7 @@ from fxopt.analyses import Cost, Shapes, ShapeTable
 
 from ..harness import (bench_each, choose_models, environment, fmt_seconds, interleaved, markdown_table,
                        render_results, save_results)
+from .. import digits, minilm
 
 NAME = "prune"
 RATIO = 0.5
@@ -65,9 +77,12 @@ THREADS = 2
 TOOLS = ("fxopt", "torch-pruning")
 SAME_MACS = 0.01     # MACs ratios within 1% of each other count as equal MACs
 NOISY = 2.0          # a variant whose slowest latency run is over 2x its fastest: a busy machine
-DEFAULT_MODELS = ("resnet50", "mobilenet_v2", "vit_b_16", "convnext_tiny", "efficientnet_b0")
+SPARSITY_MODELS = ("digits-cnn", "minilm")     # prune-weights rows (fidelity on real weights)
+SPARSITY_ROWS = ("sparsity=0.5", "sparsity=0.8", "sparsity=0.9", "sparsity=0.8 scope=global",
+                 "sparsity=0.9 scope=global", "pattern=2:4")
+DEFAULT_MODELS = ("resnet50", "mobilenet_v2", "vit_b_16", "convnext_tiny", "efficientnet_b0") + SPARSITY_MODELS
 QUICK_MODELS = ("resnet18",)
-MODELS = DEFAULT_MODELS + QUICK_MODELS   # torchvision.models names the suite knows
+MODELS = DEFAULT_MODELS + QUICK_MODELS   # torchvision.models names and the sparsity models
 SIZE = 224           # input height = width
 QUICK_SIZE = 64      # --quick: every model at 64x64 (ViT needs 224: its position table is fixed)
 
@@ -301,9 +316,98 @@ def _load(env: dict) -> str:
     return " -> ".join(f"{v:.1f}" for v in (start, end) if v is not None) or "n/a"
 
 
+# ---- prune-weights rows ---------------------------------------------------------------------
+
+def _sparsity_bench(name: str, quick: bool):
+    """(model, batches to judge and time on, fidelity fn(module) -> float, base pipeline, skip)."""
+    if name == "digits-cnn":
+        data = digits.load()
+        model = digits.train(data)
+        return model, [(data[2][:digits.BATCH],)], lambda m: digits.accuracy(m, data), "fold-bn,", ""
+    model, tokenizer = minilm.load()
+    batches = minilm.batches(tokenizer, minilm.sentences(), 16)[:4 if quick else None]
+    embed = lambda m: torch.cat([minilm.embed(minilm.last_hidden(m(*b)), b[1]) for b in batches])  # noqa: E731
+    with torch.no_grad():
+        ref = embed(model)
+    cosine = lambda m: torch.nn.functional.cosine_similarity(ref, embed(m), dim=-1).mean().item()  # noqa: E731
+    return model, batches, cosine, "", " targets=[linear] skip=[pooler]"
+
+
+def bench_sparsity(name: str, p: Plan, quick: bool = False, log=print) -> dict:
+    """The dense graph and one prune-weights graph per SPARSITY_ROWS: sizes, fidelity, CPU latency."""
+    model, batches, fidelity, base, extra = _sparsity_bench(name, quick)
+    traced = fxopt.trace(model, batches[0])
+    graphs, rows = {}, []
+    for label in ("dense",) + SPARSITY_ROWS:
+        g, am = _traced_with_am(traced)
+        pipeline = (base + (f"prune-weights{{{label}{extra}}}" if label != "dense" else "")).rstrip(",")
+        report = fxopt.PassManager(pipeline).run(g, am) if pipeline else None
+        with torch.no_grad():
+            row = {"label": label, "pipeline": pipeline, "fidelity": fidelity(g)}
+        sparsity = report.sections.get("sparsity") if report is not None else None
+        if sparsity is not None:
+            d = sparsity.to_dict()
+            row.update({k: d[k] for k in ("numel", "pruned", "nnz", "sparsity", "skipped")},
+                       layers=len(d["layers"]), bytes={f: sparsity.bytes(f) for f in ("dense", "csr", "bitmask")}
+                       | {"2:4": sparsity.bytes("2:4") if label == "pattern=2:4" else None,
+                          "smallest": sparsity.bytes()})
+        graphs[label] = g
+        rows.append(row)
+        log(f"  {label}: fidelity {row['fidelity']:.4f}" + (f", {row['sparsity']:.1%} of {row['numel']} weights "
+                                                            f"pruned" if "sparsity" in row else ""))
+    lat = interleaved({k: ((lambda _, g=g: _infer(g, batches[0])), None) for k, g in graphs.items()},
+                      p.latency_runs, p.latency_warmup)
+    for row in rows:
+        row["latency"] = lat[row["label"]].to_dict()
+        row["latency_ratio"] = lat["dense"].median / lat[row["label"]].median
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return {"name": name, "kind": "sparsity", "fidelity": "test accuracy" if name == "digits-cnn" else
+            "embedding cosine vs fp32", "input": [list(t.shape) for t in batches[0]],
+            "samples": 450 if name == "digits-cnn" else 16 * len(batches),
+            "state_dict_bytes": state, "rows": rows}
+
+
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.3g} MiB" if n >= 2**20 else f"{n / 1024:.3g} KiB"
+
+
+def _sparsity_lines(records: list[dict]) -> list[str]:
+    if not records:
+        return []
+    out = ["## Unstructured and 2:4 sparsity (`prune-weights`)", "",
+           "Pruned weights as stored dense, as CSR (int64 indices), as a bitmask + values and as 2:4 "
+           "(kept half + 2-bit positions); model = the whole state dict with each pruned weight in its "
+           "smallest format. Latency: CPU, dense graph / pruned graph (medians, interleaved): the zeros "
+           "are still multiplied, no sparse kernel runs on CPU. No finetuning after pruning.", ""]
+    for r in records:
+        rows = []
+        for x in r["rows"]:
+            b = x.get("bytes", {})
+            state = r["state_dict_bytes"] - b["dense"] + b["smallest"] if b else r["state_dict_bytes"]
+            rows.append([f"`{x['pipeline']}`" if x["pipeline"] else "dense (traced graph)",
+                         f"{x['sparsity']:.1%} of {x['numel']}" if b else "-",
+                         *(_mib(b.get(f)) for f in ("dense", "csr", "bitmask", "2:4")),
+                         _mib(state), f"{x['fidelity']:.4f}", fmt_seconds(x["latency"]["median_s"]),
+                         f"{x['latency_ratio']:.2f}"])
+        out += [f"### {r['name']}", "", f"Input {r['input']}; fidelity: {r['fidelity']} on {r['samples']} "
+                f"samples; dense state dict {_mib(r['state_dict_bytes'])}.", "",
+                markdown_table(["pipeline", "pruned", "pruned weights dense", "CSR", "bitmask+values", "2:4",
+                                "model (smallest)", r["fidelity"], "CPU latency", "dense/pruned"],
+                               rows, "lrrrrrrrrr"), ""]
+        skipped = {s[0] for x in r["rows"] for s in x.get("skipped", [])}
+        if skipped:
+            out += [f"Left dense by 2:4 or skip: {', '.join(sorted(skipped))}.", ""]
+        worst = max(x["latency"]["max_s"] / x["latency"]["min_s"] for x in r["rows"])
+        if worst > NOISY:
+            out += [f"Noisy latency (slowest run {worst:.1f}x the fastest: other work shared the cores); "
+                    "dense/pruned differences here are noise, not a sparse speed-up.", ""]
+    return out
+
+
 def to_markdown(result: dict) -> str:
     env, cfg = result["environment"], result["config"]
-    records = [r for r in result["models"] if "error" not in r]
+    sparse = [r for r in result["models"] if r.get("kind") == "sparsity"]
+    records = [r for r in result["models"] if "error" not in r and r.get("kind") != "sparsity"]
     broken = [f"- {r['name']}: not measured: `{r['error'][:300]}`" for r in result["models"] if "error" in r]
     shape = "x".join(str(d) for d in records[0]["input"]) if records else "n/a"
     cost, latency, times = _tables(records)
@@ -311,8 +415,28 @@ def to_markdown(result: dict) -> str:
            f"{env['date']} · torch {env['torch']} · torchvision {env.get('torchvision')} · "
            f"Torch-Pruning {env.get('torch_pruning')} · Python {env['python']} · fxopt {env['fxopt']} · "
            f"{env['cpu_model']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch threads) · "
-           f"load average {_load(env)} · suite wall time {result['wall_s']:.0f} s", "",
-           f"fxopt `{PIPELINE}` and Torch-Pruning `MetaPruner(MagnitudeImportance(p=1), "
+           f"load average {_load(env)} · suite wall time {result['wall_s']:.0f} s", ""]
+    out += [] if sparse and not records else _channel_lines(cfg, shape, cost, latency, times)
+    out += _sparsity_lines(sparse)
+    findings = broken + _findings(records)
+    if findings:
+        out += ["Notes:", ""] + findings + [""]
+    out += [f"Method: `python -m benchmarks --suite {NAME}`; sparsity rows: see the docstring of "
+            "benchmarks/suites/prune.py." if not records else
+            f"Method: `python -m benchmarks --suite {NAME}`. Torch-Pruning prunes a deep copy (it mutates "
+            "its model), made outside the timed region; fxopt's trace time includes the copy it makes of "
+            "the model. For torchvision's ViT it uses its torchvision example's recipe, "
+            "`round_to=num_heads` and `hidden_dim` set afterwards (`num_heads={mha: mha.num_heads}` makes "
+            "Torch-Pruning 1.6 leave the residual stream of nn.MultiheadAttention unpruned). The classifier "
+            "is Torch-Pruning's ignored layer; fxopt never prunes a model's outputs. Latency runs the "
+            "unpruned nn.Module, fxopt's unpruned and pruned GraphModules (fxopt's pruned again, untimed, "
+            f"at batch {cfg['batch']}: a graph is specialised to its traced shapes) and Torch-Pruning's pruned "
+            "nn.Module under torch.inference_mode, eager, round-robin with a rotating order."]
+    return "\n".join(out)
+
+
+def _channel_lines(cfg: dict, shape: str, cost, latency, times) -> list[str]:
+    out = [f"fxopt `{PIPELINE}` and Torch-Pruning `MetaPruner(MagnitudeImportance(p=1), "
            f"pruning_ratio={RATIO})`, local scope, both pruning on input {shape}; random weights.", "",
            "MACs per image and parameters, all counted by fxopt's Cost on a trace of each model "
            "(ratio = unpruned / pruned). Equal MACs: both tools' MACs within "
@@ -334,19 +458,7 @@ def to_markdown(result: dict) -> str:
             "DependencyGraph, then step()).", ""]
     out += [markdown_table(["model", "fxopt trace", "fxopt prune pass", "fxopt total", "TP analysis",
                             "TP step", "TP total"], times, "lrrrrrr"), ""]
-    findings = broken + _findings(records)
-    if findings:
-        out += ["Notes:", ""] + findings + [""]
-    out += [f"Method: `python -m benchmarks --suite {NAME}`. Torch-Pruning prunes a deep copy (it mutates "
-            "its model), made outside the timed region; fxopt's trace time includes the copy it makes of "
-            "the model. For torchvision's ViT it uses its torchvision example's recipe, "
-            "`round_to=num_heads` and `hidden_dim` set afterwards (`num_heads={mha: mha.num_heads}` makes "
-            "Torch-Pruning 1.6 leave the residual stream of nn.MultiheadAttention unpruned). The classifier "
-            "is Torch-Pruning's ignored layer; fxopt never prunes a model's outputs. Latency runs the "
-            "unpruned nn.Module, fxopt's unpruned and pruned GraphModules (fxopt's pruned again, untimed, "
-            f"at batch {cfg['batch']}: a graph is specialised to its traced shapes) and Torch-Pruning's pruned "
-            "nn.Module under torch.inference_mode, eager, round-robin with a rotating order."]
-    return "\n".join(out)
+    return out
 
 
 def render(out_dir=None) -> Path:
@@ -371,13 +483,14 @@ def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=No
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        records = bench_each(names, lambda name: bench_model(name, p, quick, log), log)
+        records = bench_each(names, lambda name: (bench_sparsity if name in SPARSITY_MODELS else bench_model)(
+            name, p, quick, log), log)
         env = {**_environment(), "load_avg_1m_start": load_start}
     finally:
         torch.set_num_threads(threads)
     result = {"suite": NAME, "environment": env,
               "config": {"models": list(names), "ratio": RATIO, "pipeline": PIPELINE,
-                         "prune_batch": PRUNE_BATCH, "batch": BATCH,
+                         "prune_batch": PRUNE_BATCH, "batch": BATCH, "sparsity_rows": list(SPARSITY_ROWS),
                          "threads": THREADS, "repeats": p.repeats, "warmup": p.warmup,
                          "latency_runs": p.latency_runs, "latency_warmup": p.latency_warmup, "quick": quick},
               "models": records, "wall_s": time.perf_counter() - start}

@@ -4,6 +4,7 @@ from .dce import DeadCodeElimination
 from .fake_quant import FakeQuant
 from .fold_bn import FoldBatchNorm
 from .prune_channels import PruneChannels
+from .prune_weights import PruneWeights
 from .low_rank import LowRank
 from .split_stages import SplitStages
 
