@@ -47,6 +47,12 @@ ratios     eager / backend latency (above 1: faster than the eager backend), of 
            medians (`latency_ratio`) and of the fastest runs (`latency_ratio_min`: on a
            shared machine the run least disturbed by other work), and backend / eager
            compile time (`compile_ratio`: how many times longer it takes to compile).
+bf16       one more row, `eager-bf16`: the eager backend after
+           `fold-bn,canonicalize,dce,mixed-precision{dtype=bf16}` (softmax, norms and
+           reductions stay fp32, see README "Mixed precision"), compiled, timed and
+           interleaved like the others; its outputs are judged by the cosine to the
+           nn.Module's over all outputs (`cosine`, must be at least 0.999), not by 1e-4.
+           It lives under `variants` in the JSON (`rows` keeps the three backends).
 outputs    on a fresh batch of the same shape, the largest difference of any output
            element relative to the output's largest magnitude (`benchmarks.zoo.
            relative_difference`), against the nn.Module (`rel_diff`) and against the
@@ -75,6 +81,8 @@ from ..zoo import relative_difference
 NAME = "backends"
 PIPELINE = "fold-bn,canonicalize,dce"
 BACKENDS = ("eager", "inductor", "xla")
+VARIANTS = {"eager-bf16": ("eager", PIPELINE + ",mixed-precision{dtype=bf16}")}   # label: (backend, pipeline)
+MIN_COSINE = 0.999    # a variant's outputs against the nn.Module's
 THREADS = 2
 TOL = 1e-4
 NOISY = 0.5           # a latency spread above this: other work shared the cores
@@ -167,11 +175,11 @@ def _fresh_inductor_cache(root: str):
     return fresh_cache(dir=root, delete=False)
 
 
-def compile_once(b: Bench, backend: str, cache_root: str) -> tuple:
+def compile_once(b: Bench, backend: str, cache_root: str, pipeline: str = PIPELINE) -> tuple:
     """(compiled model, seconds of fxopt.compile, seconds of the first call)."""
     with _fresh_inductor_cache(cache_root):
         start = time.perf_counter()
-        cm = fxopt.compile(b.model, b.example, pipeline=PIPELINE, backend=backend, instruments=(),
+        cm = fxopt.compile(b.model, b.example, pipeline=pipeline, backend=backend, instruments=(),
                            verify=False)
         mid = time.perf_counter()
         with torch.no_grad():
@@ -211,34 +219,46 @@ def _outputs(module, inputs):
         return module(*inputs)
 
 
+def _cosine(expected, actual) -> float:
+    """Cosine between all floating-point output leaves, flattened and joined."""
+    pairs = [(e, a) for e, a in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(actual))
+             if isinstance(e, torch.Tensor) and e.is_floating_point()]
+    e, a = (torch.cat([t.double().flatten() for t in ts]) for ts in zip(*pairs))
+    return torch.nn.functional.cosine_similarity(e, a, dim=0).item()
+
+
 def bench_model(name: str, p: Plan, quick: bool, cache_root: str, log) -> dict:
     b = build(name, quick)
     reference = _outputs(b.model, b.check)
-    rows, compiled, graph_out = [], {}, None
-    for backend in BACKENDS:
-        row = {"backend": backend}
-        rows.append(row)
+    rows, variants, compiled, graph_out = [], [], {}, None
+    for label in BACKENDS + tuple(VARIANTS):
+        backend, pipeline = VARIANTS.get(label, (label, PIPELINE))
+        row = {"backend": label}
+        (variants if label in VARIANTS else rows).append(row)
         try:
             totals, splits = Measurement(), []
             for _ in range(p.repeats):
-                cm, compile_s, first_s = compile_once(b, backend, cache_root)
+                cm, compile_s, first_s = compile_once(b, backend, cache_root, pipeline)
                 totals.samples.append(compile_s + first_s)
                 splits.append({"compile_s": compile_s, "first_call_s": first_s})
             out = _outputs(cm, b.check)
         except Exception as exc:  # noqa: BLE001 — a backend failing on a model is a result
             row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-            log(f"  {backend}: FAILED: {row['error'][:200]}")
+            log(f"  {label}: FAILED: {row['error'][:200]}")
             continue
-        compiled[backend] = cm
+        compiled[label] = cm
         row.update({"compile": totals.to_dict(), "compile_split": splits[-1],
                     "backend_seconds": _backend_seconds(cm, backend),
                     "rel_diff": relative_difference(reference, out),
                     "rel_diff_graph": None if graph_out is None else relative_difference(graph_out, out)})
-        if backend == "eager":
+        if label == "eager":
             graph_out = out
         row["ok"] = row["rel_diff"] < TOL and (row["rel_diff_graph"] is None or row["rel_diff_graph"] < TOL)
-        log(f"  {backend}: compile {fmt_seconds(totals.median)} (first call {fmt_seconds(first_s)}), "
-            f"rel diff {row['rel_diff']:.1e}")
+        if label in VARIANTS:
+            row.update(pipeline=pipeline, cosine=_cosine(reference, out))
+            row["ok"] = row["cosine"] >= MIN_COSINE
+        log(f"  {label}: compile {fmt_seconds(totals.median)} (first call {fmt_seconds(first_s)}), "
+            f"rel diff {row['rel_diff']:.1e}" + (f", cosine {row['cosine']:.6f}" if "cosine" in row else ""))
         del out
     with torch.no_grad():
         runs = {"module": b.model, **compiled}
@@ -246,7 +266,7 @@ def bench_model(name: str, p: Plan, quick: bool, cache_root: str, log) -> dict:
                           p.latency_runs, p.latency_warmup)
     eager_lat = lat["eager"].median if "eager" in lat else None
     eager_compile = rows[0]["compile"]["median_s"] if "compile" in rows[0] else None
-    for row in rows:
+    for row in rows + variants:
         if "error" in row:
             continue
         m = lat[row["backend"]]
@@ -258,7 +278,7 @@ def bench_model(name: str, p: Plan, quick: bool, cache_root: str, log) -> dict:
             f"{row['latency_ratio'] or float('nan'):.2f}")
     return {"name": name, "description": b.description, "kind": "vision" if name == "resnet50" else "text",
             "input": [list(t.shape) for t in b.example], "module": {"latency": lat["module"].to_dict()},
-            "rows": rows}
+            "rows": rows, "variants": variants}
 
 
 # ---- Markdown -------------------------------------------------------------------------------
@@ -274,7 +294,7 @@ def _table(r: dict) -> str:
     mod = r["module"]["latency"]
     rows = [["(nn.Module)", "", "", "", "", f"{fmt_seconds(mod['median_s'])} ({mod['spread']:.0%})", "",
              fmt_seconds(mod["min_s"]), "", "", ""]]
-    for x in r["rows"]:
+    for x in r["rows"] + r.get("variants", []):
         if "error" in x:
             rows.append([x["backend"], f"failed: `{x['error'].splitlines()[0][:120]}`", *[""] * 9])
             continue
@@ -285,7 +305,8 @@ def _table(r: dict) -> str:
                      fmt_seconds(x["compile_split"]["first_call_s"]), own, f"{_ratio(x['compile_ratio'])}x",
                      f"{fmt_seconds(lat['median_s'])} ({lat['spread']:.0%})", f"**{_ratio(x['latency_ratio'])}**",
                      fmt_seconds(lat["min_s"]), _ratio(x.get("latency_ratio_min")),
-                     f"{x['rel_diff']:.1e}", "-" if x["rel_diff_graph"] is None else f"{x['rel_diff_graph']:.1e}"])
+                     f"{x['rel_diff']:.1e}" + (f" (cosine {x['cosine']:.5f})" if "cosine" in x else ""),
+                     "-" if x["rel_diff_graph"] is None else f"{x['rel_diff_graph']:.1e}"])
     return markdown_table(heads, rows, "lrrlrrrrrrr")
 
 
@@ -299,6 +320,10 @@ def findings(records: list[dict]) -> list[str]:
             out.append(f"- {r['name']}: " + "; ".join(
                 f"{x['backend']} {x['latency_ratio']:.2f}x eager's speed, {x['compile_ratio']:.1f}x its compile time"
                 for x in timed) + f". Fastest: {best['backend'] if best['latency_ratio'] > 1 else 'eager'}.")
+        for x in (v for v in r.get("variants", []) if "error" not in v and v.get("latency_ratio")):
+            out.append(f"- {r['name']}: {x['backend']} ({x['pipeline']}) runs at {x['latency_ratio']:.2f}x the fp32 "
+                       f"eager backend's speed (fastest runs {_ratio(x.get('latency_ratio_min'))}x); cosine to "
+                       f"fp32 {x['cosine']:.5f} ({'at least' if x['ok'] else 'BELOW'} {MIN_COSINE}).")
         bad = [x for x in ok if not x["ok"]]
         if bad:
             out.append(f"- {r['name']}: outputs off by more than {TOL:g}: "
@@ -341,7 +366,9 @@ def to_markdown(result: dict) -> str:
              "eager / backend above 1: the backend runs faster than the eager backend. rel diff = max |out - ref| "
              f"/ max |ref| over all outputs on a fresh batch (must be below {TOL:g}). "
              "Spread = (max - min) / median of the latency runs; the fastest runs (and their ratio) are the "
-             "least disturbed by other work on a shared machine.", ""]
+             "least disturbed by other work on a shared machine." + "".join(
+                 f" `{k}`: the {v['backend']} backend after `{v['pipeline']}`, judged by the cosine of all outputs "
+                 f"to the nn.Module's (at least {MIN_COSINE})." for k, v in cfg.get("variants", {}).items()), ""]
     for r in ok:
         lines += [f"## {r['name']}", "", f"{r['description']}.", "", _table(r), ""]
     return "\n".join(lines + closing_lines(NAME, findings(ok), result["models"]))
@@ -381,6 +408,7 @@ def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=No
         shutil.rmtree(cache_root, ignore_errors=True)
     result = {"suite": NAME, "environment": env,
               "config": {"models": list(names), "pipeline": PIPELINE, "backends": list(BACKENDS),
+                         "variants": {k: {"backend": v[0], "pipeline": v[1]} for k, v in VARIANTS.items()},
                          "threads": THREADS, "shapes": {n: SHAPES[n][1 if quick else 0] for n in names},
                          "tolerance": TOL, "repeats": p.repeats, "latency_runs": p.latency_runs,
                          "latency_warmup": p.latency_warmup, "process_warmup_s": warmup, "quick": quick},

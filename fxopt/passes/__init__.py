@@ -6,6 +6,8 @@ from .fold_bn import FoldBatchNorm
 from .prune_channels import PruneChannels
 from .prune_weights import PruneWeights
 from .low_rank import LowRank
+from .mixed_precision import MixedPrecision
 from .split_stages import SplitStages
 
-__all__ = ["Canonicalize", "DeadCodeElimination", "FakeQuant", "FoldBatchNorm", "LowRank", "PruneChannels", "SplitStages"]
+__all__ = ["Canonicalize", "DeadCodeElimination", "FakeQuant", "FoldBatchNorm", "LowRank", "MixedPrecision",
+           "PruneChannels", "PruneWeights", "SplitStages"]
