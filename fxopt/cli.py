@@ -83,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     pr.add_argument("--json", metavar="FILE", help="rank 0 writes the results here")
     pr.set_defaults(handler=cmd_pipeline_run)
+
+    # prefix_chars="\0": no option is this parser's own, so every word after `bench` (--help
+    # included) goes untouched to the harness's own parser.
+    bn = sub.add_parser("bench", add_help=False, prefix_chars="\0",
+                        help="the benchmark harness, `python -m benchmarks`: a suite (--suite NAME) or a "
+                             "model under pipelines (--model M --pipeline P ...); see `fxopt bench --help`")
+    bn.add_argument("args", nargs=argparse.REMAINDER)
+    bn.set_defaults(handler=cmd_bench)
     return parser
 
 
@@ -170,6 +178,37 @@ def cmd_pipeline_run(args) -> int:
                "--master-port", str(port), "-m", "fxopt.runtime.pipeline", *forwarded]
     sys.stdout.flush()
     return subprocess.run(command).returncode
+
+
+def cmd_bench(args) -> int:
+    """`fxopt bench ARGS` is `python -m benchmarks ARGS`, and returns its exit status."""
+    harness = _import_benchmarks()
+    if harness is None:
+        print("error: `fxopt bench` runs the benchmark harness in benchmarks/, which ships with the fxopt "
+              "repository, not with the installed package; run it from the root of a repository checkout "
+              "(the folder holding benchmarks/ and fxopt/)", file=sys.stderr)
+        return 2
+    return harness.main(args.args)
+
+
+def _import_benchmarks():
+    """benchmarks.__main__, imported only when `bench` runs (it pulls in the suites; `fxopt`
+    stays light). benchmarks/ is not installed, and a console script's sys.path holds neither
+    the working directory nor the checkout, so the working directory's checkout, else the one
+    an editable install of fxopt points at, goes first on sys.path. None when neither has one."""
+    from pathlib import Path
+
+    for root in (Path.cwd(), Path(fxopt.__file__).resolve().parent.parent):
+        if (root / "benchmarks" / "harness.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            break
+    try:
+        return importlib.import_module("benchmarks.__main__")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("benchmarks", "benchmarks.__main__"):
+            return None
+        raise
 
 
 def _explain(model, inputs, json_path) -> int:
