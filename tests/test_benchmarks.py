@@ -1,5 +1,6 @@
 """The benchmark harness: quick runs of every suite and their helpers (no timing asserted)."""
 import json
+import sys
 
 import pytest
 
@@ -70,6 +71,19 @@ def test_quick_prune_suite_compares_both_tools(tmp_path):
     (tmp_path / "prune.md").unlink()
     assert main(["--suite", "prune", "--render", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "prune.md").read_text() == md
+
+
+def test_prune_suite_runs_without_its_peer(tmp_path, monkeypatch):
+    """Torch-Pruning missing: fxopt's rows are measured, the peer's columns say "not installed"."""
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)     # import torch_pruning now fails
+    assert main(["--suite", "prune", "--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "prune.json").read_text())
+    [record] = result["models"]
+    assert record["tools"]["fxopt"]["ok"] and record["tools"]["fxopt"]["macs"] > 0
+    assert record["tools"]["torch-pruning"] == {"ok": False, "error": "not installed"}
+    assert result["environment"]["torch_pruning"] == "not installed"
+    md = (tmp_path / "prune.md").read_text()
+    assert "| not installed |" in md and "torch-pruning is not installed" in md
 
 
 def test_quick_prune_zoo_suite_counts_groups_and_macs(tmp_path):

@@ -54,6 +54,7 @@ is not expected to change.
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import time
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ BATCH = 8            # the latency runs' batch
 THREADS = 2
 TOOLS = ("fxopt", "torch-pruning")
 SAME_MACS = 0.01     # MACs ratios within 1% of each other count as equal MACs
+NOT_INSTALLED = "not installed"
 NOISY = 2.0          # a variant whose slowest latency run is over 2x its fastest: a busy machine
 SPARSITY_MODELS = ("digits-cnn", "minilm")     # prune-weights rows (fidelity on real weights)
 DEFAULT_MODELS = ("resnet50", "mobilenet_v2", "vit_b_16", "convnext_tiny", "efficientnet_b0") + SPARSITY_MODELS
@@ -180,8 +182,18 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:2000]
 
 
+def _installed(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
+
 def _run_tool(tool: str, model, one, eight):
     """(module to time or None, stages, record): one untimed pruning with its cost, or its error."""
+    if tool == "torch-pruning" and not _installed("torch_pruning"):
+        return None, {}, {"ok": False, "error": NOT_INSTALLED}
     try:
         pruned, timed, stages, extra = (fxopt_tool if tool == "fxopt" else tp_tool)(model, one, eight)
         return timed, stages, {"ok": True, **count(pruned, one), **extra}
@@ -240,7 +252,9 @@ def _rows(records, *columns) -> list[list]:
     the tool failed), or of the model's record where tool is None."""
     def cell(r, fn, tool):
         t = r if tool is None else r["tools"][tool]
-        return fn(t) if tool is None or t["ok"] else "failed"
+        if tool is None or t["ok"]:
+            return fn(t)
+        return "not installed" if t["error"] == NOT_INSTALLED else "failed"
 
     return [[r["name"]] + [cell(r, fn, tool) for fn, tool in columns] for r in records]
 
@@ -283,7 +297,9 @@ def _findings(records) -> list[str]:
                        f"({tp['macs_ratio']:.2f}x fewer) per image; its latency ratio compares different "
                        "amounts of pruning.")
         for tool, t in r["tools"].items():
-            if not t["ok"]:
+            if not t["ok"] and t["error"] == NOT_INSTALLED:
+                out.append(f"- {r['name']}: {tool} is not installed (`pip install {tool}`): its columns are empty.")
+            elif not t["ok"]:
                 out.append(f"- {r['name']}: {tool} failed: `{t['error'][:300]}`")
         worst = max(v["latency"]["max_s"] / v["latency"]["min_s"]
                     for v in (r["unpruned"], r["unpruned_graph"], *(t for t in (fx, tp) if t["ok"])))
@@ -364,11 +380,14 @@ def render(out_dir=None) -> Path:
 
 
 def _environment() -> dict:
-    import torch_pruning
+    try:
+        import torch_pruning
+    except ImportError:
+        torch_pruning = None
     import torchvision
 
     return {**environment(), "torchvision": torchvision.__version__,
-            "torch_pruning": getattr(torch_pruning, "__version__", "unknown")}
+            "torch_pruning": getattr(torch_pruning, "__version__", "unknown") if torch_pruning else "not installed"}
 
 
 def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=None, log=print) -> dict:
