@@ -438,3 +438,25 @@ def test_strided_sub_pixel_dims_are_no_channels():
     _, r = _groups(ShuffleUp(), torch.randn(2, 3, 4, 4))
     assert [(g.size, g.prunable) for g in r.groups] == [(4, True), (5, False)]
     assert _params(r.groups[0]) == {("a.weight", 0, 0, 4), ("a.bias", 0, 0, 4), ("b.weight", 1, 0, 1)}
+
+
+class PadNet(nn.Module):
+    """Time / space padding between convs (as CREPE does) keeps channels; channel padding does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+        self.c, self.d = nn.Conv2d(8, 6, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.b(F.pad(torch.relu(self.a(x)), (1, 1, 2, 0)))
+        z = F.pad(self.c(y), (0, 0, 0, 0, 1, 1))          # widens the channel dim: 6 -> 8
+        return self.d(z + y)
+
+
+def test_pad_ties_the_dims_it_does_not_widen():
+    _, r = _groups(PadNet(), torch.randn(1, 3, 9, 9))
+    assert _one(r, "a.weight", 0).prunable                    # spatial padding: channels pass through
+    assert set(_one(r, "a.weight", 0).members) & set(_one(r, "b.weight", 1).members)
+    blocked = _one(r, "c.weight", 0)
+    assert not blocked.prunable and "pads dim 1" in blocked.reason

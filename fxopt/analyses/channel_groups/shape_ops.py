@@ -35,6 +35,26 @@ def spatial(t: Ties, node: fx.Node) -> None:
             t.tie(x, d, out, d)
 
 
+@register(*(getattr(aten, n) for n in ("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d",
+                                       "reflection_pad3d", "replication_pad1d", "replication_pad2d",
+                                       "replication_pad3d", "circular_pad1d", "circular_pad2d")
+            if hasattr(aten, n)))
+def pad(t: Ties, node: fx.Node) -> None:
+    """Padding (pairs from the last dim backwards): a dim it does not widen passes through;
+    a padded dim gains indices no channel owns, so it is blocked."""
+    x = node.args[0]
+    rank = len(t.shape(x) or ())
+    amounts = list(node.args[1])
+    for d in range(rank):
+        k = rank - 1 - d                      # pairs counted from the last dim
+        widened = 2 * k + 1 < len(amounts) + 1 and any(amounts[2 * k:2 * k + 2])
+        if widened:
+            t.block(x, d, f"{node.name} pads dim {d}")
+            t.block(node, d, f"{node.name} pads dim {d}")
+        else:
+            t.tie(x, d, node, d)
+
+
 @register(aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std)
 def reduce(t: Ties, node: fx.Node) -> None:
     x = node.args[0]
