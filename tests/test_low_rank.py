@@ -214,3 +214,13 @@ def test_skip_pattern_that_matches_nothing_warns():
     model, x = MLP().eval(), torch.randn(16, 64)
     with pytest.warns(UserWarning, match="matches no targeted layer"):
         _compile(model, x, "low-rank{skip=[encoder.*]}")
+
+
+def test_k_by_1_kernels_have_no_spatial_form():
+    """A k x 1 conv (CREPE's) has no spatial separation: auto factorizes it with Tucker-2."""
+    model = nn.Sequential(nn.Conv2d(8, 32, (9, 1), padding=(4, 0)), nn.ReLU(), nn.Conv2d(32, 16, (9, 1))).eval()
+    x = torch.randn(2, 8, 40, 1)
+    cm = _compile(model, x, "low-rank{rank-policy=fixed rank=0.5 min-saving=0 conv-form=auto}")
+    assert {r.form for r in cm.report.lowrank.factorized} == {"tucker2"}
+    with torch.no_grad():
+        assert cm(x).shape == model(x).shape

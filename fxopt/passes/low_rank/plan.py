@@ -60,13 +60,18 @@ class Spectra:
             self.matrix = self.matrix_svd.values
         else:
             self.modes = D.tucker2_spectra(layer.weight, self.rows)
-            self.spatial_svd = D.spatial_decomposition(layer.weight, layer.grams.get("patches") if whiten else None)
-            self.spatial = self.spatial_svd.values
+            self.separable = min(layer.weight.shape[2:]) >= 2     # a k x 1 kernel has no spatial split
+            if self.separable:
+                self.spatial_svd = D.spatial_decomposition(layer.weight,
+                                                           layer.grams.get("patches") if whiten else None)
+                self.spatial = self.spatial_svd.values
 
     def forms(self, conv_form: str) -> list[str]:
         if self.layer.is_pointwise:
             return ["matrix"]
-        return ["tucker2", "spatial"] if conv_form == "auto" else [conv_form]
+        if conv_form == "auto":
+            return ["tucker2", "spatial"] if self.separable else ["tucker2"]
+        return [conv_form]
 
     def choice(self, form: str, ranks: tuple[int, ...]) -> Choice:
         layer = self.layer
