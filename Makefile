@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (the main job on a real model) and `make test`.
+# Two entry points: `make demo` (the main job: CREPE's real pitch model compressed, before/after) and `make test`.
 # Both create .venv on first use and install the pinned torch + fxopt into it.
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,7 +20,7 @@ test: setup
 	FXOPT_VERIFY=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: setup
-	$(BIN)/fxopt run torchvision:resnet50 -p default --input-shape 1x3x224x224 --time-passes
+	$(BIN)/fxopt bench --model crepe --pipeline prune25+int8 --pipeline prune50+int8 --out benchmarks/results
 
 bench: setup
 	$(BIN)/python -m benchmarks

@@ -23,6 +23,7 @@ PRESETS: dict[str, str] = {
     "int8": "canonicalize,fold-bn,dce,fake-quant",
     "lowrank30": "canonicalize,fold-bn,dce,low-rank{rank-policy=budget budget=0.7}",
     "prune50+int8": "canonicalize,fold-bn,dce,prune-channels{ratio=0.5},fake-quant",
+    "prune25+int8": "canonicalize,fold-bn,dce,prune-channels{ratio=0.25},fake-quant",
     "prune30+lowrank+int8": "canonicalize,fold-bn,dce,prune-channels{ratio=0.3},"
                             "low-rank{rank-policy=budget budget=0.7},fake-quant",
 }
