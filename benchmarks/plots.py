@@ -158,19 +158,83 @@ def _fpga(result: dict) -> tuple[dict, str, str]:
     return panels, "int8 accuracy (simulated)", "simulated ms per sample"
 
 
-SUITE_POINTS = {"quant": _quant, "lowrank": _lowrank, "fpga": _fpga}
+def _prune_sparsity(result: dict) -> tuple[dict, str, str]:
+    """The prune suite's prune-weights rows (digits CNN, MiniLM): fidelity against latency."""
+    panels = {}
+    for m in (m for m in result["models"] if m.get("kind") == "sparsity"):
+        panels[m["name"]] = [_point(r["label"], r["latency"], r["fidelity"]) for r in m["rows"]]
+    return panels, "fidelity (test accuracy / embedding cosine)", LATENCY
+
+
+SUITE_POINTS = {"quant": _quant, "lowrank": _lowrank, "fpga": _fpga, "prune": _prune_sparsity}
+
+
+def bars(panels: dict, path: Path, xlabel: str, title: str) -> Path:
+    """One panel per key: horizontal bars {label: value} on a linear axis from 0 (a bar's
+    length is its value), e.g. latency per variant."""
+    fig, axes = _figure(max(1, len(panels)))
+    for ax, (panel, values) in zip(axes, panels.items()):
+        labels = list(values)[::-1]
+        ax.barh(range(len(labels)), [values[k] for k in labels], color=[f"C{i % 10}" for i in range(len(labels))])
+        ax.set_yticks(range(len(labels)), [_clip(k, 28) for k in labels], fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_title(_clip(panel), fontsize=10)
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+    fig.suptitle(_clip(title, 90), fontsize=11)
+    return _save(fig, path)
+
+
+def _backends_bars(result: dict) -> tuple[dict, str]:
+    panels = {}
+    for m in (m for m in result["models"] if "error" not in m):
+        rows = m["rows"] + m.get("variants", [])
+        panels[m["name"]] = {r["backend"]: r["latency"]["median_s"] * 1e3 for r in rows if r.get("latency")}
+    return panels, "CPU latency, ms (median)"
+
+
+def _prune_bars(result: dict) -> tuple[dict, str]:
+    panels = {}
+    for m in (m for m in result["models"] if "error" not in m and m.get("kind") != "sparsity"):
+        values = {"unpruned": m["unpruned"]["latency"]["median_s"] * 1e3}
+        values.update({tool: t["latency"]["median_s"] * 1e3 for tool, t in m["tools"].items() if t.get("ok")})
+        panels[m["name"]] = values
+    return panels, "CPU latency, ms (median): unpruned vs each tool at ratio 0.5"
+
+
+def _passes_bars(result: dict) -> tuple[dict, str]:
+    panels = {}
+    for m in result["models"]:
+        if "error" not in m:
+            panels[f"{m['name']} ({m['nodes']} nodes)"] = {k: v["median_s"] * 1e3 for k, v in m["stages"].items()}
+    return panels, "seconds per stage, ms (median)"
+
+
+def _prune_zoo_bars(result: dict) -> tuple[dict, str]:
+    values = {m["model"]: m["macs_before"] / m["macs_after"] for m in result["models"]
+              if m.get("macs_after")}
+    return {"MACs before / after prune-channels": values}, "MACs ratio (before / after)"
+
+
+SUITE_BARS = {"backends": _backends_bars, "prune": _prune_bars, "passes": _passes_bars,
+              "prune-zoo": _prune_zoo_bars}
 
 
 def plot_suite(name: str, result: dict, out) -> list[Path]:
-    """`<name>-latency-vs-fidelity.png` for a suite whose JSON has latency and fidelity; [] else."""
-    if name not in SUITE_POINTS:
-        return []
-    panels, ylabel, xlabel = SUITE_POINTS[name](result)
-    panels = {k: v for k, v in panels.items() if v}
-    if not panels:
-        return []
-    return [latency_vs_fidelity(panels, Path(out) / f"{name}-latency-vs-fidelity.png", ylabel,
-                                f"suite {name}: latency vs fidelity", xlabel)]
+    """A suite's plots: `<name>-latency-vs-fidelity.png` where its JSON has latency and fidelity,
+    `<name>-bars.png` (latency or cost per variant) where it has a bar view."""
+    written = []
+    if name in SUITE_POINTS:
+        panels, ylabel, xlabel = SUITE_POINTS[name](result)
+        panels = {k: v for k, v in panels.items() if v}
+        if panels:
+            written.append(latency_vs_fidelity(panels, Path(out) / f"{name}-latency-vs-fidelity.png", ylabel,
+                                               f"suite {name}: latency vs fidelity", xlabel))
+    if name in SUITE_BARS:
+        panels, xlabel = SUITE_BARS[name](result)
+        panels = {k: v for k, v in panels.items() if v}
+        if panels:
+            written.append(bars(panels, Path(out) / f"{name}-bars.png", xlabel, f"suite {name}"))
+    return written
 
 
 # ---- the ad-hoc table -----------------------------------------------------------------------
