@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/fxopt bench --model crepe --pipeline prune25+int8 --pipeline prune50+int8 --out benchmarks/results
 
 bench: setup
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks --plots
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
