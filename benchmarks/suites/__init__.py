@@ -7,7 +7,8 @@ import importlib
 SUITES = {"backends": "benchmarks.suites.backends", "fpga": "benchmarks.suites.fpga",
           "lowrank": "benchmarks.suites.lowrank", "passes": "benchmarks.suites.passes",
           "prune": "benchmarks.suites.prune",
-          "prune-zoo": "benchmarks.suites.prune_zoo", "quant": "benchmarks.suites.quant"}
+          "prune-zoo": "benchmarks.suites.prune_zoo", "quant": "benchmarks.suites.quant",
+          "stages": "benchmarks.suites.stages"}
 
 
 def get(name: str):
