@@ -215,7 +215,15 @@ def _prune_zoo_bars(result: dict) -> tuple[dict, str]:
     return {"MACs before / after prune-channels": values}, "MACs ratio (before / after)"
 
 
-SUITE_BARS = {"backends": _backends_bars, "prune": _prune_bars, "passes": _passes_bars,
+def _stages_bars(result: dict) -> tuple[dict, str]:
+    panels = {}
+    for m in (m for m in result["models"] if "error" not in m):
+        panels[m["name"]] = {f"{r['processes']} proc x {r['threads']} thr": r["samples_per_s"]
+                             for r in m["runs"] if r.get("samples_per_s")}
+    return panels, "throughput, samples / s"
+
+
+SUITE_BARS = {"stages": _stages_bars, "backends": _backends_bars, "prune": _prune_bars, "passes": _passes_bars,
               "prune-zoo": _prune_zoo_bars}
 
 
