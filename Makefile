@@ -20,7 +20,7 @@ test: setup
 	FXOPT_VERIFY=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: setup
-	$(BIN)/fxopt bench --model crepe --pipeline prune25+int8 --pipeline prune50+int8 --out benchmarks/results
+	$(BIN)/fxopt bench --model crepe --pipeline prune25+int8 --pipeline prune50+int8 --pipeline int8 --out benchmarks/results
 
 bench: setup
 	$(BIN)/python -m benchmarks --plots
