@@ -37,11 +37,11 @@ from .model import IntegerModel, load, save
 from .pow2 import pow2_cost, with_pow2_scales
 from .reference import with_int32_biases
 from .resources import ResourceReport, resource_report
-from .simulate import dequantize_outputs, quantize_inputs, run_integer, simulate
+from .simulate import dequantize_outputs, quantize_inputs, run_floats, run_integer, simulate
 from .verify import VerifyReport, verify
 
-__all__ = ["FpgaInt8Backend", "FpgaInt8Model", "ResourceReport", "VerifyReport", "export", "load",
-           "resource_report", "simulate", "verify"]
+__all__ = ["FpgaInt8Backend", "FpgaInt8Model", "ResourceReport", "VerifyReport", "dequantize_outputs", "export",
+           "load", "quantize_inputs", "resource_report", "run_floats", "run_integer", "simulate", "verify"]
 
 OPTIONS = ("export_dir", "rounding", "pow2_scales", "reuse_factor")
 
@@ -55,9 +55,7 @@ class FpgaInt8Model(torch.nn.Module):
         self.reference = reference
 
     def forward(self, *inputs):
-        floats = {e["name"]: v.detach().cpu().numpy() for e, v in zip(self.spec["inputs"], inputs)}
-        values = run_integer(self.spec, self.weights, quantize_inputs(self.spec, floats))
-        outs = [torch.from_numpy(o) for o in dequantize_outputs(self.spec, values)]
+        outs = [torch.from_numpy(o) for o in run_floats(self.spec, self.weights, inputs)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
@@ -83,7 +81,7 @@ def _derived_files(model: IntegerModel, reference: fx.GraphModule, example_input
     from ...export import export_onnx
     from .cpp import emit_cpp
 
-    files = emit_cpp(model.to_json(), {l.name: l.weight for l in model.layers if l.weight is not None})
+    files = emit_cpp(model.to_json(), model.weights())
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         export_onnx(reference, path, example_inputs)
@@ -117,7 +115,7 @@ class FpgaInt8Backend:
         reuse = options.pop("reuse_factor", 1)
         model, reference = export(gm, example_inputs, **options)
         spec = model.to_json()
-        weights = {l.name: l.weight for l in model.layers if l.weight is not None}
+        weights = model.weights()
         lowered = FpgaInt8Model(spec, weights, reference, options.get("export_dir"))
         report = resource_report(spec, weights, reuse)
         if options.get("pow2_scales"):

@@ -72,11 +72,6 @@ class Grid:
         return cls(float(fq.scale.reshape(-1)[0]), int(fq.zero_point.reshape(-1)[0]) + offset,
                    fq.qmin + offset, fq.qmax + offset)
 
-    @property
-    def spread(self) -> int:
-        """max |q - zero_point| over the grid."""
-        return max(self.zero_point - self.qmin, self.qmax - self.zero_point)
-
     def code(self, real: float) -> int:
         return int(min(max(self.zero_point + round(real / self.scale), self.qmin), self.qmax))
 
@@ -93,6 +88,15 @@ class OutputForm:
     lo: float
     hi: float
     last: fx.Node        # the last fused clamp (or the producer): whose value the tensor holds
+
+
+def quantizer_of(gm: fx.GraphModule, node, role: str) -> FakeQuantize | None:
+    """The FakeQuantize a call_module node runs, if it has this role ("weight" / "activation")."""
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, FakeQuantize) and mod.role == role:
+            return mod
+    return None
 
 
 def clamp_range(node: fx.Node) -> tuple[float, float]:
@@ -119,19 +123,11 @@ class Lowering:
         self.build = LayerBuilder(self)
 
     # ---- queries --------------------------------------------------------------------------
-    def quantizer(self, node, role: str) -> FakeQuantize | None:
-        """The FakeQuantize a call_module node runs, if it has this role ("weight" / "activation")."""
-        if isinstance(node, fx.Node) and node.op == "call_module":
-            mod = self.gm.get_submodule(node.target)
-            if isinstance(mod, FakeQuantize) and mod.role == role:
-                return mod
-        return None
-
     def act_fq(self, node) -> FakeQuantize | None:
-        return self.quantizer(node, "activation")
+        return quantizer_of(self.gm, node, "activation")
 
     def weight_fq(self, node) -> FakeQuantize | None:
-        return self.quantizer(node, "weight")
+        return quantizer_of(self.gm, node, "weight")
 
     def tensor(self, node: fx.Node, reader: fx.Node) -> tuple[str, dict]:
         """(name, tensor record) of a value an op reads; an error if it has no integer form."""

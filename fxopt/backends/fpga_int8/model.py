@@ -89,6 +89,10 @@ class IntegerModel:
     tensors: dict[str, dict] = field(default_factory=dict)
     layers: list[Layer] = field(default_factory=list)
 
+    def weights(self) -> dict[str, np.ndarray]:
+        """{layer name: int8 weight} of the conv / linear layers (what load() returns beside the spec)."""
+        return {layer.name: layer.weight for layer in self.layers if layer.weight is not None}
+
     def to_json(self) -> dict:
         layers = []
         for layer in self.layers:

@@ -28,6 +28,18 @@ def _pair(v, default) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
 
 
+def spread(tensor: dict) -> int:
+    """max |q - zero_point| over an int8 tensor's grid: the largest centred code it can hold."""
+    return max(tensor["zero_point"] - tensor["qmin"], tensor["qmax"] - tensor["zero_point"])
+
+
+def window_shape(in_shape, fields: dict) -> list[int]:
+    """[C, OH, OW] of a floor-mode pooling window over a [C, H, W] input."""
+    dilation = fields.get("dilation", [1, 1])
+    return [in_shape[0]] + [(in_shape[i + 1] + 2 * fields["padding"][i] - dilation[i] * (fields["kernel"][i] - 1)
+                             - 1) // fields["stride"][i] + 1 for i in range(2)]
+
+
 def _codes(grid, lo: float, hi: float) -> list[int]:
     """A real interval [lo, hi] as code bounds on `grid` (the grid's range if unbounded)."""
     return [grid.qmin if lo == -math.inf else grid.code(lo), grid.qmax if hi == math.inf else grid.code(hi)]
@@ -59,10 +71,14 @@ class ComputeLayers:
         return bits_for(bound)
 
     def _int8_out(self, node, form, scales, bound) -> tuple[dict, dict]:
-        """Fields and tensor of a producer writing int8 codes on form.grid (per-channel scales)."""
+        """Fields and tensor of a producer writing int8 codes on form.grid: one multiplier and
+        shift per channel for a list of scales, a scalar pair for a single scale."""
         m0, shift = quantize_multipliers(np.asarray(scales, dtype=np.float64) / form.grid.scale)
         bits = self._check_bound(node, bound, int(shift.max()) if self.low.model.rounding == "double" else 0)
-        fields = {"multiplier": m0.tolist(), "shift": shift.tolist(), "output_zero_point": form.grid.zero_point,
+        per_tensor = np.ndim(scales) == 0
+        fields = {"multiplier": int(m0[0]) if per_tensor else m0.tolist(),
+                  "shift": int(shift[0]) if per_tensor else shift.tolist(),
+                  "output_zero_point": form.grid.zero_point,
                   "clamp": _codes(form.grid, form.lo, form.hi), "acc_bits": bits}
         return fields, form.grid.tensor(self.low.shape(node), form.last.name)
 
@@ -119,11 +135,20 @@ class ComputeLayers:
         codes = torch.round(dequant / scale.reshape([-1] + [1] * (weight.dim() - 1)))
         return codes.clamp(-127, 127).to(torch.int8).numpy(), scale.numpy()
 
+    def _int8_inputs(self, node: fx.Node, values) -> tuple[list[str], list[dict]]:
+        """(names, tensor records) of values an op reads as int8 codes; an error for int32 ones."""
+        names, tensors = [], []
+        for value in values:
+            name, tensor = self.low.tensor(value, node)
+            if tensor["dtype"] != "int8":
+                raise UnsupportedError(f"fpga-int8: {node.name} reads int32 accumulators of {value.name}",
+                                       where=node_location(node), hint="quantize that value (fake-quant)")
+            names.append(name)
+            tensors.append(tensor)
+        return names, tensors
+
     def conv_or_linear(self, node: fx.Node) -> None:
-        x_name, xt = self.low.tensor(node.args[0], node)
-        if xt["dtype"] != "int8":
-            raise UnsupportedError(f"fpga-int8: {node.name} reads int32 accumulators",
-                                   where=node_location(node), hint="quantize its input (fake-quant)")
+        [x_name], [xt] = self._int8_inputs(node, node.args[:1])
         codes, w_scale = self._weight_codes(node)
         fields = self._conv_fields(node, codes) if codes.ndim == 4 else {}
         if codes.ndim not in (2, 4):
@@ -133,8 +158,7 @@ class ComputeLayers:
         bias_t = self.low.constant(node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"))
         bias = np.zeros(len(acc_scale), dtype=np.int64) if bias_t is None \
             else np.round(bias_t.double().numpy() / acc_scale).astype(np.int64)
-        spread = max(xt["zero_point"] - xt["qmin"], xt["qmax"] - xt["zero_point"])
-        bound = int((np.abs(codes.astype(np.int64)).reshape(len(bias), -1).sum(1) * spread + np.abs(bias)).max())
+        bound = int((np.abs(codes.astype(np.int64)).reshape(len(bias), -1).sum(1) * spread(xt) + np.abs(bias)).max())
         fields.update(bias=bias.tolist(), input_zero_point=xt["zero_point"])
         form = self.low.output_form(node)
         if form.grid is not None:

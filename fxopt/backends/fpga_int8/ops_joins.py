@@ -17,13 +17,9 @@ from ...errors import UnsupportedError
 from ...ir.graph import node_location
 from .fixedpoint import multiplier_value, quantize_multiplier
 from .model import Layer
-from .ops import ADD_LEFT_SHIFT, ComputeLayers, _codes, _pair
+from .ops import ADD_LEFT_SHIFT, ComputeLayers, _codes, _pair, spread, window_shape
 
 aten = torch.ops.aten
-
-
-def _spread(t: dict) -> int:
-    return max(t["zero_point"] - t["qmin"], t["qmax"] - t["zero_point"])
 
 
 def _channel_scales(t: dict) -> np.ndarray:
@@ -34,17 +30,6 @@ def _channel_scales(t: dict) -> np.ndarray:
 
 class LayerBuilder(ComputeLayers):
     """All the layer builders of a Lowering."""
-
-    def _int8_inputs(self, node: fx.Node, values) -> tuple[list[str], list[dict]]:
-        names, tensors = [], []
-        for value in values:
-            name, tensor = self.low.tensor(value, node)
-            if tensor["dtype"] != "int8":
-                raise UnsupportedError(f"fpga-int8: {node.name} reads int32 accumulators of {value.name}",
-                                       where=node_location(node), hint="quantize that value (fake-quant)")
-            names.append(name)
-            tensors.append(tensor)
-        return names, tensors
 
     def _need_grid(self, node: fx.Node, form) -> None:
         if form.grid is None:
@@ -66,17 +51,16 @@ class LayerBuilder(ComputeLayers):
             channels = self.low.shape(node)[0]
             out, tensor = self._int32_out(node, form, np.full(channels, ins[0]["scale"]),
                                           [channels] + [1] * (len(self.low.shape(node)) - 1),
-                                          _spread(ins[0]) + _spread(ins[1]))
+                                          spread(ins[0]) + spread(ins[1]))
         else:
             twice_max = 2 * max(t["scale"] for t in ins)
             pairs = [quantize_multiplier(t["scale"] / twice_max) for t in ins]
             fields.update(left_shift=ADD_LEFT_SHIFT, multipliers=[p[0] for p in pairs],
                           shifts=[p[1] for p in pairs])
-            bound = sum(int(_spread(t) * (1 << ADD_LEFT_SHIFT) * multiplier_value(*p)) + 1
+            bound = sum(int(spread(t) * (1 << ADD_LEFT_SHIFT) * multiplier_value(*p)) + 1
                         for t, p in zip(ins, pairs))
-            self._check_bound(node, max(_spread(t) for t in ins), ADD_LEFT_SHIFT)
-            out, tensor = self._int8_out(node, form, [twice_max / (1 << ADD_LEFT_SHIFT)], bound)
-            out = {k: (v[0] if k in ("multiplier", "shift") else v) for k, v in out.items()}
+            self._check_bound(node, max(spread(t) for t in ins), ADD_LEFT_SHIFT)
+            out, tensor = self._int8_out(node, form, twice_max / (1 << ADD_LEFT_SHIFT), bound)
         fields.update(out)
         self.low.emit(node, "add", names, tensor, fields)
 
@@ -109,9 +93,7 @@ class LayerBuilder(ComputeLayers):
 
     def _check_floor_shape(self, node: fx.Node, in_shape, fields) -> None:
         """ceil_mode windows are refused unless they give the same output shape as floor mode."""
-        out = [(in_shape[i + 1] + 2 * fields["padding"][i] - fields.get("dilation", [1, 1])[i]
-                * (fields["kernel"][i] - 1) - 1) // fields["stride"][i] + 1 for i in range(2)]
-        if out != self.low.shape(node)[1:]:
+        if window_shape(in_shape, fields) != self.low.shape(node):
             raise UnsupportedError(f"fpga-int8: {node.name} uses ceil_mode windows", where=node_location(node),
                                    hint="use ceil_mode=False, or pad the input")
 
@@ -123,16 +105,12 @@ class LayerBuilder(ComputeLayers):
         count = fields["kernel"][0] * fields["kernel"][1]
         if tensor["dtype"] == "int8":
             fields["input_zero_point"] = tensor["zero_point"]
-            scales, bound = np.array([tensor["scale"]]), count * _spread(tensor)
+            scales, bound = np.float64(tensor["scale"]), count * spread(tensor)
         else:
             scales, bound = _channel_scales(tensor), count * tensor["bound"]
         out, out_tensor = self._int8_out(node, form, scales / count, bound)
-        if tensor["dtype"] == "int8":
-            out = {k: (v[0] if k in ("multiplier", "shift") else v) for k, v in out.items()}
         fields.update(out)
-        pooled_shape = [tensor["shape"][0]] + [
-            (tensor["shape"][i + 1] + 2 * fields["padding"][i] - fields["kernel"][i]) // fields["stride"][i] + 1
-            for i in range(2)]
+        pooled_shape = window_shape(tensor["shape"], fields)
         if pooled_shape == self.low.shape(node):
             self.low.emit(node, "avg_pool2d", [name], out_tensor, fields)
             return

@@ -16,18 +16,9 @@ import torch
 import torch.fx as fx
 
 from ...ir.graph import fetch_attr
-from ...quant import FakeQuantize
-from .lowering import CONVS
+from .lowering import CONVS, quantizer_of
 
 aten = torch.ops.aten
-
-
-def _module(gm: fx.GraphModule, node, role: str):
-    if isinstance(node, fx.Node) and node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, FakeQuantize) and mod.role == role:
-            return mod
-    return None
 
 
 def with_int32_biases(gm: fx.GraphModule) -> fx.GraphModule:
@@ -37,7 +28,7 @@ def with_int32_biases(gm: fx.GraphModule) -> fx.GraphModule:
         for node in snapped.graph.nodes:
             if node.op != "call_function" or not (node.target in CONVS or node.target == aten.linear.default):
                 continue
-            act, weight = _module(snapped, node.args[0], "activation"), _module(snapped, node.args[1], "weight")
+            act, weight = quantizer_of(snapped, node.args[0], "activation"), quantizer_of(snapped, node.args[1], "weight")
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             if act is None or weight is None or not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
                 continue

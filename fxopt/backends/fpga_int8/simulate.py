@@ -58,14 +58,22 @@ def simulate(export_dir, x) -> list[np.ndarray] | np.ndarray:
     dequantized float outputs (one array, or a list for several outputs).
     """
     spec, weights = load(export_dir)
-    if isinstance(x, dict):
-        named = x
-    else:
-        seq = x if isinstance(x, (tuple, list)) else (x,)
-        named = {entry["name"]: _numpy(v) for entry, v in zip(spec["inputs"], seq)}
-    values = run_integer(spec, weights, quantize_inputs(spec, named))
-    outs = dequantize_outputs(spec, values)
+    outs = run_floats(spec, weights, x)
     return outs[0] if len(outs) == 1 else outs
+
+
+def run_floats(spec: dict, weights: dict, x) -> list[np.ndarray]:
+    """Float inputs in, dequantized float outputs out: the host's two steps around the model."""
+    values = run_integer(spec, weights, quantize_inputs(spec, named_inputs(spec, x)))
+    return dequantize_outputs(spec, values)
+
+
+def named_inputs(spec: dict, x) -> dict[str, np.ndarray]:
+    """{input name: float array} from one array / tensor, a tuple / list (in input order) or a dict."""
+    if isinstance(x, dict):
+        return {name: _numpy(v) for name, v in x.items()}
+    seq = x if isinstance(x, (tuple, list)) else (x,)
+    return {entry["name"]: _numpy(v) for entry, v in zip(spec["inputs"], seq)}
 
 
 def _numpy(v):

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from .lowering import quantizer_of
 from .model import load
-from .simulate import KERNELS, quantize_inputs, run_integer
+from .simulate import KERNELS, named_inputs, quantize_inputs, run_integer
 
 
 @dataclass
@@ -117,15 +118,12 @@ def _quantized_sources(spec: dict, gm: fx.GraphModule) -> dict[str, str]:
 
     That quantizer's output holds the fake-quant model's own codes (torch rounds x * (1/s)
     in float32), so the comparison uses them rather than re-rounding the float value."""
-    from ...quant import FakeQuantize
-
     nodes = {n.name: n for n in gm.graph.nodes}
     found = {}
     for name, tensor in spec["tensors"].items():
         for user in nodes[tensor["source"]].users if tensor["dtype"] == "int8" else ():
-            fq = gm.get_submodule(user.target) if user.op == "call_module" else None
-            if isinstance(fq, FakeQuantize) and fq.role == "activation" and \
-                    float(fq.scale.reshape(-1)[0]) == tensor["scale"]:
+            fq = quantizer_of(gm, user, "activation")
+            if fq is not None and float(fq.scale.reshape(-1)[0]) == tensor["scale"]:
                 found[name] = user.name
                 break
     return found
@@ -147,9 +145,7 @@ def verify(export_dir, inputs, reference, min_within: float = 0.999) -> VerifyRe
     from .cpp import compile_cpp, run_cpp
 
     spec, weights = load(export_dir)
-    seq = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-    floats = {e["name"]: (v.detach().numpy() if hasattr(v, "detach") else np.asarray(v))
-              for e, v in zip(spec["inputs"], seq)}
+    floats = named_inputs(spec, inputs)
     codes = quantize_inputs(spec, floats)
     batch = len(next(iter(codes.values())))
     sim = {k: v.astype(np.int64) for k, v in run_integer(spec, weights, codes).items()}
