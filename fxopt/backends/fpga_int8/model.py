@@ -59,13 +59,12 @@ fixedpoint.requantize with the model's "rounding". "clamp": [lo, hi] bounds the 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ...files import folder_atomically
 
 FORMAT, VERSION = "fxopt-fpga-int8", 1
 
@@ -114,38 +113,19 @@ def weight_file(layer_name: str) -> str:
 def save(model: IntegerModel, export_dir, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write model.json, the weights and `extra_files` ({relative name: bytes}) to export_dir.
 
-    Everything is written to a temporary directory next to export_dir and moved into place
-    at the end, so an interrupted export never leaves a half-written artefact; files of an
-    earlier export that this one does not write are kept only if they are not ours.
+    Everything is written to a temporary folder next to export_dir, which then replaces it
+    (fxopt.files.folder_atomically), so an interrupted export never leaves a half-written
+    artefact.
     """
-    export_dir = Path(export_dir)
-    export_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.", dir=export_dir.parent))
-    try:
+    with folder_atomically(export_dir) as staging:
+        staging = Path(staging)
         (staging / "weights").mkdir()
-        for layer in model.layers:
-            if layer.weight is not None:
-                np.save(staging / weight_file(layer.name), layer.weight.astype(np.int8))
+        for name, weight in model.weights().items():
+            np.save(staging / weight_file(name), weight.astype(np.int8))
         (staging / "model.json").write_text(json.dumps(model.to_json(), indent=1))
         for name, data in (extra_files or {}).items():
             (staging / name).write_bytes(data)
-        _replace_dir(staging, export_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return export_dir
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Move staging into target's place: rename the old one aside, rename, then delete it."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
+    return Path(export_dir)
 
 
 def load(export_dir) -> tuple[dict, dict[str, np.ndarray]]:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 from torch.utils._pytree import treespec_dumps
 
 from ...errors import UnsupportedError
+from ...files import folder_atomically
 from .script import script_text
 from .stablehlo import FUNCTION, Program, dtype_name
 
@@ -57,10 +56,7 @@ def write_artefact(program: Program, export_dir) -> str:
     from safetensors.torch import save_file
 
     path = check_export_dir(export_dir)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
-    try:
+    with folder_atomically(path) as tmp:
         _write_text(tmp, "model.stablehlo.mlir", program.text)
         # clones: safetensors refuses shared or non-contiguous storage (tied weights)
         save_file({name: w.detach().cpu().contiguous().clone()
@@ -68,35 +64,12 @@ def write_artefact(program: Program, export_dir) -> str:
                   os.path.join(tmp, "weights.safetensors"), metadata={"format": FORMAT})
         _write_text(tmp, "signature.json", json.dumps(signature(program), indent=1) + "\n")
         _write_text(tmp, "run_stablehlo.py", script_text(FORMAT))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder (and safetensors' file) are owner-only
-        os.chmod(os.path.join(tmp, "weights.safetensors"), 0o666 & ~_umask())
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write_text(folder: str, name: str, text: str) -> None:
     with open(os.path.join(folder, name), "w", encoding="utf-8") as fh:
         fh.write(text)
-
-
-def _swap_into_place(tmp: str, path: str) -> None:
-    """Rename `tmp` to `path`; an earlier artefact there is moved aside first, then removed."""
-    old = None
-    if os.path.isdir(path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=os.path.dirname(tmp))
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def signature(program: Program) -> dict:
