@@ -43,6 +43,26 @@ def get_backend(name: str) -> "Backend":
     return backend
 
 
+def require_frozen_quantizers(gm: fx.GraphModule, backend: str) -> None:
+    """For a backend that lowers fake-quant to integers: the graph must hold fake quantizers,
+    every activation one calibrated and frozen (else its scale is not final)."""
+    from ..quant import FakeQuantize
+
+    quantizers = [m for m in gm.modules() if isinstance(m, FakeQuantize)]
+    if not quantizers:
+        raise UnsupportedError(
+            f"backend '{backend}' found no fake quantizers in the graph: there is nothing to lower to integers",
+            hint="add fake-quant to the pipeline and calibrate, e.g. fxopt.compile(model, x, "
+                 f"pipeline='fold-bn,fake-quant', backend='{backend}', calibration=batches)")
+    observing = [m.label or "(unnamed)" for m in quantizers if m.role == "activation" and m.observing]
+    if observing:
+        raise UnsupportedError(
+            f"backend '{backend}': {len(observing)} activation quantizers are not frozen "
+            f"(e.g. {', '.join(observing[:3])}), so their scales are not final",
+            hint="run fxopt.calibrate(compiled, batches) then fxopt.freeze(compiled) before "
+                 f"fxopt.lower(compiled, backend='{backend}'), or compile with calibration=batches")
+
+
 def list_backends() -> dict[str, "Backend"]:
     return dict(sorted(_BACKENDS.items()))
 

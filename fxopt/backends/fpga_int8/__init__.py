@@ -29,8 +29,7 @@ import torch
 import torch.fx as fx
 
 from ...errors import UnsupportedError
-from ...quant import FakeQuantize
-from .. import register_backend
+from .. import register_backend, require_frozen_quantizers
 from .fixedpoint import ROUNDINGS
 from .lowering import Lowering
 from .model import IntegerModel, load, save
@@ -68,7 +67,7 @@ def export(gm: fx.GraphModule, example_inputs: tuple, export_dir=None, rounding:
     if rounding not in ROUNDINGS:
         raise UnsupportedError(f"fpga-int8: rounding must be one of {ROUNDINGS}, got {rounding!r}",
                                hint="rounding='double' (gemmlowp / TFLite) or 'single'")
-    _check_quantized(gm)
+    require_frozen_quantizers(gm, "fpga-int8")
     reference = with_int32_biases(with_pow2_scales(gm) if pow2_scales else gm)
     model = Lowering(reference, rounding, bool(pow2_scales)).run()
     if export_dir is not None:
@@ -88,19 +87,6 @@ def _derived_files(model: IntegerModel, reference: fx.GraphModule, example_input
         with open(path, "rb") as f:
             files["model.onnx"] = f.read()
     return files
-
-
-def _check_quantized(gm: fx.GraphModule) -> None:
-    quantizers = [m for m in gm.modules() if isinstance(m, FakeQuantize)]
-    if not quantizers:
-        raise UnsupportedError("backend 'fpga-int8' found no fake quantizers in the graph",
-                               hint="fxopt.compile(model, x, pipeline='fold-bn,fake-quant', "
-                                    "backend='fpga-int8', calibration=batches)")
-    observing = [m.label or "(unnamed)" for m in quantizers if m.role == "activation" and m.observing]
-    if observing:
-        raise UnsupportedError(f"backend 'fpga-int8': {len(observing)} activation quantizers are not frozen "
-                               f"(e.g. {', '.join(observing[:3])})",
-                               hint="compile with calibration=batches, or fxopt.calibrate + fxopt.freeze")
 
 
 class FpgaInt8Backend:

@@ -20,8 +20,7 @@ import torch
 import torch.fx as fx
 
 from ...errors import UnsupportedError
-from ...quant import FakeQuantize
-from .. import register_backend
+from .. import register_backend, require_frozen_quantizers
 from .kernels import INT8_MODULES, pick_engine
 from .lowering import Lowering
 from .report import Int8Report
@@ -36,7 +35,7 @@ class Int8Backend:
         if options:
             raise UnsupportedError(f"backend 'int8' takes only the option 'engine', got {sorted(options)}",
                                    hint="e.g. backend='int8', engine='x86'")
-        _check_quantized(gm)
+        require_frozen_quantizers(gm, "int8")
         try:
             chosen = pick_engine(engine)
         except ValueError as exc:
@@ -52,23 +51,6 @@ class Int8Backend:
     def available(self) -> str | None:
         engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
         return None if engines else "a PyTorch build with quantized CPU kernels (fbgemm / x86 / onednn)"
-
-
-def _check_quantized(gm: fx.GraphModule) -> None:
-    """The graph must hold fake quantizers, every activation one calibrated and frozen."""
-    quantizers = [m for m in gm.modules() if isinstance(m, FakeQuantize)]
-    if not quantizers:
-        raise UnsupportedError(
-            "backend 'int8' found no fake quantizers in the graph: there is nothing to lower to int8",
-            hint="add fake-quant to the pipeline and calibrate, e.g. fxopt.compile(model, x, "
-                 "pipeline='fold-bn,fake-quant', backend='int8', calibration=batches)")
-    observing = [m.label or "(unnamed)" for m in quantizers if m.role == "activation" and m.observing]
-    if observing:
-        raise UnsupportedError(
-            f"backend 'int8': {len(observing)} activation quantizers are not frozen "
-            f"(e.g. {', '.join(observing[:3])}), so their scales are not final",
-            hint="run fxopt.calibrate(compiled, batches) then fxopt.freeze(compiled) before "
-                 "fxopt.lower(compiled, backend='int8'), or compile with calibration=batches")
 
 
 def int8_report(compiled) -> Int8Report:
