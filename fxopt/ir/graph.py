@@ -99,6 +99,28 @@ def fqn_matches(fqn: str, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
 
 
+def first_match(patterns, names) -> str | None:
+    """The first of `patterns` that fqn_matches one of `names` (empty names are ignored)."""
+    for pattern in patterns:
+        if any(fqn_matches(name, pattern) for name in names if name):
+            return pattern
+    return None
+
+
+def warn_unmatched(owner: str, patterns, names, what: str) -> list[str]:
+    """Warn about each skip pattern that matches none of `names` (a typo would otherwise
+    silently change nothing); returns the messages, for a report's notes."""
+    import warnings
+
+    names = sorted({n for n in names if n})
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    messages = [f"skip pattern {pattern!r} matches no targeted {what}; they are e.g. {shown}"
+                for pattern in patterns if first_match([pattern], names) is None]
+    for message in messages:
+        warnings.warn(f"{owner}: {message}", stacklevel=4)
+    return messages
+
+
 def has_side_effects(node: fx.Node) -> bool:
     """True for nodes dead-code elimination must keep."""
     if node.op in ("placeholder", "output"):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ...ir.graph import fqn_matches, module_path
+from ...ir.graph import first_match, module_path
 from ...ir.meta import TENSOR
 
 aten = torch.ops.aten
@@ -112,11 +112,8 @@ def _is_join(node: fx.Node) -> bool:
 
 def skip_match(node: fx.Node, patterns) -> str | None:
     """The first skip pattern matching the node's module path or a weight FQN it reads."""
-    names = [module_path(node)] + [a.target for a in node.all_input_nodes if a.op == "get_attr"]
-    for pattern in patterns:
-        if any(fqn_matches(name, pattern) for name in filter(None, names)):
-            return pattern
-    return None
+    return first_match(patterns, [module_path(node)] + [a.target for a in node.all_input_nodes
+                                                         if a.op == "get_attr"])
 
 
 def _is_transposed(node: fx.Node) -> bool:

@@ -12,14 +12,13 @@ each layer left dense stayed so.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch.fx as fx
 
 from ...errors import PassOptionError
-from ...ir.graph import fqn_matches, node_location
+from ...ir.graph import first_match, node_location, warn_unmatched
 from ...ir.shape_prop import propagate_shapes
 from ...pm import Pass, PassResult, register_pass
 from .layers import Layer, collect_grams, find_layers
@@ -168,8 +167,7 @@ class LowRank(Pass):
 
     # ---- skip -----------------------------------------------------------------------------
     def _skipped(self, layer: Layer, report: LowRankReport) -> bool:
-        names = [layer.path, str(layer.weight_node.target)]
-        hit = next((p for p in self.skip if any(fqn_matches(n, p) for n in names if n)), None)
+        hit = first_match(self.skip, [layer.path, str(layer.weight_node.target)])
         if hit:
             row = _row(layer, None)
             row.kept, row.targeted = f"skipped: matches skip pattern '{hit}'", False
@@ -177,12 +175,8 @@ class LowRank(Pass):
         return hit is not None
 
     def _warn_unmatched(self, layers: list[Layer]) -> None:
-        names = sorted({n for layer in layers for n in (layer.path, str(layer.weight_node.target)) if n})
-        for pattern in self.skip:
-            if not any(fqn_matches(n, pattern) for n in names):
-                shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-                warnings.warn(f"low-rank: skip pattern {pattern!r} matches no targeted layer; "
-                              f"layers are e.g. {shown}", stacklevel=3)
+        warn_unmatched("low-rank", self.skip, [n for layer in layers
+                                               for n in (layer.path, str(layer.weight_node.target))], "layer")
 
 
 def _row(layer: Layer, choice: Choice | None) -> LayerRow:

@@ -23,7 +23,6 @@ sparse kernels.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -32,7 +31,7 @@ import torch.fx as fx
 
 from ...analyses import Shapes
 from ...errors import PassOptionError
-from ...ir.graph import fetch_attr, fqn_matches, fresh_attr_name, set_attr
+from ...ir.graph import fetch_attr, first_match, fresh_attr_name, set_attr, warn_unmatched
 from ...pm import Pass, PassResult, register_pass
 from .masks import MASKS_KEY, apply_masks, global_masks, layer_mask, mask_gradients, masks_of, two_four_mask
 from .report import LayerSparsity, SparsityReport
@@ -126,8 +125,7 @@ class PruneWeights(Pass):
 
     def _keep(self, t: Target, report: SparsityReport) -> bool:
         """False (with the reason in report.skipped) for a weight skip or the 2:4 pattern leaves dense."""
-        names = [t.path, *t.names]
-        hit = next((p for p in self.skip if any(fqn_matches(n, p) for n in names if n)), None)
+        hit = first_match(self.skip, [t.path, *t.names])
         if hit is not None:
             report.skipped.append((t.fqn, f"skipped: matches skip pattern '{hit}'"))
             return False
@@ -139,13 +137,8 @@ class PruneWeights(Pass):
         return True
 
     def _warn_unmatched(self, targets: list[Target], report: SparsityReport) -> None:
-        names = sorted({n for t in targets for n in (t.path, *t.names) if n})
-        for pattern in self.skip:
-            if not any(fqn_matches(n, pattern) for n in names):
-                shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-                message = f"skip pattern {pattern!r} matches no targeted weight; they are e.g. {shown}"
-                warnings.warn(f"prune-weights: {message}", stacklevel=3)
-                report.notes.append(message)
+        names = [n for t in targets for n in (t.path, *t.names)]
+        report.notes.extend(warn_unmatched("prune-weights", self.skip, names, "weight"))
 
 
 def _combine(mask: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
