@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ if ROOT not in sys.path:   # run as a script by torchrun
     sys.path.insert(0, ROOT)
 
 import fxopt  # noqa: E402
+from fxopt.runtime.pipeline import free_port  # noqa: E402
 
 STEPS, EVERY, BATCH, BATCHES = 12, 3, 8, 10
 
@@ -87,15 +87,9 @@ def main(argv=None) -> int:
 
 
 # ---- launching ---------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _command(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), os.path.abspath(__file__), *args]
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), os.path.abspath(__file__), *args]
 
 
 def _env() -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import pytest
 
 from fxopt import cli
 from fxopt.runtime import pipeline
+from fxopt.runtime.pipeline import free_port
 
 MODELS = textwrap.dedent("""
     import torch.nn as nn
@@ -47,15 +47,9 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(nproc: int, *args: str) -> str:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                "-m", "fxopt.runtime.pipeline", *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=_env())
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
