@@ -9,9 +9,10 @@ import torch.fx as fx
 
 from .analyses import CostTracker, Shapes, ShapeTable
 from .backends import get_backend
-from .errors import InputShapeError, UnsupportedError
-from .ir.meta import INPUT_SHAPES, TensorInfo, describe
-from .ir.trace import trace
+from .errors import UnsupportedError
+from .ir.inputs import check_inputs, guard_errors, normalize_call
+from .ir.meta import INPUT_SHAPES
+from .ir.trace import as_args, trace
 from .pm import AnalysisManager, PassManager, Report, Timing, Verify
 
 __all__ = ["CompiledModel", "calibrate", "compile", "freeze", "lower", "trace"]
@@ -20,102 +21,70 @@ __all__ = ["CompiledModel", "calibrate", "compile", "freeze", "lower", "trace"]
 class CompiledModel(torch.nn.Module):
     """A traced, rewritten and lowered model; an nn.Module like the one it came from.
 
-    `graph_module` is the rewritten graph, `report` what each pass did. Calling
-    it with inputs of other shapes than the example inputs raises
-    InputShapeError, unless it was compiled with `on_new_shape="retrace"`, in
-    which case the pipeline is run again for the new shapes (cached per shape).
+    `graph_module` is the rewritten graph, `report` what each pass did. It is called
+    like the model (the same positional and keyword inputs) at any size along the
+    dynamic dims it was traced with (by default the batch dim); another size of a
+    static dim, or another dtype, raises InputShapeError naming the input and dim.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, lowered, report: Report, recompile=None):
+    def __init__(self, graph_module: fx.GraphModule, lowered, report: Report):
         super().__init__()
         self.graph_module = graph_module
         self.report = report
         self._lowered = lowered
-        self._recompile = recompile
-        self._variants: dict = {}
 
     @property
     def input_shapes(self) -> tuple:
         return self.graph_module.meta.get(INPUT_SHAPES, ())
 
-    def forward(self, *args):
-        flat = torch.utils._pytree.tree_leaves(args, is_leaf=lambda a: a is None)  # keep None args
-        got = tuple(describe(x) for x in flat)
-        expected = self.input_shapes
-        if expected and _mismatch(expected, got):
-            if self._recompile is None:
-                raise InputShapeError(
-                    f"called with inputs {_fmt(got)} but compiled for {_fmt(expected)}",
-                    where=_first_mismatch(expected, got),
-                    hint="call with the traced shapes, or compile with on_new_shape='retrace' "
-                         "to recompile for each new shape")
-            key = tuple(str(g) for g in got)
-            if key not in self._variants:
-                self._variants[key] = self._recompile(args)
-            return self._variants[key](*args)
-        return self._lowered(*args)
-
-
-def _mismatch(expected: tuple, got: tuple) -> bool:
-    if len(expected) != len(got):
-        return True
-    return any((isinstance(e, TensorInfo) and (not isinstance(g, TensorInfo) or
-                                               (e.shape, e.dtype) != (g.shape, g.dtype)))
-               or (e is None and isinstance(g, TensorInfo))  # a tensor where None was traced
-               for e, g in zip(expected, got))
-
-
-def _first_mismatch(expected: tuple, got: tuple) -> str:
-    if len(expected) != len(got):
-        return f"{len(got)} inputs given, {len(expected)} expected"
-    for i, (e, g) in enumerate(zip(expected, got)):
-        if _mismatch((e,), (g,)):
-            return f"input {i}: got {g}, expected {e}"
-    return ""
-
-
-def _fmt(infos) -> str:
-    return "(" + ", ".join(str(i) for i in infos) + ")"
+    def forward(self, *args, **kwargs):
+        check_inputs(self.graph_module, args, kwargs)
+        args, kwargs = normalize_call(self.graph_module, args, kwargs)
+        with guard_errors(self.graph_module):
+            return self._lowered(*args, **kwargs)
 
 
 def _verify_by_default() -> bool:
     return os.environ.get("FXOPT_VERIFY", "") not in ("", "0")
 
 
-def compile(model, example_inputs, pipeline="default", backend: str = "eager", calibration=None,
-            instruments=(Timing(),), verify: bool | None = None, on_new_shape: str = "error",
-            leaf_modules=(), concrete_args=None, **backend_options) -> CompiledModel:
+def compile(model, example_inputs, example_kwargs=None, pipeline="default", backend: str = "eager",
+            dynamic_shapes="batch", calibration=None, instruments=(Timing(),),
+            verify: bool | None = None, leaf_modules=(), concrete_args=None,
+            **backend_options) -> CompiledModel:
     """Trace `model`, run `pipeline` over the graph, lower it with `backend`.
 
+    `example_kwargs`: keyword inputs of the example call (the compiled model takes the
+    same keywords). `dynamic_shapes`: "batch" (default: dim 0 of every tensor input
+    may vary), "static", or a torch.export `dynamic_shapes` spec.
     `verify` (default: the FXOPT_VERIFY environment variable) adds the Verify
-    instrument with output checks on the example inputs after every pass.
-    `calibration` batches are run through the rewritten graph before lowering.
+    instrument with output checks on the example inputs (and, where a dim is
+    dynamic, at one more size) after every pass.
+    `calibration` batches (any size along the dynamic dims) are run through the
+    rewritten graph before lowering.
     """
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
-    gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise UnsupportedError(f"example_kwargs must be a dict of keyword inputs, got "
+                               f"{type(example_kwargs).__name__}",
+                               hint="name the other settings: fxopt.compile(model, inputs, pipeline=...)")
+    example_inputs = as_args(example_inputs)
+    example_kwargs = dict(example_kwargs or {})
+    gm = trace(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes,
+               leaf_modules=leaf_modules, concrete_args=concrete_args)
     calibration = list(calibration) if calibration is not None else None
     am = AnalysisManager(gm, calibration)
     am.put(Shapes, ShapeTable(gm))
     instruments = tuple(instruments) + (CostTracker(),)
     if verify if verify is not None else _verify_by_default():
         instruments += (Verify(check_outputs=True),)
-    report = PassManager(pipeline, instruments).run(gm, am, example_inputs=example_inputs)
+    report = PassManager(pipeline, instruments).run(gm, am, example_inputs=example_inputs,
+                                                    example_kwargs=example_kwargs)
     if calibration is not None:
         _run_batches(gm, calibration)
         if _quantizers(gm):  # observers have seen the batches: fix the scales before lowering
             _freeze_module(gm)
     lowered = get_backend(backend).lower(gm, example_inputs, **backend_options)
-    report = _with_backend_sections(report, lowered)
-    recompile = None
-    if on_new_shape == "retrace":
-        def recompile(new_inputs):
-            return compile(model, new_inputs, pipeline, backend, calibration, (), verify,
-                           "error", leaf_modules, concrete_args, **backend_options)
-    elif on_new_shape != "error":
-        raise ValueError(f"on_new_shape must be 'error' or 'retrace', got {on_new_shape!r}")
-    return CompiledModel(gm, lowered, report, recompile)
+    return CompiledModel(gm, lowered, _with_backend_sections(report, lowered))
 
 
 def lower(compiled: CompiledModel, backend: str = "eager", example_inputs=None, **options) -> CompiledModel:
@@ -192,6 +161,7 @@ def _freeze_module(gm: torch.nn.Module) -> None:
 
 
 def _run_batches(gm: fx.GraphModule, batches, progress: bool = False) -> None:
+    """Run each batch (a tensor, a tuple of inputs, or a dict of keyword inputs) through `gm`."""
     batches = list(batches)
     iterator = batches
     if progress:
@@ -200,4 +170,15 @@ def _run_batches(gm: fx.GraphModule, batches, progress: bool = False) -> None:
         iterator = track(batches, description="calibrating")
     with torch.no_grad():
         for batch in iterator:
-            gm(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+            args, kwargs = split_batch(batch)
+            check_inputs(gm, args, kwargs, what="a calibration batch was given")
+            args, kwargs = normalize_call(gm, args, kwargs)
+            with guard_errors(gm):
+                gm(*args, **kwargs)
+
+
+def split_batch(batch) -> tuple[tuple, dict]:
+    """(args, kwargs) of one batch: a dict is keyword inputs, a tuple or list positional ones."""
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    return (tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)), {}

@@ -11,20 +11,36 @@ import torch
 
 TENSOR = "fxopt.tensor"          # TensorInfo, or a tuple/list of them for tuple outputs; owner: Shapes
 INPUT_SHAPES = "fxopt.input_shapes"  # on gm.meta: tuple of TensorInfo of the example inputs; owner: trace
+INPUT_NAMES = "fxopt.input_names"    # on gm.meta: the name of each flat input (placeholder); owner: trace
+INPUT_KEYWORDS = "fxopt.input_keywords"  # on gm.meta: names of the inputs traced as keywords; owner: trace
 PIPELINE_BEFORE = "fxopt.pipeline_before"  # gm.meta: pipeline text run before the current pass
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Shape, dtype and device of one tensor value, without its data."""
+    """Shape, dtype and device of one tensor value, without its data.
+
+    `shape` holds the sizes at the example inputs (a symbolic size is stored as its
+    example value, so cost and channel counts are plain ints); `dynamic` names the
+    dims that may take other sizes at run time (recorded on the graph's inputs).
+    """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+    dynamic: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, t: torch.Tensor) -> "TensorInfo":
-        return cls(tuple(int(s) for s in t.shape), t.dtype, t.device)
+        sizes = tuple(t.shape)
+        dynamic = tuple(i for i, s in enumerate(sizes) if isinstance(s, torch.SymInt))
+        return cls(tuple(example_size(s) for s in sizes), t.dtype, t.device, dynamic)
+
+    def accepts(self, other: "TensorInfo") -> bool:
+        """Whether a value shaped like `other` fits: equal dtype, rank and static sizes."""
+        return (self.dtype == other.dtype and len(self.shape) == len(other.shape)
+                and all(a == b for i, (a, b) in enumerate(zip(self.shape, other.shape))
+                        if i not in self.dynamic))
 
     @property
     def numel(self) -> int:
@@ -38,8 +54,19 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
     def __str__(self) -> str:
-        dims = "x".join(str(s) for s in self.shape) or "scalar"
-        return f"{str(self.dtype).removeprefix('torch.')}[{dims}]"
+        dims = "x".join(("*" if i in self.dynamic else str(s)) for i, s in enumerate(self.shape))
+        return f"{str(self.dtype).removeprefix('torch.')}[{dims or 'scalar'}]"
+
+
+def example_size(size) -> int:
+    """An int size, or the example value (hint) of a symbolic one, without adding a guard."""
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        if hint is None:
+            from torch.fx.experimental.symbolic_shapes import size_hint
+            hint = size_hint(size)
+        return int(hint)
+    return int(size)
 
 
 def describe(value):

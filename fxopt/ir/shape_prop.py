@@ -2,19 +2,21 @@
 
 Runs the graph under FakeTensorMode, so no real activation is allocated and
 parameters are only wrapped (never copied): tracing a 1B-parameter model costs
-metadata, not memory.
+metadata, not memory. Input dims recorded as dynamic get symbolic sizes (backed
+by their example values), so every value's record says which of its dims follow
+them; the sizes stored are the example's.
 """
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.fx.experimental import _config as symbolic_config
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from ..errors import TraceError
 from .graph import node_location
-from .meta import TENSOR, TensorInfo, describe
+from .meta import TENSOR, TensorInfo, describe, example_size
 
 
 class _FakePropagator(fx.Interpreter):
@@ -59,20 +61,35 @@ class _FakePropagator(fx.Interpreter):
 
     def _fake(self, value):
         if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
-            return self.mode.from_tensor(value)
+            return self.mode.from_tensor(value, static_shapes=True)
         return value
 
     def placeholder(self, target, args, kwargs):
         value = super().placeholder(target, args, kwargs)
-        if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
-            value = self.mode.from_tensor(value)
-        return value
+        return self._fake(value)
 
 
 def _zeros_like_fake(value):
     if isinstance(value, torch.Tensor):
-        return torch.zeros(value.shape, dtype=value.dtype, device=value.device)
+        return torch.zeros([example_size(s) for s in value.shape], dtype=value.dtype, device=value.device)
     return value
+
+
+def fake_mode() -> FakeTensorMode:
+    """A fake mode with a shape environment, so dynamic input dims can be symbolic."""
+    return FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+
+
+def fake_input(mode: FakeTensorMode, info: TensorInfo):
+    """A fake tensor shaped like `info`, its dynamic dims symbolic (backed by the example
+    sizes; a size of 1 stays symbolic too, as torch.export's batch dims do)."""
+    with unset_fake_temporarily():
+        real = torch.empty(info.shape, dtype=info.dtype, device=info.device)  # an input's size, once
+    if not info.dynamic:
+        return mode.from_tensor(real, static_shapes=True)
+    sizes = [DimDynamic.DYNAMIC if i in info.dynamic else DimDynamic.STATIC for i in range(len(info.shape))]
+    with symbolic_config.patch(backed_size_oblivious=True):
+        return mode.from_tensor(real, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
 
 
 def fake_inputs_from_meta(gm: fx.GraphModule, mode: FakeTensorMode) -> list:
@@ -90,8 +107,7 @@ def fake_inputs_from_meta(gm: fx.GraphModule, mode: FakeTensorMode) -> list:
                 where=node_location(node),
                 hint="trace the model with fxopt.trace(model, example_inputs) so inputs are recorded",
             )
-        with mode:
-            values.append(torch.empty(info.shape, dtype=info.dtype, device=info.device))
+        values.append(fake_input(mode, info))
     return values
 
 
@@ -101,10 +117,11 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs=None) -> None:
     `example_inputs` may be real tensors (only their metadata is used); when
     omitted, the shapes recorded on the placeholders are used.
     """
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = fake_mode()
     if example_inputs is None:
         inputs = fake_inputs_from_meta(gm, mode)
     else:
-        inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
-    with mode, contextlib.ExitStack():
+        inputs = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
+                  for x in example_inputs]
+    with mode, symbolic_config.patch(backed_size_oblivious=True):
         _FakePropagator(gm, mode).run(*inputs)

@@ -1,9 +1,11 @@
 """The front-end: capture a model as a torch.fx GraphModule of ATen ops.
 
 The default tracer is torch.export (non-strict), which handles Hugging Face
-models and shape-dependent Python that plain `symbolic_trace` cannot. Python
-branches on shapes are specialised to the example inputs; the shapes are
-recorded on `gm.meta["fxopt.input_shapes"]`. When the user names
+models and shape-dependent Python that plain `symbolic_trace` cannot. By default
+dim 0 of every tensor input is dynamic (`dynamic_shapes="batch"`), so the graph
+runs at any batch size like the model; other dims, and Python branches on them,
+are specialised to the example inputs. The input shapes, with their dynamic
+dims, are recorded on `gm.meta["fxopt.input_shapes"]`. When the user names
 `leaf_modules` or `concrete_args` (the remedies for value-dependent control
 flow) the module-level `symbolic_trace` tracer is used instead, keeping those
 modules as opaque `call_module` nodes.
@@ -13,6 +15,7 @@ The user's model is never touched: tracing works on a deep copy.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import logging
 import contextlib
@@ -24,8 +27,10 @@ import traceback
 import torch
 import torch.fx as fx
 
+from torch.fx.experimental import _config as symbolic_config
+
 from ..errors import TraceError
-from .meta import INPUT_SHAPES, TENSOR, describe
+from .meta import INPUT_KEYWORDS, INPUT_NAMES, INPUT_SHAPES, TENSOR, TensorInfo, describe
 from .shape_prop import propagate_shapes
 
 _LIB_DIRS = tuple(os.path.dirname(m.__file__) for m in (torch, fx) if m.__file__) + (
@@ -33,9 +38,12 @@ _LIB_DIRS = tuple(os.path.dirname(m.__file__) for m in (torch, fx) if m.__file__
 )
 
 
-def trace(model, example_inputs, leaf_modules=(), concrete_args=None) -> fx.GraphModule:
-    """Trace `model` on `example_inputs` into a GraphModule with shapes filled in.
+def trace(model, example_inputs, example_kwargs=None, dynamic_shapes="batch", leaf_modules=(),
+          concrete_args=None) -> fx.GraphModule:
+    """Trace `model` on `example_inputs` (and `example_kwargs`) into a GraphModule with shapes.
 
+    `dynamic_shapes`: "batch" (dim 0 of every tensor input may vary), "static" (every
+    size fixed to the example) or a spec in torch.export's `dynamic_shapes` format.
     `leaf_modules`: module classes or FQNs kept whole as `call_module` nodes.
     `concrete_args`: argument names fixed to Python values while tracing.
     Either one switches to the `symbolic_trace` tracer.
@@ -45,22 +53,72 @@ def trace(model, example_inputs, leaf_modules=(), concrete_args=None) -> fx.Grap
             f"expected a torch.nn.Module, got {type(model).__name__}",
             hint="wrap a plain function in an nn.Module whose forward calls it",
         )
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
+    example_inputs = as_args(example_inputs)
+    example_kwargs = dict(example_kwargs or {})
     copied = copy.deepcopy(model)
-    _check_runs(copied, example_inputs, concrete_args)
+    _check_runs(copied, example_inputs, {**example_kwargs, **dict(concrete_args or {})})
+    spec = dynamic_spec(model, example_inputs, example_kwargs, dynamic_shapes)
     if leaf_modules or concrete_args:
+        if example_kwargs:
+            raise TraceError("example_kwargs cannot be combined with leaf_modules or concrete_args",
+                             hint="pass the inputs positionally to the symbolic_trace tracer")
         gm = _symbolic_trace(copied, leaf_modules, concrete_args)
     else:
-        gm = _export_trace(copied, example_inputs)
+        gm = _export_trace(copied, example_inputs, example_kwargs, spec)
     if not _shapes_from_export(gm):
-        flat = torch.utils._pytree.tree_leaves(example_inputs, is_leaf=lambda a: a is None)
-        propagate_shapes(gm, flat)  # None inputs kept: each has a placeholder
+        _propagate_symbolic(gm, example_inputs, spec)
     placeholders = gm.graph.find_nodes(op="placeholder")
     gm.meta[INPUT_SHAPES] = tuple(p.meta.get(TENSOR) for p in placeholders)
+    gm.meta[INPUT_NAMES] = tuple(str(p.target) for p in placeholders)
+    gm.meta[INPUT_KEYWORDS] = tuple(example_kwargs)
     gm.meta["fxopt.training"] = model.training
     return gm
+
+
+def as_args(example_inputs) -> tuple:
+    """The example inputs as a tuple (a single tensor is one input)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def dynamic_spec(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes):
+    """torch.export's `dynamic_shapes` for "batch" / "static" / a spec of the user's own."""
+    if dynamic_shapes == "static" or dynamic_shapes is None:
+        return None
+    if dynamic_shapes != "batch":
+        if isinstance(dynamic_shapes, str):
+            raise TraceError(f"dynamic_shapes={dynamic_shapes!r} is not a known setting",
+                             hint="use 'batch' (the default), 'static', or a torch.export "
+                                  "dynamic_shapes spec such as {'x': {0: Dim.AUTO}}")
+        return dynamic_shapes
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    except TypeError as exc:
+        raise TraceError(f"the example inputs do not fit {type(model).__name__}.forward: {exc}",
+                         hint="pass example_inputs / example_kwargs as forward takes them") from exc
+    return {name: torch.utils._pytree.tree_map(_batch_dim, value) for name, value in bound.items()}
+
+
+def _batch_dim(value):
+    if isinstance(value, torch.Tensor) and value.dim() >= 1:
+        return {0: torch.export.Dim.AUTO}
+    return None
+
+
+def _propagate_symbolic(gm: fx.GraphModule, example_inputs: tuple, spec) -> None:
+    """Shapes for a symbolic_trace graph: at the example, then with the batch dims dynamic."""
+    flat = torch.utils._pytree.tree_leaves(example_inputs, is_leaf=lambda a: a is None)
+    propagate_shapes(gm, flat)  # None inputs kept: each has a placeholder
+    if spec is None:
+        return
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), flat):
+        info = node.meta.get(TENSOR)
+        if isinstance(info, TensorInfo) and info.shape:
+            node.meta[TENSOR] = TensorInfo(info.shape, info.dtype, info.device, (0,))
+        elif not isinstance(value, torch.Tensor):
+            node.meta["val"] = value
+    propagate_shapes(gm)
 
 
 def _shapes_from_export(gm: fx.GraphModule) -> bool:
@@ -78,22 +136,24 @@ def _shapes_from_export(gm: fx.GraphModule) -> bool:
     return True
 
 
-def _check_runs(model: torch.nn.Module, example_inputs: tuple, concrete_args=None) -> None:
+def _check_runs(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict) -> None:
     """Run the model once on fake copies of the inputs: wrong shapes fail here, clearly."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    fake_of = lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    fake = torch.utils._pytree.tree_map(fake_of, example_inputs)
+    fake_kwargs = torch.utils._pytree.tree_map(fake_of, example_kwargs)
     try:
         with mode, torch.no_grad(), _quiet("torch._subclasses.fake_tensor"):
             # fake weights too: in-place updates (a training BN's stats) must not touch the copy
             state = {n: mode.from_tensor(t) for n, t in
                      list(model.named_parameters()) + list(model.named_buffers())}
-            torch.func.functional_call(model, state, tuple(fake), dict(concrete_args or {}))
+            torch.func.functional_call(model, state, tuple(fake), fake_kwargs)
     except Exception as exc:
         if _is_data_dependent(exc):
             return  # export will report it with its source line
-        shapes = ", ".join(str(describe(x)) for x in example_inputs)
+        shapes = ", ".join(str(describe(x)) for x in example_inputs + tuple(example_kwargs.values()))
         raise TraceError(
             f"the model does not run on the example inputs ({shapes}): {type(exc).__name__}: "
             f"{_first_line(exc)}",
@@ -114,12 +174,15 @@ def _quiet(logger_name: str):
         logger.setLevel(level)
 
 
-def _export_trace(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
+def _export_trace(model: torch.nn.Module, args: tuple, kwargs: dict, spec) -> fx.GraphModule:
+    """torch.export, non-strict. Size-oblivious reasoning lets a batch-1 example keep a
+    dynamic batch (export would otherwise specialise sizes 0 and 1)."""
     stderr = io.StringIO()  # on failure export prints its partial graph there; our error says more
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr), \
-                _quiet("torch.fx.experimental.symbolic_shapes"):
-            exported = torch.export.export(model, example_inputs, strict=False)
+                _quiet("torch.fx.experimental.symbolic_shapes"), _quiet("torch._export.non_strict_utils"), \
+                symbolic_config.patch(backed_size_oblivious=spec is not None):
+            exported = torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False)
     except Exception as exc:
         raise _trace_error(model, exc) from exc
     if stderr.getvalue():
@@ -161,8 +224,15 @@ def _drop_concrete_placeholders(graph: fx.Graph) -> None:
 
 
 def _trace_error(model: torch.nn.Module, exc: Exception) -> TraceError:
-    kind = "value-dependent control flow" if _is_data_dependent(exc) else "unsupported Python"
     where = _user_frame(exc, model)
+    if _is_shape_conflict(exc):
+        return TraceError(
+            f"cannot trace {type(model).__name__} with the dynamic dims asked for: "
+            f"{type(exc).__name__}: {_first_line(exc)}",
+            where=where,
+            hint="the model fixes a dim that dynamic_shapes makes dynamic: compile with "
+                 "dynamic_shapes='static', or give a spec that leaves that dim static")
+    kind = "value-dependent control flow" if _is_data_dependent(exc) else "unsupported Python"
     return TraceError(
         f"cannot trace {type(model).__name__}: {kind} ({type(exc).__name__}: {_first_line(exc)})",
         where=where,
@@ -176,6 +246,12 @@ def _is_data_dependent(exc: BaseException) -> bool:
     text = " ".join(str(e) for e in _chain(exc))
     return bool(names & {"GuardOnDataDependentSymNode", "DataDependentOutputException",
                          "TraceError"}) or "data-dependent" in text or "symbolically traced" in text
+
+
+def _is_shape_conflict(exc: BaseException) -> bool:
+    text = " ".join(str(e) for e in _chain(exc))
+    return any("ConstraintViolation" in type(e).__name__ for e in _chain(exc)) or (
+        "dynamic_shapes" in text or "specialized" in text or "Dim." in text)
 
 
 def _chain(exc: BaseException):

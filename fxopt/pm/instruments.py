@@ -77,7 +77,9 @@ class Verify(Instrument):
     Metadata: the graph must still run on fake tensors; if the pass said it
     preserves the shapes analysis, the recorded shapes must equal fresh ones.
     Outputs (`check_outputs=True`, needs example inputs): compared with the
-    outputs before the pass, within the pass's `tolerance` (skipped if None).
+    outputs before the pass, within the pass's `tolerance` (skipped if None), at
+    the example inputs and, where an input has dynamic dims, at one size more
+    along them (a pass that bakes the example's batch into the graph fails there).
     """
 
     def __init__(self, check_outputs: bool = False, example_inputs=None):
@@ -90,7 +92,8 @@ class Verify(Instrument):
 
     def before_pass(self, ctx, p, gm) -> None:
         if self._inputs(ctx) is not None and self._reference is None:
-            self._reference = _run(gm, self._inputs(ctx))
+            self._calls = self._sizes(ctx, gm)
+            self._reference = [_run(gm, call) for call in self._calls]
 
     def after_pass(self, ctx, p, gm, record) -> None:
         try:
@@ -100,15 +103,32 @@ class Verify(Instrument):
                                     hint="the pass left a malformed graph") from exc
         self._check_meta(gm, record)
         if self._inputs(ctx) is not None and record.changed:
-            outputs = _run(gm, self._inputs(ctx))
-            if p.tolerance is not None:
-                _compare(self._reference, outputs, p.tolerance, record.text)
+            outputs = []
+            for call, reference in zip(self._calls, self._reference):
+                try:
+                    outputs.append(_run(gm, call))
+                except Exception as exc:
+                    raise VerificationError(
+                        f"after '{record.text}' the graph no longer runs on inputs of shapes "
+                        f"{_shapes(call)}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}",
+                        hint="the pass may have fixed a dynamic size (e.g. the batch) to the "
+                             "example's; build sizes from the input's shape instead") from exc
+                if p.tolerance is not None:
+                    _compare(reference, outputs[-1], p.tolerance, record.text)
             self._reference = outputs
 
     def _inputs(self, ctx):
         if not self.check_outputs:
             return None
         return self.example_inputs if self.example_inputs is not None else ctx.example_inputs
+
+    def _sizes(self, ctx, gm) -> list:
+        """The calls to check: the example, and the example grown along its dynamic dims."""
+        from ..ir.inputs import resized_inputs
+
+        example = (tuple(self._inputs(ctx)), dict(getattr(ctx, "example_kwargs", {}) or {}))
+        grown = resized_inputs(gm, *example)
+        return [example] + ([grown] if grown is not None else [])
 
     @staticmethod
     def _check_meta(gm, record) -> None:
@@ -129,7 +149,13 @@ class Verify(Instrument):
                     hint="drop Shapes from the pass's preserves, or fix the rewrite")
 
 
-def _run(gm, inputs):
+def _shapes(call) -> str:
+    args, kwargs = call
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    return ", ".join(str(tuple(x.shape)) for x in leaves if isinstance(x, torch.Tensor))
+
+
+def _run(gm, call):
     """Run the graph for a comparison without side effects: the same random stream each
     time (training-mode dropout draws the same masks) and buffers restored afterwards
     (a training-mode BN's running stats are not moved by verification)."""
@@ -137,7 +163,8 @@ def _run(gm, inputs):
     try:
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(0)
-            return gm(*inputs)
+            args, kwargs = call
+            return gm(*args, **kwargs)
     finally:
         with torch.no_grad():
             for name, b in gm.named_buffers():

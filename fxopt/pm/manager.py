@@ -27,6 +27,7 @@ class RunContext:
     am: AnalysisManager
     example_inputs: tuple | None = None
     report: Report = field(default_factory=Report)
+    example_kwargs: dict = field(default_factory=dict)
 
     @property
     def passes_run(self) -> list[str]:
@@ -41,10 +42,11 @@ class PassManager:
         self.instruments = tuple(instruments)
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager | None = None,
-            example_inputs=None) -> Report:
+            example_inputs=None, example_kwargs=None) -> Report:
         """Run every pass in order on `gm` (in place); returns the report."""
         am = am or AnalysisManager(gm)
-        ctx = RunContext(self.passes, am, example_inputs, Report(pipeline=format_pipeline(self.passes)))
+        ctx = RunContext(self.passes, am, example_inputs, Report(pipeline=format_pipeline(self.passes)),
+                         dict(example_kwargs or {}))
         self._notify("before_pipeline", ctx, gm)
         for index, p in enumerate(self.passes):
             record = PassRecord(p.name, format_pipeline([p]))

@@ -1,0 +1,135 @@
+"""The inputs a traced graph takes: bind a call to them, check it, make inputs for checks.
+
+A traced graph records each flat input's shape, dtype and dynamic dims
+(`gm.meta["fxopt.input_shapes"]`) and name (`gm.meta["fxopt.input_names"]`). Every
+entry point that runs a graph on the user's data (a compiled model's call,
+calibration, finetuning) checks the data here first, so a wrong shape is an
+InputShapeError naming the input and the dim, never torch's raw "Guard failed".
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+import torch.fx as fx
+
+from ..errors import InputShapeError
+from .meta import INPUT_KEYWORDS, INPUT_NAMES, INPUT_SHAPES, TensorInfo, describe
+
+
+def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The call's inputs in the graph's input order (keywords bound by name)."""
+    if not kwargs:
+        return torch.utils._pytree.tree_leaves(args, is_leaf=lambda a: a is None)
+    bound = _bind(gm, args, kwargs)
+    return torch.utils._pytree.tree_leaves(list(bound.arguments.values()), is_leaf=lambda a: a is None)
+
+
+def normalize_call(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """(args, kwargs) split as in the traced call: an input traced as a keyword is passed
+    as one (torch.export's graphs insist), the others by position, whichever way the
+    caller gave them."""
+    keywords = gm.meta.get(INPUT_KEYWORDS, ())
+    if not kwargs and not keywords:
+        return tuple(args), {}
+    bound = _bind(gm, args, kwargs)
+    names = list(bound.arguments)
+    positional = tuple(bound.arguments[n] for n in names if n not in keywords)
+    return positional, {n: bound.arguments[n] for n in names if n in keywords}
+
+
+def _bind(gm: fx.GraphModule, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    try:
+        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        names = ", ".join(gm.meta.get(INPUT_NAMES, ()))
+        raise InputShapeError(f"the call does not fit the compiled model's inputs ({names}): {exc}",
+                              hint="call it with the arguments it was compiled with, by position "
+                                   "or by the same keywords") from exc
+    return bound
+
+
+def check_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict, what: str = "called") -> None:
+    """Raise InputShapeError unless the inputs fit the traced ones (dynamic dims may differ)."""
+    expected = gm.meta.get(INPUT_SHAPES)
+    if not expected:
+        return
+    got = [describe(x) for x in flat_inputs(gm, args, kwargs)]
+    names = gm.meta.get(INPUT_NAMES) or tuple(f"input {i}" for i in range(len(expected)))
+    if len(got) != len(expected):
+        raise InputShapeError(f"{what} with {len(got)} inputs, compiled for {len(expected)} "
+                              f"({', '.join(names)})",
+                              where=f"{len(got)} inputs given, {len(expected)} expected",
+                              hint="pass the same inputs as the example inputs, by position or keyword")
+    for name, e, g in zip(names, expected, got):
+        problem = _problem(e, g)
+        if problem:
+            raise InputShapeError(
+                f"{what} with {name}: {g} but compiled for {e}: {problem}",
+                where=f"input '{name}'",
+                hint="dims marked * vary freely; to vary another dim, compile with a torch.export "
+                     "spec, e.g. dynamic_shapes={'x': {0: Dim.AUTO, 1: Dim.AUTO}}, or "
+                     "dynamic_shapes='static' to fix them all")
+
+
+def _problem(expected, got) -> str:
+    if isinstance(expected, TensorInfo):
+        if not isinstance(got, TensorInfo):
+            return "a tensor was traced here"
+        if got.dtype != expected.dtype:
+            return f"dtype {got.dtype} instead of {expected.dtype}"
+        if len(got.shape) != len(expected.shape):
+            return f"{len(got.shape)} dims instead of {len(expected.shape)}"
+        for dim, (a, b) in enumerate(zip(expected.shape, got.shape)):
+            if dim not in expected.dynamic and a != b:
+                return f"dim {dim} is static ({a}) and got {b}"
+        return ""
+    if expected is None and isinstance(got, TensorInfo):
+        return "None was traced here"
+    return ""
+
+
+@contextlib.contextmanager
+def guard_errors(gm: fx.GraphModule):
+    """Turn torch's raw input guard failure into an InputShapeError (relations between
+    dynamic dims, e.g. two inputs that must share their batch, are checked there)."""
+    try:
+        yield
+    except AssertionError as exc:
+        if "Guard failed" not in str(exc):
+            raise
+        names = ", ".join(gm.meta.get(INPUT_NAMES, ()))
+        raise InputShapeError(f"the inputs break a shape relation the model was traced with: "
+                              f"{str(exc).removeprefix('Guard failed: ')}",
+                              where=f"inputs ({names})",
+                              hint="inputs that shared a dim in the example must share it in "
+                                   "every call") from None
+
+
+def resized_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict, extra: int = 1):
+    """(args, kwargs): the example inputs with every dynamic dim grown by `extra` (rows
+    repeated from the example, so token ids and masks stay valid); None when no input
+    has a dynamic dim."""
+    expected = gm.meta.get(INPUT_SHAPES) or ()
+    if not any(isinstance(e, TensorInfo) and e.dynamic for e in expected):
+        return None
+    bound = _bind(gm, args, kwargs)
+    flat, spec = torch.utils._pytree.tree_flatten(list(bound.arguments.values()),
+                                                  is_leaf=lambda a: a is None)
+    if len(flat) != len(expected):
+        return None
+    grown = [_grow(value, info, extra) for value, info in zip(flat, expected)]
+    names = list(bound.arguments)
+    for name, value in zip(names, torch.utils._pytree.tree_unflatten(grown, spec)):
+        bound.arguments[name] = value
+    return normalize_call(gm, (), dict(bound.arguments))
+
+
+def _grow(value, info, extra: int):
+    if not (isinstance(value, torch.Tensor) and isinstance(info, TensorInfo)):
+        return value
+    for dim in info.dynamic:
+        rows = value.narrow(dim, 0, 1).expand(*[extra if d == dim else -1 for d in range(value.dim())])
+        value = torch.cat([value, rows], dim)
+    return value
