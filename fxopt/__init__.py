@@ -16,6 +16,7 @@ from .finetune import FinetuneHistory, finetune
 from .pruning import (PruningPlan, apply_plan, explain_pruning, load_pruned, pruning_plan,
                       save_pruned)
 from .quant import FakeQuantize, QuantReport
+from .saving import load, save
 from .pm import (PRESETS, Analysis, AnalysisManager, Pass, PassManager, PassResult, Report,
                  format_pipeline, instruments, list_passes, parse_pipeline, register_pass)
 
@@ -32,4 +33,5 @@ __all__ = [
     "FinetuneHistory", "finetune",
     "FakeQuantize", "QuantReport", "quant",
     "export_onnx",
+    "load", "save",
 ]

@@ -27,11 +27,21 @@ class CompiledModel(torch.nn.Module):
     static dim, or another dtype, raises InputShapeError naming the input and dim.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, lowered, report: Report):
+    def __init__(self, graph_module: fx.GraphModule, lowered, report: Report,
+                 backend: tuple = ("eager", {})):
         super().__init__()
         self.graph_module = graph_module
         self.report = report
         self._lowered = lowered
+        self.backend, self.backend_options = backend[0], dict(backend[1])
+
+    def relower(self) -> "CompiledModel":
+        """Lower `graph_module` again with the same backend (after its weights were trained),
+        so every later call runs the current weights."""
+        if self._lowered is not self.graph_module:
+            self._lowered = get_backend(self.backend).lower(self.graph_module, traced_inputs(self.graph_module),
+                                                            **self.backend_options)
+        return self
 
     @property
     def input_shapes(self) -> tuple:
@@ -84,7 +94,7 @@ def compile(model, example_inputs, example_kwargs=None, pipeline="default", back
         if _quantizers(gm):  # observers have seen the batches: fix the scales before lowering
             _freeze_module(gm)
     lowered = get_backend(backend).lower(gm, example_inputs, **backend_options)
-    return CompiledModel(gm, lowered, _with_backend_sections(report, lowered))
+    return CompiledModel(gm, lowered, _with_backend_sections(report, lowered), (backend, backend_options))
 
 
 def lower(compiled: CompiledModel, backend: str = "eager", example_inputs=None, **options) -> CompiledModel:
@@ -93,7 +103,7 @@ def lower(compiled: CompiledModel, backend: str = "eager", example_inputs=None, 
     if example_inputs is None:
         example_inputs = traced_inputs(gm)
     lowered = get_backend(backend).lower(gm, tuple(example_inputs), **options)
-    return CompiledModel(gm, lowered, _with_backend_sections(compiled.report, lowered))
+    return CompiledModel(gm, lowered, _with_backend_sections(compiled.report, lowered), (backend, options))
 
 
 def _with_backend_sections(report, lowered):

@@ -20,13 +20,15 @@ takes the model's parameters and buffers as inputs: they become constants of the
 graph fxopt rewrites (under their module paths, e.g. `layer1.0.conv1.weight`), so
 passes such as fold-bn and prune-channels see weights. Like `fxopt.compile`, this is a
 snapshot for inference: later changes to the weights are not seen, and gradients do
-not reach the model's parameters. A graph with inputs that are not plain tensors
-(SymInts under dynamic shapes) runs as dynamo captured it, with a warning.
+not reach the model's parameters. Under dynamic shapes (dynamo turns them on at
+the second input size) the graph takes SymInt inputs, each a size of a tensor input:
+fxopt traces the graph with those dims dynamic and computes the sizes from the
+tensors, so the pipeline runs on every graph at every size; a SymInt that is no
+tensor input's size raises UnsupportedError (the graph is never run unrewritten).
 """
 from __future__ import annotations
 
 import re
-import warnings
 
 import torch
 import torch.fx as fx
@@ -34,9 +36,6 @@ import torch.fx as fx
 from .errors import UnsupportedError
 
 __all__ = ["fxopt_backend"]
-
-_warned: set[str] = set()
-
 
 def fxopt_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None,
                   mode: str | None = None, **unexpected):
@@ -46,13 +45,8 @@ def fxopt_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
         raise UnsupportedError(f"torch.compile backend 'fxopt' got unexpected arguments {sorted(unexpected)}",
                                hint="pass fxopt's settings as options={'pipeline': ..., 'backend': ...}")
     pipeline, backend, verify, backend_options = _settings(options, mode)
-    if not all(_plain_tensor(x) for x in example_inputs):
-        _warn_once("fxopt: a captured graph has inputs that are not plain tensors (e.g. SymInts under "
-                   "dynamic shapes); it runs as dynamo captured it, without fxopt's pipeline. "
-                   "Compile with dynamic=False to have every graph optimized.")
-        return gm.forward
-    module, positions = _as_module(gm, example_inputs)
-    return _Deferred(module, positions, (pipeline, backend, verify, backend_options))
+    module, positions, dynamic = _as_module(gm, example_inputs)
+    return _Deferred(module, positions, (pipeline, backend, verify, backend_options, dynamic))
 
 
 class _Deferred:
@@ -69,9 +63,9 @@ class _Deferred:
         if self.compiled_model is None:
             from .api import compile as fxopt_compile
 
-            pipeline, backend, verify, backend_options = self.settings
+            pipeline, backend, verify, backend_options, dynamic = self.settings
             self.compiled_model = fxopt_compile(self.module, inputs, pipeline=pipeline, backend=backend,
-                                                verify=verify, **backend_options)
+                                                dynamic_shapes=dynamic, verify=verify, **backend_options)
             self.module = None
         return self.compiled_model(*inputs)
 
@@ -106,16 +100,6 @@ def _settings(options, mode) -> tuple:
     return pipeline, backend, verify, options
 
 
-def _plain_tensor(x) -> bool:
-    return isinstance(x, torch.Tensor) and not isinstance(x, torch._subclasses.FakeTensor)
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
-
-
 class _CapturedGraph(torch.nn.Module):
     """Dynamo's graph as a module of the model's inputs only: its parameter and buffer
     inputs are attributes here (at their module paths), so fxopt traces them as weights."""
@@ -123,29 +107,69 @@ class _CapturedGraph(torch.nn.Module):
     def __init__(self, gm: fx.GraphModule, slots: list):
         super().__init__()
         self._fxopt_graph = gm
-        self._slots = slots          # per graph input: ("input", i) or ("state", module path)
+        # per graph input: ("input", i), ("state", module path) or ("size", (input i, dim))
+        self._slots = slots
 
     def forward(self, *inputs):
-        args = [inputs[ref] if kind == "input" else _get_path(self, ref) for kind, ref in self._slots]
-        return self._fxopt_graph(*args)
+        return self._fxopt_graph(*[self._value(kind, ref, inputs) for kind, ref in self._slots])
+
+    def _value(self, kind: str, ref, inputs: tuple):
+        if kind == "input":
+            return inputs[ref]
+        if kind == "size":
+            return inputs[ref[0]].size(ref[1])
+        return _get_path(self, ref)
 
 
-def _as_module(gm: fx.GraphModule, example_inputs: list) -> tuple[_CapturedGraph, list[int]]:
-    """(module, positions): the module takes the graph inputs at `positions`; the others
-    (parameters and buffers of the user's model) are attached to it."""
+def _as_module(gm: fx.GraphModule, example_inputs: list) -> tuple[_CapturedGraph, list[int], object]:
+    """(module, positions, dynamic): the module takes the tensor inputs at `positions`;
+    parameters and buffers of the user's model are attached to it, and SymInt inputs
+    are computed from the tensors' sizes. `dynamic` is the torch.export spec of the
+    tensor dims dynamo made symbolic ("static" when none)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    slots, positions = [], []
+    slots, positions, sizes = [], [], []
     module = _CapturedGraph(gm, slots)
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        path = _state_path(node, value)
-        if path is None:
+        path = None if isinstance(value, torch.SymInt) else _state_path(node, value)
+        if isinstance(value, torch.SymInt):
+            sizes.append((len(slots), node))
+            slots.append(None)
+        elif path is None:
             slots.append(("input", len(positions)))
             positions.append(i)
         else:
             path = _unique(module, path)
             _attach(module, path, value)
             slots.append(("state", path))
-    return module, positions
+    inputs = [placeholders[i] for i in positions]
+    for slot, node in sizes:
+        slots[slot] = ("size", _size_source(node, inputs))
+    return module, positions, _dynamic_spec(inputs)
+
+
+def _symbolic_shape(node: fx.Node) -> tuple:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+
+
+def _size_source(node: fx.Node, inputs: list) -> tuple[int, int]:
+    """(input position, dim) of the tensor input whose size a SymInt input is."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    expr = value.node.expr if isinstance(value, torch.SymInt) else None
+    for position, tensor in enumerate(inputs):
+        for dim, size in enumerate(_symbolic_shape(tensor)):
+            if isinstance(size, torch.SymInt) and size.node.expr == expr:
+                return position, dim
+    raise UnsupportedError(
+        f"torch.compile backend 'fxopt': the captured graph takes the integer '{node.name}' ({expr}), "
+        "which is no input tensor's size, so fxopt cannot trace it with that value varying",
+        hint="compile with torch.compile(..., dynamic=False), or pass the value as a tensor")
+
+
+def _dynamic_spec(inputs: list):
+    spec = tuple({dim: torch.export.Dim.AUTO for dim, size in enumerate(_symbolic_shape(node))
+                  if isinstance(size, torch.SymInt)} or None for node in inputs)
+    return {"inputs": spec} if any(spec) else "static"   # forward(*inputs): one varargs parameter
 
 
 def _state_path(node: fx.Node, value) -> str | None:

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .api import CompiledModel
-from .errors import InputShapeError, PassOptionError
+from .errors import PassOptionError
+from .ir.inputs import check_inputs
 from .finetune_ddp import Stream, join, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 __all__ = ["FinetuneHistory", "finetune"]
@@ -57,8 +58,8 @@ def finetune(model, teacher=None, data=None, steps: int = 100, lr: float = 1e-3,
              checkpoint_every: int = 100):
     """Train `model`'s parameters in place on `data` and return `model`.
 
-    model: a CompiledModel (its `graph_module` is trained; the eager backend runs
-        that very module, other backends need `fxopt.lower` again afterwards) or
+    model: a CompiledModel (its `graph_module` is trained, and lowered again with
+        its backend afterwards, so every later call sees the trained weights) or
         any nn.Module. Only Parameters with requires_grad are trained, so frozen
         weights and buffers stay as they are. The module is in train mode while
         training and gets its own modes back afterwards.
@@ -66,9 +67,8 @@ def finetune(model, teacher=None, data=None, steps: int = 100, lr: float = 1e-3,
         list or DataLoader, not a one-shot generator, when steps exceed one
         epoch). A batch is `x`, `(x, target)` or `(x, None)`, where `x` is a
         tensor or a tuple of the model's inputs. Without targets the loss is the
-        distillation loss alone, which needs a teacher. A CompiledModel was
-        traced for fixed input shapes: every batch must have them (use
-        `DataLoader(..., drop_last=True)`).
+        distillation loss alone, which needs a teacher. Batches of a CompiledModel
+        may have any size along its dynamic dims (by default the batch).
     teacher: the unpruned model (nn.Module or CompiledModel); run in eval mode
         without gradients, its weights and modes are left exactly as they were.
     steps, lr: optimiser steps, and Adam's initial learning rate, which decays
@@ -124,15 +124,16 @@ def finetune(model, teacher=None, data=None, steps: int = 100, lr: float = 1e-3,
     run = _Run(net, optimizer, schedule, Stream(data, world), settings)
     if checkpoint is not None and os.path.exists(checkpoint):
         run.resume(checkpoint)
-    expected = model.input_shapes if isinstance(model, CompiledModel) else ()
     with _modes(net, True), _modes(teacher, False):
         while run.step < steps:
-            run.advance(step, accumulate, expected, device)
+            run.advance(step, accumulate, device)
             if checkpoint is not None and (run.step % checkpoint_every == 0 or run.step == steps):
                 run.save(checkpoint)
     optimizer.zero_grad(set_to_none=True)
     world.share_buffers(net)
     model.finetune_history = run.history()
+    if isinstance(model, CompiledModel):
+        model.relower()
     return model
 
 
@@ -151,7 +152,7 @@ class _Run:
         self.parts: list[torch.Tensor] = []
         self.lrs: list[float] = []
 
-    def advance(self, step: _Step, accumulate: int, expected: tuple, device) -> None:
+    def advance(self, step: _Step, accumulate: int, device) -> None:
         """One optimiser step on this rank's share of the next world × accumulate batches."""
         world = self.stream.world
         self.optimizer.zero_grad(set_to_none=True)
@@ -160,7 +161,8 @@ class _Run:
         for k, batch in enumerate(batches):
             inputs, target = _split(batch)
             inputs = tuple(_to(x, device) for x in inputs)
-            _check_shapes(expected, inputs)
+            if isinstance(self.net, torch.fx.GraphModule):   # any size along its dynamic dims
+                check_inputs(self.net, inputs, {}, what="finetune: a batch was given")
             sync = k == len(batches) - 1 or not world.parallel   # DDP averages on the last backward
             with contextlib.nullcontext() if sync else step.net.no_sync():
                 total, task, distill = step(inputs, _to(target, device))
@@ -318,19 +320,6 @@ def _split(batch) -> tuple[tuple, object]:
         f"finetune: cannot read a batch of type {type(batch).__name__}"
         + (f" with {len(batch)} items" if isinstance(batch, (tuple, list)) else ""),
         hint="give batches as x, (x, target) or ((x1, x2, ...), target)")
-
-
-def _check_shapes(expected: tuple, inputs: tuple) -> None:
-    """A compiled graph is specialised to its example shapes: say so before it asserts."""
-    if not expected:
-        return
-    got = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs]
-    want = [tuple(e.shape) if e is not None else None for e in expected]
-    if got != want:
-        raise InputShapeError(
-            f"finetune: a batch has input shapes {got}, the model was compiled for {want}",
-            hint="batch the data in the compiled shape, e.g. DataLoader(..., drop_last=True), "
-                 "or compile with an example batch of the training batch size")
 
 
 @contextlib.contextmanager

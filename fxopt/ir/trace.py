@@ -230,8 +230,9 @@ def _trace_error(model: torch.nn.Module, exc: Exception) -> TraceError:
             f"cannot trace {type(model).__name__} with the dynamic dims asked for: "
             f"{type(exc).__name__}: {_first_line(exc)}",
             where=where,
-            hint="the model fixes a dim that dynamic_shapes makes dynamic: compile with "
-                 "dynamic_shapes='static', or give a spec that leaves that dim static")
+            hint="the spec must mirror forward's arguments (a dict by name, or a tuple), and a dim the "
+                 "model fixes cannot be dynamic: give a spec that leaves it static, or compile with "
+                 "dynamic_shapes='static'")
     kind = "value-dependent control flow" if _is_data_dependent(exc) else "unsupported Python"
     return TraceError(
         f"cannot trace {type(model).__name__}: {kind} ({type(exc).__name__}: {_first_line(exc)})",
