@@ -60,7 +60,7 @@ def _module_record(path: str, module: torch.nn.Module, tensors: dict) -> dict:
     if type(module).__name__ == "GuardsFn":
         return {"kind": "guards"}   # input checks; fxopt's own call checks replace them
     if isinstance(module, fx.GraphModule):
-        record = {"kind": "graph", "graph": _graph_record(module)}
+        record = {"kind": "graph", "graph": _graph_record(module), "class_name": type(module).__name__}
     elif type(module) is torch.nn.Module:
         record = {"kind": "container"}
     else:
@@ -215,7 +215,8 @@ def _build(path: str, record: dict, tensors: dict, built: dict) -> torch.nn.Modu
     if kind == "container":
         return holder
     graph = _graph(record["graph"], path)
-    return fx.GraphModule(holder, graph, class_name="LoadedGraphModule")
+    name = str(record.get("class_name", ""))
+    return fx.GraphModule(holder, graph, class_name=name if name.isidentifier() else "GraphModule")
 
 
 def _fake_quantize(path: str, record: dict, tensors: dict) -> torch.nn.Module:

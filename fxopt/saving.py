@@ -92,11 +92,13 @@ def check_manifest(path, kind: str) -> dict[str, str]:
         raise FxoptError(f"{folder!r} is not a {kind} folder (its manifest says "
                          f"{manifest.get('format') if isinstance(manifest, dict) else manifest!r})",
                          hint="load it with the function that matches how it was written")
-    files = {}
-    for name, expected in dict(manifest.get("files", {})).items():
-        if os.path.basename(name) != name or name in ("", ".", ".."):
+    listed = dict(manifest.get("files", {}))
+    for name in listed:
+        if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
             raise FxoptError(f"{manifest_path!r} names a file outside its folder: {name!r}",
                              hint="the folder was tampered with; save the model again")
+    files = {}
+    for name, expected in listed.items():
         full = os.path.join(folder, name)
         if not os.path.isfile(full) or _describe_file(full) != expected:
             raise FxoptError(f"{full!r} does not match the manifest (missing, truncated or changed)",
