@@ -9,6 +9,7 @@ rebuilds the pruned graph, and fills it from the weights file.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -27,6 +28,7 @@ __all__ = ["PruningPlan", "apply_plan", "explain_pruning", "load_pruned",
            "pruning_plan", "save_pruned"]
 
 MODEL_FILE, PLAN_FILE = "model.safetensors", "plan.json"
+AFTER_KEY, FROZEN_KEY = "fxopt.after", "fxopt.frozen"   # metadata of the weights file
 
 
 # -- explain --------------------------------------------------------------------------------------
@@ -84,23 +86,28 @@ def _device_of(model: torch.nn.Module):
 
 # -- saving and loading ---------------------------------------------------------------------------
 def save_pruned(compiled_or_gm, directory) -> None:
-    """Write `directory/model.safetensors` (the pruned graph's state_dict) and
+    """Write `directory/model.safetensors` (the pruned graph's tensors) and
     `directory/plan.json`. Both are written to temp names and renamed once complete,
     so an error never leaves a half-written file. A graph that nothing pruned is saved
-    with an empty plan."""
+    with an empty plan. Passes that ran after the pruning (e.g. fake-quant of
+    `prune50+int8`) are named in the weights file's metadata, with which quantizers
+    were frozen, so load_pruned rebuilds them with their calibrated scales."""
     from safetensors.torch import save_file
 
     gm = graph_module_of(compiled_or_gm, "save_pruned")
     plan = pruning_plan(gm) or PruningPlan(inputs=inputs_of(gm))
-    # clone each tensor: safetensors refuses shared or non-contiguous storage
+    # clone each tensor: safetensors refuses shared or non-contiguous storage; a
+    # module's extra state (a quantizer's observing flag) is not a tensor: see metadata
     tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
-               for k, v in gm.state_dict().items()}
+               for k, v in gm.state_dict().items() if isinstance(v, torch.Tensor)}
+    metadata = {"fxopt.format": "pruned-state-dict", AFTER_KEY: _passes_after_pruning(compiled_or_gm),
+                FROZEN_KEY: json.dumps(sorted(n for n, m in gm.named_modules() if getattr(m, "observing", True) is False))}
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     temps = []
     try:
         temps.append(_temp_name(directory, ".safetensors"))
-        save_file(tensors, temps[0], metadata={"fxopt.format": "pruned-state-dict"})
+        save_file(tensors, temps[0], metadata=metadata)
         temps.append(_temp_name(directory, ".json"))
         with open(temps[1], "w", encoding="utf-8") as fh:
             fh.write(plan.to_json())
@@ -110,6 +117,15 @@ def save_pruned(compiled_or_gm, directory) -> None:
         for tmp in temps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def _passes_after_pruning(compiled_or_gm) -> str:
+    """The pipeline text of the passes after the last prune-channels in a compiled model's
+    report ("" for a plain graph, whose later passes are not known)."""
+    report = getattr(compiled_or_gm, "report", None)
+    records = list(getattr(report, "records", []))
+    last = max((i for i, r in enumerate(records) if r.name == "prune-channels"), default=None)
+    return "" if last is None else ",".join(r.text for r in records[last + 1:])
 
 
 def _temp_name(directory: str, suffix: str) -> str:
@@ -122,6 +138,7 @@ def load_pruned(fresh_model: torch.nn.Module, directory) -> fx.GraphModule:
     """Rebuild a model saved by save_pruned: replay `directory/plan.json` on
     `fresh_model` (an unpruned instance of the same class, not modified; its weights do
     not matter) and load `directory/model.safetensors` into the result (strict)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     directory = os.fspath(directory)
@@ -130,16 +147,23 @@ def load_pruned(fresh_model: torch.nn.Module, directory) -> fx.GraphModule:
     if missing:
         raise FxoptError(f"{directory} has no {' and no '.join(missing)}",
                          hint="point at a directory written by fxopt.save_pruned")
-    gm = apply_plan(fresh_model, PruningPlan.load(paths[PLAN_FILE]))
+    plan = PruningPlan.load(paths[PLAN_FILE])
+    gm = apply_plan(fresh_model, plan)
+    with safe_open(paths[MODEL_FILE], "pt") as fh:
+        metadata = fh.metadata() or {}
+    if metadata.get(AFTER_KEY):   # e.g. fake-quant: its quantizers get the saved scales below
+        PassManager(metadata[AFTER_KEY]).run(gm, example_inputs=plan.example_inputs(_device_of(fresh_model)))
     state = load_file(paths[MODEL_FILE])
     _check_state(gm, state, paths[MODEL_FILE])
-    gm.load_state_dict(state, strict=True)
+    gm.load_state_dict(state, strict=False)   # every tensor checked above; extra state is not one
+    for name in json.loads(metadata.get(FROZEN_KEY, "[]")):
+        gm.get_submodule(name).observing = False
     return gm
 
 
 def _check_state(gm: fx.GraphModule, state: dict, path: str) -> None:
     """Missing / unexpected keys and shape mismatches, said plainly before loading."""
-    own = gm.state_dict()
+    own = {k: v for k, v in gm.state_dict().items() if isinstance(v, torch.Tensor)}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = [f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"

@@ -141,3 +141,16 @@ def test_a_user_leaf_module_cannot_be_saved_and_says_why(tmp_path):
     with pytest.raises(fxopt.UnsupportedError, match="cannot save module '0' of class Block"):
         fxopt.save(cm, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_save_pruned_of_prune50_int8_loads_with_its_calibration(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    cm = fxopt.compile(model, (torch.randn(1, 3, 32, 32),), pipeline="prune50+int8",
+                       calibration=[torch.randn(8, 3, 32, 32) for _ in range(2)])
+    fxopt.save_pruned(cm, tmp_path)
+    loaded = fxopt.load_pruned(torchvision.models.resnet18(num_classes=10).eval(), tmp_path)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), cm(x), atol=0, rtol=0)
