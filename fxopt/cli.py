@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="lint, check shapes and compare outputs after every pass")
     r.add_argument("--reproducer", metavar="DIR", help="on a failure, write a reproducer here")
     r.add_argument("--json", metavar="FILE", help="write the report and summary as JSON")
+    r.add_argument("--save", metavar="DIR", help="save the compiled model there (fxopt.save; "
+                                                 "fxopt.load(DIR) gives it back)")
     r.add_argument("--explain", action="store_true",
                    help="print the channel groups prune-channels sees (members, size, kind, prunable "
                         "and why not) and stop; with --json FILE write them there as JSON")
@@ -124,6 +126,10 @@ def cmd_run(args) -> int:
     inputs = make_inputs(args.input_shape, args.input_dtype)
     if args.explain:
         return _explain(model, inputs, args.json)
+    if args.save:
+        from fxopt.saving import check_destination
+
+        check_destination(args.save)   # before the work, not after it
     instruments = [fxopt.instruments.Timing(print_summary=args.time_passes)]
     if args.print_ir_after:
         instruments.append(fxopt.instruments.PrintIR(after=args.print_ir_after))
@@ -143,6 +149,9 @@ def cmd_run(args) -> int:
     print(f"params {cost.params:,}  MACs {cost.macs:,}  max |compiled - eager| = {diff:.3g}")
     if cost.unknown:
         print(f"ops without a cost model ({len(cost.unknown)}): {', '.join(cost.unknown[:10])}")
+    if args.save:
+        fxopt.save(compiled, args.save)
+        print(f"saved to {args.save} (load with fxopt.load)")
     if args.json:
         summary = {"model": args.model, "inputs": args.input_shape, "backend": args.backend,
                    "max_abs_diff": diff, "cost": cost.to_dict(), "report": compiled.report.to_dict()}

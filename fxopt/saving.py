@@ -43,7 +43,7 @@ def save(compiled, path) -> str:
     gm = graph_module_of(compiled, "fxopt.save")
     backend = getattr(compiled, "backend", "eager")
     options = dict(getattr(compiled, "backend_options", {}))
-    _check_destination(path)
+    check_destination(path)
     document, tensors = graph_to_json(gm)
     document["backend"] = {"name": backend, "options": _plain_options(options, backend)}
     report = getattr(compiled, "report", None)
@@ -107,7 +107,7 @@ def check_manifest(path, kind: str) -> dict[str, str]:
     return files
 
 
-def _check_destination(path) -> None:
+def check_destination(path) -> None:
     """Before any work: `path` is new, empty, or an earlier save (never another folder's files)."""
     folder = os.fspath(path)
     if os.path.exists(folder) and not os.path.isdir(folder):

@@ -54,6 +54,24 @@ def test_run_model_from_a_file_with_a_factory(tmp_path, capsys):
     assert "folded 1 BatchNorm" in capsys.readouterr().out
 
 
+def test_run_saves_what_it_built(tmp_path, capsys):
+    import torch
+
+    import fxopt
+
+    assert main(["run", "torchvision:resnet18", "-p", "prune50", "--input-shape", "1x3x32x32",
+                 "--save", str(tmp_path / "saved")]) == 0
+    assert "saved to" in capsys.readouterr().out
+    loaded = fxopt.load(tmp_path / "saved")
+    assert loaded(torch.randn(3, 3, 32, 32)).shape == (3, 1000)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["run", "torchvision:resnet18", "--input-shape", "1x3x32x32",
+                 "--save", str(tmp_path / "mine")]) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
 def test_run_int8_calibrates_and_prints_the_quant_and_int8_sections(tmp_path, capsys):
     source = tmp_path / "cnn.py"
     source.write_text(textwrap.dedent("""
