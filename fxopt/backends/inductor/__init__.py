@@ -29,8 +29,11 @@ in every group of 4 along its input dim (what `prune-weights{pattern=2:4}` leave
 fp16 / bf16 inputs and weight on CUDA, reads `torch.sparse.to_sparse_semi_structured(W)`
 instead of W. A weight torch cannot compress (shape limits) stays dense; the report says why.
 
-Options: `mode` (MODES), `dynamic` (True / False / None, as torch.compile),
-`int8_matmul`, `sparse_2to4` (None: on when the example inputs are on CUDA).
+Options: `mode` (MODES), `dynamic` (None, the default: the dims the graph was traced
+with as dynamic, by default the batch, are compiled symbolic so other batch sizes
+do not recompile; True / False as torch.compile), `int8_matmul`, `sparse_2to4`
+(None: on when the example inputs are on CUDA), `package_path` (also write an
+AOTInductor package there, see package.py).
 """
 from __future__ import annotations
 
@@ -44,7 +47,10 @@ import torch.fx as fx
 from ...errors import UnsupportedError
 from ...quant import FakeQuantize
 from .. import register_backend
+from ...ir.inputs import resized_inputs
+from ...ir.meta import INPUT_SHAPES, TensorInfo
 from .int8_matmul import Int8Matmuls, int8_matmul_shape_note
+from .package import check_package_path, write_package
 from .sparse24 import SemiStructured24
 
 __all__ = ["MODES", "InductorBackend", "InductorModule", "InductorReport", "SemiStructured24",
@@ -52,7 +58,7 @@ __all__ = ["MODES", "InductorBackend", "InductorModule", "InductorReport", "Semi
 
 aten = torch.ops.aten
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-_OPTIONS = ("mode", "dynamic", "int8_matmul", "sparse_2to4")
+_OPTIONS = ("mode", "dynamic", "int8_matmul", "sparse_2to4", "package_path")
 
 
 @dataclass
@@ -64,7 +70,8 @@ class InductorReport:
 
     device: str = "cpu"
     mode: str = "default"
-    dynamic: bool | None = False
+    dynamic: bool | None = None
+    package_path: str | None = None
     compile_seconds: float = 0.0
     int8_matmuls: list[tuple[str, str]] = field(default_factory=list)
     fake_quant: list[tuple[str, str]] = field(default_factory=list)
@@ -73,6 +80,7 @@ class InductorReport:
 
     def to_dict(self) -> dict:
         return {"device": self.device, "mode": self.mode, "dynamic": self.dynamic,
+                "package_path": self.package_path,
                 "compile_seconds": round(self.compile_seconds, 3),
                 "int8_matmuls": [list(x) for x in self.int8_matmuls],
                 "fake_quant": [list(x) for x in self.fake_quant],
@@ -85,6 +93,8 @@ class InductorReport:
         lines += [f"  fake-quant  {name}: {reason}" for name, reason in self.fake_quant]
         lines += [f"  2:4 sparse  {name}: {shape}" for name, shape in self.sparse_2to4]
         lines += [f"  2:4 dense   {name}: {reason}" for name, reason in self.dense_2to4]
+        if self.package_path:
+            lines.append(f"  AOTInductor package: {self.package_path}")
         return "\n".join(lines)
 
 
@@ -99,17 +109,19 @@ class InductorModule(torch.nn.Module):
         self.inductor_report = report
         self.report_sections = {"inductor": report}   # compiled.report.inductor
 
-    def forward(self, *args):
-        return self._compiled(*args)
+    def forward(self, *args, **kwargs):
+        return self._compiled(*args, **kwargs)
 
 
 class InductorBackend:
     name = "inductor"
 
     def lower(self, gm: fx.GraphModule, example_inputs: tuple, mode: str = "default",
-              dynamic: bool | None = False, int8_matmul: bool | None = None,
-              sparse_2to4: bool | None = None, **options):
+              dynamic: bool | None = None, int8_matmul: bool | None = None,
+              sparse_2to4: bool | None = None, package_path=None, **options):
         _check_options(mode, dynamic, int8_matmul, sparse_2to4, options)
+        if package_path is not None:
+            package_path = check_package_path(package_path)
         device = _device_of(gm, example_inputs)
         report = InductorReport(device=device.type, mode=mode, dynamic=dynamic)
         graph = _shallow_copy(gm)   # rewrites go to a copy that shares gm's weights
@@ -121,14 +133,16 @@ class InductorBackend:
                                  dynamic=dynamic)
         start = time.perf_counter()
         try:
-            _warm_up(compiled, graph, example_inputs)
+            _warm_up(compiled, graph, _warm_up_inputs(graph, example_inputs, dynamic))
         except UnsupportedError as exc:   # inductor failed on the sparse weights: lower them dense
             if not report.sparse_2to4:
                 raise
-            dense = self.lower(gm, example_inputs, mode, dynamic, int8_matmul, False)
+            dense = self.lower(gm, example_inputs, mode, dynamic, int8_matmul, False, package_path)
             dense.inductor_report.dense_2to4 = [(n, f"inductor failed: {exc.message}") for n, _ in report.sparse_2to4]
             return dense
         report.compile_seconds = time.perf_counter() - start
+        if package_path is not None:
+            report.package_path = write_package(graph, example_inputs, package_path)
         return InductorModule(graph, compiled, report).eval()
 
     def available(self) -> str | None:
@@ -190,6 +204,23 @@ def _shallow_copy(gm: fx.GraphModule) -> fx.GraphModule:
     copy = fx.GraphModule(gm, graph)
     copy.meta.update(gm.meta)
     return copy
+
+
+def _warm_up_inputs(graph: fx.GraphModule, example_inputs: tuple, dynamic) -> tuple:
+    """The inputs of the first call. With `dynamic=None` the graph's dynamic dims are marked
+    so (on inputs one larger along them: a size-1 dim cannot be marked), and inductor
+    compiles them symbolic once instead of once per batch size."""
+    if dynamic is not None:
+        return tuple(example_inputs)
+    grown = resized_inputs(graph, tuple(example_inputs), {})
+    if grown is None or grown[1]:
+        return tuple(example_inputs)
+    inputs = grown[0]
+    for x, info in zip(inputs, graph.meta.get(INPUT_SHAPES, ())):
+        if isinstance(x, torch.Tensor) and isinstance(info, TensorInfo):
+            for dim in info.dynamic:
+                torch._dynamo.mark_dynamic(x, dim)
+    return inputs
 
 
 def _warm_up(compiled, graph: fx.GraphModule, example_inputs: tuple) -> None:
