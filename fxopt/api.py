@@ -10,7 +10,7 @@ import torch.fx as fx
 from .analyses import CostTracker, Shapes, ShapeTable
 from .backends import get_backend
 from .errors import UnsupportedError
-from .ir.inputs import check_inputs, guard_errors, normalize_call
+from .ir.inputs import check_inputs, guard_errors, positional
 from .ir.meta import INPUT_SHAPES
 from .ir.trace import as_args, trace
 from .pm import AnalysisManager, PassManager, Report, Timing, Verify
@@ -49,9 +49,8 @@ class CompiledModel(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         check_inputs(self.graph_module, args, kwargs)
-        args, kwargs = normalize_call(self.graph_module, args, kwargs)
         with guard_errors(self.graph_module):
-            return self._lowered(*args, **kwargs)
+            return self._lowered(*positional(self.graph_module, args, kwargs))
 
 
 def _verify_by_default() -> bool:
@@ -93,7 +92,7 @@ def compile(model, example_inputs, example_kwargs=None, pipeline="default", back
         _run_batches(gm, calibration)
         if _quantizers(gm):  # observers have seen the batches: fix the scales before lowering
             _freeze_module(gm)
-    lowered = get_backend(backend).lower(gm, example_inputs, **backend_options)
+    lowered = get_backend(backend).lower(gm, positional(gm, example_inputs, example_kwargs), **backend_options)
     return CompiledModel(gm, lowered, _with_backend_sections(report, lowered), (backend, backend_options))
 
 
@@ -182,9 +181,8 @@ def _run_batches(gm: fx.GraphModule, batches, progress: bool = False) -> None:
         for batch in iterator:
             args, kwargs = split_batch(batch)
             check_inputs(gm, args, kwargs, what="a calibration batch was given")
-            args, kwargs = normalize_call(gm, args, kwargs)
             with guard_errors(gm):
-                gm(*args, **kwargs)
+                gm(*positional(gm, args, kwargs))
 
 
 def split_batch(batch) -> tuple[tuple, dict]:

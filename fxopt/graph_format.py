@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch.utils._pytree import treespec_dumps, treespec_loads
 
 from .errors import UnsupportedError
-from .ir.meta import INPUT_KEYWORDS, INPUT_NAMES, INPUT_SHAPES, TensorInfo
+from .ir.meta import INPUT_NAMES, INPUT_SHAPES, TensorInfo
 from .quant import FakeQuantize
 from .quant.qparams import QSpec
 
@@ -165,8 +165,7 @@ def _graph_meta(gm: fx.GraphModule) -> dict:
     shapes = [None if i is None else {"shape": list(i.shape), "dtype": str(i.dtype).removeprefix("torch."),
                                       "device": str(i.device), "dynamic": list(i.dynamic)}
               for i in gm.meta.get(INPUT_SHAPES, ())]
-    return {"input_shapes": shapes, "input_names": list(gm.meta.get(INPUT_NAMES, ())),
-            "input_keywords": list(gm.meta.get(INPUT_KEYWORDS, ()))}
+    return {"input_shapes": shapes, "input_names": list(gm.meta.get(INPUT_NAMES, ()))}
 
 
 def _join(path: str, name: str) -> str:
@@ -327,4 +326,3 @@ def _restore_meta(gm: fx.GraphModule, meta: dict) -> None:
                                           torch.device(i["device"]), tuple(i["dynamic"]))
         for i in meta.get("input_shapes", ()))
     gm.meta[INPUT_NAMES] = tuple(meta.get("input_names", ()))
-    gm.meta[INPUT_KEYWORDS] = tuple(meta.get("input_keywords", ()))

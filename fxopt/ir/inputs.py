@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import InputShapeError
-from .meta import INPUT_KEYWORDS, INPUT_NAMES, INPUT_SHAPES, TensorInfo, describe
+from .meta import INPUT_NAMES, INPUT_SHAPES, TensorInfo, describe
 
 
 def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
@@ -26,17 +26,12 @@ def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
     return torch.utils._pytree.tree_leaves(list(bound.arguments.values()), is_leaf=lambda a: a is None)
 
 
-def normalize_call(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """(args, kwargs) split as in the traced call: an input traced as a keyword is passed
-    as one (torch.export's graphs insist), the others by position, whichever way the
-    caller gave them."""
-    keywords = gm.meta.get(INPUT_KEYWORDS, ())
-    if not kwargs and not keywords:
-        return tuple(args), {}
-    bound = _bind(gm, args, kwargs)
-    names = list(bound.arguments)
-    positional = tuple(bound.arguments[n] for n in names if n not in keywords)
-    return positional, {n: bound.arguments[n] for n in names if n in keywords}
+def positional(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple:
+    """The call's arguments by position, in the order of the graph's forward (keyword
+    inputs bound by name): what backends and the graph itself are called with."""
+    if not kwargs:
+        return tuple(args)
+    return tuple(_bind(gm, args, kwargs).arguments.values())
 
 
 def _bind(gm: fx.GraphModule, args: tuple, kwargs: dict) -> inspect.BoundArguments:
@@ -107,8 +102,8 @@ def guard_errors(gm: fx.GraphModule):
                                    "every call") from None
 
 
-def resized_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict, extra: int = 1):
-    """(args, kwargs): the example inputs with every dynamic dim grown by `extra` (rows
+def resized_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict, extra: int = 1) -> tuple | None:
+    """The example inputs, by position, with every dynamic dim grown by `extra` (rows
     repeated from the example, so token ids and masks stay valid); None when no input
     has a dynamic dim."""
     expected = gm.meta.get(INPUT_SHAPES) or ()
@@ -120,10 +115,7 @@ def resized_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict, extra: int = 1
     if len(flat) != len(expected):
         return None
     grown = [_grow(value, info, extra) for value, info in zip(flat, expected)]
-    names = list(bound.arguments)
-    for name, value in zip(names, torch.utils._pytree.tree_unflatten(grown, spec)):
-        bound.arguments[name] = value
-    return normalize_call(gm, (), dict(bound.arguments))
+    return tuple(torch.utils._pytree.tree_unflatten(grown, spec))
 
 
 def _grow(value, info, extra: int):

@@ -12,7 +12,6 @@ import torch
 TENSOR = "fxopt.tensor"          # TensorInfo, or a tuple/list of them for tuple outputs; owner: Shapes
 INPUT_SHAPES = "fxopt.input_shapes"  # on gm.meta: tuple of TensorInfo of the example inputs; owner: trace
 INPUT_NAMES = "fxopt.input_names"    # on gm.meta: the name of each flat input (placeholder); owner: trace
-INPUT_KEYWORDS = "fxopt.input_keywords"  # on gm.meta: names of the inputs traced as keywords; owner: trace
 PIPELINE_BEFORE = "fxopt.pipeline_before"  # gm.meta: pipeline text run before the current pass
 
 

@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch.fx.experimental import _config as symbolic_config
 
 from ..errors import TraceError
-from .meta import INPUT_KEYWORDS, INPUT_NAMES, INPUT_SHAPES, TENSOR, TensorInfo, describe
+from .meta import INPUT_NAMES, INPUT_SHAPES, TENSOR, TensorInfo, describe
 from .shape_prop import propagate_shapes
 
 _LIB_DIRS = tuple(os.path.dirname(m.__file__) for m in (torch, fx) if m.__file__) + (
@@ -70,7 +70,6 @@ def trace(model, example_inputs, example_kwargs=None, dynamic_shapes="batch", le
     placeholders = gm.graph.find_nodes(op="placeholder")
     gm.meta[INPUT_SHAPES] = tuple(p.meta.get(TENSOR) for p in placeholders)
     gm.meta[INPUT_NAMES] = tuple(str(p.target) for p in placeholders)
-    gm.meta[INPUT_KEYWORDS] = tuple(example_kwargs)
     gm.meta["fxopt.training"] = model.training
     return gm
 
@@ -187,7 +186,19 @@ def _export_trace(model: torch.nn.Module, args: tuple, kwargs: dict, spec) -> fx
         raise _trace_error(model, exc) from exc
     if stderr.getvalue():
         sys.stderr.write(stderr.getvalue())
-    return exported.module()
+    gm = exported.module()
+    _drop_structure_hook(gm)
+    return gm
+
+
+def _drop_structure_hook(gm: fx.GraphModule) -> None:
+    """torch.export's module insists that an input traced as a keyword is passed as one; the
+    graph's own code binds inputs by name either way, and fxopt checks every call itself
+    (ir/inputs.py), so a keyword input may come by position, as in the model's forward."""
+    for key, hook in list(gm._forward_pre_hooks.items()):
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+            del gm._forward_pre_hooks[key]
+            gm._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def _symbolic_trace(model, leaf_modules, concrete_args) -> fx.GraphModule:

@@ -126,9 +126,9 @@ class Verify(Instrument):
         """The calls to check: the example, and the example grown along its dynamic dims."""
         from ..ir.inputs import resized_inputs
 
-        example = (tuple(self._inputs(ctx)), dict(getattr(ctx, "example_kwargs", {}) or {}))
-        grown = resized_inputs(gm, *example)
-        return [example] + ([grown] if grown is not None else [])
+        args, kwargs = tuple(self._inputs(ctx)), dict(getattr(ctx, "example_kwargs", {}) or {})
+        grown = resized_inputs(gm, args, kwargs)
+        return [(args, kwargs)] + ([(grown, {})] if grown is not None else [])
 
     @staticmethod
     def _check_meta(gm, record) -> None:

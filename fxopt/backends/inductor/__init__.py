@@ -212,10 +212,9 @@ def _warm_up_inputs(graph: fx.GraphModule, example_inputs: tuple, dynamic) -> tu
     compiles them symbolic once instead of once per batch size."""
     if dynamic is not None:
         return tuple(example_inputs)
-    grown = resized_inputs(graph, tuple(example_inputs), {})
-    if grown is None or grown[1]:
+    inputs = resized_inputs(graph, tuple(example_inputs), {})
+    if inputs is None:
         return tuple(example_inputs)
-    inputs = grown[0]
     for x, info in zip(inputs, graph.meta.get(INPUT_SHAPES, ())):
         if isinstance(x, torch.Tensor) and isinstance(info, TensorInfo):
             for dim in info.dynamic:

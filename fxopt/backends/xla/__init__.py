@@ -5,9 +5,11 @@
     print(cm.report.xla)
 
 The graph becomes `main(*weights, *inputs)` (see `stablehlo`: XLA rejects weights
-frozen into the program), compiled once for the example inputs' shapes; the
-lowered module keeps the weights on the device and takes and returns torch
-tensors in the model's structure (see `runner`). `export_dir` also writes a folder
+frozen into the program), compiled for the example inputs' shapes and, at the
+first call with other sizes along the graph's dynamic dims (by default the batch),
+once more for those (an executable cached per distinct shape: XLA programs are
+static); the lowered module keeps the weights on the device and takes and
+returns torch tensors in the model's structure (see `runner`). `export_dir` also writes a folder
 that runs with jax alone, no torch or fxopt (see `artefact`).
 
 Options:
@@ -24,6 +26,7 @@ import importlib
 import time
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from ...errors import UnsupportedError
@@ -49,18 +52,21 @@ class XlaReport:
     x64: bool = False
     export_dir: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    shapes_compiled: list = field(default_factory=list)   # input shapes with an executable
 
     def to_dict(self) -> dict:
         return {"device": self.device, "weights": self.weights, "inputs": self.inputs,
                 "outputs": self.outputs, "stablehlo_chars": self.stablehlo_chars, "x64": self.x64,
-                "export_dir": self.export_dir, "seconds": dict(self.seconds)}
+                "export_dir": self.export_dir, "seconds": dict(self.seconds),
+                "shapes_compiled": list(self.shapes_compiled)}
 
     def __str__(self) -> str:
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
         where = f"; artefact in {self.export_dir}" if self.export_dir else ""
         return (f"xla ({self.device}): main({self.weights} weights, {self.inputs} inputs) -> "
                 f"{self.outputs} outputs, {self.stablehlo_chars} chars of StableHLO"
-                f"{', x64' if self.x64 else ''}; {phases}{where}")
+                f"{', x64' if self.x64 else ''}; {phases}{where}; "
+                f"{len(self.shapes_compiled)} input shapes compiled")
 
 
 class XlaBackend:
@@ -91,9 +97,10 @@ class XlaBackend:
                            inputs=len(program.inputs), outputs=len(program.outputs),
                            stablehlo_chars=len(program.text), x64=program.x64,
                            export_dir=export_dir, seconds=seconds)
-        module.xla_report = report
-        module.report_sections = {"xla": report}  # compiled.report.xla
-        return module.eval()
+        per_shape = XlaPerShape(gm, module, report)
+        per_shape.xla_report = report
+        per_shape.report_sections = {"xla": report}  # compiled.report.xla
+        return per_shape.eval()
 
     def available(self) -> str | None:
         for name in _REQUIRED:
@@ -104,6 +111,41 @@ class XlaBackend:
             except Exception as exc:  # noqa: BLE001 - installed but broken (e.g. an ABI mismatch)
                 return f"{INSTALL}; importing {name} failed: {type(exc).__name__}: {exc}"
         return None
+
+
+class XlaPerShape(torch.nn.Module):
+    """The lowered model: one XLA executable per distinct input shape, compiled at the first
+    call with that shape (the caller has checked that only dynamic dims differ). The
+    graph's weights as they are at that first call are the ones compiled in."""
+
+    def __init__(self, gm: fx.GraphModule, first, report: XlaReport):
+        super().__init__()
+        self.__dict__["_graph"] = gm            # not a submodule: the CompiledModel holds it
+        self.program = first.program
+        self._device_name = None if report.device == "cpu" else report.device
+        self._executables = {_key(first.program.inputs): first}
+        report.shapes_compiled.append(_text(_key(first.program.inputs)))
+        self._report = report
+
+    def forward(self, *args):
+        from .runner import XlaModule
+        from .stablehlo import export_stablehlo
+
+        flat = [x for x in torch.utils._pytree.tree_leaves(args) if isinstance(x, torch.Tensor)]
+        key = tuple((tuple(x.shape), x.dtype) for x in flat)
+        if key not in self._executables:
+            program = export_stablehlo(self._graph, tuple(args))
+            self._executables[key] = XlaModule(program, self._device_name)
+            self._report.shapes_compiled.append(_text(key))
+        return self._executables[key](*args)
+
+
+def _key(inputs) -> tuple:
+    return tuple((tuple(shape), dtype) for shape, dtype in inputs)
+
+
+def _text(key: tuple) -> str:
+    return ", ".join(f"{str(dtype).removeprefix('torch.')}{list(shape)}" for shape, dtype in key)
 
 
 register_backend(XlaBackend())

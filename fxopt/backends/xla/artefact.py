@@ -78,7 +78,8 @@ def signature(program: Program) -> dict:
         return {"name": name, "shape": list(shape), "dtype": dtype_name(dtype)}
 
     weights = [entry(n, w.shape, w.dtype) for n, w in zip(program.weight_names, program.weights)]
-    inputs = [entry(n, s, d) for n, (s, d) in zip(program.input_names, program.inputs)]
+    inputs = [{**entry(n, s, d), "dynamic_dims": dims} for n, (s, d), dims in
+              zip(program.input_names, program.inputs, program.dynamic_dims or [[]] * len(program.inputs))]
     outputs = [entry(f"output{i}", s, d) for i, (s, d) in enumerate(program.outputs)]
     return {
         "format": FORMAT,
@@ -87,6 +88,8 @@ def signature(program: Program) -> dict:
         "arguments": [w["name"] for w in weights] + [i["name"] for i in inputs],
         "weights": weights,
         "inputs": inputs,
+        "shapes": "the program is compiled for the input shapes above; fxopt runs other sizes "
+                  "of each input's dynamic_dims by exporting once per shape",
         "outputs": outputs,
         "in_spec": _spec_json(program.in_structure.spec),
         "in_nones": list(program.in_structure.nones),

@@ -115,5 +115,4 @@ class XlaModule(torch.nn.Module):
                 raise InputShapeError(
                     f"backend 'xla': input {i} ({self.program.input_names[i]}) is {got}, "
                     f"compiled for {dtype_name(dtype)}{list(shape)}",
-                    hint="XLA programs have static shapes: lower again for the new shape "
-                         "(fxopt.compile(..., on_new_shape='retrace') does it per shape)")
+                    hint="XLA programs have static shapes: this one was built for the shape above")

@@ -30,6 +30,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ...errors import UnsupportedError
 from ...ir import fetch_attr
+from ...ir.meta import INPUT_SHAPES, TensorInfo
 from .legalize import legalize
 
 FUNCTION = "main"
@@ -49,6 +50,7 @@ class Program:
     out_structure: "Structure"
     input_names: list[str]
     seconds: dict[str, float] = field(default_factory=dict)
+    dynamic_dims: list[list[int]] = field(default_factory=list)   # per input: dims the model lets vary
 
     @property
     def x64(self) -> bool:
@@ -80,7 +82,14 @@ def export_stablehlo(gm: fx.GraphModule, example_inputs: tuple) -> Program:
     return Program(text=text, weight_names=list(weights), weights=list(weights.values()),
                    inputs=[_info(t) for t in flat_inputs], outputs=record["out_infos"],
                    in_structure=in_structure, out_structure=record["out_structure"],
-                   input_names=_input_names(gm, len(flat_inputs)), seconds=seconds)
+                   input_names=_input_names(gm, len(flat_inputs)), seconds=seconds,
+                   dynamic_dims=_dynamic_dims(gm, len(flat_inputs)))
+
+
+def _dynamic_dims(gm: fx.GraphModule, count: int) -> list[list[int]]:
+    """Per flat tensor input, the dims traced as dynamic (the program itself is static)."""
+    infos = [i for i in gm.meta.get(INPUT_SHAPES, ()) if isinstance(i, TensorInfo)]
+    return [list(i.dynamic) for i in infos] if len(infos) == count else [[] for _ in range(count)]
 
 
 def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
