@@ -144,3 +144,17 @@ def test_finetune_reaches_a_lowered_backend():
     data = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(4)]
     fxopt.finetune(cm, data=data, steps=10, lr=1e-1)
     assert not torch.allclose(cm(x), before)
+
+
+def test_fpga_int8_says_its_shapes_are_fixed_and_simulate_refuses_others(tmp_path):
+    from fxopt.backends.fpga_int8 import simulate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.randn(2, 1, 6, 6)
+    cm = fxopt.compile(model, (x,), pipeline="fold-bn,fake-quant{outputs=true}", backend="fpga-int8",
+                       calibration=[torch.randn(8, 1, 6, 6)], export_dir=str(tmp_path / "hw"))
+    assert "fixed shapes: input_1 1x6x6 per sample" in str(cm.report.fpga)
+    assert simulate(str(tmp_path / "hw"), torch.randn(5, 1, 6, 6)).shape == (5, 3)   # the batch streams
+    with pytest.raises(fxopt.InputShapeError, match=r"per-sample shape \[1, 7, 6\]"):
+        simulate(str(tmp_path / "hw"), torch.randn(5, 1, 7, 6))

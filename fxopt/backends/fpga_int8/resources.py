@@ -33,6 +33,7 @@ class ResourceReport:
     reuse_factor: int
     layers: list[LayerResources] = field(default_factory=list)
     pow2_cost: dict | None = None
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)   # per sample, fixed at export
 
     @property
     def total_macs(self) -> int:
@@ -63,6 +64,10 @@ class ResourceReport:
         lines.append(f"total: {self.total_macs} MACs, {self.total_weight_bytes} bytes on chip, "
                      f"{self.total_dsp} DSP at reuse factor {self.reuse_factor}, widest accumulator "
                      f"{self.max_accumulator_bits} bits (int32 holds every one: proven)")
+        if self.input_shapes:
+            lines.append("fixed shapes: " + ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in
+                                                      self.input_shapes.items())
+                         + " per sample (only the batch streams; other sizes need another export)")
         if self.pow2_cost:
             lines.append("pow2-scales cost at the outputs (vs the fake-quant model): "
                          + ", ".join(f"{k} {v:.4g}" for k, v in self.pow2_cost.items()))
@@ -72,7 +77,7 @@ class ResourceReport:
 def resource_report(spec: dict, weights: dict, reuse_factor: int = 1) -> ResourceReport:
     if not isinstance(reuse_factor, int) or reuse_factor < 1:
         raise ValueError(f"reuse_factor must be a positive integer, got {reuse_factor!r}")
-    report = ResourceReport(reuse_factor)
+    report = ResourceReport(reuse_factor, input_shapes={e["name"]: list(e["shape"]) for e in spec["inputs"]})
     for layer in spec["layers"]:
         out = spec["tensors"][layer["output"]]
         weight = weights.get(layer["name"])

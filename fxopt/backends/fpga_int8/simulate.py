@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...errors import InputShapeError
 from .fixedpoint import requantize
 from .model import load
 
@@ -22,6 +23,13 @@ def quantize_inputs(spec: dict, inputs: dict) -> dict[str, np.ndarray]:
     codes = {}
     for entry in spec["inputs"]:
         x = np.asarray(inputs[entry["name"]], dtype=np.float32)
+        if list(x.shape[1:]) != list(entry["shape"]):
+            raise InputShapeError(
+                f"fpga-int8: input '{entry['name']}' has per-sample shape {list(x.shape[1:])}, the "
+                f"exported design is built for {list(entry['shape'])}",
+                where=f"input '{entry['name']}'",
+                hint="the hardware's sizes are fixed at export (only the batch streams): pass "
+                     "inputs of that shape, or compile again with an example of the new shape")
         q = np.round(x / np.float32(entry["scale"])) + entry["zero_point"]
         codes[entry["name"]] = np.clip(q, entry["qmin"], entry["qmax"]).astype(np.int8)
     return codes
