@@ -158,3 +158,50 @@ def test_fpga_int8_says_its_shapes_are_fixed_and_simulate_refuses_others(tmp_pat
     assert simulate(str(tmp_path / "hw"), torch.randn(5, 1, 6, 6)).shape == (5, 3)   # the batch streams
     with pytest.raises(fxopt.InputShapeError, match=r"per-sample shape \[1, 7, 6\]"):
         simulate(str(tmp_path / "hw"), torch.randn(5, 1, 7, 6))
+
+
+class _BiasCache(nn.Module):
+    """Caches a tensor computed from its weight on first use, keyed by device (as attention
+    modules cache their relative-position bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.cache = {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = torch.tanh(self.lin.weight.detach()).sum(0)
+        return self.lin(x) + self.cache[key]
+
+
+def test_a_model_caching_tensors_from_its_weights_traces():
+    model = _BiasCache().eval()
+    cm = fxopt.compile(model, (torch.randn(2, 8),))
+    assert model.cache == {}          # the user's model is left as it was
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(cm(x), model(x))
+
+
+def test_compiling_from_several_threads_at_once():
+    import sys
+    import threading
+
+    stdout, results, errors = sys.stdout, [], []
+
+    def work(seed):
+        try:
+            torch.manual_seed(seed)
+            cm = fxopt.compile(_Net(), (torch.randn(1, 3, 8, 8),), pipeline="prune50")
+            results.append(cm(torch.randn(2, 3, 8, 8)).shape)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and results == [(2, 5)] * 4
+    assert sys.stdout is stdout

@@ -17,6 +17,8 @@ import torch
 import torch.fx as fx
 from torch.fx import subgraph_rewriter
 
+from .shape_prop import TRACE_LOCK
+
 
 def pattern_graph(fn: Callable, example_args: tuple) -> fx.GraphModule:
     """Trace a pattern/replacement function to ATen ops with torch.export."""
@@ -25,7 +27,8 @@ def pattern_graph(fn: Callable, example_args: tuple) -> fx.GraphModule:
         def forward(self, *args):
             return fn(*args)
 
-    gm = torch.export.export(Wrapper(), example_args, strict=False).module()
+    with TRACE_LOCK:
+        gm = torch.export.export(Wrapper(), example_args, strict=False).module()
     _drop_guards(gm)
     return gm
 

@@ -8,6 +8,8 @@ them; the sizes stored are the example's.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
@@ -17,6 +19,12 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from ..errors import TraceError
 from .graph import node_location
 from .meta import TENSOR, TensorInfo, describe, example_size
+
+
+# torch.export and symbolic fake tensors share process-wide state (the proxy tracer of an
+# export in progress sees another thread's symbolic sizes), and the tracer redirects
+# sys.stdout / sys.stderr: tracing, pattern tracing and shape propagation take turns.
+TRACE_LOCK = threading.RLock()
 
 
 class _FakePropagator(fx.Interpreter):
@@ -117,6 +125,11 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs=None) -> None:
     `example_inputs` may be real tensors (only their metadata is used); when
     omitted, the shapes recorded on the placeholders are used.
     """
+    with TRACE_LOCK:
+        _propagate(gm, example_inputs)
+
+
+def _propagate(gm: fx.GraphModule, example_inputs) -> None:
     mode = fake_mode()
     if example_inputs is None:
         inputs = fake_inputs_from_meta(gm, mode)

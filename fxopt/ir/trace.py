@@ -31,7 +31,7 @@ from torch.fx.experimental import _config as symbolic_config
 
 from ..errors import TraceError
 from .meta import INPUT_NAMES, INPUT_SHAPES, TENSOR, TensorInfo, describe
-from .shape_prop import propagate_shapes
+from .shape_prop import TRACE_LOCK, propagate_shapes
 
 _LIB_DIRS = tuple(os.path.dirname(m.__file__) for m in (torch, fx) if m.__file__) + (
     os.path.dirname(os.path.dirname(__file__)),
@@ -53,8 +53,14 @@ def trace(model, example_inputs, example_kwargs=None, dynamic_shapes="batch", le
             f"expected a torch.nn.Module, got {type(model).__name__}",
             hint="wrap a plain function in an nn.Module whose forward calls it",
         )
-    example_inputs = as_args(example_inputs)
-    example_kwargs = dict(example_kwargs or {})
+    with TRACE_LOCK:
+        return _trace(model, as_args(example_inputs), dict(example_kwargs or {}), dynamic_shapes,
+                      (leaf_modules, concrete_args))
+
+
+def _trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict, dynamic_shapes,
+           symbolic: tuple) -> fx.GraphModule:
+    leaf_modules, concrete_args = symbolic
     copied = copy.deepcopy(model)
     _check_runs(copied, example_inputs, {**example_kwargs, **dict(concrete_args or {})})
     spec = dynamic_spec(model, example_inputs, example_kwargs, dynamic_shapes)
@@ -64,7 +70,7 @@ def trace(model, example_inputs, example_kwargs=None, dynamic_shapes="batch", le
                              hint="pass the inputs positionally to the symbolic_trace tracer")
         gm = _symbolic_trace(copied, leaf_modules, concrete_args)
     else:
-        gm = _export_trace(copied, example_inputs, example_kwargs, spec)
+        gm = _export_with_caches_filled(model, copied, (example_inputs, example_kwargs), spec)
     if not _shapes_from_export(gm):
         _propagate_symbolic(gm, example_inputs, spec)
     placeholders = gm.graph.find_nodes(op="placeholder")
@@ -171,6 +177,24 @@ def _quiet(logger_name: str):
         yield
     finally:
         logger.setLevel(level)
+
+
+def _export_with_caches_filled(model: torch.nn.Module, copied: torch.nn.Module, example: tuple,
+                               spec) -> fx.GraphModule:
+    """Export `copied`. A forward that caches tensors computed from its weights (an
+    attention-bias cache keyed by device) stores fake tensors while it is traced, which
+    export refuses; then a fresh copy runs once for real on the example, so its caches
+    hold real tensors, and is exported (the caches become constants of the graph)."""
+    args, kwargs = example
+    try:
+        return _export_trace(copied, args, kwargs, spec)
+    except TraceError as exc:
+        if "fake tensor in the exported program constant" not in str(exc):
+            raise
+    filled = copy.deepcopy(model)
+    with torch.no_grad():
+        filled(*args, **kwargs)
+    return _export_trace(filled, args, kwargs, spec)
 
 
 def _export_trace(model: torch.nn.Module, args: tuple, kwargs: dict, spec) -> fx.GraphModule:
