@@ -205,3 +205,23 @@ def test_compiling_from_several_threads_at_once():
         t.join()
     assert errors == [] and results == [(2, 5)] * 4
     assert sys.stdout is stdout
+
+
+def test_leaf_modules_are_costed_and_passes_say_they_did_not_look_inside():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)) + x
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Block(), Block()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    whole = fxopt.AnalysisManager(fxopt.trace(model, (x,))).get(fxopt.analyses.Cost)
+    leaves = fxopt.AnalysisManager(fxopt.trace(model, (x,), leaf_modules=(Block,))).get(fxopt.analyses.Cost)
+    assert leaves.macs == whole.macs == (3 * 9 * 8 + 2 * 8 * 9 * 8) * 64
+    cm = fxopt.compile(model, (x,), pipeline="canonicalize,prune-channels{ratio=0.5},fake-quant",
+                       leaf_modules=(Block,))
+    for record in cm.report.records[1:]:
+        assert any("did not look inside 2 leaf modules (1, 2)" in n for n in record.notes), record

@@ -173,6 +173,39 @@ def _nested_cost(sub: fx.GraphModule, table: CostTable, name: str) -> NodeCost:
                     bytes_read=inner.bytes_read, bytes_written=inner.bytes_written)
 
 
+def _leaf_cost(module: torch.nn.Module, node: fx.Node, table: CostTable) -> NodeCost:
+    """A leaf module's cost, counted by torch's FlopCounterMode while it runs on fake
+    tensors of its input shapes (matmuls, convolutions, attention: 2 flops a MAC); a leaf
+    that cannot run on fake tensors is listed as unknown."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cost = NodeCost(params=sum(p.numel() for p in module.parameters()))
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake(arg):
+        info = tensor_info(arg) if isinstance(arg, fx.Node) else None
+        if isinstance(arg, fx.Node) and info is None:
+            raise ValueError(f"no recorded shape for {arg.name}")
+        return torch.empty(info.shape, dtype=info.dtype, device=info.device) if info else arg
+
+    counter = FlopCounterMode(display=False)
+    try:
+        with mode:
+            args, kwargs = fx.node.map_aggregate((node.args, node.kwargs), fake)
+            state = {n: mode.from_tensor(t) for n, t in
+                     list(module.named_parameters()) + list(module.named_buffers())}
+            with counter, torch.no_grad():
+                torch.func.functional_call(module, state, tuple(args), dict(kwargs))
+    except Exception:  # noqa: BLE001 - value-dependent code: its cost is not known, and said so
+        table.unknown.append(f"{node.name} (leaf module {type(module).__name__})")
+        return cost
+    cost.flops = counter.get_total_flops()
+    cost.macs = cost.flops // 2
+    cost.bytes_written = _out_bytes(node)
+    return cost
+
+
 def _module_kind(module: torch.nn.Module, node: fx.Node) -> str:
     """The table key of a call_module node: its layer type, or a module fxopt inserted."""
     from ..quant import FakeQuantize   # the quant package builds on the analyses
@@ -233,6 +266,8 @@ class Cost(Analysis):
             if isinstance(module, fx.GraphModule):   # a stage of a split graph: its own ops' costs
                 return _nested_cost(module, table, node.name)
             kind = _module_kind(module, node)
+            if not kind:   # the user's module kept whole: count what it computes
+                return _leaf_cost(module, node, table)
             if type(module) in _MODULE_RULES:
                 ins = ins + [TensorInfo.of(module.weight)]
             cost = NodeCost(params=sum(p.numel() for p in module.parameters()))

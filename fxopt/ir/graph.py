@@ -121,6 +121,19 @@ def warn_unmatched(owner: str, patterns, names, what: str) -> list[str]:
     return messages
 
 
+def opaque_leaves(gm: fx.GraphModule) -> list[str]:
+    """Targets of call_module nodes whose ops the graph does not show: modules of the
+    user's (or torch.nn's) classes kept whole, not graphs or modules fxopt inserted."""
+    leaves = []
+    for node in gm.graph.find_nodes(op="call_module"):
+        module = gm.get_submodule(node.target)
+        owner = type(module).__module__
+        if isinstance(module, fx.GraphModule) or owner.startswith("fxopt.") or node.target == "_guards_fn":
+            continue
+        leaves.append(str(node.target))
+    return leaves
+
+
 def has_side_effects(node: fx.Node) -> bool:
     """True for nodes dead-code elimination must keep."""
     if node.op in ("placeholder", "output"):

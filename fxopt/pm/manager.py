@@ -16,6 +16,7 @@ from .analysis import AnalysisManager
 from .pass_base import Pass, PassResult
 from .pipeline import format_pipeline, parse_pipeline
 from .report import PassRecord, Report
+from ..ir.graph import opaque_leaves
 from ..ir.meta import PIPELINE_BEFORE
 
 
@@ -57,7 +58,7 @@ class PassManager:
                 result = p.run(gm, am)
                 record.seconds = time.perf_counter() - start
                 self._check_result(p, result)
-                record.changed, record.notes = result.is_changed, result.notes
+                record.changed, record.notes = result.is_changed, result.notes + _leaf_note(p, gm)
                 ctx.report.sections.update(result.sections)
                 if result.is_changed:
                     gm.recompile()
@@ -82,6 +83,15 @@ class PassManager:
             raise PassFailedError(
                 f"pass '{p.name}' returned {type(result).__name__}, not a PassResult",
                 hint="end run() with `return PassResult.changed(preserves=...)` or `PassResult.unchanged()`")
+
+
+def _leaf_note(p: Pass, gm: fx.GraphModule) -> tuple[str, ...]:
+    """A pass that rewrites layers says which leaf modules it could not look inside."""
+    leaves = [] if p.sees_into_leaves else opaque_leaves(gm)
+    if not leaves:
+        return ()
+    shown = ", ".join(leaves[:5]) + (f" and {len(leaves) - 5} more" if len(leaves) > 5 else "")
+    return (f"did not look inside {len(leaves)} leaf modules ({shown}): their layers are left as they are",)
 
 
 def _annotate(exc: Exception, p: Pass, index: int, ctx: RunContext) -> FxoptError:

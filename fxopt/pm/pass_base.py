@@ -24,10 +24,14 @@ class Pass:
     `tolerance` is how far (absolute, relative to the output scale) outputs may
     move under this pass; None means the pass changes what the model computes
     (pruning, quantization) and the Verify instrument skips its output check.
+    `sees_into_leaves` is False for a pass that rewrites the ops of layers: it cannot
+    see inside a leaf module (the user's class kept whole by `leaf_modules`), and the
+    pass manager's report line for it names the leaves it left alone.
     """
 
     name: ClassVar[str] = ""
     tolerance: ClassVar[float | None] = 1e-4
+    sees_into_leaves: ClassVar[bool] = True
 
     def run(self, gm: fx.GraphModule, am) -> "PassResult":
         raise NotImplementedError(f"{type(self).__name__}.run")

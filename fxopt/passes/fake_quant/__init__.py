@@ -98,6 +98,7 @@ class FakeQuant(Pass):
     outputs: bool = False
 
     tolerance: ClassVar[float | None] = None  # quantization changes what the model computes
+    sees_into_leaves: ClassVar[bool] = False   # layers inside a leaf module are not seen
 
     def __post_init__(self):
         _check_bits("weight-bits", self.weight_bits, 1)

@@ -70,6 +70,7 @@ class LowRank(Pass):
     conv_form: Literal["auto", "tucker2", "spatial"] = "auto"
 
     tolerance: ClassVar[float | None] = None  # a truncated factorization changes the outputs
+    sees_into_leaves: ClassVar[bool] = False   # layers inside a leaf module are not seen
 
     def __post_init__(self):
         _check_choice("method", self.method, METHODS)

@@ -72,6 +72,7 @@ class MixedPrecision(Pass):
     layer_tolerance: float | None = None
 
     tolerance: ClassVar[float | None] = None  # 16-bit arithmetic changes what the model computes
+    sees_into_leaves: ClassVar[bool] = False   # layers inside a leaf module are not seen
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

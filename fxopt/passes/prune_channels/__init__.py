@@ -60,6 +60,7 @@ class PruneChannels(Pass):
     seed: int = 0
 
     tolerance: ClassVar[float | None] = None  # pruning changes what the model computes
+    sees_into_leaves: ClassVar[bool] = False   # layers inside a leaf module are not seen
 
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) \

@@ -67,6 +67,7 @@ class PruneWeights(Pass):
     skip: tuple[str, ...] = ()
 
     tolerance: ClassVar[float | None] = None  # pruning changes what the model computes
+    sees_into_leaves: ClassVar[bool] = False   # layers inside a leaf module are not seen
 
     def __post_init__(self):
         for name in ("targets", "skip"):
