@@ -4,13 +4,15 @@ from small transformers configs, must
 - trace with `fxopt.trace`, with a shape on every call_function node;
 - have a cost: MACs > 0 and no op the cost tables do not know;
 - compile with `fold-bn,canonicalize,dce` (Verify on, so every pass is checked
-  against the graph before it) to outputs equal to eager within 1e-4;
+  against the graph before it) at batch 2 to outputs equal to eager within 1e-4,
+  at that batch and at batches 1, 3 and 8 (text models: also at sequence lengths
+  9 and 33, compiled with batch and sequence dynamic);
 - leave the user's model as it was (weights and training flag);
 - split: `split-stages{num-stages=2}` and `{num-stages=4}` give stages whose
   in-sequence run equals the original outputs within 1e-5;
 - prune: `prune-channels{ratio=0.0}` gives the original outputs within 1e-5, and
   `prune-channels{ratio=0.5}` gives a graph with fewer MACs that runs to outputs
-  of the original shapes.
+  of the original shapes, at every one of those sizes.
 
 Models are built with random weights (weights=None: nothing is downloaded) and
 run on small inputs. The heaviest are marked `slow`; they still run in CI.
@@ -124,16 +126,19 @@ def _assert_same_outputs(expected, actual, tol: float = TOL) -> None:
         torch.testing.assert_close(a, e, atol=tol * scale, rtol=0)
 
 
-def check_model(model: torch.nn.Module, inputs: tuple, monkeypatch, check_mutation: bool) -> None:
-    """Trace + shapes + cost + verified compile == eager; optionally: the model is untouched."""
+def check_model(model: torch.nn.Module, inputs: tuple, monkeypatch, check_mutation: bool,
+                others: tuple = (), dynamic="batch") -> None:
+    """Trace + shapes + cost + verified compile == eager, also on the inputs of other
+    sizes in `others`; optionally: the model is untouched."""
     assert not model.training
     with torch.no_grad():
         expected = model(*inputs)
+        expected_others = [model(*o) for o in others]
     before = _snapshot(model) if check_mutation else None
 
     spy = _TraceSpy()
     monkeypatch.setattr(fxopt.api, "trace", spy)
-    compiled = fxopt.compile(model, inputs, pipeline=PIPELINE, verify=True)
+    compiled = fxopt.compile(model, inputs, pipeline=PIPELINE, verify=True, dynamic_shapes=dynamic)
     monkeypatch.undo()
     if spy.cost is None:
         spy.inspect(fxopt.trace(model, inputs))
@@ -146,16 +151,19 @@ def check_model(model: torch.nn.Module, inputs: tuple, monkeypatch, check_mutati
 
     with torch.no_grad():
         actual = compiled(*inputs)
-    _assert_same_outputs(expected, actual)
+        _assert_same_outputs(expected, actual)
+        for other, expected_other in zip(others, expected_others):
+            _assert_same_outputs(expected_other, compiled(*other))
     if check_mutation:
         _assert_unchanged(model, before, training=False)
-    traced = spy.traced or fxopt.trace(model, inputs)
-    check_stages(traced, inputs, expected)
-    check_pruning(traced, inputs, expected, spy.cost.macs)
+    traced = spy.traced or fxopt.trace(model, inputs, dynamic_shapes=dynamic)
+    check_stages(fxopt.trace(model, inputs, dynamic_shapes="static"), inputs, expected)
+    check_pruning(traced, [inputs, *others], [expected, *expected_others], spy.cost.macs)
 
 
 def check_stages(traced, inputs: tuple, expected) -> None:
-    """split-stages at 2 and 4 stages: the stages, called in sequence, give the original
+    """split-stages at 2 and 4 stages (on a graph traced static: pipeline stages run at a
+    fixed microbatch): the stages, called in sequence, give the original
     outputs within 1e-5 (of their scale). Each split works on a GraphModule sharing the
     traced one's weights (splitting moves them into the stages of the new module only)."""
     for k in (2, 4):
@@ -167,9 +175,10 @@ def check_stages(traced, inputs: tuple, expected) -> None:
             _assert_same_outputs(expected, gm(*inputs), tol=1e-5)
 
 
-def check_pruning(traced, inputs: tuple, expected, macs_before: int) -> None:
+def check_pruning(traced, calls: list, expected_calls: list, macs_before: int) -> None:
     """ratio 0: the original outputs within 1e-5 (of their scale); ratio 0.5: fewer
-    MACs, and the pruned graph runs to outputs of the original shapes."""
+    MACs, and the pruned graph runs to outputs of the original shapes at every size."""
+    inputs, expected = calls[0], expected_calls[0]
     unpruned = copy.deepcopy(traced)
     fxopt.PassManager("prune-channels{ratio=0.0}").run(unpruned, example_inputs=inputs)
     with torch.no_grad():
@@ -177,12 +186,13 @@ def check_pruning(traced, inputs: tuple, expected, macs_before: int) -> None:
     report = fxopt.PassManager("prune-channels{ratio=0.5}").run(traced, example_inputs=inputs)
     macs_after = fxopt.AnalysisManager(traced).get(fxopt.analyses.Cost).macs
     assert macs_after < macs_before, report.records[0].notes
-    with torch.no_grad():
-        pruned = traced(*inputs)
-    flat_e, flat_p = tree_leaves(expected), tree_leaves(pruned)
-    assert len(flat_e) == len(flat_p)
-    for e, p in zip(flat_e, flat_p):
-        assert p.shape == e.shape and (not p.is_floating_point() or torch.isfinite(p).all())
+    for call, expected_call in zip(calls, expected_calls):
+        with torch.no_grad():
+            pruned = traced(*call)
+        flat_e, flat_p = tree_leaves(expected_call), tree_leaves(pruned)
+        assert len(flat_e) == len(flat_p)
+        for e, p in zip(flat_e, flat_p):
+            assert p.shape == e.shape and (not p.is_floating_point() or torch.isfinite(p).all())
 
 
 @pytest.mark.filterwarnings("ignore:The default weight initialization:FutureWarning")
@@ -191,8 +201,10 @@ def check_pruning(traced, inputs: tuple, expected, macs_before: int) -> None:
 def test_torchvision(name, monkeypatch):
     model = _build_vision(name)
     size = _image_size(name)
-    x = torch.randn(1, 3, size, size)
-    check_model(model, (x,), monkeypatch,
+    x = torch.randn(2, 3, size, size)
+    batches = (3,) if name in SLOW else (1, 3, 8)   # the heaviest: one other batch, to keep CI short
+    others = tuple((torch.randn(b, 3, size, size),) for b in batches)
+    check_model(model, (x,), monkeypatch, others=others,
                 check_mutation=_params(model) <= _MUTATION_CHECK_MAX_PARAMS)
 
 
@@ -206,15 +218,32 @@ def test_zoo_lists_every_classification_model():
 VOCAB, BATCH, LENGTH = 1000, 2, 16
 
 
-def _text_inputs(name: str) -> tuple:
-    ids = torch.randint(0, VOCAB, (BATCH, LENGTH))
-    mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
-    mask[1, LENGTH - 5:] = 0  # the second sequence is padded
-    if name.startswith("bert"):
+def _text_inputs(name: str, batch: int = BATCH, length: int = LENGTH) -> tuple:
+    if name == "vit":
+        return (torch.randn(batch, 3, 32, 32),)
+    ids = torch.randint(0, VOCAB, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, length - 5:] = 0  # the last sequence is padded
+    if name in _WITH_MASK:
         return ids, mask                    # forward(input_ids, attention_mask)
     if name.endswith("padded"):
         return ids, None, mask              # forward(input_ids, past_key_values, attention_mask)
     return (ids,)
+
+
+def _text_spec(inputs: tuple) -> tuple:
+    """Batch and sequence length dynamic for every 2-D input (ids, mask); batch only for images."""
+    Dim = torch.export.Dim
+    return tuple(None if x is None else {0: Dim.AUTO, 1: Dim.AUTO} if x.dim() == 2 else {0: Dim.AUTO}
+                 for x in inputs)
+
+
+def _tiny(config_class: str, **kwargs):
+    """A tiny config of a transformers architecture (2 layers, hidden 64, 4 heads)."""
+    transformers = pytest.importorskip("transformers")
+    return getattr(transformers, config_class)(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, intermediate_size=128,
+                                               max_position_embeddings=64, **kwargs)
 
 
 def _bert_config(**kwargs):
@@ -239,15 +268,41 @@ _HF_MODELS = {
     "gpt2-lm-head": lambda t: t.GPT2LMHeadModel(_gpt2_config()),
     "gpt2-eager-attention": lambda t: t.GPT2LMHeadModel(_gpt2_config(attn_implementation="eager")),
     "gpt2-lm-head-padded": lambda t: t.GPT2LMHeadModel(_gpt2_config()),
+    "llama": lambda t: t.LlamaModel(_tiny("LlamaConfig", num_key_value_heads=2, use_cache=False)),
+    "qwen2": lambda t: t.Qwen2Model(_tiny("Qwen2Config", num_key_value_heads=2, use_cache=False)),
+    "mistral": lambda t: t.MistralModel(_tiny("MistralConfig", num_key_value_heads=2, use_cache=False)),
+    "phi3": lambda t: t.Phi3Model(_tiny("Phi3Config", num_key_value_heads=4, use_cache=False,
+                                        pad_token_id=0)),
+    "gemma": lambda t: t.GemmaModel(_tiny("GemmaConfig", num_key_value_heads=2, head_dim=16,
+                                          use_cache=False)),
+    "opt": lambda t: t.OPTModel(t.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64,
+                                            max_position_embeddings=64, use_cache=False)),
+    "gpt-neox": lambda t: t.GPTNeoXModel(_tiny("GPTNeoXConfig", use_cache=False)),
+    "roberta": lambda t: t.RobertaModel(_tiny("RobertaConfig")),
+    "distilbert": lambda t: t.DistilBertModel(t.DistilBertConfig(vocab_size=VOCAB, dim=64, n_layers=2,
+                                                                 n_heads=4, hidden_dim=128,
+                                                                 max_position_embeddings=64)),
+    "t5-encoder": lambda t: t.T5EncoderModel(t.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128,
+                                                        num_layers=2, num_heads=4)),
+    "vit": lambda t: t.ViTModel(t.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=128, image_size=32, patch_size=8)),
 }
+_WITH_MASK = {"bert", "bert-eager-attention", "bert-classifier", "llama", "qwen2", "mistral", "phi3",
+              "gemma", "opt", "gpt-neox", "roberta", "distilbert", "t5-encoder"}
+# (batch, sequence length) of the calls at other sizes
+_TEXT_SIZES = ((1, 9), (3, 33), (8, 16))
 
 
 @pytest.mark.parametrize("name", sorted(_HF_MODELS))
 def test_transformers(name, monkeypatch):
     transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
     model = _HF_MODELS[name](transformers).eval()
     inputs = _text_inputs(name)
-    check_model(model, inputs, monkeypatch, check_mutation=True)
+    others = tuple(_text_inputs(name, b, n) for b, n in _TEXT_SIZES)
+    check_model(model, inputs, monkeypatch, check_mutation=True, others=others,
+                dynamic=_text_spec(inputs))
 
 
 # ----- MACs against the published figures -------------------------------------------

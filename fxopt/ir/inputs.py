@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import InputShapeError
-from .meta import INPUT_NAMES, INPUT_SHAPES, TensorInfo, describe
+from .meta import INPUT_NAMES, INPUT_RANGES, INPUT_SHAPES, INPUT_SYMBOLS, TensorInfo, describe
 
 
 def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
@@ -66,6 +66,34 @@ def check_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict, what: str = "cal
                 hint="dims marked * vary freely; to vary another dim, compile with a torch.export "
                      "spec, e.g. dynamic_shapes={'x': {0: Dim.AUTO, 1: Dim.AUTO}}, or "
                      "dynamic_shapes='static' to fix them all")
+    _check_symbols(gm, names, got, what)
+
+
+def _check_symbols(gm: fx.GraphModule, names, got: list, what: str) -> None:
+    """Dims that share a size symbol have one size; each size lies in its symbol's range."""
+    symbols, ranges = gm.meta.get(INPUT_SYMBOLS) or (), gm.meta.get(INPUT_RANGES) or {}
+    seen: dict[str, tuple[int, str, int]] = {}
+    for name, dims, info in zip(names, symbols, got):
+        if not dims or not isinstance(info, TensorInfo):
+            continue
+        for dim, (symbol, size) in enumerate(zip(dims, info.shape)):
+            if symbol is None:
+                continue
+            low, high = ranges.get(symbol, (0, None))
+            if size < low or (high is not None and size > high):
+                raise InputShapeError(
+                    f"{what} with {name} of size {size} in dim {dim}; the model was traced for sizes "
+                    f"{low}..{'' if high is None else high} there",
+                    where=f"input '{name}', dim {dim}",
+                    hint="the model's code branches on this size; pass a size in that range, or "
+                         "compile with an example of this size")
+            first = seen.setdefault(symbol, (size, name, dim))
+            if first[0] != size:
+                raise InputShapeError(
+                    f"{what} with {name} dim {dim} = {size} but {first[1]} dim {first[2]} = {first[0]}; "
+                    "the model needs these two sizes equal",
+                    where=f"inputs '{first[1]}' and '{name}'",
+                    hint="pass inputs whose shared dims (e.g. the batch of ids and mask) agree")
 
 
 def _problem(expected, got) -> str:

@@ -12,6 +12,10 @@ import torch
 TENSOR = "fxopt.tensor"          # TensorInfo, or a tuple/list of them for tuple outputs; owner: Shapes
 INPUT_SHAPES = "fxopt.input_shapes"  # on gm.meta: tuple of TensorInfo of the example inputs; owner: trace
 INPUT_NAMES = "fxopt.input_names"    # on gm.meta: the name of each flat input (placeholder); owner: trace
+# on gm.meta: per input, per dim, the name of its size symbol (None: static); inputs whose dims
+# share a symbol must share the size; INPUT_RANGES: {symbol: (min, max or None)}; owner: trace
+INPUT_SYMBOLS = "fxopt.input_symbols"
+INPUT_RANGES = "fxopt.input_ranges"
 PIPELINE_BEFORE = "fxopt.pipeline_before"  # gm.meta: pipeline text run before the current pass
 
 

@@ -72,9 +72,13 @@ class SplitStages(Pass):
         memory = _memory(gm, seq)
         cuts = candidate_cuts(seq, self.num_stages, costs)
         if len(cuts) < self.num_stages - 1:
+            sizes = any(isinstance(v.meta.get("val"), torch.SymInt) for c in seq.crossing for v in c)
             raise PassOptionError(
                 f"split-stages: cannot make {self.num_stages} stages: the graph has only {len(cuts)} places "
-                f"where every crossing value is a tensor ({len(seq.ops)} ops)", hint="ask for fewer stages")
+                f"where every crossing value is a tensor ({len(seq.ops)} ops)"
+                + ("; symbolic sizes (the dynamic batch) are used across the model" if sizes else ""),
+                hint="compile with dynamic_shapes='static' (pipeline stages run at a fixed microbatch)"
+                     if sizes else "ask for fewer stages")
         problem = Problem(costs, memory, self._penalties(seq, cuts, sum(costs)), self.num_stages,
                           self.max_stage_memory)
         chosen = split(problem, cuts)
