@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch.utils._pytree import treespec_dumps, treespec_loads
 
 from .errors import UnsupportedError
-from .ir.meta import INPUT_NAMES, INPUT_SHAPES, TensorInfo
+from .ir.meta import INPUT_NAMES, INPUT_RANGES, INPUT_SHAPES, INPUT_SYMBOLS, TensorInfo
 from .quant import FakeQuantize
 from .quant.qparams import QSpec
 
@@ -165,7 +165,10 @@ def _graph_meta(gm: fx.GraphModule) -> dict:
     shapes = [None if i is None else {"shape": list(i.shape), "dtype": str(i.dtype).removeprefix("torch."),
                                       "device": str(i.device), "dynamic": list(i.dynamic)}
               for i in gm.meta.get(INPUT_SHAPES, ())]
-    return {"input_shapes": shapes, "input_names": list(gm.meta.get(INPUT_NAMES, ()))}
+    symbols = [None if dims is None else list(dims) for dims in gm.meta.get(INPUT_SYMBOLS, ())]
+    ranges = {k: list(v) for k, v in (gm.meta.get(INPUT_RANGES) or {}).items()}
+    return {"input_shapes": shapes, "input_names": list(gm.meta.get(INPUT_NAMES, ())),
+            "input_symbols": symbols, "input_ranges": ranges}
 
 
 def _join(path: str, name: str) -> str:
@@ -326,3 +329,7 @@ def _restore_meta(gm: fx.GraphModule, meta: dict) -> None:
                                           torch.device(i["device"]), tuple(i["dynamic"]))
         for i in meta.get("input_shapes", ()))
     gm.meta[INPUT_NAMES] = tuple(meta.get("input_names", ()))
+    gm.meta[INPUT_SYMBOLS] = tuple(None if dims is None else tuple(None if s is None else str(s) for s in dims)
+                                   for dims in meta.get("input_symbols", ()))
+    gm.meta[INPUT_RANGES] = {str(k): (int(v[0]), None if v[1] is None else int(v[1]))
+                             for k, v in dict(meta.get("input_ranges", {})).items()}

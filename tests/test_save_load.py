@@ -154,3 +154,18 @@ def test_save_pruned_of_prune50_int8_loads_with_its_calibration(tmp_path):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), cm(x), atol=0, rtol=0)
+
+
+def test_a_loaded_model_still_checks_shared_sizes(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64)
+    model = transformers.BertModel(config).eval()
+    ids, mask = torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    cm = fxopt.compile(model, (ids, mask))
+    fxopt.save(cm, tmp_path / "bert")
+    loaded = fxopt.load(tmp_path / "bert")
+    ids3, mask3 = torch.randint(0, 100, (3, 8)), torch.ones(3, 8, dtype=torch.long)
+    torch.testing.assert_close(loaded(ids3, mask3)["last_hidden_state"], model(ids3, mask3).last_hidden_state)
+    with pytest.raises(fxopt.InputShapeError, match="needs these two sizes equal"):
+        loaded(ids3, torch.ones(2, 8, dtype=torch.long))

@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch.fx.experimental import _config as symbolic_config
 
 from ..errors import TraceError
-from .meta import INPUT_NAMES, INPUT_RANGES, INPUT_SHAPES, INPUT_SYMBOLS, TENSOR, TensorInfo, describe
+from .meta import INPUT_NAMES, INPUT_RANGES, INPUT_SHAPES, INPUT_SYMBOLS, TENSOR, TensorInfo, describe, example_size
 from .shape_prop import TRACE_LOCK, propagate_shapes
 
 _LIB_DIRS = tuple(os.path.dirname(m.__file__) for m in (torch, fx) if m.__file__) + (
@@ -71,6 +71,8 @@ def _trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict, 
         gm = _symbolic_trace(copied, leaf_modules, concrete_args)
     else:
         gm = _export_with_caches_filled(model, copied, (example_inputs, example_kwargs), spec)
+        if dynamic_shapes == "batch":
+            _tie_batches(gm)
         if spec is not None:
             gm = _verified_at_batch_one(gm, copied, (example_inputs, example_kwargs))
     if not _shapes_from_export(gm):
@@ -238,6 +240,24 @@ def _same(actual, expected) -> bool:
             if e.numel() and (a.double() - e.double()).abs().max().item() > 1e-4 * scale:
                 return False
     return True
+
+
+def _tie_batches(gm: fx.GraphModule) -> None:
+    """Under "batch", inputs whose dim 0 had one size in the example are one batch: their
+    dim-0 symbols become one, so a call with ids of 3 rows and a mask of 2 is refused
+    (export ties them only where the model's code relates them)."""
+    symbols, ranges = list(gm.meta[INPUT_SYMBOLS]), gm.meta[INPUT_RANGES]
+    first: dict[int, str] = {}
+    for i, (dims, node) in enumerate(zip(symbols, gm.graph.find_nodes(op="placeholder"))):
+        if not dims or dims[0] is None:
+            continue
+        batch = first.setdefault(example_size(node.meta["val"].shape[0]), dims[0])
+        if batch != dims[0]:
+            low = max(ranges[batch][0], ranges[dims[0]][0])
+            highs = [h for h in (ranges[batch][1], ranges[dims[0]][1]) if h is not None]
+            ranges[batch] = (low, min(highs) if highs else None)
+            symbols[i] = (batch,) + tuple(dims[1:])
+    gm.meta[INPUT_SYMBOLS] = tuple(symbols)
 
 
 def _first_rows(gm: fx.GraphModule, args: tuple, kwargs: dict):
