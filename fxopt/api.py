@@ -72,6 +72,12 @@ def compile(model, example_inputs, example_kwargs=None, pipeline="default", back
     `calibration` batches (any size along the dynamic dims) are run through the
     rewritten graph before lowering.
     """
+    if "on_new_shape" in backend_options:
+        raise UnsupportedError("on_new_shape was removed: a compiled model runs at any size along its "
+                               "dynamic dims (by default the batch), and retracing would lose the work "
+                               "done on the compiled graph",
+                               hint="drop it; to vary other dims give dynamic_shapes={'x': {0: Dim.AUTO, "
+                                    "2: Dim.AUTO}} (torch.export.Dim)")
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise UnsupportedError(f"example_kwargs must be a dict of keyword inputs, got "
                                f"{type(example_kwargs).__name__}",

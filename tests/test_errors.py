@@ -193,35 +193,25 @@ def test_value_dependent_control_flow_in_the_root_module():
 def test_calling_with_other_shapes():
     model = TwoLayers()
     cm = fxopt.compile(model, (torch.randn(3, 8),))
+    assert cm(torch.randn(5, 8)).shape[0] == 5   # the batch varies
     with pytest.raises(fxopt.InputShapeError) as info:
-        cm(torch.randn(5, 8))
+        cm(torch.randn(5, 7))
     text = _what_where_todo(info.value)
-    assert "called with inputs (float32[5x8]) but compiled for (float32[3x8])" in text
-    assert "input 0: got float32[5x8], expected float32[3x8]" in text
-    assert "on_new_shape='retrace'" in text
+    assert "called with x: float32[5x7] but compiled for float32[*x8]: dim 1 is static (8) and got 7" in text
+    assert "where: input 'x'" in text and "dynamic_shapes=" in text
     with pytest.raises(fxopt.InputShapeError, match="2 inputs given, 1 expected"):
         cm(torch.randn(3, 8), torch.randn(3, 8))
     with pytest.raises(fxopt.InputShapeError, match="int64"):
         cm(torch.ones(3, 8, dtype=torch.int64))
+    static = fxopt.compile(model, (torch.randn(3, 8),), dynamic_shapes="static")
+    with pytest.raises(fxopt.InputShapeError, match=r"dim 0 is static \(3\) and got 5"):
+        static(torch.randn(5, 8))
 
 
-def test_on_new_shape_retrace():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
-    cm = fxopt.compile(model, torch.randn(2, 3, 8, 8), on_new_shape="retrace")
-    x = torch.randn(1, 3, 5, 7)
-    torch.testing.assert_close(cm(x), model(x))
-    torch.testing.assert_close(cm(x), model(x))
-    assert len(cm._variants) == 1                  # compiled once per new shape
-    y = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(cm(y), model(y))    # the original shape still uses the original graph
-    assert len(cm._variants) == 1
-    cm(torch.randn(3, 3, 4, 4))
-    assert len(cm._variants) == 2
-
-
-def test_on_new_shape_must_be_known():
-    with pytest.raises(ValueError, match="on_new_shape must be 'error' or 'retrace'"):
-        fxopt.compile(nn.ReLU(), torch.randn(2), on_new_shape="ignore")
+def test_on_new_shape_is_gone_and_says_what_replaced_it():
+    with pytest.raises(fxopt.UnsupportedError, match="on_new_shape was removed") as info:
+        fxopt.compile(nn.ReLU(), torch.randn(2), on_new_shape="retrace")
+    assert "dynamic_shapes" in str(info.value)
 
 
 def test_unknown_backend():

@@ -61,7 +61,8 @@ def check_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict, what: str = "cal
         problem = _problem(e, g)
         if problem:
             raise InputShapeError(
-                f"{what} with {name}: {g} but compiled for {e}: {problem}",
+                f"{what} with {name}: {g} but compiled for "
+                f"{e.pattern() if isinstance(e, TensorInfo) else e}: {problem}",
                 where=f"input '{name}'",
                 hint="dims marked * vary freely; to vary another dim, compile with a torch.export "
                      "spec, e.g. dynamic_shapes={'x': {0: Dim.AUTO, 1: Dim.AUTO}}, or "

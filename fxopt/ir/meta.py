@@ -57,6 +57,11 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
     def __str__(self) -> str:
+        dims = "x".join(str(s) for s in self.shape) or "scalar"
+        return f"{str(self.dtype).removeprefix('torch.')}[{dims}]"
+
+    def pattern(self) -> str:
+        """What a value must look like: the dtype and sizes, * for a dim that varies."""
         dims = "x".join(("*" if i in self.dynamic else str(s)) for i, s in enumerate(self.shape))
         return f"{str(self.dtype).removeprefix('torch.')}[{dims or 'scalar'}]"
 
