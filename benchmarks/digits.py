@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BATCH = 64   # compiled graphs are specialised to this many rows
+BATCH = 64   # rows per training and evaluation batch
 
 
 def load() -> tuple:
@@ -27,7 +27,7 @@ def load() -> tuple:
 
 
 def batches(x, y, seed: int) -> list:
-    """Shuffled full batches only: the compiled graph is specialised to BATCH rows."""
+    """Shuffled full batches of BATCH rows (a remainder is left out of the epoch)."""
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     return [(x[order[i:i + BATCH]], y[order[i:i + BATCH]])
             for i in range(0, len(x) - BATCH + 1, BATCH)]

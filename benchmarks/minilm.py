@@ -2,8 +2,8 @@
 (nothing is downloaded), and the 260 sentences in data/sentences.txt: what the suites
 and the tests measure sentence-embedding fidelity with.
 
-Sentences are tokenized to one fixed length, so a traced graph (specialised to its
-example shapes) takes every batch; embeddings are the mask-weighted mean of the last
+Sentences are tokenized to one fixed length (the traced graph's sequence dim is
+static; its batch is dynamic), so a traced graph takes every batch; embeddings are the mask-weighted mean of the last
 hidden states, L2-normalised, as the sentence-transformers model defines them.
 """
 from __future__ import annotations

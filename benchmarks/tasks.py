@@ -28,7 +28,7 @@
           450 test images, the last batch padded with zero images that are not scored (as
           digits.accuracy). Calibration: the first 4 shuffled training batches.
 
-Every batch has exactly example_inputs()'s shapes (compiled graphs are specialised to them).
+Every batch has example_inputs()'s shapes (compiled graphs take any batch size; the other dims are fixed).
 """
 from __future__ import annotations
 

@@ -19,9 +19,7 @@ batch 8), three things:
            so the tools are never compared through two counting conventions.
   latency  CPU forward time at batch 8 with 2 torch threads of the unpruned model, its
            traced graph, and both pruned models, round-robin too. fxopt's graph is
-           specialised to the shapes it was traced with, so fxopt prunes once more,
-           untimed, at batch 8; the same importance picks the same channels (checked:
-           both graphs hold as many weights).
+           traced at batch 1 and runs at batch 8 (its batch dim is dynamic).
 
 Round-robin (the order rotating each round) because the machine may be shared: load
 drifts, and every stage then sees the same drift, so the ratios stay fair.
@@ -119,24 +117,17 @@ def count(module, inputs) -> dict:
     return {"macs": table.macs, "params": table.params, "uncounted_ops": list(table.unknown)}
 
 
-def _numel(module) -> int:
-    return sum(t.numel() for t in module.state_dict().values())
-
-
 def _fxopt_prune(gm) -> tuple:
     g, am = traced_with_am(gm)
     return g, fxopt.PassManager(PIPELINE).run(g, am)
 
 
 def fxopt_tool(model, one, eight):
-    """fxopt: the pruned graph, the graph to time (pruned again at the latency batch: a graph
-    is specialised to its traced shapes), the stages to time, what it said."""
+    """fxopt: the pruned graph, the graph to time (the same one: it runs at the latency batch,
+    its batch dim being dynamic), the stages to time, what it said."""
     traced = fxopt.trace(model, one)
     pruned, report = _fxopt_prune(traced)
-    timed, _ = _fxopt_prune(fxopt.trace(model, eight))
-    if _numel(timed) != _numel(pruned):
-        raise RuntimeError(f"pruned at batch {BATCH} it keeps {_numel(timed)} weights, at batch "
-                           f"{PRUNE_BATCH} {_numel(pruned)}: the timed graph is not the counted one")
+    timed = pruned
     stages = {"trace": (lambda _: fxopt.trace(model, one), None),
               "prune": (lambda s: fxopt.PassManager(PIPELINE).run(*s), lambda: traced_with_am(traced))}
     return pruned, timed, stages, {"notes": list(report.records[0].notes), "pipeline": report.pipeline}
@@ -342,8 +333,8 @@ def to_markdown(result: dict) -> str:
             "`round_to=num_heads` and `hidden_dim` set afterwards (`num_heads={mha: mha.num_heads}` makes "
             "Torch-Pruning 1.6 leave the residual stream of nn.MultiheadAttention unpruned). The classifier "
             "is Torch-Pruning's ignored layer; fxopt never prunes a model's outputs. Latency runs the "
-            "unpruned nn.Module, fxopt's unpruned and pruned GraphModules (fxopt's pruned again, untimed, "
-            f"at batch {cfg['batch']}: a graph is specialised to its traced shapes) and Torch-Pruning's pruned "
+            "unpruned nn.Module, fxopt's unpruned and pruned GraphModules (traced at batch 1, run at batch "
+            f"{cfg['batch']}: the batch dim is dynamic) and Torch-Pruning's pruned "
             "nn.Module under torch.inference_mode, eager, round-robin with a rotating order."]
     return "\n".join(out)
 

@@ -128,7 +128,7 @@ def worker(argv=None) -> int:
     example = (x[:len(x) // micro].clone(),)
     text = f"split-stages{{num-stages={world}}}" if world > 1 else ""
     start = time.perf_counter()
-    cm = fxopt.compile(model, example, pipeline=text, instruments=())
+    cm = fxopt.compile(model, example, pipeline=text, instruments=(), dynamic_shapes="static")
     compile_s = time.perf_counter() - start
     busy = [0.0]
     if world == 1:

@@ -8,8 +8,9 @@ Library (torch only; every rank holds the whole split model, which is small):
     grads = run_training_step(schedule, stage, inputs, target)  # this rank's {parameter FQN: grad}
 
 `split_gm` is `fxopt.compile(model, microbatch_inputs, pipeline="...,split-stages{num-stages=K}")
-.graph_module`. The traced graph is specialised to its example shapes, so it is compiled on
-ONE MICROBATCH (batch // microbatches) and the schedule splits the whole batch into that many.
+.graph_module`. A pipeline schedule sends fixed shapes between stages, so the model is compiled
+with dynamic_shapes="static" on ONE MICROBATCH (batch // microbatches) and the schedule splits the
+whole batch into that many.
 
 Process entry point (`python -m fxopt.runtime.pipeline`, or under torchrun):
 
@@ -223,7 +224,7 @@ def _run(args, world: int, rank: int) -> int:
     inputs = _seeded(make_inputs(args.input_shape, args.input_dtype), args.seed)
     microbatch = _microbatch(inputs, args.microbatches)
     text = ",".join(t for t in (args.pipeline.strip(), f"split-stages{{num-stages={stages}}}") if t)
-    compiled = fxopt.compile(model, microbatch, pipeline=text, instruments=())
+    compiled = fxopt.compile(model, microbatch, pipeline=text, instruments=(), dynamic_shapes="static")
     device = _init(args.device, world, rank)
     stage = build_stage(compiled.graph_module, rank, world, device, microbatch)
     with torch.no_grad():
