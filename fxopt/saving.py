@@ -16,9 +16,6 @@ import hashlib
 import json
 import os
 
-import torch
-import torch.fx as fx
-
 from .api import CompiledModel, graph_module_of, traced_inputs
 from .backends import get_backend
 from .errors import FxoptError, UnsupportedError

@@ -15,7 +15,6 @@ The user's model is never touched: tracing works on a deep copy.
 from __future__ import annotations
 
 import copy
-import inspect
 import io
 import logging
 import contextlib
@@ -30,7 +29,8 @@ import torch.fx as fx
 from torch.fx.experimental import _config as symbolic_config
 
 from ..errors import TraceError
-from .meta import INPUT_NAMES, INPUT_RANGES, INPUT_SHAPES, INPUT_SYMBOLS, TENSOR, TensorInfo, describe, example_size
+from .meta import INPUT_NAMES, INPUT_SHAPES, TENSOR, TensorInfo, describe
+from .dynamic import dynamic_spec, record_symbols, tie_batches, verified_at_batch_one
 from .shape_prop import TRACE_LOCK, propagate_shapes
 
 _LIB_DIRS = tuple(os.path.dirname(m.__file__) for m in (torch, fx) if m.__file__) + (
@@ -72,9 +72,9 @@ def _trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict, 
     else:
         gm = _export_with_caches_filled(model, copied, (example_inputs, example_kwargs), spec)
         if dynamic_shapes == "batch":
-            _tie_batches(gm)
+            tie_batches(gm)
         if spec is not None:
-            gm = _verified_at_batch_one(gm, copied, (example_inputs, example_kwargs))
+            gm = verified_at_batch_one(gm, copied, (example_inputs, example_kwargs))
     if not _shapes_from_export(gm):
         _propagate_symbolic(gm, example_inputs, spec)
     placeholders = gm.graph.find_nodes(op="placeholder")
@@ -89,30 +89,6 @@ def as_args(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     return tuple(example_inputs)
-
-
-def dynamic_spec(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes):
-    """torch.export's `dynamic_shapes` for "batch" / "static" / a spec of the user's own."""
-    if dynamic_shapes == "static" or dynamic_shapes is None:
-        return None
-    if dynamic_shapes != "batch":
-        if isinstance(dynamic_shapes, str):
-            raise TraceError(f"dynamic_shapes={dynamic_shapes!r} is not a known setting",
-                             hint="use 'batch' (the default), 'static', or a torch.export "
-                                  "dynamic_shapes spec such as {'x': {0: Dim.AUTO}}")
-        return dynamic_shapes
-    try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-    except TypeError as exc:
-        raise TraceError(f"the example inputs do not fit {type(model).__name__}.forward: {exc}",
-                         hint="pass example_inputs / example_kwargs as forward takes them") from exc
-    return {name: torch.utils._pytree.tree_map(_batch_dim, value) for name, value in bound.items()}
-
-
-def _batch_dim(value):
-    if isinstance(value, torch.Tensor) and value.dim() >= 1:
-        return {0: torch.export.Dim.AUTO}
-    return None
 
 
 def _propagate_symbolic(gm: fx.GraphModule, example_inputs: tuple, spec) -> None:
@@ -201,96 +177,6 @@ def _export_with_caches_filled(model: torch.nn.Module, copied: torch.nn.Module, 
     return _export_trace(filled, args, kwargs, spec)
 
 
-def _verified_at_batch_one(gm: fx.GraphModule, copied: torch.nn.Module, example: tuple) -> fx.GraphModule:
-    """A graph that also runs at batch 1 where the model allows it. Model code that
-    branches on the batch (`if batch != position_ids.shape[0]: position_ids.expand(batch, -1)`)
-    leaves a guard `batch != 1` when traced at batch 2 or more, though the general branch
-    serves batch 1 as well. When the guards refuse one row of the example, the graph
-    without them is run on that row and compared with the model: if they agree the guards
-    are dropped (fxopt's own checks of static dims, shared sizes and ranges stay, see
-    ir/inputs.py); if not, the batch's range starts at 2 and a batch of 1 is refused."""
-    one = _first_rows(gm, *example)
-    if one is None or _guards_accept(gm, *one):
-        return gm
-    node = next(iter(gm.graph.find_nodes(op="call_module", target="_guards_fn")))
-    gm.graph.erase_node(node)
-    gm.recompile()
-    with torch.no_grad():
-        try:
-            agree = _same(gm(*one[0], **one[1]), copied(*one[0], **one[1]))
-        except Exception:  # noqa: BLE001 - the graph cannot run at batch 1: refuse that batch
-            agree = False
-    if not agree:
-        ranges = gm.meta[INPUT_RANGES]
-        for dims in gm.meta[INPUT_SYMBOLS]:
-            if dims and dims[0] is not None:
-                ranges[dims[0]] = (max(2, ranges[dims[0]][0]), ranges[dims[0]][1])
-    return gm
-
-
-def _same(actual, expected) -> bool:
-    flat_a, flat_e = torch.utils._pytree.tree_leaves(actual), torch.utils._pytree.tree_leaves(expected)
-    if len(flat_a) != len(flat_e):
-        return False
-    for a, e in zip(flat_a, flat_e):
-        if isinstance(e, torch.Tensor):
-            if not isinstance(a, torch.Tensor) or a.shape != e.shape:
-                return False
-            scale = max(1.0, e.abs().max().item()) if e.numel() and e.is_floating_point() else 1.0
-            if e.numel() and (a.double() - e.double()).abs().max().item() > 1e-4 * scale:
-                return False
-    return True
-
-
-def _tie_batches(gm: fx.GraphModule) -> None:
-    """Under "batch", inputs whose dim 0 had one size in the example are one batch: their
-    dim-0 symbols become one, so a call with ids of 3 rows and a mask of 2 is refused
-    (export ties them only where the model's code relates them)."""
-    symbols, ranges = list(gm.meta[INPUT_SYMBOLS]), gm.meta[INPUT_RANGES]
-    first: dict[int, str] = {}
-    for i, (dims, node) in enumerate(zip(symbols, gm.graph.find_nodes(op="placeholder"))):
-        if not dims or dims[0] is None:
-            continue
-        batch = first.setdefault(example_size(node.meta["val"].shape[0]), dims[0])
-        if batch != dims[0]:
-            low = max(ranges[batch][0], ranges[dims[0]][0])
-            highs = [h for h in (ranges[batch][1], ranges[dims[0]][1]) if h is not None]
-            ranges[batch] = (low, min(highs) if highs else None)
-            symbols[i] = (batch,) + tuple(dims[1:])
-    gm.meta[INPUT_SYMBOLS] = tuple(symbols)
-
-
-def _first_rows(gm: fx.GraphModule, args: tuple, kwargs: dict):
-    """(args, kwargs) with every input whose dim 0 the graph made dynamic cut to one row."""
-    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
-    flat, tree = torch.utils._pytree.tree_flatten(list(bound.arguments.values()), is_leaf=lambda a: a is None)
-    placeholders = gm.graph.find_nodes(op="placeholder")
-    if len(placeholders) != len(flat):
-        return None
-    rows = [value.narrow(0, 0, 1) if isinstance(value, torch.Tensor) and value.dim() >= 1 and
-            isinstance(getattr(p.meta.get("val"), "shape", (0,))[0], torch.SymInt) else value
-            for p, value in zip(placeholders, flat)]
-    for name, value in zip(list(bound.arguments), torch.utils._pytree.tree_unflatten(rows, tree)):
-        bound.arguments[name] = value
-    return bound.args, bound.kwargs
-
-
-def _guards_accept(gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:
-    """Whether the exported graph's input guards (its `_guards_fn`) accept these inputs."""
-    guards = getattr(gm, "_guards_fn", None)
-    node = next(iter(gm.graph.find_nodes(op="call_module", target="_guards_fn")), None)
-    if guards is None or node is None:
-        return True
-    bound = inspect.signature(gm.forward).bind(*args, **kwargs).arguments
-    flat = torch.utils._pytree.tree_leaves(list(bound.values()), is_leaf=lambda a: a is None)
-    placeholders = {p.name: value for p, value in zip(gm.graph.find_nodes(op="placeholder"), flat)}
-    try:
-        guards(*[placeholders.get(a.name) if isinstance(a, fx.Node) else a for a in node.args])
-    except AssertionError:
-        return False
-    return True
-
-
 def _export_trace(model: torch.nn.Module, args: tuple, kwargs: dict, spec) -> fx.GraphModule:
     """torch.export, non-strict. Size-oblivious reasoning lets a batch-1 example keep a
     dynamic batch (export would otherwise specialise sizes 0 and 1)."""
@@ -306,24 +192,8 @@ def _export_trace(model: torch.nn.Module, args: tuple, kwargs: dict, spec) -> fx
         sys.stderr.write(stderr.getvalue())
     gm = exported.module()
     _drop_structure_hook(gm)
-    _record_symbols(gm, exported.range_constraints)
+    record_symbols(gm, exported.range_constraints)
     return gm
-
-
-def _record_symbols(gm: fx.GraphModule, range_constraints: dict) -> None:
-    """Which input dims share a size symbol, and each symbol's range (ir/inputs.py checks them)."""
-    symbols = []
-    for node in gm.graph.find_nodes(op="placeholder"):
-        shape = getattr(node.meta.get("val"), "shape", None)
-        symbols.append(None if shape is None else tuple(
-            str(s.node.expr) if isinstance(s, torch.SymInt) else None for s in shape))
-    from torch.utils._sympy.numbers import int_oo
-
-    ranges = {}
-    for symbol, bounds in range_constraints.items():
-        upper = None if bounds.upper == int_oo or bounds.upper.is_infinite else int(bounds.upper)
-        ranges[str(symbol)] = (int(bounds.lower), upper)
-    gm.meta[INPUT_SYMBOLS], gm.meta[INPUT_RANGES] = tuple(symbols), ranges
 
 
 def _drop_structure_hook(gm: fx.GraphModule) -> None:
