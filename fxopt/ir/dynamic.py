@@ -40,13 +40,20 @@ def _batch_dim(value):
     return None
 
 
+def _symbol(size) -> str | None:
+    """The name of a size's symbol (or expression); None for a size that is a constant."""
+    if not isinstance(size, torch.SymInt) or size.node.expr.is_number:
+        return None
+    return str(size.node.expr)
+
+
 def record_symbols(gm: fx.GraphModule, range_constraints: dict) -> None:
     """Which input dims share a size symbol, and each symbol's range (ir/inputs.py checks them)."""
     symbols = []
     for node in gm.graph.find_nodes(op="placeholder"):
         shape = getattr(node.meta.get("val"), "shape", None)
         symbols.append(None if shape is None else tuple(
-            str(s.node.expr) if isinstance(s, torch.SymInt) else None for s in shape))
+            _symbol(s) for s in shape))
     from torch.utils._sympy.numbers import int_oo
 
     ranges = {}
@@ -79,7 +86,8 @@ def verified_at_batch_one(gm: fx.GraphModule, copied: torch.nn.Module, example: 
         ranges = gm.meta[INPUT_RANGES]
         for dims in gm.meta[INPUT_SYMBOLS]:
             if dims and dims[0] is not None:
-                ranges[dims[0]] = (max(2, ranges[dims[0]][0]), ranges[dims[0]][1])
+                low, high = ranges.get(dims[0], (0, None))
+                ranges[dims[0]] = (max(2, low), high)
     return gm
 
 
@@ -108,8 +116,9 @@ def tie_batches(gm: fx.GraphModule) -> None:
             continue
         batch = first.setdefault(example_size(node.meta["val"].shape[0]), dims[0])
         if batch != dims[0]:
-            low = max(ranges[batch][0], ranges[dims[0]][0])
-            highs = [h for h in (ranges[batch][1], ranges[dims[0]][1]) if h is not None]
+            (low_a, high_a), (low_b, high_b) = ranges.get(batch, (0, None)), ranges.get(dims[0], (0, None))
+            low = max(low_a, low_b)
+            highs = [h for h in (high_a, high_b) if h is not None]
             ranges[batch] = (low, min(highs) if highs else None)
             symbols[i] = (batch,) + tuple(dims[1:])
     gm.meta[INPUT_SYMBOLS] = tuple(symbols)

@@ -36,7 +36,8 @@ class TensorInfo:
     @classmethod
     def of(cls, t: torch.Tensor) -> "TensorInfo":
         sizes = tuple(t.shape)
-        dynamic = tuple(i for i, s in enumerate(sizes) if isinstance(s, torch.SymInt))
+        dynamic = tuple(i for i, s in enumerate(sizes)
+                        if isinstance(s, torch.SymInt) and not s.node.expr.is_number)
         return cls(tuple(example_size(s) for s in sizes), t.dtype, t.device, dynamic)
 
     def accepts(self, other: "TensorInfo") -> bool:

@@ -14,6 +14,7 @@ and they are left unpruned with a note.
 """
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 
 import torch
@@ -248,8 +249,11 @@ def _at(node: fx.Node, index: int, value):
     return (node.target, tuple(args), dict(node.kwargs))
 
 
-def _sizes(old_list, old_shape, new_shape, what: str):
-    """A literal size list with each changed entry replaced (-1 entries are kept)."""
+def _sizes(old_list, old_shape, new_shape, what: str, before: fx.Node | None = None):
+    """A size list with each changed entry replaced (-1 entries are kept). A literal is
+    rewritten; a size computed in the graph as `symbolic * literal` (the dynamic batch
+    times a head count, as nn.MultiheadAttention's `bsz * num_heads`) gets a new product
+    with the literal scaled, inserted before `before`."""
     if old_shape == new_shape:
         return None
     if len(old_list) != len(new_shape):
@@ -263,19 +267,30 @@ def _sizes(old_list, old_shape, new_shape, what: str):
         elif isinstance(s, int):
             out.append(new)
         else:
-            raise _Cannot(f"{what}: size {s} is computed in the graph, not a literal")
+            out.append(_scaled_product(s, old, new, before, what))
     return out
+
+
+def _scaled_product(size, old: int, new: int, before: fx.Node | None, what: str) -> fx.Node:
+    factors = size.args if isinstance(size, fx.Node) and size.target is operator.mul else ()
+    literal = [i for i, f in enumerate(factors) if isinstance(f, int)]
+    if before is None or len(factors) != 2 or len(literal) != 1 or (factors[literal[0]] * new) % old:
+        raise _Cannot(f"{what}: size {size} is computed in the graph, not a literal")
+    args = list(factors)
+    args[literal[0]] = factors[literal[0]] * new // old
+    with before.graph.inserting_before(before):
+        return before.graph.call_function(operator.mul, tuple(args))
 
 
 @_literal(aten.view, aten.reshape, aten._unsafe_view, aten.view_copy, aten.expand)
 def _view(rw: Rewriter, node: fx.Node):
-    sizes = _sizes(node.args[1], rw.old_shape(node.name), rw.new_shape(node.name), f"{node.name} sizes")
+    sizes = _sizes(node.args[1], rw.old_shape(node.name), rw.new_shape(node.name), f"{node.name} sizes", node)
     return None if sizes is None else _at(node, 1, sizes)
 
 
 @_literal(aten.ones, aten.zeros, aten.full, aten.empty, aten.randn, aten.rand)
 def _factory(rw: Rewriter, node: fx.Node):
-    sizes = _sizes(node.args[0], rw.old_shape(node.name), rw.new_shape(node.name), f"{node.name} size")
+    sizes = _sizes(node.args[0], rw.old_shape(node.name), rw.new_shape(node.name), f"{node.name} size", node)
     return None if sizes is None else _at(node, 0, sizes)
 
 
@@ -291,7 +306,7 @@ def _unflatten(rw: Rewriter, node: fx.Node):
     dim, sizes = node.args[1], node.args[2]
     dim %= len(rw.old_shape(node.args[0].name))
     span = slice(dim, dim + len(sizes))
-    new = _sizes(sizes, rw.old_shape(node.name)[span], rw.new_shape(node.name)[span], f"{node.name} sizes")
+    new = _sizes(sizes, rw.old_shape(node.name)[span], rw.new_shape(node.name)[span], f"{node.name} sizes", node)
     return None if new is None else _at(node, 2, new)
 
 
