@@ -90,6 +90,7 @@ def test_trace_records_input_shapes_and_accepts_a_single_tensor():
     model = ConvNet().eval()
     gm = fxopt.trace(model, x)
     assert gm.meta[INPUT_SHAPES] == (TensorInfo((2, 3, 8, 8), torch.float32, torch.device("cpu"), (0,)),)
+    assert gm.meta[INPUT_SHAPES][0].dynamic == (0,)
     torch.testing.assert_close(gm(x), model(x))
 
 

@@ -25,6 +25,8 @@ to even, like torch.round, and saturates to the container type):
 """
 from __future__ import annotations
 
+import copy
+
 
 import numpy as np
 import torch
@@ -231,9 +233,30 @@ def _value_info(name: str, tensor: torch.Tensor):
     return onnx.helper.make_tensor_value_info(name, elem, list(tensor.shape))
 
 
+def _sizes_folded(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+    """A copy of `gm` (sharing its weights) whose integer-valued nodes (symbolic sizes such
+    as the dynamic batch, and arithmetic on them) are replaced by their values at the
+    example: ONNX export is static, at the example's shapes."""
+    recorded = record_values(gm, example_inputs)
+    sizes = {n.name: v for n, v in recorded.items()
+             if n.op == "call_function" and isinstance(v, int) and not isinstance(v, bool)}
+    if not sizes:
+        return gm
+    folded = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    for node in reversed(list(folded.graph.nodes)):
+        if node.name in sizes:
+            for user in list(node.users):
+                user.args = fx.node.map_arg(user.args, lambda a: sizes[a.name] if a is node else a)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda a: sizes[a.name] if a is node else a)
+            folded.graph.erase_node(node)
+    folded.recompile()
+    return folded
+
+
 def build_model(gm: fx.GraphModule, example_inputs, opset: int, rules: dict):
     """The ONNX ModelProto of `gm` (static shapes of `example_inputs`)."""
     onnx = _onnx()
+    gm = _sizes_folded(gm, example_inputs)
     b = OnnxBuilder(gm, opset, record_values(gm, example_inputs))
     inputs, outputs = [], []
     for node in live_nodes(gm):

@@ -5,7 +5,7 @@ Keys are namespaced `fxopt.<owner>`; each is written by exactly one analysis
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,13 +25,15 @@ class TensorInfo:
 
     `shape` holds the sizes at the example inputs (a symbolic size is stored as its
     example value, so cost and channel counts are plain ints); `dynamic` names the
-    dims that may take other sizes at run time (recorded on the graph's inputs).
+    dims that may take other sizes at run time: on the graph's inputs it is the
+    contract calls are checked against; on other values it is what shape propagation
+    saw (some torch kernels specialise a size), so it is left out of equality.
     """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
-    dynamic: tuple[int, ...] = ()
+    dynamic: tuple[int, ...] = field(default=(), compare=False)   # informational between passes
 
     @classmethod
     def of(cls, t: torch.Tensor) -> "TensorInfo":
