@@ -167,7 +167,11 @@ def test_structure_constants_and_tied_weights():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert not jax.config.jax_enable_x64  # x64 was scoped to the calls
     with pytest.raises(fxopt.InputShapeError, match="compiled for float32"):
-        cm._lowered(torch.randn(5, 4), None, torch.randn(3, 4))
+        next(iter(cm._lowered._executables.values()))(torch.randn(5, 4), None, torch.randn(3, 4))
+    wider = (torch.randn(5, 4), None, torch.randn(7, 4))          # both batches differ: one more program
+    with torch.no_grad():
+        _assert_same_outputs(model(*wider), cm(*wider), tol=1e-6)
+    assert len(cm.report.xla.shapes_compiled) == 2
 
 
 def test_ceil_mode_max_pool_is_rewritten_on_a_copy():

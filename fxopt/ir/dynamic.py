@@ -7,6 +7,7 @@ the graph may be dropped where they refuse what the model itself accepts.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -77,9 +78,12 @@ def verified_at_batch_one(gm: fx.GraphModule, copied: torch.nn.Module, example: 
     node = next(iter(gm.graph.find_nodes(op="call_module", target="_guards_fn")))
     gm.graph.erase_node(node)
     gm.recompile()
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(), _buffers_kept(gm), _buffers_kept(copied):
         try:
-            agree = _same(gm(*one[0], **one[1]), copied(*one[0], **one[1]))
+            torch.manual_seed(0)
+            ours = gm(*one[0], **one[1])
+            torch.manual_seed(0)
+            agree = _same(ours, copied(*one[0], **one[1]))
         except Exception:  # noqa: BLE001 - the graph cannot run at batch 1: refuse that batch
             agree = False
     if not agree:
@@ -89,6 +93,18 @@ def verified_at_batch_one(gm: fx.GraphModule, copied: torch.nn.Module, example: 
                 low, high = ranges.get(dims[0], (0, None))
                 ranges[dims[0]] = (max(2, low), high)
     return gm
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: torch.nn.Module):
+    """The check runs leave no trace: a training-mode BatchNorm's running stats are put back."""
+    saved = {name: b.clone() for name, b in module.named_buffers()}
+    try:
+        yield
+    finally:
+        for name, b in module.named_buffers():
+            if name in saved:
+                b.copy_(saved[name])
 
 
 def _same(actual, expected) -> bool:
