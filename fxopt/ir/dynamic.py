@@ -70,8 +70,9 @@ def verified_at_batch_one(gm: fx.GraphModule, copied: torch.nn.Module, example: 
     leaves a guard `batch != 1` when traced at batch 2 or more, though the general branch
     serves batch 1 as well. When the guards refuse one row of the example, the graph
     without them is run on that row and compared with the model: if they agree the guards
-    are dropped (fxopt's own checks of static dims, shared sizes and ranges stay, see
-    ir/inputs.py); if not, the batch's range starts at 2 and a batch of 1 is refused."""
+    are dropped and the batch's range opens to 1 (fxopt's own checks of static dims, shared
+    sizes and ranges stay, see ir/inputs.py); if not, the range starts at 2 and a batch of
+    1 is refused by name."""
     one = _first_rows(gm, *example)
     if one is None or _guards_accept(gm, *one):
         return gm
@@ -86,12 +87,11 @@ def verified_at_batch_one(gm: fx.GraphModule, copied: torch.nn.Module, example: 
             agree = _same(ours, copied(*one[0], **one[1]))
         except Exception:  # noqa: BLE001 - the graph cannot run at batch 1: refuse that batch
             agree = False
-    if not agree:
-        ranges = gm.meta[INPUT_RANGES]
-        for dims in gm.meta[INPUT_SYMBOLS]:
-            if dims and dims[0] is not None:
-                low, high = ranges.get(dims[0], (0, None))
-                ranges[dims[0]] = (max(2, low), high)
+    ranges = gm.meta[INPUT_RANGES]
+    for dims in gm.meta[INPUT_SYMBOLS]:
+        if dims and dims[0] is not None:
+            low, high = ranges.get(dims[0], (0, None))
+            ranges[dims[0]] = (min(low, 1) if agree else max(2, low), high)
     return gm
 
 
