@@ -225,3 +225,13 @@ def test_leaf_modules_are_costed_and_passes_say_they_did_not_look_inside():
                        leaf_modules=(Block,))
     for record in cm.report.records[1:]:
         assert any("did not look inside 2 leaf modules (1, 2)" in n for n in record.notes), record
+
+
+def test_split_stages_fixes_the_sizes_and_says_so():
+    model = _net()
+    cm = fxopt.compile(model, (torch.randn(2, 3, 8, 8),), pipeline="split-stages{num-stages=2}", verify=True)
+    assert any("sizes fixed to the example's" in n for n in cm.report.records[0].notes)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(cm(x), model(x))
+    with pytest.raises(fxopt.InputShapeError, match=r"dim 0 is static \(2\) and got 3"):
+        cm(torch.randn(3, 3, 8, 8))

@@ -157,13 +157,13 @@ def check_model(model: torch.nn.Module, inputs: tuple, monkeypatch, check_mutati
     if check_mutation:
         _assert_unchanged(model, before, training=False)
     traced = spy.traced or fxopt.trace(model, inputs, dynamic_shapes=dynamic)
-    check_stages(fxopt.trace(model, inputs, dynamic_shapes="static"), inputs, expected)
+    check_stages(traced, inputs, expected)
     check_pruning(traced, [inputs, *others], [expected, *expected_others], spy.cost.macs)
 
 
 def check_stages(traced, inputs: tuple, expected) -> None:
-    """split-stages at 2 and 4 stages (on a graph traced static: pipeline stages run at a
-    fixed microbatch): the stages, called in sequence, give the original
+    """split-stages at 2 and 4 stages (which fix the sizes to the example's: pipeline stages
+    run at a fixed microbatch): the stages, called in sequence, give the original
     outputs within 1e-5 (of their scale). Each split works on a GraphModule sharing the
     traced one's weights (splitting moves them into the stages of the new module only)."""
     for k in (2, 4):

@@ -34,7 +34,9 @@ import torch.fx as fx
 
 from ..errors import FxoptError, UnsupportedError
 from ..files import write_atomically
+from ..ir.dynamic import specialise
 from ..ir.graph import fetch_attr, node_location
+from ..ir.meta import INPUT_SHAPES, TENSOR, TensorInfo
 from ..quant import FakeQuantize, quantize
 
 MIN_OPSET = 13          # per-axis QuantizeLinear / DequantizeLinear
@@ -234,22 +236,17 @@ def _value_info(name: str, tensor: torch.Tensor):
 
 
 def _sizes_folded(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
-    """A copy of `gm` (sharing its weights) whose integer-valued nodes (symbolic sizes such
-    as the dynamic batch, and arithmetic on them) are replaced by their values at the
-    example: ONNX export is static, at the example's shapes."""
-    recorded = record_values(gm, example_inputs)
-    sizes = {n.name: v for n, v in recorded.items()
-             if n.op == "call_function" and isinstance(v, int) and not isinstance(v, bool)}
-    if not sizes:
+    """`gm`, or a copy sharing its weights with its symbolic sizes (the dynamic batch)
+    fixed to those of `example_inputs`: ONNX export is static, at the example's shapes."""
+    if not any(isinstance(i, TensorInfo) and i.dynamic for i in gm.meta.get(INPUT_SHAPES, ())):
         return gm
     folded = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    for node in reversed(list(folded.graph.nodes)):
-        if node.name in sizes:
-            for user in list(node.users):
-                user.args = fx.node.map_arg(user.args, lambda a: sizes[a.name] if a is node else a)
-                user.kwargs = fx.node.map_arg(user.kwargs, lambda a: sizes[a.name] if a is node else a)
-            folded.graph.erase_node(node)
-    folded.recompile()
+    folded.meta.update(gm.meta)
+    flat = torch.utils._pytree.tree_leaves(tuple(example_inputs), is_leaf=lambda a: a is None)
+    for node, value in zip(folded.graph.find_nodes(op="placeholder"), flat):
+        if isinstance(value, torch.Tensor):
+            node.meta[TENSOR] = TensorInfo.of(value)
+    specialise(folded)
     return folded
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import TraceError
-from .meta import INPUT_RANGES, INPUT_SYMBOLS, example_size
+from .meta import INPUT_RANGES, INPUT_SHAPES, INPUT_SYMBOLS, TENSOR, TensorInfo, example_size
 
 
 def dynamic_spec(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes):
@@ -169,3 +169,32 @@ def _guards_accept(gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:
     except AssertionError:
         return False
     return True
+
+
+def specialise(gm: fx.GraphModule) -> int:
+    """Fix the graph to its example sizes, in place: every integer-valued node (a symbolic
+    size such as the dynamic batch, and arithmetic on it) becomes its example value, and
+    the inputs' dynamic dims are cleared, so a call at another size is refused by name.
+    For consumers that need static shapes (pipeline stages, ONNX). Returns how many
+    nodes were folded."""
+    from .shape_prop import propagate_shapes
+
+    values: dict[str, int] = {}
+    static = {n: n.meta.get(TENSOR) for n in gm.graph.find_nodes(op="placeholder")}
+    for node, info in static.items():
+        if isinstance(info, TensorInfo):
+            node.meta[TENSOR] = TensorInfo(info.shape, info.dtype, info.device)
+    propagate_shapes(gm, record_ints=values)
+    for node in reversed(list(gm.graph.nodes)):
+        if node.name in values:
+            value = values[node.name]
+            for user in list(node.users):
+                user.args = fx.node.map_arg(user.args, lambda a, n=node, v=value: v if a is n else a)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda a, n=node, v=value: v if a is n else a)
+            if not node.users:
+                gm.graph.erase_node(node)
+    gm.meta[INPUT_SHAPES] = tuple(node.meta.get(TENSOR) for node in static)
+    gm.meta[INPUT_SYMBOLS] = tuple(None for _ in static)
+    gm.meta[INPUT_RANGES] = {}
+    gm.recompile()
+    return len(values)

@@ -28,9 +28,9 @@ TRACE_LOCK = threading.RLock()
 
 
 class _FakePropagator(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode):
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, ints: dict | None = None):
         super().__init__(gm, garbage_collect_values=True)
-        self.mode = mode
+        self.mode, self.ints = mode, ints
 
     def run_node(self, n: fx.Node):
         try:
@@ -43,6 +43,9 @@ class _FakePropagator(fx.Interpreter):
                      "leaf_modules=... or give concrete_args",
             ) from exc
         n.meta[TENSOR] = describe(result)
+        if self.ints is not None and n.op == "call_function" and isinstance(result, (int, torch.SymInt)) \
+                and not isinstance(result, bool):
+            self.ints[n.name] = example_size(result)
         return result
 
     def get_attr(self, target, args, kwargs):
@@ -119,17 +122,18 @@ def fake_inputs_from_meta(gm: fx.GraphModule, mode: FakeTensorMode) -> list:
     return values
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs=None) -> None:
+def propagate_shapes(gm: fx.GraphModule, example_inputs=None, record_ints: dict | None = None) -> None:
     """Fill node.meta[TENSOR] for every node by running `gm` on fake tensors.
 
     `example_inputs` may be real tensors (only their metadata is used); when
-    omitted, the shapes recorded on the placeholders are used.
+    omitted, the shapes recorded on the placeholders are used. `record_ints`, a dict,
+    receives the example value of every integer-valued node (symbolic sizes).
     """
     with TRACE_LOCK:
-        _propagate(gm, example_inputs)
+        _propagate(gm, example_inputs, record_ints)
 
 
-def _propagate(gm: fx.GraphModule, example_inputs) -> None:
+def _propagate(gm: fx.GraphModule, example_inputs, record_ints: dict | None) -> None:
     mode = fake_mode()
     if example_inputs is None:
         inputs = fake_inputs_from_meta(gm, mode)
@@ -137,4 +141,4 @@ def _propagate(gm: fx.GraphModule, example_inputs) -> None:
         inputs = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
                   for x in example_inputs]
     with mode, symbolic_config.patch(backed_size_oblivious=True):
-        _FakePropagator(gm, mode).run(*inputs)
+        _FakePropagator(gm, mode, record_ints).run(*inputs)

@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from ...analyses import Cost
 from ...errors import PassOptionError
+from ...ir.dynamic import specialise
 from ...ir.meta import INPUT_SHAPES, TENSOR, TensorInfo
 from ...pm import Pass, PassResult, register_pass
 from .build import build, install, stage_ranges
@@ -66,19 +67,18 @@ class SplitStages(Pass):
         if any(name.startswith("stage_") for name, _ in gm.named_children()):
             raise PassOptionError("split-stages: the graph is already split into stages",
                                   hint="split once; use stages(...) to run passes on each stage")
+        dynamic = any(isinstance(i, TensorInfo) and i.dynamic for i in gm.meta.get(INPUT_SHAPES, ()))
+        if dynamic:   # stages hand fixed shapes to each other: the sizes become the example's
+            specialise(gm)
         seq = sequence(gm)
         cost_table = am.get(Cost)
         costs = self._costs(gm, seq, cost_table)
         memory = _memory(gm, seq)
         cuts = candidate_cuts(seq, self.num_stages, costs)
         if len(cuts) < self.num_stages - 1:
-            sizes = any(isinstance(v.meta.get("val"), torch.SymInt) for c in seq.crossing for v in c)
             raise PassOptionError(
                 f"split-stages: cannot make {self.num_stages} stages: the graph has only {len(cuts)} places "
-                f"where every crossing value is a tensor ({len(seq.ops)} ops)"
-                + ("; symbolic sizes (the dynamic batch) are used across the model" if sizes else ""),
-                hint="compile with dynamic_shapes='static' (pipeline stages run at a fixed microbatch)"
-                     if sizes else "ask for fewer stages")
+                f"where every crossing value is a tensor ({len(seq.ops)} ops)", hint="ask for fewer stages")
         problem = Problem(costs, memory, self._penalties(seq, cuts, sum(costs)), self.num_stages,
                           self.max_stage_memory)
         chosen = split(problem, cuts)
@@ -91,8 +91,10 @@ class SplitStages(Pass):
         report = self._report(seq, chosen, costs, memory, cost_table)
         children, top = build(gm, seq, chosen)
         install(gm, children, top)
-        return PassResult.changed(notes=(f"{self.num_stages} stages, largest / mean cost "
-                                         f"{report.imbalance():.2f}",), sections={"stages": report})
+        notes = (f"{self.num_stages} stages, largest / mean cost {report.imbalance():.2f}",) + (
+            ("sizes fixed to the example's (a pipeline runs one microbatch shape): other batch "
+             "sizes are refused",) if dynamic else ())
+        return PassResult.changed(notes=notes, sections={"stages": report})
 
     # ---- costs ----------------------------------------------------------------------------
     def _costs(self, gm: fx.GraphModule, seq, cost_table) -> list[float]:
