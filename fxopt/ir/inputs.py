@@ -131,10 +131,11 @@ def guard_errors(gm: fx.GraphModule):
                                    "every call") from None
 
 
-def resized_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict, extra: int = 1) -> tuple | None:
-    """The example inputs, by position, with every dynamic dim grown by `extra` (rows
-    repeated from the example, so token ids and masks stay valid); None when no input
-    has a dynamic dim."""
+def resized_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict, smaller: bool = False) -> tuple | None:
+    """The example inputs, by position, with every dynamic dim one size larger (rows
+    repeated from the example, so token ids and masks stay valid) or, with `smaller`, one
+    smaller where the dim's range allows it (cheaper to run, and it reaches a batch of 1);
+    None when no input has a dynamic dim."""
     expected = gm.meta.get(INPUT_SHAPES) or ()
     if not any(isinstance(e, TensorInfo) and e.dynamic for e in expected):
         return None
@@ -143,14 +144,22 @@ def resized_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict, extra: int = 1
                                                   is_leaf=lambda a: a is None)
     if len(flat) != len(expected):
         return None
-    grown = [_grow(value, info, extra) for value, info in zip(flat, expected)]
-    return tuple(torch.utils._pytree.tree_unflatten(grown, spec))
+    symbols = gm.meta.get(INPUT_SYMBOLS) or (None,) * len(flat)
+    ranges = gm.meta.get(INPUT_RANGES) or {}
+    resized = []
+    for value, info, dims in zip(flat, expected, symbols):
+        if isinstance(value, torch.Tensor) and isinstance(info, TensorInfo):
+            for dim in info.dynamic:
+                low = ranges.get(dims[dim], (0, None))[0] if dims and dims[dim] else 1
+                value = _one_smaller(value, dim) if smaller and value.shape[dim] - 1 >= max(low, 1) \
+                    else _one_larger(value, dim)
+        resized.append(value)
+    return tuple(torch.utils._pytree.tree_unflatten(resized, spec))
 
 
-def _grow(value, info, extra: int):
-    if not (isinstance(value, torch.Tensor) and isinstance(info, TensorInfo)):
-        return value
-    for dim in info.dynamic:
-        rows = value.narrow(dim, 0, 1).expand(*[extra if d == dim else -1 for d in range(value.dim())])
-        value = torch.cat([value, rows], dim)
-    return value
+def _one_larger(value: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.cat([value, value.narrow(dim, 0, 1)], dim)
+
+
+def _one_smaller(value: torch.Tensor, dim: int) -> torch.Tensor:
+    return value.narrow(dim, 0, value.shape[dim] - 1)

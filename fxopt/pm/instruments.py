@@ -78,8 +78,9 @@ class Verify(Instrument):
     preserves the shapes analysis, the recorded shapes must equal fresh ones.
     Outputs (`check_outputs=True`, needs example inputs): compared with the
     outputs before the pass, within the pass's `tolerance` (skipped if None), at
-    the example inputs and, where an input has dynamic dims, at one size more
-    along them (a pass that bakes the example's batch into the graph fails there).
+    the example inputs and, where an input has dynamic dims, at one size less along
+    them (one more where the dim's range stops at the example's size): a pass that
+    bakes the example's batch into the graph fails there.
     """
 
     def __init__(self, check_outputs: bool = False, example_inputs=None):
@@ -129,8 +130,8 @@ class Verify(Instrument):
         from ..ir.inputs import resized_inputs
 
         args, kwargs = tuple(self._inputs(ctx)), dict(getattr(ctx, "example_kwargs", {}) or {})
-        grown = resized_inputs(gm, args, kwargs)
-        return [(args, kwargs)] + ([(grown, {})] if grown is not None else [])
+        other = resized_inputs(gm, args, kwargs, smaller=True)
+        return [(args, kwargs)] + ([(other, {})] if other is not None else [])
 
     @staticmethod
     def _check_meta(gm, record) -> None:
