@@ -229,3 +229,23 @@ def test_int8_on_cuda_uses_int_mm_by_default():
     lowered = fxopt.lower(cm, backend="inductor")
     assert len(_int_mm_nodes(lowered)) == 2
     assert _cosine(cm, lowered, batches[4:]) >= 0.999
+
+
+def test_aot_package_runs_without_fxopt_at_any_batch(tmp_path):
+    """package_path= writes an AOTInductor package: loaded by torch alone, it runs the pruned
+    graph at batch sizes the example did not have; a foreign file there is never overwritten."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    path = tmp_path / "model.pt2"
+    cm = fxopt.compile(model, (torch.randn(1, 16),), pipeline="prune50", backend="inductor",
+                       package_path=str(path))
+    assert cm.report.inductor.package_path == str(path)
+    runner = torch._inductor.aoti_load_package(str(path))
+    for batch in (1, 5):
+        x = torch.randn(batch, 16)
+        torch.testing.assert_close(runner(x), cm(x), atol=1e-5, rtol=1e-5)
+    foreign = tmp_path / "notes.pt2"
+    foreign.write_text("mine")
+    with pytest.raises(fxopt.UnsupportedError, match="not an AOTInductor package"):
+        fxopt.compile(model, (torch.randn(1, 16),), backend="inductor", package_path=str(foreign))
+    assert foreign.read_text() == "mine"

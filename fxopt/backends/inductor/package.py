@@ -17,9 +17,9 @@ import zipfile
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental import _config as symbolic_config
 
 from ...errors import UnsupportedError
+from ...ir.inputs import resized_inputs
 from ...ir.meta import INPUT_SHAPES, TensorInfo
 
 
@@ -49,14 +49,16 @@ def is_package(path: str) -> bool:
 def write_package(graph: fx.GraphModule, example_inputs: tuple, path: str) -> str:
     """Export `graph` with its dynamic dims and write the AOTInductor package to `path`."""
     spec = _dynamic_spec(graph, example_inputs)
+    # one row more along the dynamic dims: export would fix a dim of size 1 to 1
+    inputs = (resized_inputs(graph, tuple(example_inputs), {}) if spec else None) or tuple(example_inputs)
     try:
-        with symbolic_config.patch(backed_size_oblivious=spec is not None):   # a batch-1 example stays dynamic
-            program = torch.export.export(graph, tuple(example_inputs), dynamic_shapes=spec, strict=False)
+        program = torch.export.export(graph, inputs, dynamic_shapes=spec, strict=False)
     except Exception as exc:  # noqa: BLE001 - export's message is long; say what failed
         raise UnsupportedError(f"backend 'inductor': the graph could not be exported for packaging: "
                                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}",
                                hint="compile without package_path, or with backend='eager' to check "
                                     "the graph") from exc
+    _check_dynamic_kept(program, spec)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".pt2", dir=folder)
@@ -68,6 +70,22 @@ def write_package(graph: fx.GraphModule, example_inputs: tuple, path: str) -> st
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _check_dynamic_kept(program, spec) -> None:
+    """The package must vary where the graph does: AOTInductor's runner does not check the
+    sizes it is given, so a dim export fixed would be silently wrong at other sizes."""
+    if not spec:
+        return
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"][-len(spec):]
+    for node, dims in zip(placeholders, spec):
+        shape = getattr(node.meta.get("val"), "shape", ())
+        fixed = [d for d in (dims or {}) if d < len(shape) and not isinstance(shape[d], torch.SymInt)]
+        if fixed:
+            raise UnsupportedError(
+                f"backend 'inductor': exporting the package fixed dim(s) {fixed} of input '{node.name}', "
+                "which the compiled graph lets vary; the package would be wrong at other sizes",
+                hint="compile with dynamic_shapes='static' to package one fixed shape")
 
 
 def _dynamic_spec(graph: fx.GraphModule, example_inputs: tuple):
