@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The zoo (every torchvision model, the largest holding gigabytes) runs in a process of its own.
 test: setup
-	FXOPT_VERIFY=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	FXOPT_VERIFY=1 $(BIN)/python -m pytest -q -p no:cacheprovider --ignore=tests/test_zoo.py
+	FXOPT_VERIFY=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_zoo.py
 
 demo: setup
 	$(BIN)/fxopt bench --model crepe --pipeline prune25+int8 --pipeline prune50+int8 --pipeline int8 --out benchmarks/results

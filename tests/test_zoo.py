@@ -21,6 +21,7 @@ Run the whole zoo with `pytest tests/test_zoo.py --durations=0`.
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -43,6 +44,14 @@ SLOW = {
     "efficientnet_b7", "swin_v2_s", "densenet201", "vit_l_32", "densenet121", "swin_b",
     "efficientnet_v2_m", "efficientnet_b6", "vit_l_16", "densenet169", "convnext_large",
 }
+
+
+@pytest.fixture(autouse=True)
+def _free_the_last_model():
+    """Each model's copies (the traced graph, its split and pruned variants) go before the
+    next is built: the largest hold gigabytes."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(autouse=True, scope="module")
