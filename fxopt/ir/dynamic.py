@@ -161,8 +161,9 @@ def _guards_accept(gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:
     node = next(iter(gm.graph.find_nodes(op="call_module", target="_guards_fn")), None)
     if guards is None or node is None:
         return True
-    bound = inspect.signature(gm.forward).bind(*args, **kwargs).arguments
-    flat = torch.utils._pytree.tree_leaves(list(bound.values()), is_leaf=lambda a: a is None)
+    from .inputs import flat_inputs
+
+    flat = flat_inputs(gm, args, kwargs)
     placeholders = {p.name: value for p, value in zip(gm.graph.find_nodes(op="placeholder"), flat)}
     try:
         guards(*[placeholders.get(a.name) if isinstance(a, fx.Node) else a for a in node.args])
