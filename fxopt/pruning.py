@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .analyses import ChannelGroups
-from .analyses.channel_groups import ChannelGroupsResult
+from .analyses.channel_groups import ChannelGroupsResult, channel_groups_for
 from .api import graph_module_of, trace
 from .errors import FxoptError
 from .passes.prune_channels.apply import apply_choices
@@ -62,7 +62,7 @@ def apply_plan(fresh_model: torch.nn.Module, plan: PruningPlan, example_inputs=N
     gm = trace(fresh_model, example_inputs)
     if plan.before:  # the rewrites the pruning saw, e.g. fold-bn: same FQNs and shapes
         PassManager(plan.before).run(gm, example_inputs=tuple(example_inputs))
-    groups = AnalysisManager(gm).get(ChannelGroups)
+    groups = AnalysisManager(gm).get(channel_groups_for(plan.grouped))
     choices = choices_from_plan(groups, plan, gm)
     notes: list[str] = []
     applied = apply_choices(gm, choices, notes) if choices else []

@@ -27,6 +27,13 @@ from .meta import TENSOR, TensorInfo, describe, example_size
 TRACE_LOCK = threading.RLock()
 
 
+def _failed_at(node: fx.Node, error: TraceError) -> TraceError:
+    """The error, with the name of the node that failed (a pass that rewrote the graph
+    reads it to find which of its changes broke the graph)."""
+    error.node = node.name
+    return error
+
+
 class _FakePropagator(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, ints: dict | None = None):
         super().__init__(gm, garbage_collect_values=True)
@@ -36,12 +43,12 @@ class _FakePropagator(fx.Interpreter):
         try:
             result = super().run_node(n)
         except Exception as exc:  # a node that cannot run on fake tensors
-            raise TraceError(
+            raise _failed_at(n, TraceError(
                 f"shape propagation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                 where=node_location(n),
                 hint="the op may need real values (data-dependent); mark its module with "
                      "leaf_modules=... or give concrete_args",
-            ) from exc
+            )) from exc
         n.meta[TENSOR] = describe(result)
         if self.ints is not None and n.op == "call_function" and isinstance(result, (int, torch.SymInt)) \
                 and not isinstance(result, bool):

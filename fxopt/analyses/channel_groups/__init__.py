@@ -20,6 +20,7 @@ from __future__ import annotations
 import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch.fx as fx
 
@@ -28,7 +29,8 @@ from . import elementwise, layers, shape_ops  # noqa: F401  (they fill the regis
 from .registry import HANDLERS, block_all as _block_all, handler_for, register
 from .solver import Ties, solve
 
-__all__ = ["ChannelGroup", "ChannelGroups", "ChannelGroupsResult", "GroupMember", "HANDLERS", "register"]
+__all__ = ["ChannelGroup", "ChannelGroups", "ChannelGroupsInGroups", "ChannelGroupsResult", "GroupMember",
+           "HANDLERS", "channel_groups_for", "register"]
 
 
 @dataclass(frozen=True)
@@ -119,14 +121,30 @@ def _wrap(text: str, width: int = 100) -> list[str]:
 
 
 class ChannelGroups(Analysis):
-    """Channel groups of the graph (see the module docstring); needs node.meta shapes."""
+    """Channel groups of the graph (see the module docstring); needs node.meta shapes.
+    A grouped conv's unit is a whole conv group (`grouped = "groups"`): pruning one
+    lowers the conv's `groups`."""
+
+    grouped: ClassVar[str] = "groups"
 
     def run(self, gm: fx.GraphModule, am) -> ChannelGroupsResult:
-        ties, blocked_ops = Ties(), []
+        ties, blocked_ops = Ties(self.grouped), []
         for node in gm.graph.nodes:
             _visit(ties, node, blocked_ops)
         order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
         return _result(ties, blocked_ops, order)
+
+
+class ChannelGroupsInGroups(ChannelGroups):
+    """Channel groups where a grouped conv keeps its `groups` and every group loses the
+    same in-group channels (ResNeXt, RegNet: more MACs freed per channel)."""
+
+    grouped: ClassVar[str] = "channels"
+
+
+def channel_groups_for(grouped: str) -> type[ChannelGroups]:
+    """The analysis for a `grouped` mode of prune-channels: "groups" or "channels"."""
+    return ChannelGroupsInGroups if grouped == "channels" else ChannelGroups
 
 
 def _visit(t: Ties, node: fx.Node, blocked_ops: list[str]) -> None:

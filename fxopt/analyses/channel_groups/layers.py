@@ -38,6 +38,9 @@ def conv(t: Ties, node: fx.Node) -> None:
     ch = len(xs) - len(ws) + 1  # 0 for an unbatched input
     if ch == 1:
         t.tie(x, 0, node, 0)
+    for d in range(ch + 1, len(xs)):  # positions: a conv makes every one (MLP-Mixer's tokens)
+        t.block(x, d, f"spatial dim {d} of conv {node.name}")
+        t.block(node, d, f"spatial dim {d} of conv {node.name}")
     w_in, w_out = (0, 1) if transposed else (1, 0)
     if _tensor(bias):
         t.tie(bias, 0, node, ch)
@@ -51,9 +54,25 @@ def conv(t: Ties, node: fx.Node) -> None:
     t.blk(x, ch, g, 0, cin // groups)
     t.blk(node, ch, g, 0, cout // groups)
     t.blk(w, 0, g, 0, ws[0] // groups)
+    if t.grouped == "channels" and ws[1] > 1 and not transposed:
+        return _channels_in_groups(t, node, ch, groups)
     t.source(g, 0, node)
     if ws[1] > 1:  # channels inside a group: strided across groups, not a unit here
         t.block(w, 1, f"in-group channels of grouped conv {node.name} (whole groups are the unit)")
+
+
+def _channels_in_groups(t: Ties, node: fx.Node, ch: int, groups: int) -> None:
+    """grouped=channels: the conv keeps its `groups`; a channel is one position inside
+    every group. Input position j is index j of every group of the input (weight dim 1
+    is that space); output position j likewise of the output and of weight dim 0. Every
+    group then loses the same channels, as Torch-Pruning prunes ResNeXt and RegNet."""
+    x, w = node.args[0], node.args[1]
+    t.block(t.virtual(node, "groups", groups), 0, f"the groups of conv {node.name} are kept (grouped=channels)")
+    t.stride(x, ch, w, 1, groups, 1)
+    inside = t.virtual(node, "group_channels", t.shape(w)[0] // groups)
+    t.stride(node, ch, inside, 0, groups, 1)
+    t.stride(w, 0, inside, 0, groups, 1)
+    t.source(inside, 0, node)
 
 
 @register(aten.linear)

@@ -31,8 +31,12 @@ def spatial(t: Ties, node: fx.Node) -> None:
     x = node.args[0]
     outs = [node] if t.shape(node) is not None else [(node, i) for i in range(2)]
     for out in outs:
-        for d in range(len(t.shape(x) or ()) - k):
+        rank = len(t.shape(x) or ())
+        for d in range(rank - k):
             t.tie(x, d, out, d)
+        for d in range(max(rank - k, 0), rank):  # positions, not channels: no weight can drop one
+            t.block(x, d, f"spatial dim {d} of {node.name}")
+            t.block(out, d, f"spatial dim {d} of {node.name}")
 
 
 @register(*(getattr(aten, n) for n in ("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d",
@@ -134,6 +138,22 @@ def reshape(t: Ties, node: fx.Node) -> None:
             t.tie(x, ia[0], node, ib[0])
         elif ia and ib:
             _refine(t, node, [(x, d, a[d]) for d in ia], [(node, d, b[d]) for d in ib])
+
+
+@register(aten.reshape_as, aten.view_as)
+def reshape_as(t: Ties, node: fx.Node) -> None:
+    """`x.reshape_as(other)`: a reshape to other's shape (weight standardisation reshapes
+    a normalised weight back this way). The sizes are read from `other` at run time, so
+    nothing needs rewriting: tying the result to `other` dim by dim keeps them in step."""
+    reshape(t, node)
+    t.tie_all(node, node.args[1])
+
+
+@register(aten.expand_as)
+def expand_as(t: Ties, node: fx.Node) -> None:
+    """`x.expand_as(other)`: a broadcast of x to other's shape; the result's dims are other's."""
+    broadcast(t, node)
+    t.tie_all(node, node.args[1])
 
 
 def _refine(t: Ties, node: fx.Node, left: list, right: list) -> None:

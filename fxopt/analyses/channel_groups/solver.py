@@ -36,7 +36,8 @@ _EMBEDDING = torch.ops.aten.embedding.default
 class Ties:
     """What handlers write to: the facts about one graph's channel spaces."""
 
-    def __init__(self):
+    def __init__(self, grouped: str = "groups"):
+        self.grouped = grouped  # grouped convs: "groups" (whole groups) or "channels" (inside groups)
         self.parent: dict[Space, Space] = {}
         self.size: dict[Space, int] = {}
         self.virtual_sizes: dict[tuple, int] = {}
@@ -151,7 +152,7 @@ class Ties:
         sp = self.space(value, dim)
         if weight is None:
             weight = node.args[1] if node.target != _EMBEDDING else node.args[0]
-        label = node.name
+        weight, label = _stored(weight), node.name
         if isinstance(weight, fx.Node) and weight.op == "get_attr":
             label = str(weight.target).removesuffix(".weight")
         if sp is not None:
@@ -164,6 +165,17 @@ class Ties:
         while self.parent[sp] != root:
             self.parent[sp], sp = root, self.parent[sp]
         return root
+
+
+def _stored(weight, steps: int = 8):
+    """The get_attr a weight is computed from along its first argument (a weight
+    standardised in forward: reshape, batch_norm, reshape_as), else the weight itself."""
+    value = weight
+    for _ in range(steps):
+        if not isinstance(value, fx.Node) or value.op == "get_attr" or not value.args:
+            break
+        value = value.args[0]
+    return value if isinstance(value, fx.Node) and value.op == "get_attr" else weight
 
 
 class _Pieces:
@@ -317,11 +329,18 @@ def _strided_members(t: Ties, pieces_of: dict, uf: _Pieces, blocked: dict) -> di
     reshaped = {t.find(c) for _, c, _ in t.blks} | {t.find(c) for _, c, _, _ in t.strides}
     reshaped |= {t.find(s) for s, _, _ in t.segs} | {t.find(b) for b, _, _ in t.segs}
     weighted = {uf.find(p)[0] for sp in t.parent if _is_param(sp) for p in pieces_of[t.find(sp)]}
+    weighted |= {uf.find(p)[0] for fine, coarse, _, _ in t.strides  # a weight holds them strided
+                 if any(_is_param(sp) for sp in spaces_of[t.find(fine)]) for p in pieces_of[t.find(coarse)]}
+    layouts = defaultdict(set)
+    for fine, coarse, outer, b in t.strides:
+        layouts[t.find(fine)].add((outer, b, t.size[coarse]))
     out = defaultdict(list)
     for fine, coarse, outer, b in t.strides:
         cf, cc = t.find(fine), t.find(coarse)
         roots = [uf.find(p) for p in pieces_of[cc]]
         why = _stride_problem(t, cf, outer, pieces_of, reshaped, spaces_of)
+        if why is None and len(layouts[cf]) > 1:
+            why = [f"{_label(cf)} is read strided in {len(layouts[cf])} different layouts"]
         if why is None and any("head_dim" in t.tags.get(sp, ()) for sp in spaces_of[cc]):
             why = ["an attention's head_dim is kept (whole heads are the unit)"]
         if why is None and any(r not in weighted for r, _ in roots):

@@ -17,12 +17,13 @@ from typing import ClassVar, Literal
 
 import torch.fx as fx
 
-from ...analyses import ChannelGroups
+from ...analyses.channel_groups import channel_groups_for
 from ...errors import PassOptionError
 from ...ir.graph import fqn_matches
 from ...pm import Pass, PassResult, register_pass
 from .importance import Importance, channels_to_keep, global_keep_counts, kept_channels
 from .apply import apply_choices
+from .grouped import choose_grouped, has_channels_in_groups
 from .plan import record_plan
 
 __all__ = ["PruneChannels"]
@@ -48,6 +49,9 @@ class PruneChannels(Pass):
     heads: prune whole attention heads (each keeps its head_dim); false leaves every
         heads group intact.
     seed: the seed of `importance=random`.
+    grouped: how grouped convolutions (ResNeXt, RegNet) lose channels: channels (each
+        conv keeps its groups, every group loses the same in-group channels) | groups
+        (whole conv groups go); unset: both are tried and the one leaving fewer MACs kept.
     """
 
     ratio: float = 0.5
@@ -58,6 +62,7 @@ class PruneChannels(Pass):
     ignore: tuple[str, ...] = ()
     heads: bool = True
     seed: int = 0
+    grouped: Literal["channels", "groups"] | None = None
 
     tolerance: ClassVar[float | None] = None  # pruning changes what the model computes
     sees_into_leaves: ClassVar[bool] = False   # layers inside a leaf module are not seen
@@ -69,6 +74,8 @@ class PruneChannels(Pass):
                                   hint="ratio is the fraction of the prunable channels removed, e.g. ratio=0.5")
         _check_choice("importance", self.importance, ("l1", "l2", "bn-scale", "taylor", "random"))
         _check_choice("scope", self.scope, ("local", "global"))
+        if self.grouped is not None:
+            _check_choice("grouped", self.grouped, ("channels", "groups"))
         if self.round_to < 1 or self.min_channels < 1:
             raise PassOptionError(f"prune-channels: round-to and min-channels must be >= 1, got "
                                   f"{self.round_to} and {self.min_channels}")
@@ -78,9 +85,14 @@ class PruneChannels(Pass):
             object.__setattr__(self, "ignore", tuple(self.ignore))
 
     def run(self, gm: fx.GraphModule, am) -> PassResult:
-        groups = am.get(ChannelGroups)
-        notes: list[str] = []
         self._warn_unmatched(gm)
+        if self.grouped is not None or not has_channels_in_groups(gm):
+            return self._prune(gm, am, self.grouped or "groups")
+        return choose_grouped(gm, am, self._prune)
+
+    def _prune(self, gm: fx.GraphModule, am, grouped: str) -> PassResult:
+        groups = am.get(channel_groups_for(grouped))
+        notes: list[str] = []
         importance = Importance(gm, self.importance, self.seed, am.calibration)
         candidates = self._candidates(groups, notes)
         if not candidates or self.ratio == 0:
@@ -96,7 +108,7 @@ class PruneChannels(Pass):
         pruned = apply_choices(gm, choices, notes)
         if not pruned:
             return PassResult.unchanged(notes=tuple(notes))
-        record_plan(gm, pruned)
+        record_plan(gm, pruned, grouped)
         removed = sum(g.size - len(k) for g, k in pruned)
         notes.insert(0, f"pruned {len(pruned)} of {len(groups.groups)} groups, removed {removed} channels")
         return PassResult.changed(notes=tuple(notes))

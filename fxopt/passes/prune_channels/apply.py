@@ -30,11 +30,13 @@ def apply_choices(gm: fx.GraphModule, choices: list, notes: list[str]) -> list:
         undo = apply(gm, rw, todo)
         try:
             propagate_shapes(gm)
-        except Exception as exc:  # noqa: BLE001 - report, restore, prune nothing
-            undo()
-            notes.append(f"pruning left nothing: the pruned graph did not run on fake tensors ({exc})")
-            return []
-        bad = rw.mismatches()
+            bad = rw.mismatches()
+        except Exception as exc:  # noqa: BLE001 - restore, then drop the groups at the failing node
+            bad = {getattr(exc, "node", None): f"the pruned graph did not run on fake tensors ({exc})"}
+            if None in bad:
+                undo()
+                notes.append(f"pruning left nothing: {bad[None]}")
+                return []
         if not bad:
             return active
         undo()

@@ -39,13 +39,15 @@ class PruningPlan:
     coordinates; `shapes` the original shape of every such tensor; `inputs` the traced
     inputs as {"shape", "dtype"} dicts (None for a None input); `before` the pipeline
     text that rewrote the graph before the first prune pass (e.g. `fold-bn`), replayed
-    first, so the plan's FQNs and shapes are those the pruning saw."""
+    first, so the plan's FQNs and shapes are those the pruning saw; `grouped` how grouped
+    convs were pruned (prune-channels' option), so a replay finds the same groups."""
 
     params: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     inputs: list[dict | None] = field(default_factory=list)
     version: int = VERSION
     before: str = ""
+    grouped: str = "groups"
 
     # -- queries --------------------------------------------------------------------------------
     def kept(self, fqn: str, dim: int) -> list[int] | None:
@@ -75,7 +77,8 @@ class PruningPlan:
             for dim, positions in dims.items():
                 base = own.get(dim, range(shapes[fqn][dim]))
                 own[dim] = [base[p] for p in positions]
-        return PruningPlan(params, shapes, list(self.inputs or later.inputs), self.version, self.before)
+        return PruningPlan(params, shapes, list(self.inputs or later.inputs), self.version, self.before,
+                           later.grouped)
 
     def __str__(self) -> str:
         removed = sum(self.shapes[f][d] - len(k) for f, dims in self.params.items() for d, k in dims.items())
@@ -86,7 +89,7 @@ class PruningPlan:
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": self.version, "before": self.before,
+        return {"format": FORMAT, "version": self.version, "before": self.before, "grouped": self.grouped,
                 "inputs": [None if s is None else dict(s) for s in self.inputs],
                 "params": {fqn: {"shape": list(self.shapes[fqn]),
                                  "kept": {str(d): list(k) for d, k in sorted(dims.items())}}
@@ -107,12 +110,15 @@ class PruningPlan:
             inputs = [None if s is None else {"shape": [int(x) for x in s["shape"]], "dtype": str(s["dtype"])}
                       for s in data["inputs"]]
             before = str(data.get("before", ""))
+            grouped = data.get("grouped", "groups")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FxoptError(f"malformed pruning plan: {type(exc).__name__}: {exc}") from exc
         for spec in inputs:
             if spec is not None:
                 _dtype(spec["dtype"])
-        return cls(params, shapes, inputs, VERSION, before)
+        if grouped not in ("channels", "groups"):
+            raise FxoptError(f"malformed pruning plan: grouped is {grouped!r}", hint="use channels or groups")
+        return cls(params, shapes, inputs, VERSION, before, grouped)
 
     def to_json(self) -> str:
         """JSON with one line per tensor: long index lists stay readable and diffable."""
@@ -154,7 +160,7 @@ def inputs_of(gm: fx.GraphModule) -> list[dict | None]:
 
 
 # -- building a plan from the pass's choices ------------------------------------------------------
-def plan_from_choices(gm: fx.GraphModule, applied_choices: list) -> PruningPlan:
+def plan_from_choices(gm: fx.GraphModule, applied_choices: list, grouped: str = "groups") -> PruningPlan:
     """The plan of `applied_choices` ((group, kept channels) pairs), called AFTER
     apply_choices sliced `gm`: a dim's original size is its current size plus what
     the choices dropped from it."""
@@ -168,13 +174,13 @@ def plan_from_choices(gm: fx.GraphModule, applied_choices: list) -> PruningPlan:
         shape[dim] = current[dim] + len(dropped)
         shapes[fqn] = tuple(shape)
         params.setdefault(fqn, {})[dim] = [i for i in range(shape[dim]) if i not in dropped]
-    return PruningPlan(params, shapes, inputs_of(gm), before=gm.meta.get(PIPELINE_BEFORE, ""))
+    return PruningPlan(params, shapes, inputs_of(gm), before=gm.meta.get(PIPELINE_BEFORE, ""), grouped=grouped)
 
 
-def record_plan(gm: fx.GraphModule, applied_choices: list) -> PruningPlan:
+def record_plan(gm: fx.GraphModule, applied_choices: list, grouped: str = "groups") -> PruningPlan:
     """Store the plan of this pass's applied choices in gm.meta, composed with the plan
     an earlier prune pass left there. Call right after apply_choices succeeds."""
-    new = plan_from_choices(gm, applied_choices)
+    new = plan_from_choices(gm, applied_choices, grouped)
     old = gm.meta.get(PLAN_KEY)
     gm.meta[PLAN_KEY] = old.compose(new) if isinstance(old, PruningPlan) else new
     return gm.meta[PLAN_KEY]

@@ -168,7 +168,7 @@ def apply(gm: fx.GraphModule, rw: Rewriter, todo: dict):
     saved_attrs = {}
     for name, value in rw.slice_params().items():
         saved_attrs[name] = fetch_attr(gm, name)
-        _put(gm, name, _like(saved_attrs[name], value))
+        put_attr(gm, name, _like(saved_attrs[name], value))
     saved_nodes = {}
     for node, (target, args, kwargs) in todo.items():
         saved_nodes[node] = (node.target, node.args, node.kwargs)
@@ -176,7 +176,7 @@ def apply(gm: fx.GraphModule, rw: Rewriter, todo: dict):
 
     def undo():
         for name, value in saved_attrs.items():
-            _put(gm, name, value)
+            put_attr(gm, name, value)
         for node, (target, args, kwargs) in saved_nodes.items():
             node.target, node.args, node.kwargs = target, args, kwargs
         propagate_shapes(gm)
@@ -189,7 +189,7 @@ def _like(old, value: torch.Tensor):
     return value
 
 
-def _put(gm: fx.GraphModule, target: str, value) -> None:
+def put_attr(gm: fx.GraphModule, target: str, value) -> None:
     """Replace an attribute in place of its kind (parameter, buffer or plain attribute)."""
     owner_path, _, name = target.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
