@@ -59,10 +59,30 @@ def test_user_model_is_never_mutated(training):
         assert torch.equal(state[key], new_state[key]), key
     assert {n: p for n, p in model.named_parameters()}.keys() == params.keys()
     assert all(p is params[n] for n, p in model.named_parameters())
-    # the graph holds copies, not the user's tensors
-    user_ptrs = {p.data_ptr() for p in model.parameters()}
-    assert not user_ptrs & {p.data_ptr() for p in cm.graph_module.parameters()}
+    # the graph holds its own tensors, not the user's (copy-on-write clones of them)
+    assert not {id(p) for p in model.parameters()} & {id(p) for p in cm.graph_module.parameters()}
     assert gm.meta["fxopt.training"] is training
+
+
+def test_trace_copies_no_weights_and_a_write_on_either_side_stays_there():
+    """The graph's weights share the model's memory copy-on-write: compiling copies no
+    weight, finetuning the compiled model leaves the user's model as it was, and a model
+    the user changes after compiling leaves the compiled one as it was compiled."""
+    torch.manual_seed(0)
+    model, x = ConvNet().eval(), torch.randn(4, 3, 8, 8)
+    cm = fxopt.compile(model, (x,), pipeline="canonicalize,dce", verify=False)
+    graph_weights = dict(cm.graph_module.named_parameters())
+    assert graph_weights and all(torch._C._is_cow_tensor(p) for p in graph_weights.values())
+    state, expected = _snapshot(model)[0], cm(x)
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))) for _ in range(2)]
+    fxopt.finetune(cm, data=data, steps=3, lr=1e-2)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())   # the model is untouched
+    assert not torch.equal(cm.graph_module.get_parameter("fc.weight"), model.fc.weight)  # the graph trained
+    trained = cm(x)
+    assert not torch.allclose(trained, expected)
+    with torch.no_grad():
+        model.fc.weight.add_(1.0)             # the user goes on training their model
+    torch.testing.assert_close(cm(x), trained, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("leaf_modules", [(), (nn.BatchNorm2d,)])

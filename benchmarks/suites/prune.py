@@ -9,7 +9,7 @@ batch 8), three things:
            Torch-Pruning: `tp.pruner.MetaPruner(...)` construction (it builds the
            DependencyGraph: its analysis) and `pruner.step()` (the rewrite), each on a
            fresh deep copy made untimed (Torch-Pruning mutates the model it is given;
-           fxopt.trace copies the model itself, and that copy is in its time).
+           fxopt.trace makes its own copy-on-write copy of the model, in its time).
            Both see a batch of one: Torch-Pruning runs the model forward and backward to
            build its graph (a batch of 8 would charge it for arithmetic), fxopt traces on
            fake tensors. Each tool first prunes once, untimed (that result is the one
@@ -20,6 +20,9 @@ batch 8), three things:
   latency  CPU forward time at batch 8 with 2 torch threads of the unpruned model, its
            traced graph, and both pruned models, round-robin too. fxopt's graph is
            traced at batch 1 and runs at batch 8 (its batch dim is dynamic).
+  memory   peak resident memory of fxopt.compile (`default` and the prune pipeline) and of
+           Torch-Pruning, each in a fresh process, next to the model's weight bytes
+           (benchmarks/suites/prune_memory.py); model `llama-1.1b` gets this row only.
 
 Round-robin (the order rotating each round) because the machine may be shared: load
 drifts, and every stage then sees the same drift, so the ratios stay fair.
@@ -65,6 +68,7 @@ from fxopt.analyses import Cost
 
 from ..harness import (bench_each, choose_models, environment, fmt_seconds, interleaved, markdown_table,
                        render_results, save_results)
+from .prune_memory import LLAMA, bench_memory, memory_lines
 from .prune_sparsity import SPARSITY_ROWS, bench_sparsity, infer, sparsity_lines, traced_with_am
 
 NAME = "prune"
@@ -78,9 +82,11 @@ SAME_MACS = 0.01     # MACs ratios within 1% of each other count as equal MACs
 NOT_INSTALLED = "not installed"
 NOISY = 2.0          # a variant whose slowest latency run is over 2x its fastest: a busy machine
 SPARSITY_MODELS = ("digits-cnn", "minilm")     # prune-weights rows (fidelity on real weights)
-DEFAULT_MODELS = ("resnet50", "mobilenet_v2", "vit_b_16", "convnext_tiny", "efficientnet_b0") + SPARSITY_MODELS
+MEMORY_MODELS = (LLAMA,)                        # peak memory only (a 1.1B-parameter Llama)
+DEFAULT_MODELS = ("resnet50", "mobilenet_v2", "vit_b_16", "convnext_tiny", "efficientnet_b0") \
+    + SPARSITY_MODELS + MEMORY_MODELS
 QUICK_MODELS = ("resnet18",)
-MODELS = DEFAULT_MODELS + QUICK_MODELS   # torchvision.models names and the sparsity models
+MODELS = DEFAULT_MODELS + QUICK_MODELS   # torchvision.models names, the sparsity and memory models
 SIZE = 224           # input height = width
 QUICK_SIZE = 64      # --quick: every model at 64x64 (ViT needs 224: its position table is fixed)
 
@@ -222,7 +228,8 @@ def bench_model(name: str, p: Plan, quick: bool = False, log=print) -> dict:
                 f" -> {record['macs'] / 1e9:.2f}G, {record['speedup']:.2f}x faster")
     both = all(r["ok"] for r in tools.values())
     fx, tp = tools["fxopt"], tools["torch-pruning"]
-    return {"name": name, "input": list(one[0].shape), "latency_input": list(eight[0].shape),
+    memory = bench_memory(name, PIPELINE, one[0].shape[-1], log)
+    return {"name": name, "memory": memory, "input": list(one[0].shape), "latency_input": list(eight[0].shape),
             "unpruned": {**unpruned, "latency": lat["unpruned"]},
             "unpruned_graph": {"latency": lat["unpruned-graph"]}, "tools": tools,
             "latency_ratio": fx["latency"]["median_s"] / tp["latency"]["median_s"] if both else None,
@@ -311,7 +318,8 @@ def _load(env: dict) -> str:
 def to_markdown(result: dict) -> str:
     env, cfg = result["environment"], result["config"]
     sparse = [r for r in result["models"] if r.get("kind") == "sparsity"]
-    records = [r for r in result["models"] if "error" not in r and r.get("kind") != "sparsity"]
+    records = [r for r in result["models"] if "error" not in r and r.get("kind") not in ("sparsity", "memory")]
+    with_memory = [r for r in result["models"] if "error" not in r and r.get("memory")]
     broken = [f"- {r['name']}: not measured: `{r['error'][:300]}`" for r in result["models"] if "error" in r]
     shape = "x".join(str(d) for d in records[0]["input"]) if records else "n/a"
     cost, latency, times = _tables(records)
@@ -321,6 +329,7 @@ def to_markdown(result: dict) -> str:
            f"{env['cpu_model']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch threads) · "
            f"load average {_load(env)} · suite wall time {result['wall_s']:.0f} s", ""]
     out += [] if sparse and not records else _channel_lines(cfg, shape, cost, latency, times)
+    out += memory_lines(with_memory, PIPELINE, markdown_table)
     out += sparsity_lines(sparse)
     findings = broken + _findings(records)
     if findings:
@@ -328,8 +337,8 @@ def to_markdown(result: dict) -> str:
     out += [f"Method: `python -m benchmarks --suite {NAME}`; sparsity rows: see the docstring of "
             "benchmarks/suites/prune.py." if not records else
             f"Method: `python -m benchmarks --suite {NAME}`. Torch-Pruning prunes a deep copy (it mutates "
-            "its model), made outside the timed region; fxopt's trace time includes the copy it makes of "
-            "the model. For torchvision's ViT it uses its torchvision example's recipe, "
+            "its model), made outside the timed region; fxopt's trace makes its own copy-on-write copy of "
+            "the model (no weight is copied), inside its time. For torchvision's ViT it uses its torchvision example's recipe, "
             "`round_to=num_heads` and `hidden_dim` set afterwards (`num_heads={mha: mha.num_heads}` makes "
             "Torch-Pruning 1.6 leave the residual stream of nn.MultiheadAttention unpruned). The classifier "
             "is Torch-Pruning's ignored layer; fxopt never prunes a model's outputs. Latency runs the "
@@ -381,6 +390,14 @@ def _environment() -> dict:
             "torch_pruning": getattr(torch_pruning, "__version__", "unknown") if torch_pruning else "not installed"}
 
 
+def _bench(name: str, p: Plan, quick: bool, log) -> dict:
+    if name in SPARSITY_MODELS:
+        return bench_sparsity(name, p, quick, log)
+    if name in MEMORY_MODELS:
+        return {"name": name, "kind": "memory", "memory": bench_memory(name, PIPELINE, SIZE, log)}
+    return bench_model(name, p, quick, log)
+
+
 def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=None, log=print) -> dict:
     """Run the suite; writes prune.json and prune.md into `out_dir` (default results/)."""
     start = time.perf_counter()
@@ -390,8 +407,7 @@ def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=No
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        records = bench_each(names, lambda name: (bench_sparsity if name in SPARSITY_MODELS else bench_model)(
-            name, p, quick, log), log)
+        records = bench_each(names, lambda name: _bench(name, p, quick, log), log)
         env = {**_environment(), "load_avg_1m_start": load_start}
     finally:
         torch.set_num_threads(threads)

@@ -10,11 +10,11 @@ dims, are recorded on `gm.meta["fxopt.input_shapes"]`. When the user names
 flow) the module-level `symbolic_trace` tracer is used instead, keeping those
 modules as opaque `call_module` nodes.
 
-The user's model is never touched: tracing works on a deep copy.
+The user's model is never touched: tracing works on a copy whose weights are
+copy-on-write clones of the model's (ir/cow.py), so tracing copies no weights.
 """
 from __future__ import annotations
 
-import copy
 import io
 import logging
 import contextlib
@@ -30,6 +30,7 @@ from torch.fx.experimental import _config as symbolic_config
 
 from ..errors import TraceError
 from .meta import INPUT_NAMES, INPUT_SHAPES, TENSOR, TensorInfo, describe
+from .cow import cow_copy
 from .dynamic import dynamic_spec, record_symbols, tie_batches, verified_at_batch_one
 from .shape_prop import TRACE_LOCK, propagate_shapes
 
@@ -61,8 +62,9 @@ def trace(model, example_inputs, example_kwargs=None, dynamic_shapes="batch", le
 def _trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict, dynamic_shapes,
            symbolic: tuple) -> fx.GraphModule:
     leaf_modules, concrete_args = symbolic
-    copied = copy.deepcopy(model)
-    _check_runs(copied, example_inputs, {**example_kwargs, **dict(concrete_args or {})})
+    copied = cow_copy(model)
+    if leaf_modules or concrete_args:
+        _check_runs(copied, example_inputs, {**example_kwargs, **dict(concrete_args or {})})
     spec = dynamic_spec(model, example_inputs, example_kwargs, dynamic_shapes)
     if leaf_modules or concrete_args:
         if example_kwargs:
@@ -70,7 +72,7 @@ def _trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict, 
                              hint="pass the inputs positionally to the symbolic_trace tracer")
         gm = _symbolic_trace(copied, leaf_modules, concrete_args)
     else:
-        gm = _export_with_caches_filled(model, copied, (example_inputs, example_kwargs), spec)
+        gm = _exported_or_why(model, copied, (example_inputs, example_kwargs), spec)
         if dynamic_shapes == "batch":
             tie_batches(gm)
         if spec is not None:
@@ -159,6 +161,18 @@ def _quiet(logger_name: str):
         logger.setLevel(level)
 
 
+def _exported_or_why(model: torch.nn.Module, copied: torch.nn.Module, example: tuple, spec) -> fx.GraphModule:
+    """Export; when that fails, a fake run of the model on the example first says whether
+    the model takes these inputs at all (the clearer error), else export's error stands.
+    (Run outside the handler: the failed export must not be the fake run's context.)"""
+    try:
+        return _export_with_caches_filled(model, copied, example, spec)
+    except TraceError as exc:
+        failed = exc
+    _check_runs(copied, *example)
+    raise failed
+
+
 def _export_with_caches_filled(model: torch.nn.Module, copied: torch.nn.Module, example: tuple,
                                spec) -> fx.GraphModule:
     """Export `copied`. A forward that caches tensors computed from its weights (an
@@ -171,7 +185,7 @@ def _export_with_caches_filled(model: torch.nn.Module, copied: torch.nn.Module, 
     except TraceError as exc:
         if "fake tensor in the exported program constant" not in str(exc):
             raise
-    filled = copy.deepcopy(model)
+    filled = cow_copy(model)
     with torch.no_grad():
         filled(*args, **kwargs)
     return _export_trace(filled, args, kwargs, spec)
