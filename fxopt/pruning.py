@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 import torch.fx as fx
@@ -19,6 +18,7 @@ import torch.fx as fx
 from .analyses import ChannelGroups
 from .analyses.channel_groups import ChannelGroupsResult, channel_groups_for
 from .api import graph_module_of, trace
+from .artefacts import check_destination, check_manifest, writing
 from .errors import FxoptError
 from .passes.prune_channels.apply import apply_choices
 from .passes.prune_channels.plan import PLAN_KEY, PruningPlan, choices_from_plan, few, inputs_of
@@ -28,6 +28,7 @@ __all__ = ["PruningPlan", "apply_plan", "explain_pruning", "load_pruned",
            "pruning_plan", "save_pruned"]
 
 MODEL_FILE, PLAN_FILE = "model.safetensors", "plan.json"
+PRUNED_FORMAT = "fxopt.pruned/1"   # the manifest's kind
 AFTER_KEY, FROZEN_KEY = "fxopt.after", "fxopt.frozen"   # metadata of the weights file
 
 
@@ -86,15 +87,16 @@ def _device_of(model: torch.nn.Module):
 
 # -- saving and loading ---------------------------------------------------------------------------
 def save_pruned(compiled_or_gm, directory) -> None:
-    """Write `directory/model.safetensors` (the pruned graph's tensors) and
-    `directory/plan.json`. Both are written to temp names and renamed once complete,
-    so an error never leaves a half-written file. A graph that nothing pruned is saved
-    with an empty plan. Passes that ran after the pruning (e.g. fake-quant of
-    `prune50+int8`) are named in the weights file's metadata, with which quantizers
-    were frozen, so load_pruned rebuilds them with their calibrated scales."""
+    """Write `directory/model.safetensors` (the pruned graph's tensors), `directory/plan.json`
+    and their manifest, as one unit (fxopt.artefacts: staged, then switched in by one
+    rename), into a new or empty folder or over an earlier save_pruned folder. A graph
+    that nothing pruned is saved with an empty plan. Passes that ran after the pruning
+    (e.g. fake-quant of `prune50+int8`) are named in the weights file's metadata, with
+    which quantizers were frozen, so load_pruned rebuilds them with their calibrated scales."""
     from safetensors.torch import save_file
 
     gm = graph_module_of(compiled_or_gm, "save_pruned")
+    check_destination(directory, PRUNED_FORMAT)
     plan = pruning_plan(gm) or PruningPlan(inputs=inputs_of(gm))
     # clone each tensor: safetensors refuses shared or non-contiguous storage; a
     # module's extra state (a quantizer's observing flag) is not a tensor: see metadata
@@ -102,21 +104,10 @@ def save_pruned(compiled_or_gm, directory) -> None:
                for k, v in gm.state_dict().items() if isinstance(v, torch.Tensor)}
     metadata = {"fxopt.format": "pruned-state-dict", AFTER_KEY: _passes_after_pruning(compiled_or_gm),
                 FROZEN_KEY: json.dumps(sorted(n for n, m in gm.named_modules() if getattr(m, "observing", True) is False))}
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    temps = []
-    try:
-        temps.append(_temp_name(directory, ".safetensors"))
-        save_file(tensors, temps[0], metadata=metadata)
-        temps.append(_temp_name(directory, ".json"))
-        with open(temps[1], "w", encoding="utf-8") as fh:
+    with writing(directory, PRUNED_FORMAT) as staging:
+        save_file(tensors, os.path.join(staging, MODEL_FILE), metadata=metadata)
+        with open(os.path.join(staging, PLAN_FILE), "w", encoding="utf-8") as fh:
             fh.write(plan.to_json())
-        os.replace(temps[0], os.path.join(directory, MODEL_FILE))
-        os.replace(temps[1], os.path.join(directory, PLAN_FILE))
-    finally:
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 def _passes_after_pruning(compiled_or_gm) -> str:
@@ -128,12 +119,6 @@ def _passes_after_pruning(compiled_or_gm) -> str:
     return "" if last is None else ",".join(r.text for r in records[last + 1:])
 
 
-def _temp_name(directory: str, suffix: str) -> str:
-    fd, path = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-    os.close(fd)
-    return path
-
-
 def load_pruned(fresh_model: torch.nn.Module, directory) -> fx.GraphModule:
     """Rebuild a model saved by save_pruned: replay `directory/plan.json` on
     `fresh_model` (an unpruned instance of the same class, not modified; its weights do
@@ -141,11 +126,10 @@ def load_pruned(fresh_model: torch.nn.Module, directory) -> fx.GraphModule:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    directory = os.fspath(directory)
-    paths = {name: os.path.join(directory, name) for name in (PLAN_FILE, MODEL_FILE)}
-    missing = [name for name, path in paths.items() if not os.path.isfile(path)]
+    paths = check_manifest(directory, PRUNED_FORMAT)
+    missing = [name for name in (PLAN_FILE, MODEL_FILE) if name not in paths]
     if missing:
-        raise FxoptError(f"{directory} has no {' and no '.join(missing)}",
+        raise FxoptError(f"{os.fspath(directory)} has no {' and no '.join(missing)}", where=os.fspath(directory),
                          hint="point at a directory written by fxopt.save_pruned")
     plan = PruningPlan.load(paths[PLAN_FILE])
     gm = apply_plan(fresh_model, plan)

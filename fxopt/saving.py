@@ -12,15 +12,16 @@ along the dynamic dims it was traced with, like the model that was saved.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 
 from .api import CompiledModel, graph_module_of, traced_inputs
 from .backends import get_backend
-from .errors import FxoptError, UnsupportedError
-from .files import folder_atomically
+from .errors import UnsupportedError
+from . import artefacts
+from .artefacts import writing
 from .graph_format import graph_from_json, graph_to_json
+from .ir.cow import cow_tensor, storage_key
 from .ir.meta import INPUT_SHAPES, TENSOR
 from .ir.shape_prop import propagate_shapes
 from .pm.report import PassRecord, Report
@@ -28,7 +29,7 @@ from .pm.report import PassRecord, Report
 __all__ = ["load", "save"]
 
 FORMAT = "fxopt.saved/1"
-MANIFEST, GRAPH, WEIGHTS = "manifest.json", "graph.json", "weights.safetensors"
+GRAPH, WEIGHTS = "graph.json", "weights.safetensors"
 
 
 def save(compiled, path) -> str:
@@ -45,17 +46,15 @@ def save(compiled, path) -> str:
     document["backend"] = {"name": backend, "options": _plain_options(options, backend)}
     report = getattr(compiled, "report", None)
     document["report"] = report.to_dict() if isinstance(report, Report) else None
-    with folder_atomically(path) as tmp:
+    with writing(path, FORMAT) as tmp:
         _write_json(os.path.join(tmp, GRAPH), document)
         _save_tensors(tensors, os.path.join(tmp, WEIGHTS))
-        _write_json(os.path.join(tmp, MANIFEST), {"format": FORMAT, "files": {
-            name: _describe_file(os.path.join(tmp, name)) for name in (GRAPH, WEIGHTS)}})
     return os.fspath(path)
 
 
 def load(path) -> CompiledModel:
     """The CompiledModel saved at `path`; its manifest is checked before anything is read."""
-    files = check_manifest(path, FORMAT)
+    files = artefacts.check_manifest(path, FORMAT)
     from safetensors.torch import load_file
 
     with open(files[GRAPH], encoding="utf-8") as fh:
@@ -72,53 +71,9 @@ def load(path) -> CompiledModel:
     return CompiledModel(gm, lowered, report, (backend["name"], backend["options"]))
 
 
-def check_manifest(path, kind: str) -> dict[str, str]:
-    """{file name: path} of a folder whose manifest is of format `kind` and whose files all
-    match it (names inside the folder, sizes and sha256); else a clear FxoptError."""
-    folder = os.fspath(path)
-    manifest_path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(manifest_path):
-        raise FxoptError(f"{folder!r} holds no {MANIFEST}: it is not a folder fxopt wrote, or it is incomplete",
-                         hint="give the folder that fxopt.save wrote")
-    try:
-        with open(manifest_path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise FxoptError(f"{manifest_path!r} cannot be read: {exc}", hint="save the model again") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != kind:
-        raise FxoptError(f"{folder!r} is not a {kind} folder (its manifest says "
-                         f"{manifest.get('format') if isinstance(manifest, dict) else manifest!r})",
-                         hint="load it with the function that matches how it was written")
-    listed = dict(manifest.get("files", {}))
-    for name in listed:
-        if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
-            raise FxoptError(f"{manifest_path!r} names a file outside its folder: {name!r}",
-                             hint="the folder was tampered with; save the model again")
-    files = {}
-    for name, expected in listed.items():
-        full = os.path.join(folder, name)
-        if not os.path.isfile(full) or _describe_file(full) != expected:
-            raise FxoptError(f"{full!r} does not match the manifest (missing, truncated or changed)",
-                             hint="the folder is damaged or was edited; save the model again")
-        files[name] = full
-    return files
-
-
-def check_destination(path) -> None:
+def check_destination(path) -> str:
     """Before any work: `path` is new, empty, or an earlier save (never another folder's files)."""
-    folder = os.fspath(path)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise FxoptError(f"cannot save to {folder!r}: it is a file", hint="give a folder path")
-    if os.path.isdir(folder) and os.listdir(folder):
-        try:
-            check_manifest(folder, FORMAT)
-        except FxoptError:
-            raise FxoptError(f"cannot save to {folder!r}: it holds files that fxopt.save did not write",
-                             hint="give a new or empty folder (nothing there is deleted)") from None
-    parent = os.path.dirname(os.path.abspath(folder))
-    if os.path.isdir(parent) and not os.access(parent, os.W_OK):
-        raise FxoptError(f"cannot save to {folder!r}: {parent!r} is not writable",
-                         hint="give a folder in a writable place")
+    return artefacts.check_destination(path, FORMAT)
 
 
 def _plain_options(options: dict, backend: str) -> dict:
@@ -131,14 +86,18 @@ def _plain_options(options: dict, backend: str) -> dict:
 
 
 def _save_tensors(tensors: dict, path: str) -> None:
-    """safetensors, each storage written once per name (tied weights become copies)."""
+    """safetensors, each storage written once per name (tied weights become copies). The
+    writer reads tensors through their data pointers, which makes a copy-on-write tensor
+    copy itself for good: it is given copy-on-write clones, so the graph's own tensors
+    keep sharing memory with the user's model (the clones' copies go with the call)."""
     from safetensors.torch import save_file
 
     seen, plain = set(), {}
     for name, t in tensors.items():
         t = t.detach().cpu().contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        plain[name] = t.clone() if key in seen or t.untyped_storage().nbytes() != t.nbytes else t
+        key = storage_key(t)
+        plain[name] = t.clone() if key in seen or t.untyped_storage().nbytes() != t.nbytes else cow_tensor(t)
+        plain[name] = t if plain[name] is None else plain[name]
         seen.add(key)
     save_file(plain, path)
 
@@ -148,14 +107,6 @@ def _write_json(path: str, value) -> None:
         json.dump(value, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _describe_file(path: str) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
 def _report(data, lowered) -> Report:

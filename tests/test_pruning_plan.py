@@ -127,7 +127,7 @@ def test_save_and_load_pruned_take_the_weights_from_the_file(tmp_path):
     cm, plan = _prune(model, x)
     folder = tmp_path / "pruned"
     fxopt.save_pruned(cm, folder)
-    assert sorted(os.listdir(folder)) == ["model.safetensors", "plan.json"]  # no pickle, no temp files
+    assert sorted(os.listdir(folder)) == ["manifest.json", "model.safetensors", "plan.json"]  # no pickle
     torch.manual_seed(123)
     fresh = SmallNet().eval()  # other random weights
     assert not torch.equal(fresh.c1.weight, model.c1.weight)
@@ -135,7 +135,7 @@ def test_save_and_load_pruned_take_the_weights_from_the_file(tmp_path):
     assert torch.equal(_outputs(gm, x), _outputs(cm, x))
     assert fxopt.pruning_plan(gm) == plan
     fxopt.save_pruned(gm, tmp_path / "again")  # a loaded model saves again
-    assert sorted(os.listdir(tmp_path / "again")) == ["model.safetensors", "plan.json"]
+    assert sorted(os.listdir(tmp_path / "again")) == ["manifest.json", "model.safetensors", "plan.json"]
 
 
 def test_save_pruned_leaves_nothing_half_written(tmp_path, monkeypatch):
@@ -149,8 +149,14 @@ def test_save_pruned_leaves_nothing_half_written(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
-        fxopt.save_pruned(cm, tmp_path)
+        fxopt.save_pruned(cm, tmp_path / "pruned")
     assert os.listdir(tmp_path) == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    monkeypatch.undo()
+    with pytest.raises(fxopt.FxoptError, match="holds files fxopt did not write"):
+        fxopt.save_pruned(cm, tmp_path / "mine")          # refused: nothing there is replaced
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
 def test_load_pruned_with_weights_of_another_pruning_is_a_clear_error(tmp_path):
@@ -158,10 +164,24 @@ def test_load_pruned_with_weights_of_another_pruning_is_a_clear_error(tmp_path):
     fxopt.save_pruned(_prune(model, x, "prune-channels{ratio=0.5}")[0], tmp_path / "a")
     fxopt.save_pruned(_prune(model, x, "prune-channels{ratio=0.25}")[0], tmp_path / "b")
     os.replace(tmp_path / "b" / "model.safetensors", tmp_path / "a" / "model.safetensors")
+    with pytest.raises(fxopt.FxoptError, match="a/model.safetensors' does not match manifest.json"):
+        fxopt.load_pruned(SmallNet().eval(), tmp_path / "a")
+    with pytest.raises(fxopt.FxoptError, match="b/model.safetensors' does not match manifest.json"):
+        fxopt.load_pruned(SmallNet().eval(), tmp_path / "b")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())   # edited to match the swap
+    manifest["files"]["model.safetensors"] = json.loads((tmp_path / "b" / "manifest.json").read_text())[
+        "files"]["model.safetensors"]
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(fxopt.FxoptError, match="shape mismatch c1.weight"):
         fxopt.load_pruned(SmallNet().eval(), tmp_path / "a")
-    with pytest.raises(fxopt.FxoptError, match="no model.safetensors"):
-        fxopt.load_pruned(SmallNet().eval(), tmp_path / "b")
+
+
+def test_a_plan_asking_for_a_huge_input_is_refused_before_allocating():
+    model, x = _small()
+    data = _prune(model, x)[1].to_dict()
+    data["inputs"] = [{"shape": [1 << 20, 1 << 20, 1 << 10], "dtype": "float32"}]
+    with pytest.raises(fxopt.FxoptError, match="plan asks for an input of shape"):
+        PruningPlan.from_dict(data)
 
 
 def _mlp(hidden: int) -> nn.Module:

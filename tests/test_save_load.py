@@ -74,7 +74,7 @@ def test_a_tampered_or_foreign_folder_is_refused(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    with pytest.raises(fxopt.FxoptError, match="does not match the manifest"):
+    with pytest.raises(fxopt.FxoptError, match="does not match manifest.json"):
         fxopt.load(folder)
     manifest["files"]["../outside"] = manifest["files"].pop("graph.json")
     (folder / "manifest.json").write_text(json.dumps(manifest))

@@ -17,7 +17,7 @@ import itertools
 
 import torch
 
-__all__ = ["cow_copy", "cow_tensor"]
+__all__ = ["cow_copy", "cow_tensor", "storage_key"]
 
 
 def cow_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -43,3 +43,9 @@ def cow_tensor(tensor: torch.Tensor):
     if isinstance(tensor, torch.nn.Parameter):
         return torch.nn.Parameter(clone, requires_grad=tensor.requires_grad)
     return clone.requires_grad_(tensor.requires_grad) if tensor.is_leaf else clone
+
+
+def storage_key(tensor: torch.Tensor) -> tuple:
+    """What identifies a tensor's memory (tied weights share it) without asking for its
+    data pointer: `data_ptr()` would make a copy-on-write tensor copy itself."""
+    return (tensor.device, tensor.untyped_storage()._cdata, tensor.storage_offset(), tuple(tensor.shape))

@@ -116,6 +116,7 @@ class PruningPlan:
         for spec in inputs:
             if spec is not None:
                 _dtype(spec["dtype"])
+                _bounded(spec["shape"])
         if grouped not in ("channels", "groups"):
             raise FxoptError(f"malformed pruning plan: grouped is {grouped!r}", hint="use channels or groups")
         return cls(params, shapes, inputs, VERSION, before, grouped)
@@ -144,6 +145,20 @@ class PruningPlan:
     def load(cls, path) -> "PruningPlan":
         with open(path, encoding="utf-8") as fh:
             return cls.from_json(fh.read())
+
+
+_MAX_INPUT_ELEMENTS = 1 << 31   # an example input the plan may ask to allocate
+
+
+def _bounded(shape: list[int]) -> None:
+    """An input shape the plan can build zeros of: sizes >= 0, at most 2^31 elements."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    if any(size < 0 for size in shape) or numel > _MAX_INPUT_ELEMENTS:
+        raise FxoptError(f"pruning plan asks for an input of shape {shape} ({numel} elements; at most "
+                         f"{_MAX_INPUT_ELEMENTS})", where="plan.json: inputs",
+                         hint="the plan is damaged or was edited; save the pruned model again")
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ...ir.cow import storage_key
 from ...ir.graph import fetch_attr, module_path
 
 aten = torch.ops.aten
@@ -90,7 +91,7 @@ def find_targets(gm: fx.GraphModule, kinds: tuple[str, ...]) -> tuple[list[Targe
             continue
         target = targets.get(w.target)
         if target is None:
-            key = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+            key = storage_key(value)
             target = by_storage.get(key)
             if target is not None:          # another FQN for the same tensor (tied weights)
                 target.aliases.append(w.target)
