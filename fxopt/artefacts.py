@@ -37,6 +37,7 @@ __all__ = ["MANIFEST", "check_destination", "check_manifest", "describe_file", "
 MANIFEST = "manifest.json"
 _MARKER = ".fxopt-staging"          # in every staging folder: only these are ever cleaned up
 _STAGING = ".{name}.fxopt-staging-"
+_NEW = ".{name}.fxopt-new-"
 
 
 def check_destination(path, kind: str) -> str:
@@ -58,11 +59,13 @@ def check_destination(path, kind: str) -> str:
     if os.path.isdir(folder) and os.listdir(folder) and not is_artefact(folder, kind):
         raise FxoptError(f"cannot write {kind} to {folder!r}: it holds files fxopt did not write there",
                          where=folder, hint="give a new or empty folder (nothing in this one is touched)")
-    parent = os.path.dirname(absolute)
-    existing = parent
-    while existing and not os.path.isdir(existing):
+    existing = os.path.dirname(absolute)
+    while not os.path.isdir(existing):
+        if os.path.lexists(existing):
+            raise FxoptError(f"cannot write {kind} to {folder!r}: {existing!r} is a file", where=folder,
+                             hint="give a path whose folders are folders")
         existing = os.path.dirname(existing)
-    if not os.access(existing or "/", os.W_OK | os.X_OK):
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise FxoptError(f"cannot write {kind} to {folder!r}: {existing!r} is not writable", where=folder,
                          hint="give a folder in a writable place")
     return folder
@@ -87,15 +90,15 @@ def writing(path, kind: str):
     parent, name = os.path.dirname(absolute), os.path.basename(absolute)
     os.makedirs(parent, exist_ok=True)
     _remove_stale_staging(parent, name)
-    staging = tempfile.mkdtemp(prefix=_STAGING.format(name=name), dir=parent)
+    staging = _new_staging(parent, name)
     try:
-        open(os.path.join(staging, _MARKER), "wb").close()
         yield staging
-        os.unlink(os.path.join(staging, _MARKER))
         _write_manifest(staging, kind)
         _usual_permissions(staging)
         _fsync_tree(staging)
         _switch_in(staging, absolute)
+        with contextlib.suppress(OSError):   # marked until switched in: a crash before leaves it to clean-up
+            os.unlink(os.path.join(absolute, _MARKER))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -160,7 +163,7 @@ def _write_manifest(staging: str, kind: str) -> None:
     files = {}
     for root, dirs, names in os.walk(staging):
         dirs.sort()
-        for name in sorted(names):
+        for name in sorted(set(names) - {_MARKER} if root == staging else names):
             full = os.path.join(root, name)
             relative = os.path.relpath(full, staging).replace(os.sep, "/")
             files[relative] = describe_file(full)
@@ -174,19 +177,14 @@ def _switch_in(staging: str, target: str) -> None:
     if not os.path.lexists(target):
         os.rename(staging, target)
         return
+    open(os.path.join(target, _MARKER), "wb").close()   # the old one, once out of the way, is clean-up's
     if _exchange(staging, target):
-        _discard(staging)   # it now holds the earlier artefact
+        shutil.rmtree(staging, ignore_errors=True)   # it now holds the earlier artefact
         return
     old = os.path.join(os.path.dirname(target), _STAGING.format(name=os.path.basename(target)) + f"{os.getpid()}-old")
     os.rename(target, old)      # no atomic exchange on this system: a brief moment without `target`
     os.rename(staging, target)
-    _discard(old)
-
-
-def _discard(folder: str) -> None:
-    """Remove a replaced artefact; marked first, so a crash midway leaves it to the next write's clean-up."""
-    open(os.path.join(folder, _MARKER), "wb").close()
-    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 _RENAME_EXCHANGE = 2
@@ -210,13 +208,26 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(code, os.strerror(code), b)
 
 
+def _new_staging(parent: str, name: str) -> str:
+    """An empty staging folder that holds the marker from the moment it has its name (made
+    under a `new` name first: a crash there leaves at most a marker in an empty folder)."""
+    fresh = tempfile.mkdtemp(prefix=_NEW.format(name=name), dir=parent)
+    open(os.path.join(fresh, _MARKER), "wb").close()
+    staging = os.path.join(parent, _STAGING.format(name=name) + os.path.basename(fresh)[len(_NEW.format(name=name)):])
+    os.rename(fresh, staging)
+    return staging
+
+
 def _remove_stale_staging(parent: str, name: str) -> None:
-    """Staging folders an interrupted write to this path left (each holds the marker)."""
-    prefix = _STAGING.format(name=name)
+    """What an interrupted write to this path left: staging folders (each holds the marker)
+    and `new` folders holding nothing but the marker."""
     for entry in os.listdir(parent):
         full = os.path.join(parent, entry)
-        if entry.startswith(prefix) and os.path.isdir(full) and not os.path.islink(full) \
-                and os.path.isfile(os.path.join(full, _MARKER)):
+        if not os.path.isdir(full) or os.path.islink(full):
+            continue
+        if entry.startswith(_STAGING.format(name=name)) and os.path.isfile(os.path.join(full, _MARKER)):
+            shutil.rmtree(full, ignore_errors=True)
+        elif entry.startswith(_NEW.format(name=name)) and set(os.listdir(full)) <= {_MARKER}:
             shutil.rmtree(full, ignore_errors=True)
 
 

@@ -75,7 +75,8 @@ def test_residual_mlp_bit_exact(rounding, tmp_path):
 def test_artefacts(tmp_path):
     onnx = pytest.importorskip("onnx")
     cm, x, out = export(ResidualMLP().eval(), (32,), tmp_path)
-    assert {p.name for p in out.iterdir()} == {"model.json", "weights", "model.onnx", "weights.h", "model.cpp"}
+    assert {p.name for p in out.iterdir()} == {"model.json", "weights", "model.onnx", "weights.h", "model.cpp",
+                                           "manifest.json"}
     onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
     spec = json.loads((out / "model.json").read_text())
     assert (spec["format"], spec["version"]) == ("fxopt-fpga-int8", 1)

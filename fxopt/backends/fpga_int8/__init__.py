@@ -28,11 +28,12 @@ import tempfile
 import torch
 import torch.fx as fx
 
+from ...artefacts import check_destination
 from ...errors import UnsupportedError
 from .. import register_backend, require_frozen_quantizers
 from .fixedpoint import ROUNDINGS
 from .lowering import Lowering
-from .model import IntegerModel, load, save
+from .model import ARTEFACT, IntegerModel, load, save
 from .pow2 import pow2_cost, with_pow2_scales
 from .reference import with_int32_biases
 from .resources import ResourceReport, resource_report
@@ -68,6 +69,8 @@ def export(gm: fx.GraphModule, example_inputs: tuple, export_dir=None, rounding:
         raise UnsupportedError(f"fpga-int8: rounding must be one of {ROUNDINGS}, got {rounding!r}",
                                hint="rounding='double' (gemmlowp / TFLite) or 'single'")
     require_frozen_quantizers(gm, "fpga-int8")
+    if export_dir is not None:
+        check_destination(export_dir, ARTEFACT)    # before the work: never another folder's files
     reference = with_int32_biases(with_pow2_scales(gm) if pow2_scales else gm)
     model = Lowering(reference, rounding, bool(pow2_scales)).run()
     if export_dir is not None:

@@ -7,6 +7,7 @@ On disk (`export_dir`), schema "fxopt-fpga-int8" version 1:
     model.onnx        the fake-quant graph as standard QDQ ONNX (see fxopt.export)
     weights.h         the same parameters as C++ arrays
     model.cpp         integer-only reference kernels + a main that runs them on a batch
+    manifest.json     every file's size and sha256 (fxopt.artefacts); loaders check it first
 
 model.json:
 
@@ -59,14 +60,18 @@ fixedpoint.requantize with the model's "rounding". "clamp": [lo, hi] bounds the 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ...files import folder_atomically
+from ...artefacts import check_manifest, writing
+from ...errors import FxoptError
+from .checks import check_model
 
 FORMAT, VERSION = "fxopt-fpga-int8", 1
+ARTEFACT = "fxopt.fpga-int8/1"   # the manifest's kind
 
 
 @dataclass
@@ -111,13 +116,11 @@ def weight_file(layer_name: str) -> str:
 
 
 def save(model: IntegerModel, export_dir, extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write model.json, the weights and `extra_files` ({relative name: bytes}) to export_dir.
-
-    Everything is written to a temporary folder next to export_dir, which then replaces it
-    (fxopt.files.folder_atomically), so an interrupted export never leaves a half-written
-    artefact.
-    """
-    with folder_atomically(export_dir) as staging:
+    """Write model.json, the weights and `extra_files` ({relative name: bytes}) to export_dir,
+    as one unit with a manifest (fxopt.artefacts): staged beside export_dir and switched in
+    by one rename, so an interrupted export never leaves half an artefact, and export_dir
+    is only ever a new or empty folder or an earlier fpga-int8 export."""
+    with writing(export_dir, ARTEFACT) as staging:
         staging = Path(staging)
         (staging / "weights").mkdir()
         for name, weight in model.weights().items():
@@ -129,14 +132,30 @@ def save(model: IntegerModel, export_dir, extra_files: dict[str, bytes] | None =
 
 
 def load(export_dir) -> tuple[dict, dict[str, np.ndarray]]:
-    """(model.json as a dict, {layer name: int8 weight}) from an export directory."""
-    export_dir = Path(export_dir)
-    path = export_dir / "model.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: export with backend='fpga-int8', export_dir=...")
-    spec = json.loads(path.read_text())
-    if spec.get("format") != FORMAT or spec.get("version") != VERSION:
-        raise ValueError(f"{path} is not a {FORMAT} v{VERSION} model (format {spec.get('format')!r}, "
-                         f"version {spec.get('version')!r})")
-    weights = {layer["name"]: np.load(export_dir / layer["weight"]) for layer in spec["layers"] if "weight" in layer}
+    """(model.json as a dict, {layer name: int8 weight}) from an export directory, after
+    checking its manifest (every file whole, every path inside the folder) and every
+    field and weight against the contract (checks.py)."""
+    files = check_manifest(export_dir, ARTEFACT)
+    source = os.path.join(os.fspath(export_dir), "model.json")
+    if "model.json" not in files:
+        raise FxoptError(f"{source} is not in the export's manifest", where=source,
+                         hint="export with backend='fpga-int8', export_dir=...")
+    try:
+        spec = json.loads(Path(files["model.json"]).read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise FxoptError(f"{source} is not valid JSON: {exc}", where=source, hint="export the model again") from exc
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT or spec.get("version") != VERSION:
+        said = (spec.get("format"), spec.get("version")) if isinstance(spec, dict) else spec
+        raise FxoptError(f"{source} is not a {FORMAT} v{VERSION} model ({said!r})", where=source,
+                         hint="export with backend='fpga-int8', export_dir=...")
+    weights = {}
+    for layer in spec.get("layers", []) if isinstance(spec.get("layers"), list) else []:
+        if isinstance(layer, dict) and "weight" in layer:
+            path = files.get(layer["weight"]) if isinstance(layer["weight"], str) else None
+            if path is None:
+                raise FxoptError(f"{source}: layer {layer.get('name')!r} names weight file "
+                                 f"{layer['weight']!r}, which is not a file of the export", where=source,
+                                 hint="the export folder is damaged or was edited; export the model again")
+            weights[layer.get("name")] = np.load(path, allow_pickle=False)
+    check_model(spec, weights, source)
     return spec, weights

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -142,15 +143,19 @@ def reference_values(spec: dict, gm: fx.GraphModule, floats: dict, batch: int) -
 
 def verify(export_dir, inputs, reference, min_within: float = 0.999) -> VerifyReport:
     """Run the three and compare (see module docstring); `inputs`: a float batch (or tuple)."""
-    from .cpp import compile_cpp, run_cpp
+    from .cpp import compile_cpp, emit_cpp, run_cpp
 
     spec, weights = load(export_dir)
     floats = named_inputs(spec, inputs)
     codes = quantize_inputs(spec, floats)
     batch = len(next(iter(codes.values())))
     sim = {k: v.astype(np.int64) for k, v in run_integer(spec, weights, codes).items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        cpp = run_cpp(compile_cpp(export_dir, out_binary=f"{tmp}/model"), spec, codes)
+    with tempfile.TemporaryDirectory(prefix="fxopt-verify-") as tmp:
+        # the C++ is generated again from the checked model.json and weights, and built in a
+        # private folder: whatever source sits in the export folder is never compiled
+        for name, data in emit_cpp(spec, weights).items():
+            Path(tmp, name).write_bytes(data)
+        cpp = run_cpp(compile_cpp(tmp, out_binary=f"{tmp}/model"), spec, codes)
     ref = reference_values(spec, reference_graph(reference), floats, batch)
     report = VerifyReport(inputs=batch, outputs=list(spec["outputs"]), min_within=min_within)
     for layer in spec["layers"]:
