@@ -32,7 +32,8 @@ import tempfile
 
 from .errors import FxoptError
 
-__all__ = ["MANIFEST", "check_destination", "check_manifest", "describe_file", "is_artefact", "writing"]
+__all__ = ["MANIFEST", "check_destination", "check_manifest", "check_writable", "describe_file", "is_artefact",
+           "writing"]
 
 MANIFEST = "manifest.json"
 _MARKER = ".fxopt-staging"          # in every staging folder: only these are ever cleaned up
@@ -59,16 +60,23 @@ def check_destination(path, kind: str) -> str:
     if os.path.isdir(folder) and os.listdir(folder) and not is_artefact(folder, kind):
         raise FxoptError(f"cannot write {kind} to {folder!r}: it holds files fxopt did not write there",
                          where=folder, hint="give a new or empty folder (nothing in this one is touched)")
-    existing = os.path.dirname(absolute)
+    check_writable(folder, kind)
+    return folder
+
+
+def check_writable(path, what: str) -> None:
+    """`path` can be created or replaced: its nearest existing folder is writable, and no
+    folder on the way is a file. Call it before the work whose result goes there."""
+    folder = os.fspath(path)
+    existing = os.path.dirname(os.path.abspath(folder))
     while not os.path.isdir(existing):
         if os.path.lexists(existing):
-            raise FxoptError(f"cannot write {kind} to {folder!r}: {existing!r} is a file", where=folder,
+            raise FxoptError(f"cannot write {what} to {folder!r}: {existing!r} is a file", where=folder,
                              hint="give a path whose folders are folders")
         existing = os.path.dirname(existing)
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise FxoptError(f"cannot write {kind} to {folder!r}: {existing!r} is not writable", where=folder,
-                         hint="give a folder in a writable place")
-    return folder
+        raise FxoptError(f"cannot write {what} to {folder!r}: {existing!r} is not writable", where=folder,
+                         hint="give a path in a writable place")
 
 
 def is_artefact(path, kind: str) -> bool:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .api import CompiledModel
 from .errors import PassOptionError
 from .ir.inputs import check_inputs
+from .artefacts import check_writable
 from .finetune_ddp import Stream, join, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 __all__ = ["FinetuneHistory", "finetune"]
@@ -306,6 +307,11 @@ def _check_run_options(accumulate, checkpoint, checkpoint_every) -> None:
         if not ok:
             raise PassOptionError(f"finetune: {message}",
                                   hint="see help(fxopt.finetune) for what each argument takes")
+    if checkpoint is not None:   # before training: a run must not end at its first write
+        if os.path.isdir(checkpoint):
+            raise PassOptionError(f"finetune: checkpoint {os.fspath(checkpoint)!r} is a folder",
+                                  hint="give a file path, e.g. 'run/finetune.ckpt'")
+        check_writable(checkpoint, "a finetune checkpoint")
 
 
 def _split(batch) -> tuple[tuple, object]:

@@ -206,3 +206,52 @@ def test_a_write_killed_at_any_point_leaves_the_old_or_the_new_artefact(tmp_path
         assert os.listdir(tmp_path) == ["artefact"], (owner, name, at, os.listdir(tmp_path))
         old = manifest.read_text()
     assert "old" in outcomes and "new" in outcomes, outcomes
+
+
+# -- the xla artefact's own loader (run_stablehlo.py, which runs without fxopt) ---------------------------
+def _xla_loader(folder):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_stablehlo", folder / "run_stablehlo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_xla_script_checks_its_files_and_every_weight(tmp_path):
+    pytest.importorskip("jax")
+    pytest.importorskip("torch_mlir")
+    from safetensors.numpy import load_file, save_file
+
+    model, x = _mlp()
+    out = tmp_path / "xla"
+    fxopt.compile(model, (x,), backend="xla", export_dir=out)
+    script = _xla_loader(out)
+    script.load(str(out))
+    weights = out / "weights.safetensors"
+    tensors = load_file(str(weights))
+    first = sorted(tensors)[0]
+    tensors["renamed"] = tensors.pop(first)                    # a weight the signature does not name
+    save_file(tensors, str(weights))
+    with pytest.raises(SystemExit, match="does not match manifest.json"):
+        script.load(str(out))
+    _rewrite_manifest(out)
+    with pytest.raises(SystemExit, match="signature.json names"):
+        script.load(str(out))
+    tensors[first] = tensors.pop("renamed").view(np.int32)     # the same bits as int32
+    save_file(tensors, str(weights))
+    _rewrite_manifest(out)
+    with pytest.raises(SystemExit, match=f"weight {first} is int32"):
+        script.load(str(out))
+
+
+def test_finetune_checks_its_checkpoint_path_before_training(tmp_path):
+    model, x = _mlp()
+    cm = fxopt.compile(model, (x,))
+    before = cm.graph_module.get_parameter("0.weight").detach().clone()
+    (tmp_path / "a-file").write_text("x")
+    data = [(x, torch.randint(0, 4, (16,)))]
+    for bad, why in ((tmp_path / "a-file" / "run.ckpt", "is a file"), (tmp_path, "is a folder")):
+        with pytest.raises(fxopt.FxoptError, match=why):
+            fxopt.finetune(cm, data=data, steps=2, checkpoint=bad)
+    assert torch.equal(cm.graph_module.get_parameter("0.weight"), before)   # nothing trained

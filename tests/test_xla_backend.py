@@ -111,8 +111,8 @@ _BLOCKED_RUN = textwrap.dedent("""
 @pytest.mark.parametrize("name, pipeline", [("bert", FOLD), ("resnet18", PRUNE)])
 def test_artefact_runs_in_a_fresh_process_without_fxopt(lowered, tmp_path, name, pipeline):
     _, inputs, _, xla, folder = lowered(name, pipeline)
-    assert sorted(os.listdir(folder)) == sorted(
-        ["model.stablehlo.mlir", "weights.safetensors", "signature.json", "run_stablehlo.py"])
+    assert sorted(os.listdir(folder)) == sorted(["model.stablehlo.mlir", "weights.safetensors", "signature.json",
+                                                 "run_stablehlo.py", "manifest.json"])
     assert not [f for f in os.listdir(folder.parent) if f.startswith(".")]  # no temp folder left
     signature = json.loads((folder / "signature.json").read_text())
     flat = tree_leaves(inputs)
@@ -239,13 +239,13 @@ def test_export_dir_errors_and_replacement(tmp_path):
     model, inputs = _tiny()
     a_file = tmp_path / "taken"
     a_file.write_text("mine")
-    with pytest.raises(fxopt.FxoptError, match="exists and is not a folder") as info:
+    with pytest.raises(fxopt.FxoptError, match="is a file") as info:
         fxopt.compile(model, inputs, backend="xla", export_dir=a_file)
     assert "what to do" in str(info.value) and a_file.read_text() == "mine"
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(fxopt.FxoptError, match="with other files in it"):
+    with pytest.raises(fxopt.FxoptError, match="holds files fxopt did not write"):
         fxopt.compile(model, inputs, backend="xla", export_dir=other)
     assert os.listdir(other) == ["notes.txt"]
     artefact = tmp_path / "artefact"

@@ -6,8 +6,11 @@
                            dtypes, the outputs, the pytree specs, the x64 flag
     run_stablehlo.py       loads the three, compiles with jax, runs on .npy inputs
 
-The folder is written under a temporary name beside the target and renamed into
-place, so a failure never leaves half an artefact. An existing folder is replaced
+    manifest.json          every file's size and sha256 (fxopt.artefacts), which the
+                           script checks before it reads anything
+
+The folder is one unit (fxopt.artefacts): staged beside the target and switched in by
+one rename, so a failure never leaves half an artefact. An existing folder is replaced
 only when it is empty or an earlier artefact: anything else is the user's.
 """
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 from torch.utils._pytree import treespec_dumps
 
 from ...errors import UnsupportedError
-from ...files import folder_atomically
+from ...artefacts import check_destination, writing
 from .script import script_text
 from .stablehlo import FUNCTION, Program, dtype_name
 
@@ -27,36 +30,20 @@ FILES = ("model.stablehlo.mlir", "weights.safetensors", "signature.json", "run_s
 
 
 def check_export_dir(export_dir) -> str:
-    """`export_dir` as a str path, if it can hold an artefact; else a clear error."""
-    try:
-        path = os.fspath(export_dir)
-    except TypeError:
+    """`export_dir` as a str path, if it can hold an artefact (new, empty, or an earlier
+    artefact, in a writable place); else a clear error, before any work."""
+    if not isinstance(export_dir, (str, os.PathLike)):
         raise UnsupportedError(f"backend 'xla': export_dir must be a path, got {type(export_dir).__name__}",
-                               hint="e.g. export_dir='artefacts/resnet18'") from None
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UnsupportedError(f"backend 'xla': export_dir {path!r} exists and is not a folder",
-                               where=path, hint="pass a new or empty folder, or remove the file")
-    if os.path.isdir(path) and os.listdir(path) and not _is_artefact(path):
-        raise UnsupportedError(f"backend 'xla': export_dir {path!r} is a folder with other files in it",
-                               where=path,
-                               hint="pass a new or empty folder (an earlier artefact folder is replaced)")
-    return path
-
-
-def _is_artefact(path: str) -> bool:
-    try:
-        with open(os.path.join(path, "signature.json"), encoding="utf-8") as fh:
-            return json.load(fh).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+                               hint="e.g. export_dir='artefacts/resnet18'")
+    return check_destination(export_dir, FORMAT)
 
 
 def write_artefact(program: Program, export_dir) -> str:
-    """Write the four files into `export_dir` (atomically); returns the path."""
+    """Write the four files into `export_dir` as one artefact with a manifest; returns the path."""
     from safetensors.torch import save_file
 
     path = check_export_dir(export_dir)
-    with folder_atomically(path) as tmp:
+    with writing(path, FORMAT) as tmp:
         _write_text(tmp, "model.stablehlo.mlir", program.text)
         # clones: safetensors refuses shared or non-contiguous storage (tied weights)
         save_file({name: w.detach().cpu().contiguous().clone()

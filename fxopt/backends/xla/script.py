@@ -30,10 +30,36 @@ import numpy as np
 FORMAT = "$FORMAT"
 
 
+FILES = ("model.stablehlo.mlir", "weights.safetensors", "signature.json")
+
+
+def check_files(folder):
+    """Every file the script reads is whole and unchanged: as manifest.json lists it."""
+    import hashlib
+
+    try:
+        with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{folder}: no readable manifest.json ({exc}): not a complete artefact")
+    listed = manifest.get("files", {}) if manifest.get("format") == FORMAT else {}
+    for name in FILES:
+        if name not in listed:
+            raise SystemExit(f"{folder}: manifest.json does not list {name} as a {FORMAT} file")
+        digest = hashlib.sha256()
+        with open(os.path.join(folder, name), "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        if {"size": os.path.getsize(os.path.join(folder, name)), "sha256": digest.hexdigest()} != listed[name]:
+            raise SystemExit(f"{folder}: {name} does not match manifest.json (damaged or edited)")
+
+
 def load(folder):
-    """(StableHLO text, signature dict, weight arrays in argument order)."""
+    """(StableHLO text, signature dict, weight arrays in argument order), after checking the
+    files against the manifest and every weight's name, dtype and shape against the signature."""
     from safetensors.numpy import load_file
 
+    check_files(folder)
     with open(os.path.join(folder, "signature.json"), encoding="utf-8") as fh:
         signature = json.load(fh)
     if signature.get("format") != FORMAT:
@@ -42,8 +68,16 @@ def load(folder):
     with open(os.path.join(folder, "model.stablehlo.mlir"), encoding="utf-8") as fh:
         text = fh.read()
     tensors = load_file(os.path.join(folder, "weights.safetensors"))
-    weights = [tensors[w["name"]] for w in signature["weights"]]
-    return text, signature, weights
+    names = [w["name"] for w in signature["weights"]]
+    if sorted(tensors) != sorted(names):
+        raise SystemExit(f"{folder}: weights.safetensors holds {sorted(tensors)}, signature.json "
+                         f"names {sorted(names)}")
+    for spec in signature["weights"]:
+        array = tensors[spec["name"]]
+        if list(array.shape) != spec["shape"] or array.dtype.name != spec["dtype"]:
+            raise SystemExit(f"{folder}: weight {spec['name']} is {array.dtype.name}{list(array.shape)}, "
+                             f"signature.json says {spec['dtype']}{spec['shape']}")
+    return text, signature, [tensors[name] for name in names]
 
 
 def check_inputs(signature, inputs):
@@ -84,7 +118,7 @@ def main(argv=None):
                         help="the artefact folder (default: this script's)")
     parser.add_argument("--platform", default="cpu", help="jax platform: cpu or tpu")
     args = parser.parse_args(argv)
-    outputs = run(args.artefact, [np.load(path) for path in args.inputs], args.platform)
+    outputs = run(args.artefact, [np.load(path, allow_pickle=False) for path in args.inputs], args.platform)
     os.makedirs(args.outputs, exist_ok=True)
     for i, array in enumerate(outputs):
         np.save(os.path.join(args.outputs, f"output{i}.npy"), array)
