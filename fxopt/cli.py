@@ -194,30 +194,35 @@ def cmd_bench(args) -> int:
     harness = _import_benchmarks()
     if harness is None:
         print("error: `fxopt bench` runs the benchmark harness in benchmarks/, which ships with the fxopt "
-              "repository, not with the installed package; run it from the root of a repository checkout "
-              "(the folder holding benchmarks/ and fxopt/)", file=sys.stderr)
+              "repository, not with the installed package: install fxopt from a checkout "
+              "(pip install -e .) to use it", file=sys.stderr)
         return 2
     return harness.main(args.args)
 
 
 def _import_benchmarks():
-    """benchmarks.__main__, imported only when `bench` runs (it pulls in the suites; `fxopt`
-    stays light). benchmarks/ is not installed, and a console script's sys.path holds neither
-    the working directory nor the checkout, so the working directory's checkout, else the one
-    an editable install of fxopt points at, goes first on sys.path. None when neither has one."""
+    """benchmarks.__main__ of the checkout fxopt itself was installed from (editable), imported
+    only when `bench` runs (it pulls in the suites; `fxopt` stays light). Never a benchmarks/
+    of the working directory or anywhere else on sys.path: that would run code the user did
+    not ask for. None when fxopt's checkout has none (an installed wheel)."""
     from pathlib import Path
 
-    for root in (Path.cwd(), Path(fxopt.__file__).resolve().parent.parent):
-        if (root / "benchmarks" / "harness.py").is_file():
-            if str(root) not in sys.path:
-                sys.path.insert(0, str(root))
-            break
+    root = Path(fxopt.__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "harness.py").is_file():
+        return None
+    loaded = sys.modules.get("benchmarks")
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve().parent != root / "benchmarks":
+        raise fxopt.FxoptError(f"another 'benchmarks' package is already imported ({loaded.__file__})",
+                               hint=f"run `fxopt bench` in a fresh process; the harness is {root / 'benchmarks'}")
+    sys.path.insert(0, str(root))
     try:
-        return importlib.import_module("benchmarks.__main__")
-    except ModuleNotFoundError as exc:
-        if exc.name in ("benchmarks", "benchmarks.__main__"):
-            return None
-        raise
+        harness = importlib.import_module("benchmarks.__main__")
+    finally:
+        sys.path.remove(str(root))
+    if Path(harness.__file__).resolve().parent != root / "benchmarks":
+        raise fxopt.FxoptError(f"`fxopt bench` found its harness at {harness.__file__}, not in fxopt's "
+                               f"checkout {root}", hint="run it in a fresh process")
+    return harness
 
 
 def _explain(model, inputs, json_path) -> int:

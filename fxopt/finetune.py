@@ -280,9 +280,9 @@ def _check_options(model, teacher, steps, lr, alpha, temperature) -> None:
     """Reject bad arguments before any work, each with what to pass instead."""
     checks = [
         (isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}"),
-        (lr > 0, f"lr must be > 0, got {lr!r}"),
-        (0 <= alpha <= 1, f"alpha must be in [0, 1], got {alpha!r}"),
-        (temperature > 0, f"temperature must be > 0, got {temperature!r}"),
+        (_finite(lr) and lr > 0, f"lr must be a finite number > 0, got {lr!r}"),
+        (_finite(alpha) and 0 <= alpha <= 1, f"alpha must be in [0, 1], got {alpha!r}"),
+        (_finite(temperature) and temperature > 0, f"temperature must be a finite number > 0, got {temperature!r}"),
         (isinstance(model, torch.nn.Module), f"model must be an nn.Module or CompiledModel, "
                                              f"got {type(model).__name__}"),
         (teacher is None or isinstance(teacher, torch.nn.Module),
@@ -293,6 +293,10 @@ def _check_options(model, teacher, steps, lr, alpha, temperature) -> None:
         if not ok:
             raise PassOptionError(f"finetune: {message}",
                                   hint="see help(fxopt.finetune) for what each argument takes")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_run_options(accumulate, checkpoint, checkpoint_every) -> None:

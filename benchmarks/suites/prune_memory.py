@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -98,8 +99,9 @@ def worker(spec: dict) -> dict:
 def measure(model: str, tool: str, pipeline: str = "", size: int = 224, timeout: float = 1800) -> dict:
     """Run `worker` in a fresh Python process; its record, or {"error": ...}."""
     spec = {"model": model, "tool": tool, "pipeline": pipeline, "size": size}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.suites.prune_memory", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, cwd=root)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         return {"error": (proc.stderr or proc.stdout)[-1500:]}

@@ -138,5 +138,5 @@ class Canonicalize(Pass):
                 break
         changed += replace_pattern(gm, *_silu_graphs())
         if not changed:
-            return PassResult.unchanged()
+            return PassResult.unchanged(notes=("already canonical: no op has another spelling to rewrite",))
         return PassResult.changed(notes=(f"rewrote {changed} nodes",))

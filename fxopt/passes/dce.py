@@ -24,6 +24,6 @@ class DeadCodeElimination(Pass):
                 removed += 1
         dropped = drop_unused_attrs(gm) if removed else 0
         if not removed:
-            return PassResult.unchanged()
+            return PassResult.unchanged(notes=("no dead node: every node's result is used",))
         return PassResult.changed(preserves=(Shapes,),
                                   notes=(f"removed {removed} nodes, {dropped} unused weights",))

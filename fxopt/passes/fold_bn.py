@@ -8,6 +8,8 @@ folded weights are computed in float64 and stored back in the weight's dtype.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import operator
 from collections import Counter
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from ..ir.graph import const_value, fetch_attr, fresh_attr_name, node_location, 
 from ..ir.meta import TENSOR, TensorInfo, tensor_info
 from ..ir.rewrite import RuleTable, is_call
 from ..pm import Pass, PassResult, register_pass
+from ..pm.options import Range
 
 aten = torch.ops.aten
 _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
@@ -51,7 +54,7 @@ class FoldBatchNorm(Pass):
     eps_guard: added to the variance's eps when folding (0 keeps exact semantics).
     """
 
-    eps_guard: float = 0.0
+    eps_guard: Annotated[float, Range(0)] = 0.0
 
     @property
     def tolerance(self) -> float | None:
@@ -67,7 +70,8 @@ class FoldBatchNorm(Pass):
             lambda g, node: self._fold(g, node, notes, readers))
         folded = table.apply(gm)
         if not folded:
-            return PassResult.unchanged(notes=tuple(notes))
+            why = () if notes else ("no eval-mode BatchNorm after a conv or linear to fold",)
+            return PassResult.unchanged(notes=why + tuple(notes))
         return PassResult.changed(preserves=(Shapes,), notes=(f"folded {folded} BatchNorm",) + tuple(notes))
 
     def _fold(self, gm: fx.GraphModule, node: fx.Node, notes: list[str], readers: Counter) -> bool:

@@ -7,6 +7,7 @@ printed back to text. `register_pass("name")` gives it its pipeline name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -14,6 +15,7 @@ from typing import ClassVar
 import torch.fx as fx
 
 from ..errors import FxoptError
+from .options import Range, check_options, range_of
 
 _REGISTRY: dict[str, type["Pass"]] = {}
 
@@ -41,12 +43,13 @@ class Pass:
         """The pass's options: one per dataclass field, in declaration order."""
         if not dataclasses.is_dataclass(cls):
             return []
-        hints = typing.get_type_hints(cls)
+        hints, annotated = typing.get_type_hints(cls), typing.get_type_hints(cls, include_extras=True)
         specs = []
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            specs.append(OptionSpec(f.name, f.name.replace("_", "-"), hints[f.name], default))
+            specs.append(OptionSpec(f.name, f.name.replace("_", "-"), hints[f.name], default,
+                                    range_of(annotated[f.name])))
         return specs
 
 
@@ -58,10 +61,11 @@ class OptionSpec:
     key: str
     type: object
     default: object
+    range: Range | None = None
 
     @property
     def type_name(self) -> str:
-        return type_name(self.type)
+        return type_name(self.type) + (f" in {self.range}" if self.range is not None else "")
 
 
 def type_name(tp) -> str:
@@ -115,10 +119,28 @@ def register_pass(name: str):
                              "which would hide the pass's pipeline name",
                              hint="rename the option (e.g. 'module_name' or 'label')")
         cls.name = name
+        _check_on_construction(cls)
         _REGISTRY[name] = cls
         return cls
 
     return register
+
+
+def _check_on_construction(cls) -> None:
+    """After the dataclass's own __init__ (and __post_init__), every option is checked
+    against its annotation (pm/options.py): Python construction and pipeline text alike."""
+    if not dataclasses.is_dataclass(cls) or getattr(cls.__init__, "_fxopt_checked", False):
+        return
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def checked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if type(self) is cls:
+            check_options(self)
+
+    checked_init._fxopt_checked = True
+    cls.__init__ = checked_init
 
 
 def list_passes() -> dict[str, type[Pass]]:

@@ -127,7 +127,8 @@ def _parse_item(cur: _Cursor) -> list[Pass]:
         values = _parse_options(cur, cls)
     try:
         return [cls(**values)]
-    except PassOptionError:
+    except PassOptionError as exc:
+        exc.where = exc.where or f"column {column} of: {cur.text}"
         raise
     except (TypeError, ValueError) as exc:
         raise PassOptionError(f"invalid options for '{name}': {exc}", where=f"column {column}") from exc
@@ -149,6 +150,9 @@ def _parse_options(cur: _Cursor, cls: type[Pass]) -> dict:
                 hint=(f"did you mean {' or '.join(map(repr, near))}? " if near else "")
                 + f"its options are: {known}",
             )
+        if specs[key].field in values:
+            raise PassOptionError(f"pass '{cls.name}' is given option '{key}' twice",
+                                  where=f"column {column} of: {cur.text}", hint="give each option once")
         cur.expect("=")
         raw, value_column = _parse_value(cur)
         values[specs[key].field] = convert_option(specs[key], raw, cls.name, f"column {value_column} of: {cur.text}")

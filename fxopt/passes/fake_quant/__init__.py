@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch.fx as fx
 
@@ -55,6 +55,7 @@ from ...errors import PassOptionError
 from ...ir.graph import module_path
 from ...ir.meta import TENSOR
 from ...pm import Pass, PassResult, register_pass
+from ...pm.options import Range
 from ...quant import OBSERVERS, FakeQuantize, FloatOp, QuantizedOp, QuantReport
 from .insert import QuantConfig, ValueGroups, quantize_values, quantize_weight
 from .rules import classify, skip_match
@@ -85,14 +86,14 @@ class FakeQuant(Pass):
         integer-only export returns; backend fpga-int8 then outputs int8, else int32 accumulators).
     """
 
-    weight_bits: int = 8
-    act_bits: int = 8
+    weight_bits: Annotated[int, Range(1, 16)] = 8
+    act_bits: Annotated[int, Range(2, 16)] = 8
     weight_granularity: Literal["per-channel", "per-tensor"] = "per-channel"
     symmetric: bool = True
     act_symmetric: bool = False
     observer: Literal["minmax", "moving-average", "percentile", "mse", "histogram"] = "minmax"
     skip: tuple[str, ...] = ()
-    first_last_bits: int | None = None
+    first_last_bits: Annotated[int, Range(2, 16)] | None = None
     learnable_scale: bool = False
     joins: Literal["shared", "float"] = "shared"
     outputs: bool = False

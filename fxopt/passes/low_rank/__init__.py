@@ -13,7 +13,7 @@ each layer left dense stayed so.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch.fx as fx
 
@@ -21,6 +21,7 @@ from ...errors import PassOptionError
 from ...ir.graph import first_match, node_location, warn_unmatched
 from ...ir.shape_prop import propagate_shapes
 from ...pm import Pass, PassResult, register_pass
+from ...pm.options import Range
 from .layers import Layer, collect_grams, find_layers
 from .measure import measure_errors, speedup
 from .plan import Choice, Policy, Spectra, budget_options, choose
@@ -60,11 +61,11 @@ class LowRank(Pass):
 
     method: Literal["svd", "activation-aware"] = "svd"
     rank_policy: Literal["fixed", "energy", "budget", "vbmf"] = "energy"
-    rank: float = 0.5
-    energy: float = 0.9
-    budget: float = 0.5
-    min_saving: float = 0.1
-    min_speedup: float | None = None
+    rank: Annotated[float, Range(0, None, low_open=True)] = 0.5
+    energy: Annotated[float, Range(0, 1, low_open=True)] = 0.9
+    budget: Annotated[float, Range(0, 1, low_open=True)] = 0.5
+    min_saving: Annotated[float, Range(None, 1, high_open=True)] = 0.1
+    min_speedup: Annotated[float, Range(0, None, low_open=True)] | None = None
     targets: tuple[str, ...] = TARGETS
     skip: tuple[str, ...] = ()
     conv_form: Literal["auto", "tucker2", "spatial"] = "auto"

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.fx as fx
@@ -38,6 +38,7 @@ from ...ir.graph import module_path
 from ...ir.meta import TENSOR
 from ...ir.shape_prop import propagate_shapes
 from ...pm import Pass, PassResult, register_pass
+from ...pm.options import Range
 from .measure import measure_errors
 from .report import PrecisionOp, PrecisionReport
 from .rewrite import Caster
@@ -69,7 +70,7 @@ class MixedPrecision(Pass):
     dtype: Literal["bf16", "fp16"] = "bf16"
     keep: tuple[str, ...] = ()
     auto: bool = False
-    layer_tolerance: float | None = None
+    layer_tolerance: Annotated[float, Range(0)] | None = None
 
     tolerance: ClassVar[float | None] = None  # 16-bit arithmetic changes what the model computes
     sees_into_leaves: ClassVar[bool] = False   # layers inside a leaf module are not seen

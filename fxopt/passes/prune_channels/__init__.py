@@ -12,8 +12,9 @@ rewritten is left unpruned, with a note; the result is checked by shape propagat
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch.fx as fx
 
@@ -21,6 +22,7 @@ from ...analyses.channel_groups import channel_groups_for
 from ...errors import PassOptionError
 from ...ir.graph import fqn_matches
 from ...pm import Pass, PassResult, register_pass
+from ...pm.options import Range
 from .importance import Importance, channels_to_keep, global_keep_counts, kept_channels
 from .apply import apply_choices
 from .grouped import choose_grouped, has_channels_in_groups
@@ -54,14 +56,14 @@ class PruneChannels(Pass):
         (whole conv groups go); unset: both are tried and the one leaving fewer MACs kept.
     """
 
-    ratio: float = 0.5
+    ratio: Annotated[float, Range(0, 1, high_open=True)] = 0.5
     importance: Literal["l1", "l2", "bn-scale", "taylor", "random"] = "l1"
     scope: Literal["local", "global"] = "local"
-    round_to: int = 1
-    min_channels: int = 1
+    round_to: Annotated[int, Range(1)] = 1
+    min_channels: Annotated[int, Range(1)] = 1
     ignore: tuple[str, ...] = ()
     heads: bool = True
-    seed: int = 0
+    seed: Annotated[int, Range(0)] = 0
     grouped: Literal["channels", "groups"] | None = None
 
     tolerance: ClassVar[float | None] = None  # pruning changes what the model computes
@@ -95,8 +97,10 @@ class PruneChannels(Pass):
         notes: list[str] = []
         importance = Importance(gm, self.importance, self.seed, am.calibration)
         candidates = self._candidates(groups, notes)
-        if not candidates or self.ratio == 0:
-            return PassResult.unchanged(notes=tuple(notes))
+        if self.ratio == 0:
+            return PassResult.unchanged(notes=("ratio=0 removes no channel",))
+        if not candidates:
+            return PassResult.unchanged(notes=(_none_prunable(groups),) + tuple(notes))
         scored = [(g, importance.scores(g)) for g in candidates]
         if self.scope == "global":
             keeps = global_keep_counts(scored, self.ratio, self.round_to, self.min_channels)
@@ -104,7 +108,10 @@ class PruneChannels(Pass):
             keeps = [channels_to_keep(g.size, self.ratio, self.round_to, self.min_channels) for g, _ in scored]
         choices = [(g, kept_channels(s, k)) for (g, s), k in zip(scored, keeps) if k < g.size]
         if not choices:
-            return PassResult.unchanged(notes=tuple(notes))
+            why = (f"at ratio={self.ratio} every one of the {len(candidates)} prunable groups keeps all its "
+                   f"channels (min-channels={self.min_channels}, round-to={self.round_to}; the largest group "
+                   f"has {max(g.size for g in candidates)})")
+            return PassResult.unchanged(notes=(why,) + tuple(notes))
         pruned = apply_choices(gm, choices, notes)
         if not pruned:
             return PassResult.unchanged(notes=tuple(notes))
@@ -139,6 +146,18 @@ class PruneChannels(Pass):
                 shown = ", ".join(fqns[:12]) + (", ..." if len(fqns) > 12 else "")
                 warnings.warn(f"prune-channels: ignore pattern {pattern!r} matches no parameter; "
                               f"parameters are e.g. {shown}", stacklevel=2)
+
+
+def _none_prunable(groups) -> str:
+    """Why no group may be pruned: the commonest reasons the analysis gave."""
+    if not groups.groups:
+        return "no channel group: the graph has no conv, linear or other layer with channels"
+    reasons = Counter((g.reason or "ignored or left intact").split("; ")[0] for g in groups.groups
+                      if not g.prunable)
+    shown = "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3))
+    return (f"no prunable group: {len(groups.groups)} groups, {len(groups.prunable())} prunable; "
+            f"blocked by: {shown or 'nothing (all ignored or left intact)'}; "
+            "fxopt.explain_pruning(model, inputs) lists every group")
 
 
 def _check_choice(option: str, value, allowed: tuple[str, ...]) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.fx as fx
@@ -33,6 +33,7 @@ from ...analyses import Shapes
 from ...errors import PassOptionError
 from ...ir.graph import fetch_attr, first_match, fresh_attr_name, set_attr, warn_unmatched
 from ...pm import Pass, PassResult, register_pass
+from ...pm.options import Range
 from .masks import MASKS_KEY, apply_masks, global_masks, layer_mask, mask_gradients, masks_of, two_four_mask
 from .report import LayerSparsity, SparsityReport
 from .targets import KINDS, Target, find_targets
@@ -60,7 +61,7 @@ class PruneWeights(Pass):
         `*.attention.*`); a pattern matching no targeted weight warns.
     """
 
-    sparsity: float = 0.5
+    sparsity: Annotated[float, Range(0, 1, high_open=True)] = 0.5
     scope: Literal["layer", "global"] = "layer"
     pattern: Literal["unstructured", "2:4"] = "unstructured"
     targets: tuple[str, ...] = KINDS

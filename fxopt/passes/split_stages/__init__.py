@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.fx as fx
@@ -24,6 +24,7 @@ from ...errors import PassOptionError
 from ...ir.dynamic import specialise
 from ...ir.meta import INPUT_SHAPES, TENSOR, TensorInfo
 from ...pm import Pass, PassResult, register_pass
+from ...pm.options import Range
 from .build import build, install, stage_ranges
 from .partition import Problem, candidate_cuts, sequence, smallest_memory, split
 from .report import StageRow, StagesReport
@@ -44,10 +45,10 @@ class SplitStages(Pass):
         of an ideal stage (total cost / num-stages); 0 ignores communication.
     """
 
-    num_stages: int = 2
+    num_stages: Annotated[int, Range(1)] = 2
     balance: Literal["macs", "params", "measured"] = "macs"
-    max_stage_memory: int | None = None
-    cut_weight: float = 0.1
+    max_stage_memory: Annotated[int, Range(1)] | None = None
+    cut_weight: Annotated[float, Range(0)] = 0.1
 
     tolerance: ClassVar[float | None] = 0.0   # the same ops in the same order: outputs are identical
 

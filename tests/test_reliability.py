@@ -1,0 +1,82 @@
+"""Reliability: no code run from where the user happens to stand, passes that say why
+they did nothing, and clear errors for inputs that used to give raw ones."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import torch
+import torch.nn as nn
+
+import fxopt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_never_imports_a_benchmarks_folder_of_the_working_directory(tmp_path):
+    marker = tmp_path / "PWNED"
+    fake = tmp_path / "benchmarks"
+    fake.mkdir()
+    for name in ("__init__.py", "harness.py"):
+        (fake / name).write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (fake / "__main__.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef main(argv): return 0\n")
+    proc = subprocess.run([sys.executable, "-c", "import sys; from fxopt.cli import main; "
+                                                 "sys.exit(main(['bench', '--help']))"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert not marker.exists()
+    assert proc.returncode == 0 and "--suite" in proc.stdout, proc.stderr[-2000:]
+
+
+# -- options are checked from their declarations, from text and Python alike ---------------------------
+@pytest.mark.parametrize("text, message", [
+    ("fold-bn{eps-guard=-1}", "option 'eps-guard' takes a finite number in [0, inf), got -1.0"),
+    ("fold-bn{eps-guard=nan}", "got nan"),
+    ("split-stages{cut-weight=inf}", "got inf"),
+    ("prune-weights{sparsity=1.0}", "in [0, 1)"),
+    ("prune-channels{ratio=0.5 ratio=0.9}", "given option 'ratio' twice"),
+])
+def test_option_values_outside_their_declared_range_are_refused_with_the_column(text, message):
+    with pytest.raises(fxopt.PassOptionError, match=re.escape(message)) as info:
+        fxopt.PassManager(text)
+    assert "column" in str(info.value)
+
+
+def test_python_construction_is_checked_like_text():
+    from fxopt.passes.fold_bn import FoldBatchNorm
+    from fxopt.passes.prune_channels import PruneChannels
+
+    with pytest.raises(fxopt.PassOptionError, match="eps-guard"):
+        FoldBatchNorm(eps_guard=float("nan"))
+    with pytest.raises(fxopt.PassOptionError, match="grouped"):
+        PruneChannels(grouped="zzz")
+    with pytest.raises(fxopt.PassOptionError, match="seed"):
+        PruneChannels(seed=-1)
+    built = PruneChannels(ratio=0.25, grouped="channels")       # what was built prints back to text
+    assert fxopt.PassManager(fxopt.pm.format_pipeline([built])).passes == [built]
+
+
+@pytest.mark.parametrize("option", [{"lr": float("inf")}, {"temperature": float("inf")}, {"alpha": float("nan")}])
+def test_finetune_refuses_non_finite_settings_before_training(option):
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    cm = fxopt.compile(model, (torch.randn(2, 4),))
+    before = cm.graph_module.get_parameter("0.weight").detach().clone()
+    with pytest.raises(fxopt.FxoptError, match=next(iter(option))):
+        fxopt.finetune(cm, teacher=model, data=[torch.randn(2, 4)], steps=2, **option)
+    assert torch.equal(cm.graph_module.get_parameter("0.weight"), before)
+
+
+def test_a_pass_that_changes_nothing_says_why():
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    cm = fxopt.compile(model, (torch.randn(2, 4),), pipeline="fold-bn,dce,prune-channels{ratio=0.5}")
+    for record in cm.report.records:
+        assert not record.changed and record.notes and record.notes[0], record
+    assert "no prunable group" in cm.report.records[2].notes[0]
+    assert "model output" in cm.report.records[2].notes[0]
+    cm = fxopt.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval(), (torch.randn(2, 4),),
+                       pipeline="prune-channels{ratio=0.5 min-channels=8}")
+    assert "keeps all its channels (min-channels=8" in cm.report.records[0].notes[0]
