@@ -80,3 +80,51 @@ def test_a_pass_that_changes_nothing_says_why():
     cm = fxopt.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval(), (torch.randn(2, 4),),
                        pipeline="prune-channels{ratio=0.5 min-channels=8}")
     assert "keeps all its channels (min-channels=8" in cm.report.records[0].notes[0]
+
+
+# -- NaN / Inf never frozen into a scale --------------------------------------------------------------
+def test_nan_in_calibration_data_is_refused_naming_the_quantizer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    bad = torch.randn(2, 4)
+    bad[0, 1] = float("nan")
+    with pytest.raises(fxopt.FxoptError, match="activation quantizer .*calibration batch gave it NaN"):
+        fxopt.compile(model, (torch.randn(2, 4),), pipeline="fake-quant", calibration=[torch.randn(2, 4), bad])
+
+
+def test_inf_in_a_weight_is_refused_naming_the_quantizer():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("inf")
+    with pytest.raises(fxopt.FxoptError, match="weight quantizer .*weight holds Inf"):
+        fxopt.compile(model, (torch.randn(2, 4),), pipeline="fake-quant", calibration=[torch.randn(2, 4)])
+
+
+@pytest.mark.parametrize("observer", ["minmax", "moving-average", "histogram"])
+def test_calibrating_from_threads_loses_no_update(observer):
+    """4 threads calibrating one model end with the observers of one thread doing it all
+    (minmax and histogram do not depend on the order; a moving average's count must)."""
+    import threading
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    batches = [torch.randn(64, 16) * (1 + i % 5) for i in range(40)]
+
+    def calibrated(threads: int):
+        cm = fxopt.compile(model, (batches[0],), pipeline=f"fake-quant{{observer={observer}}}")
+        chunks = [batches[i::threads] for i in range(threads)]
+        workers = [threading.Thread(target=fxopt.calibrate, args=(cm, chunk)) for chunk in chunks]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        quantizers = {n: m for n, m in cm.graph_module.named_modules() if getattr(m, "role", "") == "activation"}
+        return {n: m.observer.count.item() for n, m in quantizers.items()}, \
+            {n: (m.observer.lo.clone(), m.observer.hi.clone()) for n, m in quantizers.items()}
+
+    one_counts, one_ranges = calibrated(1)
+    many_counts, many_ranges = calibrated(4)
+    assert many_counts == one_counts and set(one_counts.values()) == {40}
+    if observer == "minmax":
+        for name, (lo, hi) in one_ranges.items():
+            assert torch.equal(many_ranges[name][0], lo) and torch.equal(many_ranges[name][1], hi)

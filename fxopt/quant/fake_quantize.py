@@ -97,6 +97,7 @@ class FakeQuantize(nn.Module):
                 if self.training:          # eval-mode weights are as the pass saw them
                     self.observe_weight(x)
             else:
+                self._check_finite(x, "a calibration batch gave it")
                 self.observer.update(as_rows(x, self.axis))
                 if not self.training:
                     return x
@@ -106,12 +107,23 @@ class FakeQuantize(nn.Module):
     @torch.no_grad()
     def observe_weight(self, weight: torch.Tensor) -> None:
         """Set scale / zero_point from a weight tensor (binary: mean |w| per channel)."""
+        self._check_finite(weight, "the weight holds")
         rows = as_rows(weight.detach(), self.axis)
         if self.spec.binary:
             self.scale.copy_(binary_scale(rows))
             self.zero_point.zero_()
             return
         self._set_qparams(*self.observer.batch_range(rows))
+
+    def _check_finite(self, x: torch.Tensor, source: str) -> None:
+        """NaN or Inf would be frozen into the scale (and fail at the first call with a raw
+        kernel error, or turn into finite codes): refuse it here, naming the quantizer."""
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+            raise FxoptError(f"{self.role} quantizer {self.label or '(unnamed)'}: {source} {bad}, which has no "
+                             "quantized range", where=self.label or None,
+                             hint="remove non-finite values from the weights or the calibration batches "
+                                  "(fxopt never quantizes them silently)")
 
     @torch.no_grad()
     def _set_qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> None:

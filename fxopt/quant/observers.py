@@ -22,6 +22,8 @@ Kinds (the `observer=` option of fake-quant):
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn as nn
 
@@ -30,6 +32,7 @@ from .qparams import QSpec, fake_quantize, qparams_from_range
 OBSERVERS = ("minmax", "moving-average", "percentile", "mse", "histogram")
 _SHRINKS = torch.linspace(1.0, 0.3, 36)
 _MAX_SAMPLES = 1 << 18   # per row: quantiles and error searches on a strided sample
+_UPDATES = threading.RLock()   # one for all observers (a lock cannot live in a module that is deep-copied)
 
 
 def make_observer(kind: str, spec: QSpec, channels: int = 1) -> "Observer":
@@ -64,10 +67,11 @@ class Observer(nn.Module):
     @torch.no_grad()
     def update(self, rows: torch.Tensor) -> None:
         lo, hi = self.batch_range(rows)
-        first = self.count == 0
-        self.lo.copy_(torch.where(first, lo, self._combine(self.lo, lo, torch.minimum)))
-        self.hi.copy_(torch.where(first, hi, self._combine(self.hi, hi, torch.maximum)))
-        self.count += 1
+        with _UPDATES:   # read-modify-write of the state: calibrating from several threads loses nothing
+            first = self.count == 0
+            self.lo.copy_(torch.where(first, lo, self._combine(self.lo, lo, torch.minimum)))
+            self.hi.copy_(torch.where(first, hi, self._combine(self.hi, hi, torch.maximum)))
+            self.count += 1
 
     def _combine(self, old: torch.Tensor, new: torch.Tensor, extreme) -> torch.Tensor:
         return extreme(old, new)
@@ -157,14 +161,15 @@ class HistogramObserver(Observer):
     def update(self, rows: torch.Tensor) -> None:
         rows = rows.detach().float()
         b_lo, b_hi = rows.amin(dim=1), rows.amax(dim=1)
-        first = self.count == 0
-        lo = torch.where(first, b_lo, torch.minimum(self.lo, b_lo))
-        hi = torch.where(first, b_hi, torch.maximum(self.hi, b_hi))
-        old = self._rebin(lo, hi)                      # earlier counts moved onto the new bins
-        self.hist.copy_(old + self._histogram(rows, lo, hi))
-        self.lo.copy_(lo)
-        self.hi.copy_(hi)
-        self.count += 1
+        with _UPDATES:
+            first = self.count == 0
+            lo = torch.where(first, b_lo, torch.minimum(self.lo, b_lo))
+            hi = torch.where(first, b_hi, torch.maximum(self.hi, b_hi))
+            old = self._rebin(lo, hi)                      # earlier counts moved onto the new bins
+            self.hist.copy_(old + self._histogram(rows, lo, hi))
+            self.lo.copy_(lo)
+            self.hi.copy_(hi)
+            self.count += 1
 
     def range(self):
         return self._search(self.hist, self.lo, self.hi)
