@@ -82,11 +82,15 @@ def compile(model, example_inputs, example_kwargs=None, pipeline="default", back
         raise UnsupportedError(f"example_kwargs must be a dict of keyword inputs, got "
                                f"{type(example_kwargs).__name__}",
                                hint="name the other settings: fxopt.compile(model, inputs, pipeline=...)")
+    if not isinstance(pipeline, (str, list, tuple)):
+        raise UnsupportedError(f"pipeline must be pipeline text (e.g. 'prune50' or 'fold-bn,fake-quant') or a "
+                               f"list of passes, got {type(pipeline).__name__}",
+                               hint="`fxopt passes` lists the passes; presets: default, prune50, int8, ...")
     example_inputs = as_args(example_inputs)
     example_kwargs = dict(example_kwargs or {})
     gm = trace(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes,
                leaf_modules=leaf_modules, concrete_args=concrete_args)
-    calibration = list(calibration) if calibration is not None else None
+    calibration = _batches(calibration, "calibration") if calibration is not None else None
     am = AnalysisManager(gm, calibration)
     am.put(Shapes, ShapeTable(gm))
     instruments = tuple(instruments) + (CostTracker(),)
@@ -104,6 +108,9 @@ def compile(model, example_inputs, example_kwargs=None, pipeline="default", back
 
 def lower(compiled: CompiledModel, backend: str = "eager", example_inputs=None, **options) -> CompiledModel:
     """Lower an already compiled model's graph with another backend."""
+    if not isinstance(compiled, CompiledModel):
+        raise UnsupportedError(f"lower takes what fxopt.compile returned, got {type(compiled).__name__}",
+                               hint="compile the model first: fxopt.compile(model, inputs, backend=...)")
     gm = compiled.graph_module
     if example_inputs is None:
         example_inputs = traced_inputs(gm)
@@ -127,7 +134,8 @@ def calibrate(compiled: CompiledModel, batches, progress: bool = False) -> Compi
     must hold fake quantizers (a pipeline with fake-quant); `progress` shows a bar.
     Call `freeze` afterwards to fix the scales.
     """
-    gm = _graph_of(compiled)
+    gm = graph_module_of(compiled, "calibrate")
+    batches = _batches(batches, "calibrate: batches")
     if not _quantizers(gm):
         raise UnsupportedError("calibrate: the model has no fake quantizers, so there is nothing to "
                                "calibrate",
@@ -139,7 +147,7 @@ def calibrate(compiled: CompiledModel, batches, progress: bool = False) -> Compi
 
 def freeze(compiled: CompiledModel) -> CompiledModel:
     """Stop observers: every submodule with a `freeze()` method is frozen."""
-    _freeze_module(_graph_of(compiled))
+    _freeze_module(graph_module_of(compiled, "freeze"))
     return compiled
 
 
@@ -167,6 +175,14 @@ def _quantizers(gm: torch.nn.Module) -> list:
     from .quant import FakeQuantize
 
     return [m for m in gm.modules() if isinstance(m, FakeQuantize)]
+
+
+def _batches(batches, what: str) -> list:
+    """A list of batches (each a tensor, a tuple of inputs or a dict of keyword inputs)."""
+    if isinstance(batches, (torch.Tensor, str, bytes, dict)) or not hasattr(batches, "__iter__"):
+        raise UnsupportedError(f"{what} takes a list of batches, got {type(batches).__name__}",
+                               hint="e.g. calibration=[x1, x2, ...], each batch shaped like the example inputs")
+    return list(batches)
 
 
 def _freeze_module(gm: torch.nn.Module) -> None:

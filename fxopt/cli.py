@@ -12,6 +12,7 @@ import sys
 import torch
 
 import fxopt
+from fxopt.artefacts import check_writable
 from fxopt.files import write_atomically
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -121,15 +122,30 @@ def cmd_backends(args) -> int:
     return 0
 
 
+def _check_run_args(args) -> None:
+    """What the command line asks for, checked before any model is loaded or compiled."""
+    if args.calibration_batches < 0:
+        raise fxopt.FxoptError(f"--calibration-batches {args.calibration_batches}: a count of batches is >= 0",
+                               hint="e.g. --calibration-batches 8")
+    known = set(fxopt.list_passes()) | {"all"}
+    for name in args.print_ir_after:
+        if name not in known:
+            raise fxopt.UnknownPassError(f"--print-ir-after {name}: no pass is called that",
+                                         hint="use a pass name from `fxopt passes`, or 'all'")
+    if args.json:
+        check_writable(args.json, "the --json report")
+    if args.save:
+        from fxopt.saving import check_destination
+
+        check_destination(args.save)
+
+
 def cmd_run(args) -> int:
+    _check_run_args(args)   # before the work, not after it
     model = load_model(args.model)
     inputs = make_inputs(args.input_shape, args.input_dtype)
     if args.explain:
         return _explain(model, inputs, args.json)
-    if args.save:
-        from fxopt.saving import check_destination
-
-        check_destination(args.save)   # before the work, not after it
     instruments = [fxopt.instruments.Timing(print_summary=args.time_passes)]
     if args.print_ir_after:
         instruments.append(fxopt.instruments.PrintIR(after=args.print_ir_after))
@@ -165,6 +181,11 @@ def cmd_pipeline_run(args) -> int:
     import socket
     import subprocess
 
+    for option, value in (("--num-stages", args.num_stages), ("--nproc-per-node", args.nproc_per_node or 1)):
+        if value < 1:
+            raise fxopt.FxoptError(f"{option} {value}: it must be at least 1", hint=f"e.g. {option} 2")
+    if args.json:
+        check_writable(args.json, "the --json results")
     batches = {t.shape[0] if t.dim() else 0 for t in make_inputs(args.input_shape, args.input_dtype)}
     if args.microbatches < 1 or len(batches) != 1 or min(batches) % args.microbatches:
         raise fxopt.FxoptError(f"--microbatches {args.microbatches} does not divide the batch: every input's "
@@ -289,7 +310,10 @@ def make_inputs(shapes: list[str], dtypes: list[str] | None) -> tuple:
         try:
             shape = [int(s) for s in text.lower().split("x")]
         except ValueError:
-            raise fxopt.FxoptError(f"bad --input-shape '{text}'", hint="write sizes joined by x, e.g. 1x3x224x224") from None
+            shape = []
+        if not shape or any(size < 1 for size in shape):
+            raise fxopt.FxoptError(f"bad --input-shape '{text}': sizes must be positive integers",
+                                   hint="write sizes joined by x, e.g. 1x3x224x224")
         dtype = _DTYPES[dtypes[i]] if i < len(dtypes) else torch.float32
         if dtype.is_floating_point:
             inputs.append(torch.randn(shape, generator=generator).to(dtype))

@@ -236,6 +236,8 @@ class _Step:
         nan = torch.full((), math.nan, device=_device_of(out))
         task = distill = nan
         if target is not None and (self.teacher is None or self.alpha < 1):
+            if self.task_loss is F.cross_entropy:
+                _check_classes(out, target)
             task = self.task_loss(out, target)
         if self.teacher is not None and (target is None or self.alpha > 0):
             with torch.no_grad():
@@ -246,6 +248,24 @@ class _Step:
         else:
             total = _mix(task, distill, self.alpha)
         return total, task.detach(), distill.detach()
+
+
+def _check_classes(out, target) -> None:
+    """Targets the default cross-entropy can take: class indices in [0, classes)."""
+    if not isinstance(out, torch.Tensor) or not isinstance(target, torch.Tensor):
+        return
+    classes = out.shape[-1] if out.dim() else 0
+    if target.is_floating_point() and target.shape == out.shape:
+        return   # class probabilities
+    if target.is_floating_point() or target.dtype == torch.bool:
+        raise PassOptionError(f"finetune: targets are {str(target.dtype).removeprefix('torch.')}; the default "
+                              "loss (cross-entropy) takes class indices", where="a batch's target",
+                              hint="give integer class indices (target.long()), or pass loss=... for "
+                                   "other targets (e.g. loss=torch.nn.functional.mse_loss)")
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= classes):
+        raise PassOptionError(f"finetune: a target holds class {int(target.max()) if int(target.max()) >= classes else int(target.min())}, "
+                              f"the model predicts {classes} classes (0 .. {classes - 1})",
+                              where="a batch's target", hint="check the labels, or the model's output size")
 
 
 def _mix(task, distill, alpha: float):

@@ -128,3 +128,58 @@ def test_calibrating_from_threads_loses_no_update(observer):
     if observer == "minmax":
         for name, (lo, hi) in one_ranges.items():
             assert torch.equal(many_ranges[name][0], lo) and torch.equal(many_ranges[name][1], hi)
+
+
+# -- clear errors, before the work -------------------------------------------------------------------
+def _small():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval(), torch.randn(2, 4)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x, cm: fxopt.compile(m, (x,), pipeline=123), "pipeline must be pipeline text"),
+    (lambda m, x, cm: fxopt.compile(m, (x,), pipeline="fake-quant", calibration=5), "takes a list of batches"),
+    (lambda m, x, cm: fxopt.compile(m, (x,), pipeline="fake-quant", calibration=[torch.randn(2, 5)]),
+     "dim 1 is static"),
+    (lambda m, x, cm: fxopt.calibrate("abc", [x]), "calibrate takes a CompiledModel"),
+    (lambda m, x, cm: fxopt.freeze(None), "freeze takes a CompiledModel"),
+    (lambda m, x, cm: fxopt.lower(m), "lower takes what fxopt.compile returned"),
+    (lambda m, x, cm: fxopt.finetune(cm, data=[(x, torch.tensor([0, 7]))], steps=1), "holds class 7"),
+    (lambda m, x, cm: fxopt.finetune(cm, data=[(x, torch.tensor([0.5, 1.0]))], steps=1), "targets are float32"),
+    (lambda m, x, cm: fxopt.finetune(cm, data=[(x, torch.tensor([0, 1]))], steps=1, lr="abc"), "lr must be"),
+    (lambda m, x, cm: fxopt.compile(m.to("meta"), (x.to("meta"),), pipeline="fake-quant"), "meta device"),
+])
+def test_bad_calls_are_clear_errors(call, message):
+    model, x = _small()
+    cm = fxopt.compile(model, (x,))
+    with pytest.raises(fxopt.FxoptError, match=message) as info:
+        call(model, x, cm)
+    assert "what to do" in str(info.value)
+
+
+NETS = os.path.join(ROOT, "tests", "nets.py")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", f"{NETS}:SmallNet", "--input-shape=-1x3x8x8"], "sizes must be positive"),
+    (["run", f"{NETS}:SmallNet", "--input-shape", "1x3x8x8", "--calibration-batches", "-3"], "is >= 0"),
+    (["run", f"{NETS}:SmallNet", "--input-shape", "1x3x8x8", "--print-ir-after", "nosuchpass"],
+     "no pass is called that"),
+    (["pipeline-run", f"{NETS}:SmallNet", "--input-shape", "2x3x8x8", "--num-stages", "0"], "at least 1"),
+])
+def test_bad_command_lines_are_clear_errors_before_the_work(argv, message, capsys):
+    from fxopt.cli import main
+
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_an_unwritable_json_path_fails_before_the_run(tmp_path, capsys):
+    from fxopt.cli import main
+
+    (tmp_path / "a-file").write_text("x")
+    assert main(["run", f"{NETS}:SmallNet", "--input-shape", "1x3x8x8",
+                 "--json", str(tmp_path / "a-file" / "out.json")]) != 0
+    captured = capsys.readouterr()
+    assert "is a file" in captured.err and "pass" not in captured.out   # no report: nothing ran

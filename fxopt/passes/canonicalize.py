@@ -123,6 +123,8 @@ class Canonicalize(Pass):
 
     functionalize: bool = True
 
+    reads_weights = False  # rewrites spellings of ops: the graph and its shapes are enough
+
     def run(self, gm: fx.GraphModule, am) -> PassResult:
         table = RuleTable()
         if self.functionalize:

@@ -16,6 +16,8 @@ class DeadCodeElimination(Pass):
     """Dead-code elimination: drops unused pure nodes (in reverse order, so chains
     go in one walk) and then the parameters and buffers nothing reads any more."""
 
+    reads_weights = False  # which nodes are used: the graph is enough
+
     def run(self, gm: fx.GraphModule, am) -> PassResult:
         removed = 0
         for node in reversed(list(gm.graph.nodes)):

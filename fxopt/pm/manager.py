@@ -51,6 +51,7 @@ class PassManager:
         self._notify("before_pipeline", ctx, gm)
         for index, p in enumerate(self.passes):
             record = PassRecord(p.name, format_pipeline([p]))
+            _check_values(p, gm)
             gm.meta[PIPELINE_BEFORE] = format_pipeline(self.passes[:index])  # what a plan must replay
             self._notify("before_pass", ctx, p, gm)
             try:
@@ -83,6 +84,19 @@ class PassManager:
             raise PassFailedError(
                 f"pass '{p.name}' returned {type(result).__name__}, not a PassResult",
                 hint="end run() with `return PassResult.changed(preserves=...)` or `PassResult.unchanged()`")
+
+
+def _check_values(p: Pass, gm: fx.GraphModule) -> None:
+    """A pass that reads weight values refuses meta-device weights by name, before it runs."""
+    if not p.reads_weights:
+        return
+    meta = [name for name, t in list(gm.named_parameters()) + list(gm.named_buffers()) if t.is_meta]
+    if meta:
+        raise FxoptError(f"pass '{p.name}' reads weight values, and the model's weights are on the meta device "
+                         f"(shapes only): {', '.join(meta[:3])}{' ...' if len(meta) > 3 else ''}",
+                         where=meta[0], hint="load real weights first (model.to_empty(device='cpu') and "
+                                             "load_state_dict), or run only passes that read shapes "
+                                             "(canonicalize, dce, split-stages)")
 
 
 def _leaf_note(p: Pass, gm: fx.GraphModule) -> tuple[str, ...]:

@@ -29,11 +29,14 @@ class Pass:
     `sees_into_leaves` is False for a pass that rewrites the ops of layers: it cannot
     see inside a leaf module (the user's class kept whole by `leaf_modules`), and the
     pass manager's report line for it names the leaves it left alone.
+    `reads_weights` is False for a pass that needs only the graph and its shapes: it
+    also runs on a model whose weights are on the meta device (no values).
     """
 
     name: ClassVar[str] = ""
     tolerance: ClassVar[float | None] = 1e-4
     sees_into_leaves: ClassVar[bool] = True
+    reads_weights: ClassVar[bool] = True   # False: needs only the graph and shapes (meta weights do)
 
     def run(self, gm: fx.GraphModule, am) -> "PassResult":
         raise NotImplementedError(f"{type(self).__name__}.run")

@@ -20,6 +20,7 @@ class Stages(Pass):
 
     pipeline: tuple = ()
     tolerance = None  # the sub-pipeline's passes decide
+    reads_weights = False  # so do they
 
     def run(self, gm: fx.GraphModule, am) -> PassResult:
         from .manager import PassManager

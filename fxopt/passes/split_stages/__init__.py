@@ -51,6 +51,7 @@ class SplitStages(Pass):
     cut_weight: Annotated[float, Range(0)] = 0.1
 
     tolerance: ClassVar[float | None] = 0.0   # the same ops in the same order: outputs are identical
+    reads_weights: ClassVar[bool] = False      # cuts by MACs or parameter counts: shapes are enough
 
     def __post_init__(self):
         if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
