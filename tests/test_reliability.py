@@ -183,3 +183,67 @@ def test_an_unwritable_json_path_fails_before_the_run(tmp_path, capsys):
                  "--json", str(tmp_path / "a-file" / "out.json")]) != 0
     captured = capsys.readouterr()
     assert "is a file" in captured.err and "pass" not in captured.out   # no report: nothing ran
+
+
+# -- the int8 backend never silently disagrees with its fake-quant graph ---------------------------------
+def _depthwise():
+    """A depthwise net as trained ones are after BN folding: per-channel scales over 4 decades."""
+    torch.manual_seed(0)
+    channels = 32
+    model = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+                          nn.Conv2d(channels, channels, 3, padding=1, groups=channels), nn.BatchNorm2d(channels),
+                          nn.ReLU(), nn.Conv2d(channels, 16, 1), nn.ReLU(), nn.Conv2d(16, 8, 1)).eval()
+    with torch.no_grad():
+        model[3].weight.copy_(torch.rand_like(model[3].weight) * 0.5 + 0.5)
+        model[4].weight.copy_(torch.logspace(-2, 2, channels))
+    return model, [torch.rand(8, 3, 32, 32) * 4 for _ in range(4)]
+
+
+def _int8(model, batches, **options):
+    return fxopt.compile(model, (batches[0],), pipeline="fold-bn,fake-quant", backend="int8",
+                         calibration=batches, **options)
+
+
+def test_int8_kernels_are_checked_layer_by_layer_against_fake_quant():
+    from fxopt.backends.int8 import int8_report
+    from fxopt.backends.int8.agreement import layer_agreement
+
+    model, batches = _depthwise()
+    cm = _int8(model, batches)
+    report = int8_report(cm)
+    assert report.checked.startswith("checked: 3 int8 ops agree") and not report.engine_notes
+    checks = layer_agreement(cm.graph_module, cm._lowered, batches)
+    assert [c.layer for c in checks] == ["conv2d", "conv2d_1", "conv2d_2"] and all(c.agrees for c in checks)
+    assert max(c.max_lsb for c in checks) <= 2          # a rounding, nothing more
+
+
+def test_an_engine_whose_kernels_disagree_is_passed_over_or_refused(monkeypatch):
+    from fxopt.backends import int8
+    from fxopt.backends.int8.agreement import LayerAgreement
+    from fxopt.backends.int8.kernels import candidate_engines
+
+    if len(candidate_engines()) < 2:
+        pytest.skip("one quantized engine here")
+    real, calls = int8.layer_agreement, []
+
+    def first_engine_saturates(gm, lowered, batches):
+        calls.append(1)
+        checks = real(gm, lowered, batches)
+        return [LayerAgreement(checks[1].layer, 187.0, 0.42)] if len(calls) == 1 else checks
+
+    monkeypatch.setattr(int8, "layer_agreement", first_engine_saturates)
+    model, batches = _depthwise()
+    report = int8.int8_report(_int8(model, batches))
+    first, second = candidate_engines()[:2]
+    assert report.engine == second
+    assert report.engine_notes == [f"engine {first} passed over: conv2d_1: 42.0% of codes more than 8 LSB from "
+                                   "the fake-quant model (up to 187)"]
+    calls.clear()
+    with pytest.raises(fxopt.FxoptError, match=f"disagree with the fake-quant model at conv2d_1 \\(engine {first}\\)"
+                       ) as info:
+        _int8(model, batches, engine=first)                    # the user's choice is not overridden
+    assert f"try engine={second!r}" in str(info.value)
+    monkeypatch.setattr(int8, "layer_agreement",
+                        lambda gm, lowered, batches: [LayerAgreement("conv2d_1", 187.0, 0.42)])
+    with pytest.raises(fxopt.FxoptError, match="at conv2d_1"):
+        _int8(model, batches)                                  # no engine agrees: refused, by layer

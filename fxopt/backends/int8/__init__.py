@@ -10,7 +10,8 @@ add / cat kernels (x86, fbgemm or oneDNN engine; see `kernels` and `lowering`);
 int8 values flow between them as quantized tensors. What has no int8 kernel stays
 float, and the report lists it with the reason: nothing fails for it.
 
-Options: `engine` (default: the fastest supported, x86 first).
+Options: `engine` (default: the fastest supported, x86 first, whose kernels agree with
+the fake-quant model on the calibration batches, layer by layer: see `agreement`).
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import warnings
 import torch
 import torch.fx as fx
 
-from ...errors import UnsupportedError
+from ...errors import FxoptError, UnsupportedError
+from ...ir.meta import CALIBRATION_SAMPLE
 from .. import register_backend, require_frozen_quantizers
-from .kernels import INT8_MODULES, pick_engine
+from .agreement import MAX_BATCHES, layer_agreement
+from .kernels import INT8_MODULES, candidate_engines, pick_engine
 from .lowering import Lowering
 from .report import Int8Report
 
@@ -37,12 +40,10 @@ class Int8Backend:
                                    hint="e.g. backend='int8', engine='x86'")
         require_frozen_quantizers(gm, "int8")
         try:
-            chosen = pick_engine(engine)
+            engines = [pick_engine(engine)] if engine is not None else candidate_engines()
         except ValueError as exc:
             raise UnsupportedError(f"backend 'int8': {exc}") from None
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # quantized tensor constructors: deprecation
-            lowered, report = Lowering(gm, chosen).run()
+        lowered, report = _agreeing(gm, engines, gm.meta.get(CALIBRATION_SAMPLE), chosen_by_user=engine is not None)
         lowered.int8_report = report
         lowered.report_sections = {"int8": report}  # compiled.report.int8
         lowered.eval()
@@ -51,6 +52,32 @@ class Int8Backend:
     def available(self) -> str | None:
         engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
         return None if engines else "a PyTorch build with quantized CPU kernels (fbgemm / x86 / onednn)"
+
+
+def _agreeing(gm: fx.GraphModule, engines: list[str], batches, chosen_by_user: bool):
+    """The lowering on the first engine whose kernels agree with the fake-quant graph on the
+    calibration batches (agreement.py); FxoptError naming the layer when none does."""
+    notes, bad = [], None
+    for name in engines:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # quantized tensor constructors: deprecation
+            lowered, report = Lowering(gm, name).run()
+            checks = layer_agreement(gm, lowered, batches) if batches else None
+        if checks is None:
+            return lowered, report
+        bad = next((c for c in checks if not c.agrees), None)
+        if bad is None:
+            report.checked = (f"checked: {len(checks)} int8 ops agree with the fake-quant model on "
+                              f"{min(len(batches), MAX_BATCHES)} calibration batches")
+            report.engine_notes = notes
+            return lowered, report
+        notes.append(f"engine {name} passed over: {bad}")
+    others = [e for e in candidate_engines() if e not in engines]
+    raise FxoptError(f"backend 'int8': the int8 kernels disagree with the fake-quant model at {bad.layer} "
+                     f"(engine {', '.join(engines)}): {bad}", where=bad.layer,
+                     hint=(f"try engine={others[0]!r}, " if chosen_by_user and others else "")
+                     + "or keep that layer in float (fake-quant{skip=[...]}); the eager backend runs the "
+                       "fake-quant model as it is")
 
 
 def int8_report(compiled) -> Int8Report:

@@ -45,6 +45,12 @@ def pick_engine(requested: str | None = None) -> str:
     return next(e for e in ENGINES if e in supported)
 
 
+def candidate_engines() -> list[str]:
+    """The supported engines, fastest first."""
+    supported = torch.backends.quantized.supported_engines
+    return [e for e in ENGINES if e in supported]
+
+
 @contextlib.contextmanager
 def engine(name: str):
     """Prepack under engine `name`, restoring the global setting afterwards."""

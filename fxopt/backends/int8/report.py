@@ -22,6 +22,8 @@ class Int8Report:
     float_ops: list[tuple[str, str]] = field(default_factory=list)
     quantize: int = 0
     dequantize: int = 0
+    checked: str = "not checked: no calibration batches"   # how the kernels were checked against fake-quant
+    engine_notes: list[str] = field(default_factory=list)  # engines passed over, and why
 
     def add_float(self, node: fx.Node, reason: str) -> None:
         if not any(name == node.name for name, _ in self.float_ops):
@@ -41,13 +43,15 @@ class Int8Report:
     def to_dict(self) -> dict:
         return {"engine": self.engine, "int8_ops": [list(o) for o in self.int8_ops],
                 "float_ops": [list(o) for o in self.float_ops],
-                "quantize": self.quantize, "dequantize": self.dequantize}
+                "quantize": self.quantize, "dequantize": self.dequantize, "checked": self.checked,
+                "engine_notes": list(self.engine_notes)}
 
     def __str__(self) -> str:
         kernels = ", ".join(f"{k} x{n}" for k, n in sorted(self.kernels().items()))
         lines = [f"int8 ({self.engine}): {len(self.int8_ops)} ops on int8 kernels ({kernels}), "
                  f"{len(self.float_ops)} ops in float, {self.quantize} quantize / "
-                 f"{self.dequantize} dequantize"]
+                 f"{self.dequantize} dequantize", f"  {self.checked}"]
+        lines += [f"  {note}" for note in self.engine_notes]
         by_reason: dict[str, list[str]] = defaultdict(list)
         for name, reason in self.float_ops:
             by_reason[reason].append(name)
