@@ -247,3 +247,12 @@ def test_an_engine_whose_kernels_disagree_is_passed_over_or_refused(monkeypatch)
                         lambda gm, lowered, batches: [LayerAgreement("conv2d_1", 187.0, 0.42)])
     with pytest.raises(fxopt.FxoptError, match="at conv2d_1"):
         _int8(model, batches)                                  # no engine agrees: refused, by layer
+
+
+def test_backward_hooks_stay_on_the_users_model_and_out_of_the_graph():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    model[0].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    gm = fxopt.trace(model, (torch.randn(2, 4),))
+    assert [str(n.target) for n in gm.graph.nodes if n.op == "call_function"] == [
+        "aten.linear.default", "aten.relu.default", "aten.linear.default"]     # no view_as left behind
+    assert len(model[0]._backward_hooks) == 1                                   # the user's hook is kept

@@ -35,11 +35,14 @@ def cow_copy(model: torch.nn.Module) -> torch.nn.Module:
 def cow_tensor(tensor: torch.Tensor):
     """A copy-on-write clone of a plain dense tensor or Parameter (same type, dtype,
     device, strides and requires_grad), or None where one cannot be made (tensor
-    subclasses, quantized or sparse tensors: those are deep-copied as before)."""
+    subclasses, quantized or sparse tensors, memory torch does not own: those are copied)."""
     if not hasattr(torch, "_lazy_clone") or type(tensor) not in (torch.Tensor, torch.nn.Parameter) \
             or tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type == "meta":
         return None
-    clone = torch._lazy_clone(tensor.detach())
+    try:
+        clone = torch._lazy_clone(tensor.detach())
+    except RuntimeError:   # memory torch does not own (a memory-mapped file): it cannot be shared so
+        return None
     if isinstance(tensor, torch.nn.Parameter):
         return torch.nn.Parameter(clone, requires_grad=tensor.requires_grad)
     return clone.requires_grad_(tensor.requires_grad) if tensor.is_leaf else clone

@@ -62,7 +62,7 @@ def trace(model, example_inputs, example_kwargs=None, dynamic_shapes="batch", le
 def _trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict, dynamic_shapes,
            symbolic: tuple) -> fx.GraphModule:
     leaf_modules, concrete_args = symbolic
-    copied = cow_copy(model)
+    copied = _without_backward_hooks(cow_copy(model))
     if leaf_modules or concrete_args:
         _check_runs(copied, example_inputs, {**example_kwargs, **dict(concrete_args or {})})
     spec = dynamic_spec(model, example_inputs, example_kwargs, dynamic_shapes)
@@ -84,6 +84,16 @@ def _trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict, 
     gm.meta[INPUT_NAMES] = tuple(str(p.target) for p in placeholders)
     gm.meta["fxopt.training"] = model.training
     return gm
+
+
+def _without_backward_hooks(copied: torch.nn.Module) -> torch.nn.Module:
+    """The tracer's copy without the user's backward hooks: they act on gradients of the
+    user's module, and traced they leave a `view_as` per hooked output in the graph."""
+    for module in copied.modules():
+        module._backward_hooks.clear()
+        module._backward_pre_hooks.clear()
+        module._is_full_backward_hook = None
+    return copied
 
 
 def as_args(example_inputs) -> tuple:

@@ -331,16 +331,11 @@ def _strided_members(t: Ties, pieces_of: dict, uf: _Pieces, blocked: dict) -> di
     weighted = {uf.find(p)[0] for sp in t.parent if _is_param(sp) for p in pieces_of[t.find(sp)]}
     weighted |= {uf.find(p)[0] for fine, coarse, _, _ in t.strides  # a weight holds them strided
                  if any(_is_param(sp) for sp in spaces_of[t.find(fine)]) for p in pieces_of[t.find(coarse)]}
-    layouts = defaultdict(set)
-    for fine, coarse, outer, b in t.strides:
-        layouts[t.find(fine)].add((outer, b, t.size[coarse]))
     out = defaultdict(list)
     for fine, coarse, outer, b in t.strides:
         cf, cc = t.find(fine), t.find(coarse)
         roots = [uf.find(p) for p in pieces_of[cc]]
         why = _stride_problem(t, cf, outer, pieces_of, reshaped, spaces_of)
-        if why is None and len(layouts[cf]) > 1:
-            why = [f"{_label(cf)} is read strided in {len(layouts[cf])} different layouts"]
         if why is None and any("head_dim" in t.tags.get(sp, ()) for sp in spaces_of[cc]):
             why = ["an attention's head_dim is kept (whole heads are the unit)"]
         if why is None and any(r not in weighted for r, _ in roots):
