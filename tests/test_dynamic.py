@@ -235,3 +235,22 @@ def test_split_stages_fixes_the_sizes_and_says_so():
     torch.testing.assert_close(cm(x), model(x))
     with pytest.raises(fxopt.InputShapeError, match=r"dim 0 is static \(2\) and got 3"):
         cm(torch.randn(3, 3, 8, 8))
+
+
+def test_a_batch_one_example_whose_export_bounds_the_batch_runs_at_any_batch():
+    """torchvision's ViT exported at batch 1 gets a batch range of 1..2 from torch.export; it is
+    exported at two rows then, checked at one, and its MACs are still counted at the example."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
+                              mlp_dim=128, num_classes=10).eval()
+    one = torch.randn(1, 3, 32, 32)
+    cm = fxopt.compile(model, (one,))
+    with torch.no_grad():
+        for batch in (1, 3, 8):
+            x = torch.randn(batch, 3, 32, 32)
+            torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-5)
+    assert cm.input_shapes[0].shape == (1, 3, 32, 32)
+    at_two = fxopt.AnalysisManager(fxopt.trace(model, (torch.randn(2, 3, 32, 32),))).get(fxopt.analyses.Cost)
+    assert 2 * fxopt.AnalysisManager(cm.graph_module).get(fxopt.analyses.Cost).macs == at_two.macs

@@ -76,23 +76,30 @@ def verified_at_batch_one(gm: fx.GraphModule, copied: torch.nn.Module, example: 
     one = _first_rows(gm, *example)
     if one is None or _guards_accept(gm, *one):
         return gm
-    node = next(iter(gm.graph.find_nodes(op="call_module", target="_guards_fn")))
-    gm.graph.erase_node(node)
-    gm.recompile()
-    with torch.no_grad(), torch.random.fork_rng(), _buffers_kept(gm), _buffers_kept(copied):
-        try:
-            torch.manual_seed(0)
-            ours = gm(*one[0], **one[1])
-            torch.manual_seed(0)
-            agree = _same(ours, copied(*one[0], **one[1]))
-        except Exception:  # noqa: BLE001 - the graph cannot run at batch 1: refuse that batch
-            agree = False
+    agree = agrees_without_guards(gm, copied, one)
     ranges = gm.meta[INPUT_RANGES]
     for dims in gm.meta[INPUT_SYMBOLS]:
         if dims and dims[0] is not None:
             low, high = ranges.get(dims[0], (0, None))
             ranges[dims[0]] = (min(low, 1) if agree else max(2, low), high)
     return gm
+
+
+def agrees_without_guards(gm: fx.GraphModule, copied: torch.nn.Module, example: tuple) -> bool:
+    """Drop the graph's input guards, run it on `example` ((args, kwargs)) and compare with the
+    model (same seed; buffers put back): True if the outputs agree."""
+    node = next(iter(gm.graph.find_nodes(op="call_module", target="_guards_fn")), None)
+    if node is not None:
+        gm.graph.erase_node(node)
+        gm.recompile()
+    with torch.no_grad(), torch.random.fork_rng(), _buffers_kept(gm), _buffers_kept(copied):
+        try:
+            torch.manual_seed(0)
+            ours = gm(*example[0], **example[1])
+            torch.manual_seed(0)
+            return _same(ours, copied(*example[0], **example[1]))
+        except Exception:  # noqa: BLE001 - the graph cannot run there
+            return False
 
 
 @contextlib.contextmanager

@@ -29,9 +29,10 @@ import torch.fx as fx
 from torch.fx.experimental import _config as symbolic_config
 
 from ..errors import TraceError
-from .meta import INPUT_NAMES, INPUT_SHAPES, TENSOR, TensorInfo, describe
+from .inputs import flat_inputs
+from .meta import INPUT_NAMES, INPUT_RANGES, INPUT_SHAPES, INPUT_SYMBOLS, TENSOR, TensorInfo, describe
 from .cow import cow_copy
-from .dynamic import dynamic_spec, record_symbols, tie_batches, verified_at_batch_one
+from .dynamic import agrees_without_guards, dynamic_spec, record_symbols, tie_batches, verified_at_batch_one
 from .shape_prop import TRACE_LOCK, propagate_shapes
 
 _LIB_DIRS = tuple(os.path.dirname(m.__file__) for m in (torch, fx) if m.__file__) + (
@@ -66,6 +67,7 @@ def _trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict, 
     if leaf_modules or concrete_args:
         _check_runs(copied, example_inputs, {**example_kwargs, **dict(concrete_args or {})})
     spec = dynamic_spec(model, example_inputs, example_kwargs, dynamic_shapes)
+    two_rows = None
     if leaf_modules or concrete_args:
         if example_kwargs:
             raise TraceError("example_kwargs cannot be combined with leaf_modules or concrete_args",
@@ -73,17 +75,51 @@ def _trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict, 
         gm = _symbolic_trace(copied, leaf_modules, concrete_args)
     else:
         gm = _exported_or_why(model, copied, (example_inputs, example_kwargs), spec)
+        two_rows = dynamic_shapes == "batch" and _batch_bounded(gm) and _rows_doubled(example_inputs, example_kwargs)
+        if two_rows:   # export bounded a batch-1 example's batch (e.g. to 1..2): export at 2 rows instead,
+            wider = _exported_or_why(model, copied, two_rows, spec)   # kept if it agrees at the example
+            two_rows = agrees_without_guards(wider, copied, (example_inputs, example_kwargs)) and two_rows
+            gm = wider if two_rows else gm
         if dynamic_shapes == "batch":
             tie_batches(gm)
         if spec is not None:
             gm = verified_at_batch_one(gm, copied, (example_inputs, example_kwargs))
     if not _shapes_from_export(gm):
         _propagate_symbolic(gm, example_inputs, spec)
+    elif two_rows:
+        _sizes_at_example(gm, example_inputs, example_kwargs)
     placeholders = gm.graph.find_nodes(op="placeholder")
     gm.meta[INPUT_SHAPES] = tuple(p.meta.get(TENSOR) for p in placeholders)
     gm.meta[INPUT_NAMES] = tuple(str(p.target) for p in placeholders)
     gm.meta["fxopt.training"] = model.training
     return gm
+
+
+def _batch_bounded(gm: fx.GraphModule) -> bool:
+    """True if export gave an input's batch symbol a finite upper bound."""
+    ranges = gm.meta.get(INPUT_RANGES, {})
+    return any(dims and dims[0] is not None and ranges.get(dims[0], (0, None))[1] is not None
+               for dims in gm.meta.get(INPUT_SYMBOLS, ()))
+
+
+def _rows_doubled(args: tuple, kwargs: dict):
+    """The example with every batch-1 tensor's row repeated (None if no input has one row)."""
+    def twice(x):
+        return x.expand(2, *x.shape[1:]).clone() if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 else x
+    if not any(isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1
+               for x in torch.utils._pytree.tree_leaves((args, kwargs))):
+        return None
+    return torch.utils._pytree.tree_map(twice, (args, kwargs))
+
+
+def _sizes_at_example(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """Shapes recorded at the user's example after an export at two rows (Cost counts them)."""
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), flat_inputs(gm, args, kwargs)):
+        info = node.meta.get(TENSOR)
+        if isinstance(info, TensorInfo) and isinstance(value, torch.Tensor):
+            node.meta[TENSOR] = TensorInfo(tuple(value.shape), info.dtype, info.device, info.dynamic)
+    with symbolic_config.patch(backed_size_oblivious=True):   # a 1 there is a size, not a branch
+        propagate_shapes(gm)
 
 
 def _without_backward_hooks(copied: torch.nn.Module) -> torch.nn.Module:

@@ -80,7 +80,11 @@ def _dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
     src, out = tensor_info(node.args[0]), tensor_info(node)
-    start = _flatten_start(src.shape, out.shape) if src and out else None
+    sizes = node.args[1] if len(node.args) > 1 else ()
+    symbolic = any(isinstance(s, fx.Node) for s in (sizes if isinstance(sizes, (list, tuple)) else ()))
+    # sizes computed at run time (a dynamic batch): the example's sizes cannot tell (L*B, E) from
+    # (L, B*E) where B is 1 there, so such a view is kept as it is written
+    start = _flatten_start(src.shape, out.shape) if src and out and not symbolic else None
     if start is not None:
         replace_with_call(gm, node, aten.flatten.using_ints, (node.args[0], start, -1))
         return True
