@@ -3,8 +3,9 @@
 A process's resident memory only grows back slowly after a free (the allocator keeps
 pages), so one model after another in one process would charge each with the last
 one's leftovers. Each (model, tool, pipeline) runs in its own Python process:
-build the model, collect garbage, read the resident set size (RSS), then prune while a
-thread samples RSS every 5 ms; the peak minus the RSS before is what the tool cost,
+run the tool once on a tiny model of the same kind (its imports and caches are not this
+model's cost), build the model, collect garbage, read the resident set size (RSS), then
+prune while a thread samples RSS every 5 ms; the peak minus the RSS before is what the tool cost,
 stated as a multiple of the model's own weight bytes.
 
   fxopt default     fxopt.compile(model, example, pipeline="default"): the user's model
@@ -81,9 +82,28 @@ def _prune(spec: dict, model, example) -> None:
     _tp_pruner(model, example).step()
 
 
+def _warm_up(spec: dict) -> None:
+    """Run the tool once on a tiny model of the same kind, so what is measured next is what
+    pruning this model costs, not the first import of torch.export or Torch-Pruning."""
+    if spec["model"] == LLAMA:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=100, max_position_embeddings=32, use_cache=False)
+        tiny, example = LlamaForCausalLM(config).eval(), (torch.randint(0, 100, (1, 8)),)
+    else:
+        import torchvision
+
+        tiny, example = torchvision.models.resnet18(weights=None, num_classes=10).eval(), (torch.randn(1, 3, 32, 32),)
+    _prune(spec, tiny, example)
+    del tiny
+    gc.collect()
+
+
 def worker(spec: dict) -> dict:
     """One measurement (runs in the fresh process)."""
     torch.set_num_threads(2)
+    _warm_up(spec)   # the tool's own imports and caches are not the model's cost
     model, example = _build(spec["model"], spec["size"])
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     gc.collect()
