@@ -3,8 +3,12 @@ the target's folder, flush it to disk, then rename over the target (atomic on on
 file system). Artefacts of several files: fxopt.artefacts."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+
+
+_SUFFIX = ".fxopt-tmp"
 
 
 def _umask() -> int:
@@ -16,11 +20,17 @@ def _umask() -> int:
 def write_atomically(path, data: str | bytes) -> str:
     """Write `data` (text as UTF-8, or bytes) to `path` via a temp file and a rename;
     on any error the temp file is removed and `path` is left as it was. The file gets
-    the usual permissions (mkstemp's are owner-only)."""
+    the usual permissions (mkstemp's are owner-only). A temp file a killed write to the
+    same path left behind is removed first."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    prefix = f".{os.path.basename(path)}."
+    for entry in os.listdir(folder):   # mkstemp's names: the prefix, 8 characters, the suffix
+        if entry.startswith(prefix) and entry.endswith(_SUFFIX) and len(entry) == len(prefix) + 8 + len(_SUFFIX):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, entry))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=_SUFFIX, dir=folder)
     os.chmod(tmp, 0o666 & ~_umask())
     try:
         with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w",

@@ -164,7 +164,8 @@ _KILLED = textwrap.dedent("""
     from fxopt import artefacts
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-    cm = fxopt.compile(model, (torch.randn(2, 8),), pipeline="prune-channels{{ratio=0.5}}")
+    x = torch.randn(2, 8)
+    cm = fxopt.compile(model, (x,), pipeline="prune-channels{{ratio=0.5}}")
     owner, name = {owner}, {name!r}
     real, calls = getattr(owner, name), [0]
     def dying(*args, **kwargs):
@@ -173,8 +174,17 @@ _KILLED = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
     setattr(owner, name, dying)
-    {write}(cm, {path!r})
+    {write}
 """)
+
+_WRITES = {
+    "save": "fxopt.save(cm, {path!r})",
+    "save_pruned": "fxopt.save_pruned(cm, {path!r})",
+    "fpga": "fxopt.compile(model, (x,), pipeline='fold-bn,fake-quant{{outputs=true}}', backend='fpga-int8', "
+            "calibration=[(x,)], export_dir={path!r})",
+    "checkpoint": "fxopt.finetune(cm, data=[(x, torch.tensor([0, 1]))] * 2, steps=4, checkpoint={path!r}, "
+                  "checkpoint_every=1)",
+}
 # (what, which call) a write is killed at: files being filled, flushed, the switch itself,
 # and after it while the earlier artefact is removed
 _POINTS = (("builtins", "open", 1), ("builtins", "open", 4), ("os", "fsync", 2), ("os", "rename", 1),
@@ -185,73 +195,49 @@ def _pruned_mlp(path):
     return fxopt.load_pruned(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), path)
 
 
-@pytest.mark.parametrize("write, load_it", [("fxopt.save", fxopt.load), ("fxopt.save_pruned", _pruned_mlp)])
-def test_a_write_killed_at_any_point_leaves_the_old_or_the_new_artefact(tmp_path, write, load_it):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path, manifest = tmp_path / "artefact", tmp_path / "artefact" / "manifest.json"
+def _checkpoint(path):
+    from fxopt.finetune_ddp import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+_LOADERS = {"save": fxopt.load, "save_pruned": _pruned_mlp, "fpga": load, "checkpoint": _checkpoint}
+
+
+def _write_first(kind: str, path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-    first = fxopt.compile(model, (torch.randn(2, 8),), pipeline="prune-channels{ratio=0.5}")
-    save = fxopt.save if write == "fxopt.save" else fxopt.save_pruned
-    save(first, path)
-    old = manifest.read_text()
-    outcomes = []
-    for owner, name, at in _POINTS:
-        script = _KILLED.format(root=root, owner=owner, name=name, at=at, write=write, path=str(path))
+    x = torch.randn(2, 8)
+    cm = fxopt.compile(model, (x,), pipeline="prune-channels{ratio=0.5}")
+    if kind == "fpga":
+        _fpga(model, x, path)
+    elif kind == "checkpoint":   # a fresh run: step 1 of 4 written, then it fails: a run to resume
+        path.unlink(missing_ok=True)
+        with pytest.raises(fxopt.FxoptError):
+            fxopt.finetune(cm, data=[(x, torch.tensor([0, 1])), (torch.randn(2, 9), torch.tensor([0, 1]))],
+                           steps=4, checkpoint=path, checkpoint_every=1)
+    else:
+        (fxopt.save if kind == "save" else fxopt.save_pruned)(cm, path)
+
+
+@pytest.mark.parametrize("kind", sorted(_WRITES))
+def test_a_write_killed_at_any_point_leaves_the_old_or_the_new_artefact(tmp_path, kind):
+    """SIGKILL at files being filled, flushed, the switch and after it: the old or the new
+    artefact loads (and checks), nothing half-written sits under the name, and the next write
+    cleans up what the killed one left."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tmp_path / ("artefact.ckpt" if kind == "checkpoint" else "artefact")
+    _write_first(kind, path)
+    state = lambda: path.read_bytes() if kind == "checkpoint" else (path / "manifest.json").read_text()  # noqa: E731
+    old, outcomes = state(), []
+    points = _POINTS if kind != "checkpoint" else (("builtins", "open", 1), ("os", "fsync", 1), ("os", "replace", 1))
+    for owner, name, at in points:
+        script = _KILLED.format(root=root, owner=owner, name=name, at=at, write=_WRITES[kind].format(path=str(path)))
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
         assert proc.returncode == -9, (owner, name, at, proc.returncode, proc.stderr[-2000:])  # it was killed
-        load_it(path)                                       # whole: the old or the new one
-        outcomes.append("old" if manifest.read_text() == old else "new")
-        save(first, path)                                   # the next write cleans up what was left
-        assert os.listdir(tmp_path) == ["artefact"], (owner, name, at, os.listdir(tmp_path))
-        old = manifest.read_text()
-    assert "old" in outcomes and "new" in outcomes, outcomes
-
-
-# -- the xla artefact's own loader (run_stablehlo.py, which runs without fxopt) ---------------------------
-def _xla_loader(folder):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("run_stablehlo", folder / "run_stablehlo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_xla_script_checks_its_files_and_every_weight(tmp_path):
-    pytest.importorskip("jax")
-    pytest.importorskip("torch_mlir")
-    from safetensors.numpy import load_file, save_file
-
-    model, x = _mlp()
-    out = tmp_path / "xla"
-    fxopt.compile(model, (x,), backend="xla", export_dir=out)
-    script = _xla_loader(out)
-    script.load(str(out))
-    weights = out / "weights.safetensors"
-    tensors = load_file(str(weights))
-    first = sorted(tensors)[0]
-    tensors["renamed"] = tensors.pop(first)                    # a weight the signature does not name
-    save_file(tensors, str(weights))
-    with pytest.raises(SystemExit, match="does not match manifest.json"):
-        script.load(str(out))
-    _rewrite_manifest(out)
-    with pytest.raises(SystemExit, match="signature.json names"):
-        script.load(str(out))
-    tensors[first] = tensors.pop("renamed").view(np.int32)     # the same bits as int32
-    save_file(tensors, str(weights))
-    _rewrite_manifest(out)
-    with pytest.raises(SystemExit, match=f"weight {first} is int32"):
-        script.load(str(out))
-
-
-def test_finetune_checks_its_checkpoint_path_before_training(tmp_path):
-    model, x = _mlp()
-    cm = fxopt.compile(model, (x,))
-    before = cm.graph_module.get_parameter("0.weight").detach().clone()
-    (tmp_path / "a-file").write_text("x")
-    data = [(x, torch.randint(0, 4, (16,)))]
-    for bad, why in ((tmp_path / "a-file" / "run.ckpt", "is a file"), (tmp_path, "is a folder")):
-        with pytest.raises(fxopt.FxoptError, match=why):
-            fxopt.finetune(cm, data=data, steps=2, checkpoint=bad)
-    assert torch.equal(cm.graph_module.get_parameter("0.weight"), before)   # nothing trained
+        _LOADERS[kind](path)                                  # whole: the old or the new one
+        outcomes.append("old" if state() == old else "new")
+        _write_first(kind, path)                              # the next write cleans up what was left
+        assert os.listdir(tmp_path) == [path.name], (owner, name, at, os.listdir(tmp_path))
+        old = state()
+    assert "old" in outcomes, outcomes

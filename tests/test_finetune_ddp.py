@@ -198,7 +198,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_losing_nothing(two_proces
         history = {**rank["history"], "resumed": 0}
         assert history == reference["history"]       # every step once, with the same losses
         assert rank["weights"] == reference["weights"]
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".fxopt-tmp")] == []
 
 
 # ---- in one process: accumulation, checkpoints, their errors ---------------------------------------
