@@ -256,3 +256,17 @@ def test_backward_hooks_stay_on_the_users_model_and_out_of_the_graph():
     assert [str(n.target) for n in gm.graph.nodes if n.op == "call_function"] == [
         "aten.linear.default", "aten.relu.default", "aten.linear.default"]     # no view_as left behind
     assert len(model[0]._backward_hooks) == 1                                   # the user's hook is kept
+
+
+def test_the_users_forward_hooks_do_not_run_while_tracing_and_are_named():
+    calls = []
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    model[0].register_forward_hook(lambda module, args, out: calls.append(type(out).__name__))
+    with pytest.warns(UserWarning, match=r"1 forward hook\(s\) of the model \(0\) are not part of the compiled graph"):
+        cm = fxopt.compile(model, (torch.randn(2, 4),))
+    assert calls == [] and len(model[0]._forward_hooks) == 1       # not run on fake tensors; still the user's
+    spectral = nn.utils.spectral_norm(nn.Linear(4, 4)).eval()      # torch's own hook computes the weight: kept
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(fxopt.compile(spectral, (x,))(x), spectral(x))
+        torch.testing.assert_close(cm(x), model(x))

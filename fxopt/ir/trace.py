@@ -22,6 +22,7 @@ import operator
 import os
 import sys
 import traceback
+import warnings
 
 import torch
 import torch.fx as fx
@@ -63,7 +64,7 @@ def trace(model, example_inputs, example_kwargs=None, dynamic_shapes="batch", le
 def _trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict, dynamic_shapes,
            symbolic: tuple) -> fx.GraphModule:
     leaf_modules, concrete_args = symbolic
-    copied = _without_backward_hooks(cow_copy(model))
+    copied = _without_user_hooks(cow_copy(model))
     if leaf_modules or concrete_args:
         _check_runs(copied, example_inputs, {**example_kwargs, **dict(concrete_args or {})})
     spec = dynamic_spec(model, example_inputs, example_kwargs, dynamic_shapes)
@@ -122,14 +123,40 @@ def _sizes_at_example(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
         propagate_shapes(gm)
 
 
-def _without_backward_hooks(copied: torch.nn.Module) -> torch.nn.Module:
-    """The tracer's copy without the user's backward hooks: they act on gradients of the
-    user's module, and traced they leave a `view_as` per hooked output in the graph."""
-    for module in copied.modules():
+def _without_user_hooks(copied: torch.nn.Module) -> torch.nn.Module:
+    """The tracer's copy without the user's hooks. Backward hooks act on gradients of the
+    user's module and, traced, leave a `view_as` per hooked output in the graph. Forward
+    hooks are the user's instrumentation: run while tracing they would see fake tensors,
+    and the compiled model would not run them anyway. torch's own hooks that compute the
+    model (nn.utils.prune masks, weight_norm, spectral_norm) stay. What was removed is
+    said in a warning: a hook that changes outputs belongs in the module's forward."""
+    removed = []
+    for name, module in copied.named_modules():
         module._backward_hooks.clear()
         module._backward_pre_hooks.clear()
         module._is_full_backward_hook = None
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key, hook in list(hooks.items()):
+                if not _computes_the_model(hook):
+                    del hooks[key]
+                    module._forward_hooks_with_kwargs.pop(key, None)
+                    module._forward_pre_hooks_with_kwargs.pop(key, None)
+                    removed.append(name or "<root>")
+    if removed:
+        shown = ", ".join(sorted(set(removed))[:5]) + (" ..." if len(set(removed)) > 5 else "")
+        warnings.warn(f"fxopt.trace: {len(removed)} forward hook(s) of the model ({shown}) are not part of the "
+                      "compiled graph and did not run while tracing; a hook that changes outputs must be "
+                      "folded into the module's forward", stacklevel=4)
     return copied
+
+
+def _computes_the_model(hook) -> bool:
+    """torch's hooks that are part of the computation, not instrumentation."""
+    import importlib
+
+    prune, weight_norm, spectral_norm = (importlib.import_module(f"torch.nn.utils.{name}")   # modules, not
+                                         for name in ("prune", "weight_norm", "spectral_norm"))  # the functions
+    return isinstance(hook, (prune.BasePruningMethod, weight_norm.WeightNorm, spectral_norm.SpectralNorm))
 
 
 def as_args(example_inputs) -> tuple:
