@@ -8,16 +8,18 @@ one of them is written, and the write then copies only that tensor. So nothing i
 copied to trace, analyse or prune (pruning makes new, smaller tensors), the compiled
 graph owns its weights (finetuning the graph materialises what it trains, never
 touching the model), and a model the user trains after compiling leaves the graph as
-it was compiled.
+it was compiled. `tracer_copy` is that copy as the tracer wants it: without the
+user's hooks (see `_without_user_hooks`).
 """
 from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 
 import torch
 
-__all__ = ["cow_copy", "cow_tensor", "storage_key"]
+__all__ = ["cow_copy", "cow_tensor", "storage_key", "tracer_copy"]
 
 
 def cow_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -52,3 +54,45 @@ def storage_key(tensor: torch.Tensor) -> tuple:
     """What identifies a tensor's memory (tied weights share it) without asking for its
     data pointer: `data_ptr()` would make a copy-on-write tensor copy itself."""
     return (tensor.device, tensor.untyped_storage()._cdata, tensor.storage_offset(), tuple(tensor.shape))
+
+
+def tracer_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The tracer's private copy of `model`: copy-on-write weights, no user hooks."""
+    return _without_user_hooks(cow_copy(model))
+
+
+def _without_user_hooks(copied: torch.nn.Module) -> torch.nn.Module:
+    """The tracer's copy without the user's hooks. Backward hooks act on gradients of the
+    user's module and, traced, leave a `view_as` per hooked output in the graph. Forward
+    hooks are the user's instrumentation: run while tracing they would see fake tensors,
+    and the compiled model would not run them anyway. torch's own hooks that compute the
+    model (nn.utils.prune masks, weight_norm, spectral_norm) stay. What was removed is
+    said in a warning: a hook that changes outputs belongs in the module's forward."""
+    removed = []
+    for name, module in copied.named_modules():
+        module._backward_hooks.clear()
+        module._backward_pre_hooks.clear()
+        module._is_full_backward_hook = None
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key, hook in list(hooks.items()):
+                if not _computes_the_model(hook):
+                    del hooks[key]
+                    module._forward_hooks_with_kwargs.pop(key, None)
+                    module._forward_pre_hooks_with_kwargs.pop(key, None)
+                    getattr(module, "_forward_hooks_always_called", {}).pop(key, None)
+                    removed.append(name or "<root>")
+    if removed:
+        shown = ", ".join(sorted(set(removed))[:5]) + (" ..." if len(set(removed)) > 5 else "")
+        warnings.warn(f"fxopt.trace: {len(removed)} forward hook(s) of the model ({shown}) are not part of the "
+                      "compiled graph and did not run while tracing; a hook that changes outputs must be "
+                      "folded into the module's forward", stacklevel=4)
+    return copied
+
+
+def _computes_the_model(hook) -> bool:
+    """torch's hooks that are part of the computation, not instrumentation."""
+    import importlib
+
+    prune, weight_norm, spectral_norm = (importlib.import_module(f"torch.nn.utils.{name}")   # modules, not
+                                         for name in ("prune", "weight_norm", "spectral_norm"))  # the functions
+    return isinstance(hook, (prune.BasePruningMethod, weight_norm.WeightNorm, spectral_norm.SpectralNorm))

@@ -22,7 +22,6 @@ import operator
 import os
 import sys
 import traceback
-import warnings
 
 import torch
 import torch.fx as fx
@@ -32,7 +31,7 @@ from torch.fx.experimental import _config as symbolic_config
 from ..errors import TraceError
 from .inputs import flat_inputs
 from .meta import INPUT_NAMES, INPUT_RANGES, INPUT_SHAPES, INPUT_SYMBOLS, TENSOR, TensorInfo, describe
-from .cow import cow_copy
+from .cow import tracer_copy
 from .dynamic import agrees_without_guards, dynamic_spec, record_symbols, tie_batches, verified_at_batch_one
 from .shape_prop import TRACE_LOCK, propagate_shapes
 
@@ -64,23 +63,19 @@ def trace(model, example_inputs, example_kwargs=None, dynamic_shapes="batch", le
 def _trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict, dynamic_shapes,
            symbolic: tuple) -> fx.GraphModule:
     leaf_modules, concrete_args = symbolic
-    copied = _without_user_hooks(cow_copy(model))
+    copied = tracer_copy(model)
     if leaf_modules or concrete_args:
         _check_runs(copied, example_inputs, {**example_kwargs, **dict(concrete_args or {})})
     spec = dynamic_spec(model, example_inputs, example_kwargs, dynamic_shapes)
-    two_rows = None
+    two_rows = False
     if leaf_modules or concrete_args:
         if example_kwargs:
             raise TraceError("example_kwargs cannot be combined with leaf_modules or concrete_args",
                              hint="pass the inputs positionally to the symbolic_trace tracer")
         gm = _symbolic_trace(copied, leaf_modules, concrete_args)
     else:
-        gm = _exported_or_why(model, copied, (example_inputs, example_kwargs), spec)
-        two_rows = dynamic_shapes == "batch" and _batch_bounded(gm) and _rows_doubled(example_inputs, example_kwargs)
-        if two_rows:   # export bounded a batch-1 example's batch (e.g. to 1..2): export at 2 rows instead,
-            wider = _exported_or_why(model, copied, two_rows, spec)   # kept if it agrees at the example
-            two_rows = agrees_without_guards(wider, copied, (example_inputs, example_kwargs)) and two_rows
-            gm = wider if two_rows else gm
+        gm, two_rows = _export_for_any_batch(model, copied, (example_inputs, example_kwargs), spec,
+                                             dynamic_shapes == "batch")
         if dynamic_shapes == "batch":
             tie_batches(gm)
         if spec is not None:
@@ -94,6 +89,20 @@ def _trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict, 
     gm.meta[INPUT_NAMES] = tuple(str(p.target) for p in placeholders)
     gm.meta["fxopt.training"] = model.training
     return gm
+
+
+def _export_for_any_batch(model, copied, example: tuple, spec, batch: bool) -> tuple[fx.GraphModule, bool]:
+    """(graph, exported at two rows). torch.export sometimes bounds a batch-1 example's batch
+    (torchvision's ViT and ConvNeXt: 1..2); then the example is exported again with its row
+    repeated, and that graph is kept if, at the example, it computes what the model does."""
+    gm = _exported_or_why(model, copied, example, spec)
+    doubled = _rows_doubled(*example) if batch and _batch_bounded(gm) else None
+    if doubled is None:
+        return gm, False
+    wider = _exported_or_why(model, copied, doubled, spec)
+    if agrees_without_guards(wider, copied, example):
+        return wider, True
+    return gm, False
 
 
 def _batch_bounded(gm: fx.GraphModule) -> bool:
@@ -121,42 +130,6 @@ def _sizes_at_example(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
             node.meta[TENSOR] = TensorInfo(tuple(value.shape), info.dtype, info.device, info.dynamic)
     with symbolic_config.patch(backed_size_oblivious=True):   # a 1 there is a size, not a branch
         propagate_shapes(gm)
-
-
-def _without_user_hooks(copied: torch.nn.Module) -> torch.nn.Module:
-    """The tracer's copy without the user's hooks. Backward hooks act on gradients of the
-    user's module and, traced, leave a `view_as` per hooked output in the graph. Forward
-    hooks are the user's instrumentation: run while tracing they would see fake tensors,
-    and the compiled model would not run them anyway. torch's own hooks that compute the
-    model (nn.utils.prune masks, weight_norm, spectral_norm) stay. What was removed is
-    said in a warning: a hook that changes outputs belongs in the module's forward."""
-    removed = []
-    for name, module in copied.named_modules():
-        module._backward_hooks.clear()
-        module._backward_pre_hooks.clear()
-        module._is_full_backward_hook = None
-        for hooks in (module._forward_hooks, module._forward_pre_hooks):
-            for key, hook in list(hooks.items()):
-                if not _computes_the_model(hook):
-                    del hooks[key]
-                    module._forward_hooks_with_kwargs.pop(key, None)
-                    module._forward_pre_hooks_with_kwargs.pop(key, None)
-                    removed.append(name or "<root>")
-    if removed:
-        shown = ", ".join(sorted(set(removed))[:5]) + (" ..." if len(set(removed)) > 5 else "")
-        warnings.warn(f"fxopt.trace: {len(removed)} forward hook(s) of the model ({shown}) are not part of the "
-                      "compiled graph and did not run while tracing; a hook that changes outputs must be "
-                      "folded into the module's forward", stacklevel=4)
-    return copied
-
-
-def _computes_the_model(hook) -> bool:
-    """torch's hooks that are part of the computation, not instrumentation."""
-    import importlib
-
-    prune, weight_norm, spectral_norm = (importlib.import_module(f"torch.nn.utils.{name}")   # modules, not
-                                         for name in ("prune", "weight_norm", "spectral_norm"))  # the functions
-    return isinstance(hook, (prune.BasePruningMethod, weight_norm.WeightNorm, spectral_norm.SpectralNorm))
 
 
 def as_args(example_inputs) -> tuple:
@@ -258,7 +231,7 @@ def _export_with_caches_filled(model: torch.nn.Module, copied: torch.nn.Module, 
     except TraceError as exc:
         if "fake tensor in the exported program constant" not in str(exc):
             raise
-    filled = cow_copy(model)
+    filled = tracer_copy(model)
     with torch.no_grad():
         filled(*args, **kwargs)
     return _export_trace(filled, args, kwargs, spec)
