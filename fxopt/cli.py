@@ -238,6 +238,10 @@ def _import_benchmarks():
     sys.path.insert(0, str(root))
     try:
         harness = importlib.import_module("benchmarks.__main__")
+    except ImportError as exc:
+        if exc.name in ("benchmarks", "benchmarks.__main__"):
+            return None
+        raise
     finally:
         sys.path.remove(str(root))
     if Path(harness.__file__).resolve().parent != root / "benchmarks":

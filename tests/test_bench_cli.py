@@ -89,7 +89,7 @@ def test_fxopt_bench_without_a_checkout_says_where_to_run(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "benchmarks", None)          # as when benchmarks/ is not importable
     monkeypatch.setitem(sys.modules, "benchmarks.__main__", None)
     assert cli.main(["bench", "--suite", "passes"]) == 2
-    assert "root of a repository checkout" in capsys.readouterr().err
+    assert "install fxopt from a checkout" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
