@@ -300,9 +300,9 @@ def _check_options(model, teacher, steps, lr, alpha, temperature) -> None:
     """Reject bad arguments before any work, each with what to pass instead."""
     checks = [
         (isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}"),
-        (_finite(lr) and lr > 0, f"lr must be a finite number > 0, got {lr!r}"),
+        (_finite(lr) and lr > 0, f"lr must be > 0 (and finite), got {lr!r}"),
         (_finite(alpha) and 0 <= alpha <= 1, f"alpha must be in [0, 1], got {alpha!r}"),
-        (_finite(temperature) and temperature > 0, f"temperature must be a finite number > 0, got {temperature!r}"),
+        (_finite(temperature) and temperature > 0, f"temperature must be > 0 (and finite), got {temperature!r}"),
         (isinstance(model, torch.nn.Module), f"model must be an nn.Module or CompiledModel, "
                                              f"got {type(model).__name__}"),
         (teacher is None or isinstance(teacher, torch.nn.Module),

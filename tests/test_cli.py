@@ -14,7 +14,7 @@ def test_passes_lists_every_pass_with_options(capsys):
     out = capsys.readouterr().out
     for name in ("fold-bn", "canonicalize", "dce"):
         assert f"\n{name}\n" in "\n" + out
-    assert "--eps-guard: float = 0.0" in out
+    assert "--eps-guard: float in [0, inf) = 0.0" in out
     assert "--functionalize: bool = true" in out
 
 

@@ -329,8 +329,8 @@ def _strided_members(t: Ties, pieces_of: dict, uf: _Pieces, blocked: dict) -> di
     reshaped = {t.find(c) for _, c, _ in t.blks} | {t.find(c) for _, c, _, _ in t.strides}
     reshaped |= {t.find(s) for s, _, _ in t.segs} | {t.find(b) for b, _, _ in t.segs}
     weighted = {uf.find(p)[0] for sp in t.parent if _is_param(sp) for p in pieces_of[t.find(sp)]}
-    weighted |= {uf.find(p)[0] for fine, coarse, _, _ in t.strides  # a weight holds them strided
-                 if any(_is_param(sp) for sp in spaces_of[t.find(fine)]) for p in pieces_of[t.find(coarse)]}
+    weighted |= {uf.find(p)[0] for fine, coarse, _, _ in t.strides  # a weight's own dim holds them
+                 if _is_param(fine) for p in pieces_of[t.find(coarse)]}       # strided (grouped convs)
     out = defaultdict(list)
     for fine, coarse, outer, b in t.strides:
         cf, cc = t.find(fine), t.find(coarse)
