@@ -80,11 +80,9 @@ def _dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
     src, out = tensor_info(node.args[0]), tensor_info(node)
-    sizes = node.args[1] if len(node.args) > 1 else ()
-    symbolic = any(isinstance(s, fx.Node) for s in (sizes if isinstance(sizes, (list, tuple)) else ()))
-    # sizes computed at run time (a dynamic batch): the example's sizes cannot tell (L*B, E) from
-    # (L, B*E) where B is 1 there, so such a view is kept as it is written
-    start = _flatten_start(src.shape, out.shape) if src and out and not symbolic else None
+    start = _flatten_start(src.shape, out.shape) if src and out else None
+    if start is not None and not _keeps_leading_dims(node, start, src):
+        start = None
     if start is not None:
         replace_with_call(gm, node, aten.flatten.using_ints, (node.args[0], start, -1))
         return True
@@ -92,6 +90,33 @@ def _reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
         return False
     replace_with_call(gm, node, aten.reshape.default, node.args)
     return True
+
+
+def _keeps_leading_dims(node: fx.Node, start: int, src) -> bool:
+    """The example's sizes say flatten(start, -1); the view's own sizes must say it too where
+    a dim is dynamic: each leading size is the input's own size of that dim (`x.size(0)`) or
+    a literal of a static dim, and no flattened dim is dynamic. (At a batch of 1 in the
+    example, sizes alone cannot tell (L*B, E) from (L, B*E).)"""
+    sizes = node.args[1] if len(node.args) > 1 else None
+    dynamic = set(getattr(src, "dynamic", ()) or ())
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != start + 1 or any(d >= start for d in dynamic):
+        return not dynamic and isinstance(sizes, (list, tuple))
+    for i, size in enumerate(sizes[:start]):
+        if isinstance(size, fx.Node):
+            if not _same_size(size, node.args[0], i):
+                return False
+        elif i in dynamic:
+            return False
+    return not isinstance(sizes[start], fx.Node)
+
+
+def _same_size(size: fx.Node, src: fx.Node, dim: int) -> bool:
+    """Whether the size node is dim `dim` of `src`: the same symbol (export), or src.size(dim)."""
+    value, shape = size.meta.get("val"), getattr(src.meta.get("val"), "shape", None)
+    if isinstance(value, torch.SymInt) and shape is not None and isinstance(shape[dim], torch.SymInt):
+        return value.node.expr == shape[dim].node.expr
+    reads = size.target == aten.sym_size.int or (size.op == "call_method" and size.target == "size")
+    return reads and size.args[:2] == (src, dim)
 
 
 def _flatten_start(src: tuple, out: tuple) -> int | None:

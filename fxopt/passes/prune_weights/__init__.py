@@ -61,7 +61,7 @@ class PruneWeights(Pass):
         `*.attention.*`); a pattern matching no targeted weight warns.
     """
 
-    sparsity: Annotated[float, Range(0, 1, high_open=True)] = 0.5
+    sparsity: Annotated[float, Range(0, 1)] = 0.5
     scope: Literal["layer", "global"] = "layer"
     pattern: Literal["unstructured", "2:4"] = "unstructured"
     targets: tuple[str, ...] = KINDS
