@@ -102,6 +102,7 @@ class FpgaInt8Backend:
             raise UnsupportedError(f"backend 'fpga-int8' has no option(s) {unknown}",
                                    hint=f"options: {', '.join(OPTIONS)}")
         reuse = options.pop("reuse_factor", 1)
+        resource_report({"inputs": [], "layers": []}, {}, reuse)   # its options checked before the export
         model, reference = export(gm, example_inputs, **options)
         spec = model.to_json()
         weights = model.weights()
