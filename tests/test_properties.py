@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import typing
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import pytest
 import torch
@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import fxopt
 from fxopt.ir.graph import has_side_effects
+from fxopt.pm.options import Range
 from fxopt.pm.stages import Stages
 
 # ----------------------------------------------------------------------------- random nets
@@ -237,13 +238,13 @@ class _OptionsPass(fxopt.Pass):
     """A pass with one option of every supported kind (does nothing)."""
 
     count: int = 0
-    ratio: float = 0.5
+    ratio: Annotated[float, Range(finite=False)] = 0.5      # inf round-trips too
     enabled: bool = False
     label: str = ""
     maybe: Optional[str] = None
     sizes: tuple[int, ...] = ()
     names: tuple[str, ...] = ("a",)
-    scales: tuple[float, ...] = ()
+    scales: tuple[Annotated[float, Range(finite=False)], ...] = ()
     norm: Literal["l1", "l2", "none"] = "l1"
     either: int | str = 0
     maybe_int: Optional[int] = None

@@ -37,7 +37,7 @@ def test_bench_never_imports_a_benchmarks_folder_of_the_working_directory(tmp_pa
     ("fold-bn{eps-guard=-1}", "option 'eps-guard' takes a finite number in [0, inf), got -1.0"),
     ("fold-bn{eps-guard=nan}", "got nan"),
     ("split-stages{cut-weight=inf}", "got inf"),
-    ("prune-weights{sparsity=1.0}", "in [0, 1)"),
+    ("prune-weights{sparsity=1.5}", "in [0, 1]"),
     ("prune-channels{ratio=0.5 ratio=0.9}", "given option 'ratio' twice"),
 ])
 def test_option_values_outside_their_declared_range_are_refused_with_the_column(text, message):
