@@ -11,7 +11,7 @@ from .analyses import CostTracker, Shapes, ShapeTable
 from .backends import get_backend
 from .errors import UnsupportedError
 from .ir.inputs import check_inputs, guard_errors, positional
-from .ir.meta import CALIBRATION_SAMPLE, INPUT_SHAPES
+from .ir.meta import CALIBRATION_SAMPLE, CALIBRATION_SAMPLE_SIZE, INPUT_SHAPES
 from .ir.trace import as_args, trace
 from .pm import AnalysisManager, PassManager, Report, Timing, Verify
 
@@ -194,7 +194,7 @@ def _freeze_module(gm: torch.nn.Module) -> None:
 def _run_batches(gm: fx.GraphModule, batches, progress: bool = False) -> None:
     """Run each batch (a tensor, a tuple of inputs, or a dict of keyword inputs) through `gm`."""
     batches = list(batches)
-    gm.meta[CALIBRATION_SAMPLE] = batches[:4]   # kept to check int8 kernels against (agreement.py)
+    gm.meta[CALIBRATION_SAMPLE] = batches[:CALIBRATION_SAMPLE_SIZE]   # int8 kernels are checked on them
     iterator = batches
     if progress:
         from rich.progress import track

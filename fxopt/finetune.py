@@ -262,8 +262,9 @@ def _check_classes(out, target) -> None:
                               "loss (cross-entropy) takes class indices", where="a batch's target",
                               hint="give integer class indices (target.long()), or pass loss=... for "
                                    "other targets (e.g. loss=torch.nn.functional.mse_loss)")
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= classes):
-        raise PassOptionError(f"finetune: a target holds class {int(target.max()) if int(target.max()) >= classes else int(target.min())}, "
+    low, high = (int(target.min()), int(target.max())) if target.numel() else (0, 0)
+    if low < 0 or high >= classes:
+        raise PassOptionError(f"finetune: a target holds class {high if high >= classes else low}, "
                               f"the model predicts {classes} classes (0 .. {classes - 1})",
                               where="a batch's target", hint="check the labels, or the model's output size")
 

@@ -26,11 +26,18 @@ def cow_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A deep copy of `model` whose parameters and buffers are copy-on-write clones of
     the model's (tied weights stay tied: each tensor is cloned once)."""
     memo: dict[int, object] = {}
+    copied = 0
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         if id(tensor) not in memo:
             clone = cow_tensor(tensor)
             if clone is not None:
                 memo[id(tensor)] = clone
+            else:
+                copied += tensor.numel() * tensor.element_size()
+    if copied >> 20:   # a MiB or more copied for real: the memory it costs is said
+        warnings.warn(f"fxopt.trace: {copied >> 20} MiB of the model's tensors cannot be shared copy-on-write "
+                      "(memory torch does not own, e.g. memory-mapped weights, or tensor subclasses) and "
+                      "were copied", stacklevel=4)
     return copy.deepcopy(model, memo)
 
 

@@ -16,8 +16,9 @@ INPUT_NAMES = "fxopt.input_names"    # on gm.meta: the name of each flat input (
 # share a symbol must share the size; INPUT_RANGES: {symbol: (min, max or None)}; owner: trace
 INPUT_SYMBOLS = "fxopt.input_symbols"
 INPUT_RANGES = "fxopt.input_ranges"
-CALIBRATION_SAMPLE = "fxopt.calibration_sample"  # gm.meta: the first calibration batches (a few, not copied),
+CALIBRATION_SAMPLE = "fxopt.calibration_sample"  # gm.meta: the first calibration batches (not copied),
 #   which a backend checks its kernels on; owner: api._run_batches
+CALIBRATION_SAMPLE_SIZE = 4                      # how many of them are kept
 PIPELINE_BEFORE = "fxopt.pipeline_before"  # gm.meta: pipeline text run before the current pass
 
 

@@ -23,7 +23,7 @@ import torch.fx as fx
 from ...errors import FxoptError, UnsupportedError
 from ...ir.meta import CALIBRATION_SAMPLE
 from .. import register_backend, require_frozen_quantizers
-from .agreement import MAX_BATCHES, layer_agreement
+from .agreement import layer_agreement
 from .kernels import INT8_MODULES, candidate_engines, pick_engine
 from .lowering import Lowering
 from .report import Int8Report
@@ -68,7 +68,7 @@ def _agreeing(gm: fx.GraphModule, engines: list[str], batches, chosen_by_user: b
         bad = next((c for c in checks if not c.agrees), None)
         if bad is None:
             report.checked = (f"checked: {len(checks)} int8 ops agree with the fake-quant model on "
-                              f"{min(len(batches), MAX_BATCHES)} calibration batches")
+                              f"{len(batches)} calibration batches")
             report.engine_notes = notes
             return lowered, report
         notes.append(f"engine {name} passed over: {bad}")
