@@ -25,7 +25,6 @@ to even, like torch.round, and saturates to the container type):
 """
 from __future__ import annotations
 
-import copy
 
 
 import numpy as np
@@ -35,7 +34,7 @@ import torch.fx as fx
 from ..errors import FxoptError, UnsupportedError
 from ..files import write_atomically
 from ..ir.dynamic import specialise
-from ..ir.graph import fetch_attr, node_location
+from ..ir.graph import fetch_attr, light_copy, node_location
 from ..ir.meta import INPUT_SHAPES, TENSOR, TensorInfo
 from ..quant import FakeQuantize, quantize
 
@@ -240,8 +239,7 @@ def _sizes_folded(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     fixed to those of `example_inputs`: ONNX export is static, at the example's shapes."""
     if not any(isinstance(i, TensorInfo) and i.dynamic for i in gm.meta.get(INPUT_SHAPES, ())):
         return gm
-    folded = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    folded.meta.update(gm.meta)
+    folded = light_copy(gm)
     flat = torch.utils._pytree.tree_leaves(tuple(example_inputs), is_leaf=lambda a: a is None)
     for node, value in zip(folded.graph.find_nodes(op="placeholder"), flat):
         if isinstance(value, torch.Tensor):

@@ -1,6 +1,7 @@
 """Small helpers over torch.fx graphs that every layer uses."""
 from __future__ import annotations
 
+import copy
 import fnmatch
 import inspect
 import operator
@@ -40,6 +41,15 @@ def set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
         owner.register_parameter(name, value)
     else:
         owner.register_buffer(name, value.detach())
+
+
+def light_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with its own graph (node metas copied shallowly), module tree and meta,
+    sharing the tensors: for rewriting a graph without touching `gm` (a rewrite that makes
+    new tensors; one that writes into a shared tensor would reach `gm`)."""
+    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    copied.meta.update(gm.meta)
+    return copied
 
 
 def fresh_attr_name(gm: fx.GraphModule, base: str) -> str:

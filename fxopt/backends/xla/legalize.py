@@ -20,13 +20,13 @@ is returned as it is.
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.fx as fx
 
 from ...errors import UnsupportedError
 from ...ir import TensorInfo, node_location, tensor_info
+from ...ir.graph import light_copy
 
 aten = torch.ops.aten
 
@@ -41,9 +41,8 @@ def legalize(gm: fx.GraphModule) -> fx.GraphModule:
     todo = {n.name: rewrite for n in gm.graph.nodes for check, rewrite in RULES if check(gm, n)}
     if not todo:
         return gm
-    graph = copy.deepcopy(gm.graph)
-    legal = fx.GraphModule(gm, graph)
-    legal.meta.update(gm.meta)
+    legal = light_copy(gm)
+    graph = legal.graph
     for node in list(graph.nodes):
         if node.name in todo:
             todo[node.name](legal, node)

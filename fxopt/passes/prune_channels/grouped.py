@@ -10,12 +10,11 @@ lower is adopted.
 """
 from __future__ import annotations
 
-import copy
-
 import torch.fx as fx
 
 from ...analyses import Cost
-from ...ir.graph import fetch_attr
+from ...analyses.channel_groups.registry import arg
+from ...ir.graph import fetch_attr, light_copy
 from ...pm import PassResult
 from ...pm.analysis import AnalysisManager
 from ...pm.report import human
@@ -33,18 +32,10 @@ def has_channels_in_groups(gm: fx.GraphModule) -> bool:
             continue
         weight = node.args[1] if len(node.args) > 1 else None
         info = weight.meta.get("fxopt.tensor") if isinstance(weight, fx.Node) else None
-        groups = _groups(node)
+        groups = arg(node, 8, "groups", 1)   # its position read from the op's schema
         if isinstance(groups, int) and groups > 1 and getattr(info, "shape", (0, 0))[1] > 1:
             return True
     return False
-
-
-def _groups(node: fx.Node):
-    names = [a.name for a in node.target._schema.arguments]
-    if "groups" not in names:
-        return 1
-    index = names.index("groups")
-    return node.args[index] if len(node.args) > index else node.kwargs.get("groups", 1)
 
 
 def choose_grouped(gm: fx.GraphModule, am, prune) -> PassResult:
@@ -52,7 +43,7 @@ def choose_grouped(gm: fx.GraphModule, am, prune) -> PassResult:
     fewer MACs into `gm` and say in a note what each mode kept."""
     trials = {}
     for mode in _MODES:
-        trial = _light_copy(gm)
+        trial = light_copy(gm)
         result = prune(trial, AnalysisManager(trial, am.calibration), mode)
         trials[mode] = (trial, result, AnalysisManager(trial).get(Cost).macs)
     best = min(_MODES, key=lambda m: (trials[m][2], m != "channels"))
@@ -63,14 +54,6 @@ def choose_grouped(gm: fx.GraphModule, am, prune) -> PassResult:
     kept = ", ".join(f"{m} {human(trials[m][2])}" for m in _MODES)
     note = f"grouped convs pruned as grouped={best} (MACs kept: {kept})"
     return PassResult.changed(notes=(*result.notes, note), sections=result.sections)
-
-
-def _light_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule with its own graph (node metas copied shallowly) and its own module
-    tree of attributes, sharing the tensors."""
-    trial = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    trial.meta = dict(gm.meta)
-    return trial
 
 
 def _adopt(gm: fx.GraphModule, trial: fx.GraphModule) -> None:
