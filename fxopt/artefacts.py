@@ -31,6 +31,7 @@ import shutil
 import tempfile
 
 from .errors import FxoptError
+from .files import umask
 
 __all__ = ["MANIFEST", "check_destination", "check_manifest", "check_writable", "describe_file", "is_artefact",
            "writing"]
@@ -240,8 +241,7 @@ def _remove_stale_staging(parent: str, name: str) -> None:
 
 
 def _usual_permissions(folder: str) -> None:
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = umask()
     for root, dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~mask)
         for name in files:

@@ -11,7 +11,8 @@ import tempfile
 _SUFFIX = ".fxopt-tmp"
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it for longer than the call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -31,7 +32,7 @@ def write_atomically(path, data: str | bytes) -> str:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(folder, entry))
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=_SUFFIX, dir=folder)
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~umask())
     try:
         with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w",
                        **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as fh:

@@ -25,8 +25,6 @@ to even, like torch.round, and saturates to the container type):
 """
 from __future__ import annotations
 
-
-
 import numpy as np
 import torch
 import torch.fx as fx
