@@ -91,8 +91,9 @@ def finetune(model, teacher=None, data=None, steps: int = 100, lr: float = 1e-3,
 
     Data parallelism: launched by torchrun with several processes (WORLD_SIZE > 1),
     or with torch.distributed initialised, the model is wrapped in
-    DistributedDataParallel (the group is initialised if needed: gloo for a model
-    on the CPU, NCCL for one on cuda:LOCAL_RANK). Every rank calls finetune with
+    DistributedDataParallel (the group is initialised if needed, gloo for a model on
+    the CPU, NCCL for one on cuda:LOCAL_RANK, and destroyed when finetune returns
+    or fails; a group the caller made stays). Every rank calls finetune with
     the same model, teacher and data; the data are read as one sequence of
     batches, global batch i going to rank i % world, so one step takes the next
     world × accumulate batches, `accumulate` on each rank, and DDP averages their
@@ -116,22 +117,25 @@ def finetune(model, teacher=None, data=None, steps: int = 100, lr: float = 1e-3,
                               hint="set requires_grad=True on the weights to train")
     device = params[0].device
     world = join(device)
-    step = _Step(world.wrap(net, device), teacher, loss or F.cross_entropy, alpha, temperature)
-    optimizer = torch.optim.Adam(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
-    settings = {"steps": steps, "lr": lr, "alpha": alpha, "temperature": temperature,
-                "batches_per_step": world.size * accumulate}
-    run = _Run(net, optimizer, schedule, Stream(data, world), settings)
-    if checkpoint is not None and os.path.exists(checkpoint):
-        run.resume(checkpoint)
-    with _modes(net, True), _modes(teacher, False):
-        while run.step < steps:
-            run.advance(step, accumulate, device)
-            if checkpoint is not None and (run.step % checkpoint_every == 0 or run.step == steps):
-                run.save(checkpoint)
-    optimizer.zero_grad(set_to_none=True)
-    world.share_buffers(net)
+    try:
+        step = _Step(world.wrap(net, device), teacher, loss or F.cross_entropy, alpha, temperature)
+        optimizer = torch.optim.Adam(params, lr=lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
+        settings = {"steps": steps, "lr": lr, "alpha": alpha, "temperature": temperature,
+                    "batches_per_step": world.size * accumulate}
+        run = _Run(net, optimizer, schedule, Stream(data, world), settings)
+        if checkpoint is not None and os.path.exists(checkpoint):
+            run.resume(checkpoint)
+        with _modes(net, True), _modes(teacher, False):
+            while run.step < steps:
+                run.advance(step, accumulate, device)
+                if checkpoint is not None and (run.step % checkpoint_every == 0 or run.step == steps):
+                    run.save(checkpoint)
+        optimizer.zero_grad(set_to_none=True)
+        world.share_buffers(net)
+    finally:
+        world.leave()
     model.finetune_history = run.history()
     if isinstance(model, CompiledModel):
         model.relower()

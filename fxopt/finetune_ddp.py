@@ -3,7 +3,8 @@
 `join` finds this process's place: the default process group when torch.distributed is
 already initialised, else the group torchrun's environment describes (WORLD_SIZE > 1 with
 RANK, MASTER_ADDR and MASTER_PORT; initialised here: NCCL when the parameters are on CUDA,
-on cuda:LOCAL_RANK, gloo otherwise; it stays initialised for the rest of the process), else
+on cuda:LOCAL_RANK, gloo otherwise, and destroyed by `World.leave` when finetune ends: a
+process that exits with a gloo group alive can abort in the interpreter's teardown), else
 one process on its own.
 
 `Stream` reads the data as ONE sequence of batches, re-iterated by epochs, and deals them
@@ -43,6 +44,7 @@ class World:
 
     rank: int = 0
     size: int = 1
+    owns_group: bool = False    # join initialised the process group, so leave destroys it
 
     @property
     def parallel(self) -> bool:
@@ -75,6 +77,11 @@ class World:
         if self.parallel:
             dist.barrier()
 
+    def leave(self) -> None:
+        """Destroy the process group if join made it (one the caller made stays theirs)."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
     def share_buffers(self, net: torch.nn.Module) -> None:
         """Every rank ends with rank 0's buffers (DDP broadcasts them before a forward, not after)."""
         if self.parallel:
@@ -104,7 +111,7 @@ def join(device: torch.device) -> World:
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
-    return World(dist.get_rank(), dist.get_world_size())
+    return World(dist.get_rank(), dist.get_world_size(), owns_group=True)
 
 
 class Stream:

@@ -82,7 +82,8 @@ def main(argv=None) -> int:
                    lr=1e-2, accumulate=args.accumulate, checkpoint=args.checkpoint, checkpoint_every=args.every)
     rank = int(os.environ.get("RANK", "0"))
     with open(f"{args.out}.rank{rank}", "w") as fh:
-        json.dump({"world": int(os.environ.get("WORLD_SIZE", "1")), **result(student)}, fh)
+        json.dump({"world": int(os.environ.get("WORLD_SIZE", "1")),
+                   "group_left": not torch.distributed.is_initialized(), **result(student)}, fh)
     return 0
 
 
@@ -133,6 +134,7 @@ def test_two_processes_train_like_one_with_the_same_global_batches(two_processes
     one = _in_process(accumulate=2)                    # 1 × 2 batches per step = 2 processes × 1
     rank0, rank1 = two_processes
     assert rank0["world"] == 2
+    assert rank0["group_left"] and rank1["group_left"]   # the group finetune made, it destroyed
     assert rank0["history"] == rank1["history"] and rank0["weights"] == rank1["weights"]
     h2, h1 = rank0["history"], one["history"]
     print(f"\nfinal loss: 1 process {h1['loss'][-1]!r}, 2 processes {h2['loss'][-1]!r}; max |loss difference| "
