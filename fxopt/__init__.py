@@ -8,7 +8,7 @@ Everything public is re-exported here; submodules are implementation.
 from . import analyses, backends, passes, quant  # noqa: F401  (passes registers the built-ins)
 from .api import CompiledModel, calibrate, compile, freeze, lower, trace
 from .backends import list_backends, register_backend
-from .errors import (FxoptError, InputShapeError, PassFailedError, PassOptionError,
+from .errors import (BackendOptionError, FxoptError, InputShapeError, PassFailedError, PassOptionError,
                      PipelineSyntaxError, TraceError, UnknownPassError, UnsupportedError,
                      VerificationError)
 from .export import export_onnx
@@ -23,7 +23,7 @@ from .pm import (PRESETS, Analysis, AnalysisManager, Pass, PassManager, PassResu
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS", "Analysis", "AnalysisManager", "CompiledModel", "FxoptError", "InputShapeError",
+    "PRESETS", "Analysis", "AnalysisManager", "BackendOptionError", "CompiledModel", "FxoptError", "InputShapeError",
     "Pass", "PassFailedError", "PassManager", "PassOptionError", "PassResult", "PipelineSyntaxError",
     "Report", "TraceError", "UnknownPassError", "UnsupportedError", "VerificationError", "analyses",
     "backends", "calibrate", "compile", "format_pipeline", "freeze", "instruments", "list_backends",

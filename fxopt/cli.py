@@ -5,6 +5,7 @@ import argparse
 import importlib
 import importlib.util
 import inspect
+import textwrap
 import json
 import os
 import sys
@@ -105,13 +106,7 @@ def cmd_passes(args) -> int:
         if args.name and name != args.name:
             continue
         print(name)
-        doc = inspect.cleandoc(cls.__doc__ or "").strip()
-        for line in doc.splitlines():
-            print(f"    {line}")
-        for spec in cls.options():
-            default = fxopt.pm.pipeline.format_value(spec.default)
-            print(f"    --{spec.key}: {spec.type_name} = {default}")
-        print()
+        _print_options(cls, lambda spec: f"{spec.key}={fxopt.pm.pipeline.format_value(spec.default)}")
     return 0
 
 
@@ -119,7 +114,25 @@ def cmd_backends(args) -> int:
     for name, backend in fxopt.list_backends().items():
         missing = backend.available()
         print(f"{name:12s} {'available' if not missing else missing}")
+        if hasattr(backend, "Options"):
+            _print_options(backend.Options, lambda spec: f"{spec.key}={spec.default!r}")
     return 0
+
+
+def _print_options(cls, spelling) -> None:
+    """The summary of `cls`'s docstring, then each option: its spelling with the default, type, doc."""
+    summary = []
+    for line in inspect.cleandoc(cls.__doc__ or "").splitlines():
+        if line.split(":", 1)[0] in {s.field for s in cls.options()}:
+            break
+        summary.append(line)
+    for line in "\n".join(summary).strip().splitlines():
+        print(f"    {line}")
+    for spec in cls.options():
+        print(f"    {spelling(spec)}  ({spec.type_name})")
+        for line in textwrap.wrap(spec.doc or "(undocumented)", 88):
+            print(f"        {line}")
+    print()
 
 
 def _check_run_args(args) -> None:

@@ -67,5 +67,9 @@ class UnsupportedError(FxoptError):
     """The input is valid but uses something fxopt does not handle (yet)."""
 
 
+class BackendOptionError(UnsupportedError, ValueError):
+    """A backend was given an unknown option or a value its declaration refuses."""
+
+
 class PassFailedError(FxoptError):
     """A pass raised something that is not an FxoptError; the cause is chained."""

@@ -94,7 +94,7 @@ def test_fxopt_bench_without_a_checkout_says_where_to_run(monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "digits", "--pipeline", "prune-chanels"], "did you mean 'prune-channels'"),
-    (["--model", "digits", "--pipeline", "fold-bn,prune-channels{ratio=2}"], "ratio must be in [0, 1)"),
+    (["--model", "digits", "--pipeline", "fold-bn,prune-channels{ratio=2}"], "option 'ratio' takes a finite number in [0, 1)"),
     (["--model", "digits", "--pipeline", "prune50", "--backend", "nope"], "unknown backend 'nope'"),
     (["--model", "torchvision:resnet1", "--pipeline", "prune50"], "unknown torchvision model 'resnet1'"),
     (["--model", "digit", "--pipeline", "prune50"], "did you mean 'digits'"),

@@ -14,8 +14,27 @@ def test_passes_lists_every_pass_with_options(capsys):
     out = capsys.readouterr().out
     for name in ("fold-bn", "canonicalize", "dce"):
         assert f"\n{name}\n" in "\n" + out
-    assert "--eps-guard: float in [0, inf) = 0.0" in out
-    assert "--functionalize: bool = true" in out
+    assert "    eps-guard=0.0  (float in [0, inf))\n        added to the variance's eps" in out
+    assert "    functionalize=true  (bool)\n" in out
+
+
+def test_backends_lists_every_backend_with_its_documented_options(capsys):
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "eager        available\n    The eager backend takes no options." in out
+    assert "    rounding='single'  (single|double)\n        single (one 64-bit multiply" in out
+    assert "    reuse_factor=1  (int in [1, inf))\n" in out
+
+
+def test_every_built_in_option_is_documented_once_in_its_class_docstring():
+    """The docs `fxopt passes` / `fxopt backends` show come from the `field: text` lines."""
+    import fxopt
+
+    undocumented = [f"{name}.{spec.field}" for name, cls in fxopt.list_passes().items()
+                    if cls.__module__.startswith("fxopt.") for spec in cls.options() if not spec.doc]
+    undocumented += [f"{name}.{spec.field}" for name, backend in fxopt.list_backends().items()
+                     for spec in backend.Options.options() if not spec.doc]
+    assert undocumented == []
 
 
 def test_passes_unknown_name_is_an_error(capsys):

@@ -197,12 +197,12 @@ def test_resnet18_budget_runs_and_shrinks():
 
 @pytest.mark.parametrize("pipeline, message", [
     ("low-rank{rank-policy=fixed rank=64}", "not below the full rank"),
-    ("low-rank{rank-policy=energy energy=0}", "energy must be in (0, 1]"),
-    ("low-rank{rank-policy=energy energy=1.5}", "energy must be in (0, 1]"),
-    ("low-rank{rank-policy=budget budget=0}", "budget must be in (0, 1]"),
+    ("low-rank{rank-policy=energy energy=0}", "option 'energy' takes a finite number in (0, 1], got 0"),
+    ("low-rank{rank-policy=energy energy=1.5}", "option 'energy' takes a finite number in (0, 1], got 1.5"),
+    ("low-rank{rank-policy=budget budget=0}", "option 'budget' takes a finite number in (0, 1], got 0"),
     ("low-rank{method=activation-aware}", "needs calibration batches"),
     ("low-rank{rank-policy=lucky}", "takes fixed|energy|budget|vbmf"),
-    ("low-rank{targets=[attention]}", "unknown targets"),
+    ("low-rank{targets=[attention]}", "takes list[linear|conv], got ['attention']"),
 ])
 def test_bad_options_are_clear_errors(pipeline, message):
     model, x = MLP().eval(), torch.randn(16, 64)

@@ -288,7 +288,7 @@ def test_auto_tolerance_zero_keeps_every_layer_and_reports_its_error():
 @pytest.mark.parametrize("text, match", [
     ("mixed-precision{dtype=fp8}", "bf16|fp16"),
     ("mixed-precision{dtype=bfloat16}", "bf16|fp16"),
-    ("mixed-precision{layer-tolerance=-0.1}", "layer-tolerance must be a finite number >= 0"),
+    ("mixed-precision{layer-tolerance=-0.1}", r"option 'layer-tolerance' takes a finite number in \[0, inf\)"),
     ("mixed-precision{auto=yes}", "auto"),
     ("mixed-precision{tolerance=0.01}", "no option 'tolerance'"),
 ])
@@ -299,9 +299,9 @@ def test_bad_options_fail_at_parse_time(text, match):
 
 def test_bad_options_fail_when_built_from_python():
     cls = fxopt.list_passes()["mixed-precision"]
-    with pytest.raises(fxopt.PassOptionError, match="unknown dtype"):
+    with pytest.raises(fxopt.PassOptionError, match="option 'dtype' takes one of bf16, fp16, got 'float16'"):
         cls(dtype="float16")
-    with pytest.raises(fxopt.PassOptionError, match="keep takes"):
+    with pytest.raises(fxopt.PassOptionError, match="option 'keep' takes a string, got 1"):
         cls(keep=(1,))
     with pytest.raises(fxopt.PassOptionError, match="finite"):
         cls(layer_tolerance=float("inf"))

@@ -135,10 +135,10 @@ def test_the_user_model_is_untouched_and_splitting_twice_is_refused():
 
 
 @pytest.mark.parametrize("pipeline, message", [
-    ("split-stages{num-stages=0}", "num-stages must be an integer >= 1"),
+    ("split-stages{num-stages=0}", r"option 'num-stages' takes an integer in \[1, inf\), got 0"),
     ("split-stages{num-stages=500}", "cannot make 500 stages"),
-    ("split-stages{cut-weight=-1}", "cut-weight must be >= 0"),
-    ("split-stages{max-stage-memory=0}", "max-stage-memory must be a positive byte count"),
+    ("split-stages{cut-weight=-1}", r"option 'cut-weight' takes a finite number in \[0, inf\), got -1"),
+    ("split-stages{max-stage-memory=0}", r"option 'max-stage-memory' takes an integer in \[1, inf\), got 0"),
 ])
 def test_bad_options_are_clear_errors(pipeline, message):
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()

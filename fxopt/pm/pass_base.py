@@ -7,21 +7,21 @@ printed back to text. `register_pass("name")` gives it its pipeline name.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import typing
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch.fx as fx
 
 from ..errors import FxoptError
-from .options import Range, check_options, range_of
+from .options import Options
 
 _REGISTRY: dict[str, type["Pass"]] = {}
 
 
-class Pass:
-    """Base of every pass. Subclasses are `@dataclass(frozen=True)`.
+class Pass(Options):
+    """Base of every pass. Subclasses are `@dataclass(frozen=True)`; their fields are the
+    options (pm/options.py: typed, ranged, documented once, checked at construction);
+    `validate()` holds the rules that relate two options.
 
     `tolerance` is how far (absolute, relative to the output scale) outputs may
     move under this pass; None means the pass changes what the model computes
@@ -42,45 +42,12 @@ class Pass:
         raise NotImplementedError(f"{type(self).__name__}.run")
 
     @classmethod
-    def options(cls) -> list["OptionSpec"]:
-        """The pass's options: one per dataclass field, in declaration order."""
-        if not dataclasses.is_dataclass(cls):
-            return []
-        hints, annotated = typing.get_type_hints(cls), typing.get_type_hints(cls, include_extras=True)
-        specs = []
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            specs.append(OptionSpec(f.name, f.name.replace("_", "-"), hints[f.name], default,
-                                    range_of(annotated[f.name])))
-        return specs
+    def owner(cls) -> str:
+        return cls.name or cls.__name__
 
-
-@dataclass(frozen=True)
-class OptionSpec:
-    """One option of a pass: dataclass field name, pipeline key, type, default."""
-
-    field: str
-    key: str
-    type: object
-    default: object
-    range: Range | None = None
-
-    @property
-    def type_name(self) -> str:
-        return type_name(self.type) + (f" in {self.range}" if self.range is not None else "")
-
-
-def type_name(tp) -> str:
-    """A short readable spelling of an option type, e.g. `int`, `l1|l2`, `list[str]`."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Literal:
-        return "|".join(str(a) for a in typing.get_args(tp))
-    if origin in (tuple, list):
-        return f"list[{type_name(typing.get_args(tp)[0])}]"
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        return "|".join(type_name(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
+    @classmethod
+    def key_of(cls, field: str) -> str:
+        return field.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -120,30 +87,12 @@ def register_pass(name: str):
         if dataclasses.is_dataclass(cls) and any(f.name == "name" for f in dataclasses.fields(cls)):
             raise FxoptError(f"pass '{name}' ({cls.__qualname__}) has an option field called 'name', "
                              "which would hide the pass's pipeline name",
-                             hint="rename the option (e.g. 'module_name' or 'label')")
+                             hint="rename the option (e.g. 'module_name')")
         cls.name = name
-        _check_on_construction(cls)
         _REGISTRY[name] = cls
         return cls
 
     return register
-
-
-def _check_on_construction(cls) -> None:
-    """After the dataclass's own __init__ (and __post_init__), every option is checked
-    against its annotation (pm/options.py): Python construction and pipeline text alike."""
-    if not dataclasses.is_dataclass(cls) or getattr(cls.__init__, "_fxopt_checked", False):
-        return
-    init = cls.__init__
-
-    @functools.wraps(init)
-    def checked_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        if type(self) is cls:
-            check_options(self)
-
-    checked_init._fxopt_checked = True
-    cls.__init__ = checked_init
 
 
 def list_passes() -> dict[str, type[Pass]]:

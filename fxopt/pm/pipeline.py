@@ -12,7 +12,8 @@ import difflib
 import typing
 
 from ..errors import PassOptionError, PipelineSyntaxError, UnknownPassError
-from .pass_base import OptionSpec, Pass, list_passes, type_name
+from .options import OptionSpec, type_name
+from .pass_base import Pass, list_passes
 from .stages import Stages
 
 PRESETS: dict[str, str] = {

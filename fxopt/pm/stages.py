@@ -16,7 +16,10 @@ from .pass_base import Pass, PassResult, register_pass
 @register_pass("stages")
 @dataclass(frozen=True)
 class Stages(Pass):
-    """Run `pipeline` on each `stage_i` child module (written `stages(p1,p2)`)."""
+    """Run `pipeline` on each `stage_i` child module (written `stages(p1,p2)`).
+
+    pipeline: the passes run on every stage, in order (in text: the parenthesised list).
+    """
 
     pipeline: tuple = ()
     tolerance = None  # the sub-pipeline's passes decide

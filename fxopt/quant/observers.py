@@ -23,13 +23,16 @@ Kinds (the `observer=` option of fake-quant):
 from __future__ import annotations
 
 import threading
+import typing
+from typing import Literal
 
 import torch
 import torch.nn as nn
 
 from .qparams import QSpec, fake_quantize, qparams_from_range
 
-OBSERVERS = ("minmax", "moving-average", "percentile", "mse", "histogram")
+ObserverKind = Literal["minmax", "moving-average", "percentile", "mse", "histogram"]
+OBSERVERS = typing.get_args(ObserverKind)
 _SHRINKS = torch.linspace(1.0, 0.3, 36)
 _MAX_SAMPLES = 1 << 18   # per row: quantiles and error searches on a strided sample
 _UPDATES = threading.RLock()   # one for all observers (a lock cannot live in a module that is deep-copied)

@@ -13,23 +13,21 @@ by an int32 multiplier and a shift (fixedpoint). The layers are listed in model.
 the lowering rules in lowering.py. Files under export_dir: model.json, weights/*.npy,
 model.onnx (the fake-quant model as QDQ ONNX), weights.h and model.cpp.
 
-Options: rounding = "single" (default: one 64-bit multiply and one rounded shift, the
-exact rounding of acc * M0 * 2^(shift-31)) | "double" (gemmlowp / TFLite:
-SaturatingRoundingDoublingHighMul then RoundingDivideByPOT; its two roundings put
-0.27% of mobilenet_v2's first-layer codes one above the exact rounding);
-pow2_scales (also spelled "pow2-scales"): every scale a power of two, so every
-requantization of conv / linear / add is a shift; reuse_factor for the DSP estimate.
+Options: `FpgaInt8Options` (`fxopt backends` lists them).
 """
 from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.fx as fx
 
 from ...artefacts import check_destination
-from ...errors import UnsupportedError
+from ...errors import BackendOptionError, UnsupportedError
+from ...pm.options import Options, Range
 from .. import register_backend, require_frozen_quantizers
 from .fixedpoint import ROUNDINGS
 from .lowering import Lowering
@@ -43,7 +41,27 @@ from .verify import VerifyReport, verify
 __all__ = ["FpgaInt8Backend", "FpgaInt8Model", "ResourceReport", "VerifyReport", "dequantize_outputs", "export",
            "load", "quantize_inputs", "resource_report", "run_floats", "run_integer", "simulate", "verify"]
 
-OPTIONS = ("export_dir", "rounding", "pow2_scales", "reuse_factor")
+
+@dataclass(frozen=True)
+class FpgaInt8Options(Options):
+    """export_dir: write the artefact there (model.json, weights, C++, ONNX; a new or empty
+        folder, or an earlier fpga-int8 artefact); none: write nothing.
+    rounding: single (one 64-bit multiply and one rounded shift, the exact rounding of
+        acc * M0 * 2^(shift-31)) | double (gemmlowp / TFLite: SaturatingRoundingDoublingHighMul
+        then RoundingDivideByPOT; its two roundings put 0.27% of mobilenet_v2's first-layer
+        codes one above the exact rounding).
+    pow2_scales: every scale a power of two, so every requantization of conv / linear / add
+        is a shift.
+    reuse_factor: how many MACs share one multiplier, for the DSP and cycle estimates.
+    """
+
+    export_dir: str | os.PathLike | None = None
+    rounding: Literal["single", "double"] = "single"
+    pow2_scales: bool = False
+    reuse_factor: Annotated[int, Range(1)] = 1
+
+    label: ClassVar[str] = "backend 'fpga-int8'"
+    error: ClassVar[type] = BackendOptionError
 
 
 class FpgaInt8Model(torch.nn.Module):
@@ -95,20 +113,16 @@ def _derived_files(model: IntegerModel, reference: fx.GraphModule, example_input
 class FpgaInt8Backend:
     name = "fpga-int8"
 
+    Options = FpgaInt8Options
+
     def lower(self, gm: fx.GraphModule, example_inputs: tuple, **options):
-        options = {k.replace("-", "_"): v for k, v in options.items()}
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise UnsupportedError(f"backend 'fpga-int8' has no option(s) {unknown}",
-                                   hint=f"options: {', '.join(OPTIONS)}")
-        reuse = options.pop("reuse_factor", 1)
-        resource_report({"inputs": [], "layers": []}, {}, reuse)   # its options checked before the export
-        model, reference = export(gm, example_inputs, **options)
+        opts = FpgaInt8Options.from_kwargs(options)
+        model, reference = export(gm, example_inputs, opts.export_dir, opts.rounding, opts.pow2_scales)
         spec = model.to_json()
         weights = model.weights()
-        lowered = FpgaInt8Model(spec, weights, reference, options.get("export_dir"))
-        report = resource_report(spec, weights, reuse)
-        if options.get("pow2_scales"):
+        lowered = FpgaInt8Model(spec, weights, reference, opts.export_dir)
+        report = resource_report(spec, weights, opts.reuse_factor)
+        if opts.pow2_scales:
             report.pow2_cost = pow2_cost(gm, reference, example_inputs)
         lowered.report_sections = {"fpga": report}
         return lowered

@@ -29,22 +29,23 @@ in every group of 4 along its input dim (what `prune-weights{pattern=2:4}` leave
 fp16 / bf16 inputs and weight on CUDA, reads `torch.sparse.to_sparse_semi_structured(W)`
 instead of W. A weight torch cannot compress (shape limits) stays dense; the report says why.
 
-Options: `mode` (MODES), `dynamic` (None, the default: the dims the graph was traced
-with as dynamic, by default the batch, are compiled symbolic so other batch sizes
-do not recompile; True / False as torch.compile), `int8_matmul`, `sparse_2to4`
-(None: on when the example inputs are on CUDA), `package_path` (also write an
-AOTInductor package there, see package.py).
+Options: `InductorOptions` (`fxopt backends` lists them).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 import time
+import typing
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 import torch.fx as fx
 
-from ...errors import UnsupportedError
+from ...errors import BackendOptionError, UnsupportedError
+from ...pm.options import Options
 from ...quant import FakeQuantize
 from .. import register_backend
 from ...ir.inputs import resized_inputs
@@ -57,8 +58,33 @@ __all__ = ["MODES", "InductorBackend", "InductorModule", "InductorReport", "Semi
            "int8_matmul_shape_note"]
 
 aten = torch.ops.aten
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-_OPTIONS = ("mode", "dynamic", "int8_matmul", "sparse_2to4", "package_path")
+Mode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+MODES = typing.get_args(Mode)
+
+
+@dataclass(frozen=True)
+class InductorOptions(Options):
+    """mode: torch.compile's mode: default | reduce-overhead | max-autotune |
+        max-autotune-no-cudagraphs.
+    dynamic: none: the dims the graph was traced with as dynamic (by default the batch) are
+        compiled symbolic, so other batch sizes do not recompile; true | false: as
+        torch.compile's own option.
+    int8_matmul: run the linears of a calibrated fake-quant graph on torch._int_mm; none:
+        on CUDA only.
+    sparse_2to4: run linears whose weights are 2:4 sparse on semi-structured sparse
+        kernels; none: on CUDA only.
+    package_path: also write an AOTInductor package (a .pt2 file) there (see package.py);
+        none: write nothing.
+    """
+
+    mode: Mode = "default"
+    dynamic: bool | None = None
+    int8_matmul: bool | None = None
+    sparse_2to4: bool | None = None
+    package_path: str | os.PathLike | None = None
+
+    label: ClassVar[str] = "backend 'inductor'"
+    error: ClassVar[type] = BackendOptionError
 
 
 @dataclass
@@ -116,18 +142,21 @@ class InductorModule(torch.nn.Module):
 class InductorBackend:
     name = "inductor"
 
-    def lower(self, gm: fx.GraphModule, example_inputs: tuple, mode: str = "default",
-              dynamic: bool | None = None, int8_matmul: bool | None = None,
-              sparse_2to4: bool | None = None, package_path=None, **options):
-        _check_options(mode, dynamic, int8_matmul, sparse_2to4, options)
+    Options = InductorOptions
+
+    def lower(self, gm: fx.GraphModule, example_inputs: tuple, **options):
+        return self._lower(gm, example_inputs, InductorOptions.from_kwargs(options))
+
+    def _lower(self, gm: fx.GraphModule, example_inputs: tuple, opts: InductorOptions):
+        mode, dynamic, package_path = opts.mode, opts.dynamic, opts.package_path
         if package_path is not None:
             package_path = check_package_path(package_path)
         device = _device_of(gm, example_inputs)
         report = InductorReport(device=device.type, mode=mode, dynamic=dynamic)
         graph = _shallow_copy(gm)   # rewrites go to a copy that shares gm's weights
-        if int8_matmul if int8_matmul is not None else device.type == "cuda":
+        if opts.int8_matmul if opts.int8_matmul is not None else device.type == "cuda":
             Int8Matmuls(graph, device, report).run()
-        if sparse_2to4 if sparse_2to4 is not None else device.type == "cuda":
+        if opts.sparse_2to4 if opts.sparse_2to4 is not None else device.type == "cuda":
             SemiStructured24(graph, device, report).run()
         compiled = torch.compile(graph, backend="inductor", mode=None if mode == "default" else mode,
                                  dynamic=dynamic)
@@ -137,7 +166,7 @@ class InductorBackend:
         except UnsupportedError as exc:   # inductor failed on the sparse weights: lower them dense
             if not report.sparse_2to4:
                 raise
-            dense = self.lower(gm, example_inputs, mode, dynamic, int8_matmul, False, package_path)
+            dense = self._lower(gm, example_inputs, dataclasses.replace(opts, sparse_2to4=False))
             dense.inductor_report.dense_2to4 = [(n, f"inductor failed: {exc.message}") for n, _ in report.sparse_2to4]
             return dense
         report.compile_seconds = time.perf_counter() - start
@@ -171,19 +200,6 @@ def _has_triton() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None
-
-
-def _check_options(mode, dynamic, int8_matmul, sparse_2to4, options: dict) -> None:
-    if options:
-        raise UnsupportedError(f"backend 'inductor' got unknown options {sorted(options)}",
-                               hint=f"its options are {', '.join(_OPTIONS)}, e.g. backend='inductor', "
-                                    "mode='max-autotune'")
-    if mode not in MODES:
-        raise UnsupportedError(f"backend 'inductor': unknown mode {mode!r}",
-                               hint=f"use one of {', '.join(MODES)}")
-    for key, value in (("dynamic", dynamic), ("int8_matmul", int8_matmul), ("sparse_2to4", sparse_2to4)):
-        if value is not None and not isinstance(value, bool):
-            raise UnsupportedError(f"backend 'inductor': {key} must be True, False or None, got {value!r}")
 
 
 def _device_of(gm: fx.GraphModule, example_inputs: tuple) -> torch.device:

@@ -10,18 +10,20 @@ add / cat kernels (x86, fbgemm or oneDNN engine; see `kernels` and `lowering`);
 int8 values flow between them as quantized tensors. What has no int8 kernel stays
 float, and the report lists it with the reason: nothing fails for it.
 
-Options: `engine` (default: the fastest supported, x86 first, whose kernels agree with
-the fake-quant model on the calibration batches, layer by layer: see `agreement`).
+Options: `Int8Options` (`fxopt backends` lists them).
 """
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
 
-from ...errors import FxoptError, UnsupportedError
+from ...errors import BackendOptionError, FxoptError, UnsupportedError
 from ...ir.meta import CALIBRATION_SAMPLE
+from ...pm.options import Options
 from .. import register_backend, require_frozen_quantizers
 from .agreement import layer_agreement
 from .kernels import INT8_MODULES, candidate_engines, pick_engine
@@ -31,13 +33,25 @@ from .report import Int8Report
 __all__ = ["INT8_MODULES", "Int8Backend", "Int8Report", "int8_report"]
 
 
+@dataclass(frozen=True)
+class Int8Options(Options):
+    """engine: the quantized CPU engine (x86 | fbgemm | onednn | qnnpack, as this PyTorch build
+        has them); none: the fastest supported, x86 first, whose kernels agree with the
+        fake-quant model on the calibration batches, layer by layer (see `agreement`).
+    """
+
+    engine: str | None = None
+
+    label: ClassVar[str] = "backend 'int8'"
+    error: ClassVar[type] = BackendOptionError
+
+
 class Int8Backend:
     name = "int8"
+    Options = Int8Options
 
-    def lower(self, gm: fx.GraphModule, example_inputs: tuple, engine: str | None = None, **options):
-        if options:
-            raise UnsupportedError(f"backend 'int8' takes only the option 'engine', got {sorted(options)}",
-                                   hint="e.g. backend='int8', engine='x86'")
+    def lower(self, gm: fx.GraphModule, example_inputs: tuple, **options):
+        engine = Int8Options.from_kwargs(options).engine
         require_frozen_quantizers(gm, "int8")
         try:
             engines = [pick_engine(engine)] if engine is not None else candidate_engines()

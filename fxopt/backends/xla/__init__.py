@@ -12,10 +12,7 @@ static); the lowered module keeps the weights on the device and takes and
 returns torch tensors in the model's structure (see `runner`). `export_dir` also writes a folder
 that runs with jax alone, no torch or fxopt (see `artefact`).
 
-Options:
-- `export_dir`: write the artefact there (a new or empty folder, or an earlier artefact).
-- `device`: None or "cpu" (jax's CPU client), "tpu" (jax's TPU client, on a host
-  with jax[tpu]; not tested in CI, which has no TPU).
+Options: `XlaOptions` (`fxopt backends` lists them).
 
 Needs `pip install fxopt[xla]` (jax[cpu] and torch-mlir); jax and torch-mlir are
 imported only when the backend is used.
@@ -23,14 +20,20 @@ imported only when the backend is used.
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
 
-from ...errors import UnsupportedError
+from ...errors import BackendOptionError
+from ...pm.options import Options
 from .. import register_backend
+from .artefact import check_export_dir, write_artefact
+from .runner import Device, XlaModule, xla_client
+from .stablehlo import export_stablehlo
 
 __all__ = ["XlaBackend", "XlaReport"]
 
@@ -69,19 +72,28 @@ class XlaReport:
                 f"{len(self.shapes_compiled)} input shapes compiled")
 
 
+@dataclass(frozen=True)
+class XlaOptions(Options):
+    """export_dir: write the artefact there, a folder that runs with jax alone (a new or empty
+        folder, or an earlier artefact); none: write nothing.
+    device: cpu (jax's CPU client) | tpu (jax's TPU client, on a host with jax[tpu]; not
+        tested in CI, which has no TPU); none: cpu.
+    """
+
+    export_dir: str | os.PathLike | None = None
+    device: Device | None = None
+
+    label: ClassVar[str] = "backend 'xla'"
+    error: ClassVar[type] = BackendOptionError
+
+
 class XlaBackend:
     name = "xla"
+    Options = XlaOptions
 
-    def lower(self, gm: fx.GraphModule, example_inputs: tuple, export_dir=None, device: str | None = None,
-              **options):
-        if options:
-            raise UnsupportedError(f"backend 'xla' takes only the options 'export_dir' and 'device', "
-                                   f"got {sorted(options)}",
-                                   hint="e.g. backend='xla', export_dir='out/model', device='cpu'")
-        from .artefact import check_export_dir, write_artefact
-        from .runner import XlaModule, xla_client
-        from .stablehlo import export_stablehlo
-
+    def lower(self, gm: fx.GraphModule, example_inputs: tuple, **options):
+        opts = XlaOptions.from_kwargs(options)
+        export_dir, device = opts.export_dir, opts.device
         xla_client(device)  # an unknown or absent device fails before the export's work
         if export_dir is not None:
             export_dir = check_export_dir(export_dir)
@@ -128,9 +140,6 @@ class XlaPerShape(torch.nn.Module):
         self._report = report
 
     def forward(self, *args):
-        from .runner import XlaModule
-        from .stablehlo import export_stablehlo
-
         flat = [x for x in torch.utils._pytree.tree_leaves(args) if isinstance(x, torch.Tensor)]
         key = tuple((tuple(x.shape), x.dtype) for x in flat)
         if key not in self._executables:

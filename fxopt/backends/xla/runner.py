@@ -16,13 +16,16 @@ instead would change the function's signature and wrap ids above 2**31.)
 from __future__ import annotations
 
 import contextlib
+import typing
+from typing import Literal
 
 import torch
 
 from ...errors import InputShapeError, UnsupportedError
 from .stablehlo import Program, Structure, dtype_name, to_numpy, to_torch
 
-DEVICES = ("cpu", "tpu")
+Device = Literal["cpu", "tpu"]
+DEVICES = typing.get_args(Device)
 
 
 def xla_client(device: str | None):

@@ -19,7 +19,6 @@ from typing import Annotated, ClassVar, Literal
 import torch.fx as fx
 
 from ...analyses.channel_groups import channel_groups_for
-from ...errors import PassOptionError
 from ...ir.graph import fqn_matches
 from ...pm import Pass, PassResult, register_pass
 from ...pm.options import Range
@@ -68,23 +67,6 @@ class PruneChannels(Pass):
 
     tolerance: ClassVar[float | None] = None  # pruning changes what the model computes
     sees_into_leaves: ClassVar[bool] = False   # layers inside a leaf module are not seen
-
-    def __post_init__(self):
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) \
-                or not 0.0 <= self.ratio < 1.0:
-            raise PassOptionError(f"prune-channels: ratio must be in [0, 1), got {self.ratio!r}",
-                                  hint="ratio is the fraction of the prunable channels removed, e.g. ratio=0.5")
-        _check_choice("importance", self.importance, ("l1", "l2", "bn-scale", "taylor", "random"))
-        _check_choice("scope", self.scope, ("local", "global"))
-        if self.grouped is not None:
-            _check_choice("grouped", self.grouped, ("channels", "groups"))
-        if self.round_to < 1 or self.min_channels < 1:
-            raise PassOptionError(f"prune-channels: round-to and min-channels must be >= 1, got "
-                                  f"{self.round_to} and {self.min_channels}")
-        if isinstance(self.ignore, str):
-            object.__setattr__(self, "ignore", (self.ignore,))
-        else:
-            object.__setattr__(self, "ignore", tuple(self.ignore))
 
     def run(self, gm: fx.GraphModule, am) -> PassResult:
         self._warn_unmatched(gm)
@@ -160,6 +142,3 @@ def _none_prunable(groups) -> str:
             "fxopt.explain_pruning(model, inputs) lists every group")
 
 
-def _check_choice(option: str, value, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise PassOptionError(f"prune-channels: unknown {option} {value!r}", hint="use " + ", ".join(allowed))

@@ -53,18 +53,6 @@ class SplitStages(Pass):
     tolerance: ClassVar[float | None] = 0.0   # the same ops in the same order: outputs are identical
     reads_weights: ClassVar[bool] = False      # cuts by MACs or parameter counts: shapes are enough
 
-    def __post_init__(self):
-        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise PassOptionError(f"split-stages: num-stages must be an integer >= 1, got {self.num_stages!r}",
-                                  hint="e.g. num-stages=4")
-        if self.balance not in ("macs", "params", "measured"):
-            raise PassOptionError(f"split-stages: unknown balance {self.balance!r}", hint="use macs | params | measured")
-        if self.max_stage_memory is not None and self.max_stage_memory <= 0:
-            raise PassOptionError(f"split-stages: max-stage-memory must be a positive byte count, "
-                                  f"got {self.max_stage_memory!r}")
-        if not self.cut_weight >= 0:
-            raise PassOptionError(f"split-stages: cut-weight must be >= 0, got {self.cut_weight!r}")
-
     def run(self, gm: fx.GraphModule, am) -> PassResult:
         if any(name.startswith("stage_") for name, _ in gm.named_children()):
             raise PassOptionError("split-stages: the graph is already split into stages",
