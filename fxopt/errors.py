@@ -71,5 +71,10 @@ class BackendOptionError(UnsupportedError, ValueError):
     """A backend was given an unknown option or a value its declaration refuses."""
 
 
+class TrainingError(FxoptError, ValueError):
+    """fxopt.finetune cannot train with what it was given: its settings, data, checkpoint or
+    process group."""
+
+
 class PassFailedError(FxoptError):
     """A pass raised something that is not an FxoptError; the cause is chained."""

@@ -196,7 +196,7 @@ def _pruned_mlp(path):
 
 
 def _checkpoint(path):
-    from fxopt.finetune_ddp import load_checkpoint
+    from fxopt.train.checkpoint import load_checkpoint
 
     return load_checkpoint(path)
 

@@ -10,7 +10,7 @@ import torch
 
 from benchmarks import adhoc, plots
 from benchmarks.__main__ import main
-from fxopt import cli
+from fxopt.api import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,7 +79,7 @@ def test_fxopt_bench_delegates_to_the_harness(capsys):
 
 def test_fxopt_bench_from_another_folder_finds_the_checkout(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}     # fxopt from this checkout, installed or not
-    done = subprocess.run([sys.executable, "-c", "import sys; from fxopt.cli import main; sys.exit(main())",
+    done = subprocess.run([sys.executable, "-c", "import sys; from fxopt.api.cli import main; sys.exit(main())",
                            "bench", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--pipeline" in done.stdout and "--suite" in done.stdout

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from fxopt.cli import main
+from fxopt.api.cli import main
 
 
 def test_passes_lists_every_pass_with_options(capsys):
@@ -130,7 +130,7 @@ def test_run_bad_model_spec(spec, message, capsys):
 
 
 def test_console_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "fxopt.cli", "passes", "dce"],
+    result = subprocess.run([sys.executable, "-m", "fxopt.api.cli", "passes", "dce"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("dce")

@@ -71,7 +71,7 @@ def _ops(gm) -> set:
 
 def test_registered_through_the_entry_point():
     points = {ep.name: ep.value for ep in entry_points(group="torch_dynamo_backends")}
-    assert points.get("fxopt") == "fxopt.dynamo:fxopt_backend", "run `pip install -e .` to register it"
+    assert points.get("fxopt") == "fxopt.api.dynamo:fxopt_backend", "run `pip install -e .` to register it"
     assert "fxopt" in torch._dynamo.list_backends()
 
 

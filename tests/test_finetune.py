@@ -139,22 +139,22 @@ def _generator_of_one_batch(digits):
 ])
 def test_bad_options_are_rejected(digits, trained, kwargs, match):
     cm = _prune(trained, digits)
-    with pytest.raises(fxopt.PassOptionError, match=match):
+    with pytest.raises(fxopt.TrainingError, match=match):
         fxopt.finetune(cm, data=_batches(digits[0], digits[1], 1), **kwargs)
 
 
 def test_bad_data_is_rejected(digits, trained):
     cm = _prune(trained, digits)
     x, y = digits[0][:BATCH], digits[1][:BATCH]
-    with pytest.raises(fxopt.PassOptionError, match="data gave no batches"):
+    with pytest.raises(fxopt.TrainingError, match="data gave no batches"):
         fxopt.finetune(cm, data=[], teacher=trained)
-    with pytest.raises(fxopt.PassOptionError, match="no target and there is no teacher"):
+    with pytest.raises(fxopt.TrainingError, match="no target and there is no teacher"):
         fxopt.finetune(cm, data=[x])
-    with pytest.raises(fxopt.PassOptionError, match="one-shot iterator"):
+    with pytest.raises(fxopt.TrainingError, match="one-shot iterator"):
         fxopt.finetune(cm, data=_generator_of_one_batch(digits), steps=2)
     with pytest.raises(fxopt.InputShapeError, match=r"finetune: a batch was given .* dim 3 is static \(8\) and got 7"):
         fxopt.finetune(cm, data=[(x[:10, :, :, :7], y[:10])])
-    with pytest.raises(ValueError):  # PassOptionError is a ValueError too
+    with pytest.raises(ValueError):  # TrainingError is a ValueError too
         fxopt.finetune(cm, data=[(x, y, y)])
 
 
@@ -162,8 +162,8 @@ def test_teacher_with_other_outputs_is_rejected_naming_both_shapes(digits, train
     cm = _prune(trained, digits)
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 7))
     batch = digits[0][:BATCH], digits[1][:BATCH]
-    with pytest.raises(fxopt.PassOptionError) as info:
+    with pytest.raises(fxopt.TrainingError) as info:
         fxopt.finetune(cm, data=[batch], teacher=teacher)
     assert "(64, 7)" in str(info.value) and "(64, 10)" in str(info.value)
-    with pytest.raises(fxopt.PassOptionError, match="teacher is the model being trained"):
+    with pytest.raises(fxopt.TrainingError, match="teacher is the model being trained"):
         fxopt.finetune(cm, data=[batch], teacher=cm)

@@ -283,15 +283,15 @@ def test_a_crashed_run_resumes_with_the_same_data_order_and_random_numbers(tmp_p
 def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     checkpoint = tmp_path / "run.pt"
     fxopt.finetune(_mlp(), data=_mlp_batches(2), steps=2, checkpoint=checkpoint)
-    with pytest.raises(fxopt.PassOptionError, match="steps 2 there, 3 here") as info:
+    with pytest.raises(fxopt.TrainingError, match="steps 2 there, 3 here") as info:
         fxopt.finetune(_mlp(), data=_mlp_batches(2), steps=3, checkpoint=checkpoint)
     assert "delete it" in str(info.value)
-    with pytest.raises(fxopt.PassOptionError, match="batches_per_step 1 there, 2 here"):
+    with pytest.raises(fxopt.TrainingError, match="batches_per_step 1 there, 2 here"):
         fxopt.finetune(_mlp(), data=_mlp_batches(2), steps=2, accumulate=2, checkpoint=checkpoint)
-    with pytest.raises(fxopt.PassOptionError, match="does not fit this model"):
+    with pytest.raises(fxopt.TrainingError, match="does not fit this model"):
         fxopt.finetune(nn.Linear(6, 3), data=_mlp_batches(2), steps=2, checkpoint=checkpoint)
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(fxopt.PassOptionError, match="cannot read the checkpoint"):
+    with pytest.raises(fxopt.TrainingError, match="cannot read the checkpoint"):
         fxopt.finetune(_mlp(), data=_mlp_batches(2), steps=2, checkpoint=tmp_path / "junk.pt")
 
 
@@ -301,7 +301,7 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     (dict(checkpoint=3), "checkpoint must be a file path"),
 ])
 def test_bad_run_options_are_rejected(kwargs, match):
-    with pytest.raises(fxopt.PassOptionError, match=match):
+    with pytest.raises(fxopt.TrainingError, match=match):
         fxopt.finetune(_mlp(), data=_mlp_batches(2), **kwargs)
 
 
@@ -309,7 +309,7 @@ def test_world_size_without_torchrun_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(fxopt.PassOptionError, match="WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT"):
+    with pytest.raises(fxopt.TrainingError, match="WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT"):
         fxopt.finetune(_mlp(), data=_mlp_batches(2), steps=1)
 
 

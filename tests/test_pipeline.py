@@ -7,7 +7,9 @@ from typing import Literal, Optional
 import pytest
 
 import fxopt
-from fxopt.passes import Canonicalize, DeadCodeElimination, FoldBatchNorm
+from fxopt.passes.canonicalize import Canonicalize
+from fxopt.passes.dce import DeadCodeElimination
+from fxopt.passes.fold_bn import FoldBatchNorm
 from fxopt.pm.stages import Stages
 
 

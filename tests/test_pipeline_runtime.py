@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from fxopt import cli
+from fxopt.api import cli
 from fxopt.runtime import pipeline
 from fxopt.runtime.pipeline import free_port
 
@@ -73,7 +73,7 @@ def test_training_step_gradients_equal_one_process(models, nproc, model, schedul
 
 def test_cli_pipeline_run(models, tmp_path):
     report = tmp_path / "run.json"
-    command = [sys.executable, "-m", "fxopt.cli", "pipeline-run", f"{models}:cnn", "--num-stages", "2",
+    command = [sys.executable, "-m", "fxopt.api.cli", "pipeline-run", f"{models}:cnn", "--num-stages", "2",
                "--microbatches", "2", "--input-shape", "4x3x8x8", "--json", str(report)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=_env())
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]

@@ -13,7 +13,7 @@ import torchvision
 
 from nets import SmallNet
 import fxopt
-from fxopt.cli import main
+from fxopt.api.cli import main
 from fxopt.passes.prune_channels.plan import PruningPlan
 
 NETS_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nets.py")

@@ -24,7 +24,7 @@ def test_bench_never_imports_a_benchmarks_folder_of_the_working_directory(tmp_pa
     for name in ("__init__.py", "harness.py"):
         (fake / name).write_text(f"open({str(marker)!r}, 'w').close()\n")
     (fake / "__main__.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef main(argv): return 0\n")
-    proc = subprocess.run([sys.executable, "-c", "import sys; from fxopt.cli import main; "
+    proc = subprocess.run([sys.executable, "-c", "import sys; from fxopt.api.cli import main; "
                                                  "sys.exit(main(['bench', '--help']))"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": ROOT})
@@ -168,7 +168,7 @@ NETS = os.path.join(ROOT, "tests", "nets.py")
     (["pipeline-run", f"{NETS}:SmallNet", "--input-shape", "2x3x8x8", "--num-stages", "0"], "at least 1"),
 ])
 def test_bad_command_lines_are_clear_errors_before_the_work(argv, message, capsys):
-    from fxopt.cli import main
+    from fxopt.api.cli import main
 
     assert main(argv) != 0
     err = capsys.readouterr().err
@@ -176,7 +176,7 @@ def test_bad_command_lines_are_clear_errors_before_the_work(argv, message, capsy
 
 
 def test_an_unwritable_json_path_fails_before_the_run(tmp_path, capsys):
-    from fxopt.cli import main
+    from fxopt.api.cli import main
 
     (tmp_path / "a-file").write_text("x")
     assert main(["run", f"{NETS}:SmallNet", "--input-shape", "1x3x8x8",

@@ -90,7 +90,7 @@ class _TraceSpy:
     """Checks the graph `fxopt.trace` gives inside `fxopt.compile`, before the pipeline
     rewrites it, so each model is traced once instead of twice (tracing is the
     zoo's main cost). Falls back to a separate `fxopt.trace` if compile did not
-    go through `fxopt.api.trace`."""
+    go through `fxopt.api.compiler.trace`."""
 
     def __init__(self):
         self.missing_shapes: list[str] | None = None
@@ -146,7 +146,7 @@ def check_model(model: torch.nn.Module, inputs: tuple, monkeypatch, check_mutati
     before = _snapshot(model) if check_mutation else None
 
     spy = _TraceSpy()
-    monkeypatch.setattr(fxopt.api, "trace", spy)
+    monkeypatch.setattr(fxopt.api.compiler, "trace", spy)
     compiled = fxopt.compile(model, inputs, pipeline=PIPELINE, verify=True, dynamic_shapes=dynamic)
     monkeypatch.undo()
     if spy.cost is None:

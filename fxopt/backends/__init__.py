@@ -1,22 +1,39 @@
 """Backends: how a rewritten GraphModule becomes something that runs.
 
-A backend is any object with `lower(gm, example_inputs, **options) -> callable`
-and `available() -> str | None` (None when usable, else what to install).
-`register_backend` adds one under a name; `fxopt backends` lists them.
+A backend is any object with `lower(gm, example_inputs, **options) -> callable`,
+`available() -> str | None` (None when usable, else what to install) and `Options`,
+a frozen dataclass of its options (`fxopt.pm.Options`: typed, documented, checked at
+construction; `Options.from_kwargs(options)` is the first line of `lower`).
+`register_backend` adds one under a name; `fxopt backends` lists them. Backends are
+imported on first use: the built-ins from `BUILTIN`, a user's package from the
+entry-point group `fxopt.backends` (`name = "package.module"`, registering when imported).
 """
 from __future__ import annotations
 
+import difflib
+import importlib
+import importlib.metadata
 from typing import Protocol
 
 import torch.fx as fx
 
 from ..errors import UnsupportedError
+from ..quant import FakeQuantize
 
 _BACKENDS: dict[str, "Backend"] = {}
+BUILTIN = {
+    "eager": "fxopt.backends.eager",
+    "fpga-int8": "fxopt.backends.fpga_int8",
+    "inductor": "fxopt.backends.inductor",
+    "int8": "fxopt.backends.int8",
+    "xla": "fxopt.backends.xla",
+}
+ENTRY_POINTS = "fxopt.backends"
 
 
 class Backend(Protocol):
     name: str
+    Options: type
 
     def lower(self, gm: fx.GraphModule, example_inputs: tuple, **options): ...
 
@@ -28,15 +45,30 @@ def register_backend(backend: "Backend") -> "Backend":
     return backend
 
 
-def get_backend(name: str) -> "Backend":
-    if name not in _BACKENDS:
-        import difflib
+def _declared() -> dict[str, str]:
+    plugins = {ep.name: ep.value.split(":")[0] for ep in importlib.metadata.entry_points(group=ENTRY_POINTS)}
+    return {**plugins, **BUILTIN}
 
-        near = difflib.get_close_matches(name, list(_BACKENDS), n=2)
+
+def _find(name: str) -> "Backend | None":
+    module = _declared().get(name)
+    if name not in _BACKENDS and module is not None:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise UnsupportedError(f"backend '{name}': its module {module!r} does not import: {exc}",
+                                   hint="install what it needs, or pick another backend") from exc
+    return _BACKENDS.get(name)
+
+
+def get_backend(name: str) -> "Backend":
+    backend = _find(name)
+    if backend is None:
+        known = sorted(set(_BACKENDS) | set(_declared()))
+        near = difflib.get_close_matches(name, known, n=2)
         raise UnsupportedError(f"unknown backend '{name}'",
                                hint=(f"did you mean {' or '.join(map(repr, near))}? " if near else "")
-                               + f"known backends: {', '.join(sorted(_BACKENDS))}")
-    backend = _BACKENDS[name]
+                               + f"known backends: {', '.join(known)}")
     missing = backend.available()
     if missing:
         raise UnsupportedError(f"backend '{name}' is not available here: {missing}")
@@ -46,8 +78,6 @@ def get_backend(name: str) -> "Backend":
 def require_frozen_quantizers(gm: fx.GraphModule, backend: str) -> None:
     """For a backend that lowers fake-quant to integers: the graph must hold fake quantizers,
     every activation one calibrated and frozen (else its scale is not final)."""
-    from ..quant import FakeQuantize
-
     quantizers = [m for m in gm.modules() if isinstance(m, FakeQuantize)]
     if not quantizers:
         raise UnsupportedError(
@@ -64,11 +94,7 @@ def require_frozen_quantizers(gm: fx.GraphModule, backend: str) -> None:
 
 
 def list_backends() -> dict[str, "Backend"]:
+    """Every backend, by name (the built-in and plugin modules imported)."""
+    for name in _declared():
+        _find(name)
     return dict(sorted(_BACKENDS.items()))
-
-
-from . import eager  # noqa: E402,F401  (registers the built-in backends)
-from . import int8  # noqa: E402,F401
-from . import inductor  # noqa: E402,F401
-from . import xla  # noqa: E402,F401
-from . import fpga_int8  # noqa: E402,F401

@@ -9,6 +9,8 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..errors import UnsupportedError
+
 aten = torch.ops.aten
 
 
@@ -214,3 +216,13 @@ def drop_unused_attrs(gm: fx.GraphModule) -> int:
             continue
         dropped += 1
     return dropped
+
+
+def graph_module_of(compiled, what: str) -> fx.GraphModule:
+    """The GraphModule of a CompiledModel (its `graph_module`), or `compiled` itself when it is
+    one; `what` (the caller's name) goes into the error for anything else."""
+    gm = getattr(compiled, "graph_module", compiled)
+    if not isinstance(gm, fx.GraphModule):
+        raise UnsupportedError(f"{what} takes a CompiledModel or a GraphModule, got {type(compiled).__name__}",
+                               hint="pass what fxopt.compile (or apply_plan / load_pruned) returned")
+    return gm

@@ -163,3 +163,16 @@ def _one_larger(value: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _one_smaller(value: torch.Tensor, dim: int) -> torch.Tensor:
     return value.narrow(dim, 0, value.shape[dim] - 1)
+
+
+def traced_inputs(gm: fx.GraphModule) -> tuple:
+    """Zeros of the input shapes and dtypes `gm` was traced with (None where None was)."""
+    return tuple(torch.zeros(i.shape, dtype=i.dtype, device=i.device) if i is not None else None
+                 for i in gm.meta.get(INPUT_SHAPES, ()))
+
+
+def split_batch(batch) -> tuple[tuple, dict]:
+    """(args, kwargs) of one batch: a dict is keyword inputs, a tuple or list positional ones."""
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    return (tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)), {}

@@ -1,13 +1,18 @@
-"""The built-in passes; importing this package registers them."""
-from .canonicalize import Canonicalize
-from .dce import DeadCodeElimination
-from .fake_quant import FakeQuant
-from .fold_bn import FoldBatchNorm
-from .prune_channels import PruneChannels
-from .prune_weights import PruneWeights
-from .low_rank import LowRank
-from .mixed_precision import MixedPrecision
-from .split_stages import SplitStages
+"""The built-in passes, one module (or package) each, imported when a pipeline names them.
 
-__all__ = ["Canonicalize", "DeadCodeElimination", "FakeQuant", "FoldBatchNorm", "LowRank", "MixedPrecision",
-           "PruneChannels", "PruneWeights", "SplitStages"]
+`BUILTIN` maps each pass name to its module; `fxopt.list_passes()` imports them all.
+"""
+from ..pm import declare_passes
+
+BUILTIN = {
+    "canonicalize": "fxopt.passes.canonicalize",
+    "dce": "fxopt.passes.dce",
+    "fake-quant": "fxopt.passes.fake_quant",
+    "fold-bn": "fxopt.passes.fold_bn",
+    "low-rank": "fxopt.passes.low_rank",
+    "mixed-precision": "fxopt.passes.mixed_precision",
+    "prune-channels": "fxopt.passes.prune_channels",
+    "prune-weights": "fxopt.passes.prune_weights",
+    "split-stages": "fxopt.passes.split_stages",
+}
+declare_passes(BUILTIN)

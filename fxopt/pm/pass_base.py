@@ -3,10 +3,17 @@
 A pass is a frozen dataclass: its fields are its options (typed, defaulted),
 so two passes with the same options compare equal and a pipeline can be
 printed back to text. `register_pass("name")` gives it its pipeline name.
+
+Passes are found by name and imported on first use: the built-ins from the table
+`fxopt.passes` declares (`declare_passes`), a user's package from the entry-point group
+`fxopt.passes` (`name = "package.module"`, the module registering the pass when imported),
+so `import fxopt` imports no pass and a plugin needs no import by its user.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.metadata
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -16,6 +23,8 @@ from ..errors import FxoptError
 from .options import Options
 
 _REGISTRY: dict[str, type["Pass"]] = {}
+_DECLARED: dict[str, str] = {}        # pass name -> the module that registers it
+ENTRY_POINTS = "fxopt.passes"        # the group a plugin package lists its passes in
 
 
 class Pass(Options):
@@ -95,6 +104,43 @@ def register_pass(name: str):
     return register
 
 
+def declare_passes(table: dict[str, str]) -> None:
+    """Declare pass names and the modules that register them, imported when a name is used."""
+    _DECLARED.update(table)
+
+
+def get_pass(name: str) -> type[Pass] | None:
+    """The pass class registered under `name` (its module imported if need be), or None."""
+    if name not in _REGISTRY:
+        module = _DECLARED.get(name) or _plugins().get(name)
+        if module is not None:
+            _import(name, module)
+    return _REGISTRY.get(name)
+
+
+def pass_names() -> list[str]:
+    """Every pass name known, without importing any pass."""
+    return sorted(set(_REGISTRY) | set(_DECLARED) | set(_plugins()))
+
+
 def list_passes() -> dict[str, type[Pass]]:
-    """Every registered pass, by pipeline name (`import fxopt` registers the built-ins)."""
+    """Every pass, by pipeline name (the declared and plugin modules imported)."""
+    for name in pass_names():
+        get_pass(name)
     return dict(sorted(_REGISTRY.items()))
+
+
+def _plugins() -> dict[str, str]:
+    """{pass name: module} from installed packages' `fxopt.passes` entry points."""
+    return {ep.name: ep.value.split(":")[0] for ep in importlib.metadata.entry_points(group=ENTRY_POINTS)}
+
+
+def _import(name: str, module: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise FxoptError(f"pass '{name}': its module {module!r} does not import: {exc}",
+                         hint="install what it needs, or drop the pass from the pipeline") from exc
+    if name not in _REGISTRY:
+        raise FxoptError(f"pass '{name}': importing {module!r} registered no pass of that name",
+                         hint=f"decorate the pass class with @fxopt.register_pass({name!r})")

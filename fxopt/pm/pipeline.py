@@ -13,8 +13,7 @@ import typing
 
 from ..errors import PassOptionError, PipelineSyntaxError, UnknownPassError
 from .options import OptionSpec, type_name
-from .pass_base import Pass, list_passes
-from .stages import Stages
+from .pass_base import Pass, get_pass, pass_names
 
 PRESETS: dict[str, str] = {
     "default": "canonicalize,fold-bn,dce",
@@ -108,20 +107,19 @@ def _parse_item(cur: _Cursor) -> list[Pass]:
         cur.pos += 1
         if cur.peek() == ")":  # stages(): an empty sub-pipeline, as format_pipeline writes it
             cur.pos += 1
-            return [Stages(())]
-        return [Stages(tuple(_parse_list(cur, closing=")")))]
+            return [get_pass("stages")(())]
+        return [get_pass("stages")(tuple(_parse_list(cur, closing=")")))]
     if name in PRESETS and cur.peek() != "{":
         return parse_pipeline(PRESETS[name])
-    registry = list_passes()
-    if name not in registry:
-        near = difflib.get_close_matches(name, list(registry) + list(PRESETS), n=3, cutoff=0.5)
+    cls = get_pass(name)
+    if cls is None:
+        near = difflib.get_close_matches(name, pass_names() + list(PRESETS), n=3, cutoff=0.5)
         raise UnknownPassError(
             f"unknown pass '{name}' at column {column}",
             where=f"\n    {cur.text}\n    {' ' * (column - 1)}^",
             hint=(f"did you mean {' or '.join(repr(n) for n in near)}? " if near else "")
             + "`fxopt passes` lists every pass",
         )
-    cls = registry[name]
     values = {}
     if cur.peek() == "{":
         cur.pos += 1

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from ..errors import UnsupportedError
+from .manager import PassManager
 from .pass_base import Pass, PassResult, register_pass
 
 
@@ -26,8 +27,6 @@ class Stages(Pass):
     reads_weights = False  # so do they
 
     def run(self, gm: fx.GraphModule, am) -> PassResult:
-        from .manager import PassManager
-
         stages = [(n, m) for n, m in gm.named_children()
                   if n.startswith("stage_") and isinstance(m, fx.GraphModule)]
         if not stages:

@@ -212,7 +212,7 @@ def main(argv=None) -> int:
 
 def _run(args, world: int, rank: int) -> int:
     import fxopt
-    from fxopt.cli import load_model, make_inputs
+    from fxopt.api.cli import load_model, make_inputs
 
     stages = args.num_stages or world
     if stages != world:

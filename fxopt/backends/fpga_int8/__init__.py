@@ -98,7 +98,7 @@ def export(gm: fx.GraphModule, example_inputs: tuple, export_dir=None, rounding:
 
 def _derived_files(model: IntegerModel, reference: fx.GraphModule, example_inputs: tuple) -> dict:
     """weights.h, model.cpp and model.onnx as bytes (made before anything is written)."""
-    from ...export import export_onnx
+    from ..onnx import export_onnx
     from .cpp import emit_cpp
 
     files = emit_cpp(model.to_json(), model.weights())

@@ -4,7 +4,7 @@ On disk (`export_dir`), schema "fxopt-fpga-int8" version 1:
 
     model.json        topology, shapes and every integer parameter except weight tensors
     weights/*.npy     one int8 array per conv / linear weight (file named in model.json)
-    model.onnx        the fake-quant graph as standard QDQ ONNX (see fxopt.export)
+    model.onnx        the fake-quant graph as standard QDQ ONNX (see fxopt.backends.onnx)
     weights.h         the same parameters as C++ arrays
     model.cpp         integer-only reference kernels + a main that runs them on a batch
     manifest.json     every file's size and sha256 (fxopt.artefacts); loaders check it first

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ...api import split_batch
+from ...ir.inputs import split_batch
 from ...ir.inputs import positional
 from ...quant import FakeQuantize
 from .lowering import CODE_OPS, RELUS

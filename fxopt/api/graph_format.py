@@ -17,10 +17,10 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import treespec_dumps, treespec_loads
 
-from .errors import UnsupportedError
-from .ir.meta import INPUT_NAMES, INPUT_RANGES, INPUT_SHAPES, INPUT_SYMBOLS, TensorInfo
-from .quant import FakeQuantize
-from .quant.qparams import QSpec
+from ..errors import UnsupportedError
+from ..ir.meta import INPUT_NAMES, INPUT_RANGES, INPUT_SHAPES, INPUT_SYMBOLS, TensorInfo
+from ..quant import FakeQuantize
+from ..quant.qparams import QSpec
 
 FORMAT = "fxopt.graph/1"
 _TORCH_FUNCTIONS = {f"torch.{name}": getattr(torch, name) for name in (

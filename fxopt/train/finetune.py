@@ -13,7 +13,7 @@ own training code, which can train `cm.graph_module` like any nn.Module.
 
 Launched by torchrun with several processes it trains data-parallel (DistributedDataParallel,
 gloo on CPU, NCCL on GPU), each rank on its share of the batches, with gradient accumulation
-and a checkpoint every N steps that a restarted run resumes from (finetune_ddp.py).
+and a checkpoint every N steps that a restarted run resumes from (distributed.py, checkpoint.py).
 """
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .api import CompiledModel
-from .errors import PassOptionError
-from .ir.inputs import check_inputs
-from .artefacts import check_writable
-from .finetune_ddp import Stream, join, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..artefacts import check_writable
+from ..backends.compiled import CompiledModel
+from ..errors import TrainingError
+from ..ir.inputs import check_inputs
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .distributed import Stream, join_world
 
 __all__ = ["FinetuneHistory", "finetune"]
 
@@ -106,17 +107,17 @@ def finetune(model, teacher=None, data=None, steps: int = 100, lr: float = 1e-3,
     The per-step losses are stored on `model.finetune_history` (a FinetuneHistory).
     """
     if data is None:
-        raise PassOptionError("finetune: no data given",
+        raise TrainingError("finetune: no data given",
                               hint="pass batches: fxopt.finetune(pruned, teacher, data=[(x, y), ...])")
     _check_options(model, teacher, steps, lr, alpha, temperature)
     _check_run_options(accumulate, checkpoint, checkpoint_every)
     net = model.graph_module if isinstance(model, CompiledModel) else model
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
-        raise PassOptionError("finetune: the model has no parameter that requires grad",
+        raise TrainingError("finetune: the model has no parameter that requires grad",
                               hint="set requires_grad=True on the weights to train")
     device = params[0].device
-    world = join(device)
+    world = join_world(device)
     try:
         step = _Step(world.wrap(net, device), teacher, loss or F.cross_entropy, alpha, temperature)
         optimizer = torch.optim.Adam(params, lr=lr)
@@ -202,11 +203,11 @@ class _Run:
         state = load_checkpoint(path)
         saved = state.get("settings", {}) if isinstance(state, dict) else {}
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise PassOptionError(f"finetune: {os.fspath(path)!r} is not a finetune checkpoint",
+            raise TrainingError(f"finetune: {os.fspath(path)!r} is not a finetune checkpoint",
                                   hint="give another checkpoint path, or delete the file to start afresh")
         changed = [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in self.settings.items() if saved.get(k) != v]
         if changed:
-            raise PassOptionError(f"finetune: the checkpoint {os.fspath(path)!r} is of another run: "
+            raise TrainingError(f"finetune: the checkpoint {os.fspath(path)!r} is of another run: "
                                   + "; ".join(changed),
                                   hint="call with the settings it was made with (batches_per_step is world "
                                        "size × accumulate), or delete it to start afresh")
@@ -214,7 +215,7 @@ class _Run:
             self.net.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise PassOptionError(f"finetune: the checkpoint {os.fspath(path)!r} does not fit this model: {exc}",
+            raise TrainingError(f"finetune: the checkpoint {os.fspath(path)!r} does not fit this model: {exc}",
                                   hint="resume with the model it was made for, or delete it to start afresh") from exc
         self.schedule.load_state_dict(state["schedule"])
         self.step = self.resumed = state["step"]
@@ -234,7 +235,7 @@ class _Step:
     def __call__(self, inputs: tuple, target):
         """(total, task, distill); a part not computed is NaN, kept out of the total."""
         if target is None and self.teacher is None:
-            raise PassOptionError("finetune: a batch has no target and there is no teacher",
+            raise TrainingError("finetune: a batch has no target and there is no teacher",
                                   hint="give (inputs, target) batches, or a teacher to distil from")
         out = self.net(*inputs)
         nan = torch.full((), math.nan, device=_device_of(out))
@@ -262,13 +263,13 @@ def _check_classes(out, target) -> None:
     if target.is_floating_point() and target.shape == out.shape:
         return   # class probabilities
     if target.is_floating_point() or target.dtype == torch.bool:
-        raise PassOptionError(f"finetune: targets are {str(target.dtype).removeprefix('torch.')}; the default "
+        raise TrainingError(f"finetune: targets are {str(target.dtype).removeprefix('torch.')}; the default "
                               "loss (cross-entropy) takes class indices", where="a batch's target",
                               hint="give integer class indices (target.long()), or pass loss=... for "
                                    "other targets (e.g. loss=torch.nn.functional.mse_loss)")
     low, high = (int(target.min()), int(target.max())) if target.numel() else (0, 0)
     if low < 0 or high >= classes:
-        raise PassOptionError(f"finetune: a target holds class {high if high >= classes else low}, "
+        raise TrainingError(f"finetune: a target holds class {high if high >= classes else low}, "
                               f"the model predicts {classes} classes (0 .. {classes - 1})",
                               where="a batch's target", hint="check the labels, or the model's output size")
 
@@ -285,12 +286,12 @@ def _mix(task, distill, alpha: float):
 def _distill_loss(student, teacher, temperature: float) -> torch.Tensor:
     """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over rows."""
     if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
-        raise PassOptionError(
+        raise TrainingError(
             f"finetune: distillation needs tensor outputs, got {type(student).__name__} from the "
             f"model and {type(teacher).__name__} from the teacher",
             hint="wrap the models so forward returns the logits tensor")
     if student.shape != teacher.shape:
-        raise PassOptionError(
+        raise TrainingError(
             f"finetune: teacher output shape {tuple(teacher.shape)} differs from the model's "
             f"{tuple(student.shape)}",
             hint="the teacher must predict the same classes for the same batch; was the "
@@ -316,7 +317,7 @@ def _check_options(model, teacher, steps, lr, alpha, temperature) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise PassOptionError(f"finetune: {message}",
+            raise TrainingError(f"finetune: {message}",
                                   hint="see help(fxopt.finetune) for what each argument takes")
 
 
@@ -334,11 +335,11 @@ def _check_run_options(accumulate, checkpoint, checkpoint_every) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise PassOptionError(f"finetune: {message}",
+            raise TrainingError(f"finetune: {message}",
                                   hint="see help(fxopt.finetune) for what each argument takes")
     if checkpoint is not None:   # before training: a run must not end at its first write
         if os.path.isdir(checkpoint):
-            raise PassOptionError(f"finetune: checkpoint {os.fspath(checkpoint)!r} is a folder",
+            raise TrainingError(f"finetune: checkpoint {os.fspath(checkpoint)!r} is a folder",
                                   hint="give a file path, e.g. 'run/finetune.ckpt'")
         check_writable(checkpoint, "a finetune checkpoint")
 
@@ -351,7 +352,7 @@ def _split(batch) -> tuple[tuple, object]:
         inputs = batch[0]
         target = batch[1] if len(batch) == 2 else None
         return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), target
-    raise PassOptionError(
+    raise TrainingError(
         f"finetune: cannot read a batch of type {type(batch).__name__}"
         + (f" with {len(batch)} items" if isinstance(batch, (tuple, list)) else ""),
         hint="give batches as x, (x, target) or ((x1, x2, ...), target)")

@@ -15,16 +15,18 @@ import dataclasses
 import json
 import os
 
-from .api import CompiledModel, graph_module_of, traced_inputs
-from .backends import get_backend
-from .errors import UnsupportedError
-from . import artefacts
-from .artefacts import writing
+from .. import artefacts
+from ..artefacts import writing
+from ..backends import get_backend
+from ..backends.compiled import CompiledModel
+from ..errors import UnsupportedError
+from ..ir.cow import cow_tensor, storage_key
+from ..ir.graph import graph_module_of
+from ..ir.inputs import traced_inputs
+from ..ir.meta import INPUT_SHAPES, TENSOR
+from ..ir.shape_prop import propagate_shapes
+from ..pm.report import PassRecord, Report
 from .graph_format import graph_from_json, graph_to_json
-from .ir.cow import cow_tensor, storage_key
-from .ir.meta import INPUT_SHAPES, TENSOR
-from .ir.shape_prop import propagate_shapes
-from .pm.report import PassRecord, Report
 
 __all__ = ["load", "save"]
 

@@ -6,14 +6,15 @@
 The same graph the fake-quant pass produced (and the int8 backend lowers) is
 written as a standard QDQ model, so onnxruntime and other QDQ consumers compute
 what fxopt's fake-quant model computes. The mapping and its limits are in
-fxopt.export.onnx_qdq (quantizers) and fxopt.export.onnx_ops (the op table).
+fxopt.backends.onnx.qdq (quantizers) and fxopt.backends.onnx.ops (the op table).
 """
 from __future__ import annotations
 
 import torch
 
-from ..errors import UnsupportedError
-from ..api import graph_module_of, traced_inputs
+from ...errors import UnsupportedError
+from ...ir.graph import graph_module_of
+from ...ir.inputs import traced_inputs
 
 __all__ = ["export_onnx"]
 
@@ -30,8 +31,8 @@ def export_onnx(compiled_or_gm, path, example_inputs=None, opset: int = DEFAULT_
     FxoptError for an activation quantizer that is not calibrated and frozen; in
     either case nothing is written at `path`. Returns `path`.
     """
-    from .onnx_ops import RULES
-    from .onnx_qdq import MIN_OPSET, build_model, save_atomically
+    from .ops import RULES
+    from .qdq import MIN_OPSET, build_model, save_atomically
 
     gm = graph_module_of(compiled_or_gm, "export_onnx")
     if not isinstance(opset, int) or opset < MIN_OPSET:

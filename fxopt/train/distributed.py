@@ -1,6 +1,6 @@
-"""Data parallelism and checkpoints for `fxopt.finetune`.
+"""Data parallelism for `fxopt.finetune`.
 
-`join` finds this process's place: the default process group when torch.distributed is
+`join_world` finds this process's place: the default process group when torch.distributed is
 already initialised, else the group torchrun's environment describes (WORLD_SIZE > 1 with
 RANK, MASTER_ADDR and MASTER_PORT; initialised here: NCCL when the parameters are on CUDA,
 on cuda:LOCAL_RANK, gloo otherwise, and destroyed by `World.leave` when finetune ends: a
@@ -11,31 +11,22 @@ one process on its own.
 out: global batch i goes to rank i % world. Every rank iterates the same data (the same
 batches in the same order: seed any shuffling alike on every rank) and skips the batches
 of the others, so a DataLoader loads them all on every rank and must not have a
-DistributedSampler of its own.
-
-Checkpoints are one `torch.save` dict written to a temp file and renamed over the target
-(fxopt.files.write_atomically), so a kill leaves the previous checkpoint or the new one,
-never half of one; they load with `weights_only=True`. A checkpoint records where the data
-stream stood (epoch, batches taken from it) and every rank's RNG states, both now and at
-the start of the current epoch, so a resumed run re-creates the epoch's iterator (a
-shuffling DataLoader draws the same order), skips what was taken, and continues with the
-random numbers the uninterrupted run would have had.
+DistributedSampler of its own. `Stream.position` is what a checkpoint (checkpoint.py) records
+of it, with the RNG states at the start of the current epoch, so a resumed run re-creates
+the epoch's iterator (a shuffling DataLoader draws the same order) and skips what was taken.
 """
 from __future__ import annotations
 
-import io
 import os
-import random
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .errors import PassOptionError
-from .files import write_atomically
+from ..errors import TrainingError
+from .checkpoint import rng_state, set_rng_state
 
-__all__ = ["World", "Stream", "join", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint"]
+__all__ = ["Stream", "World", "join_world"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +35,7 @@ class World:
 
     rank: int = 0
     size: int = 1
-    owns_group: bool = False    # join initialised the process group, so leave destroys it
+    owns_group: bool = False    # join_world initialised the process group, so leave destroys it
 
     @property
     def parallel(self) -> bool:
@@ -78,7 +69,7 @@ class World:
             dist.barrier()
 
     def leave(self) -> None:
-        """Destroy the process group if join made it (one the caller made stays theirs)."""
+        """Destroy the process group if join_world made it (one the caller made stays theirs)."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -89,7 +80,7 @@ class World:
                 dist.broadcast(buffer, src=0)
 
 
-def join(device: torch.device) -> World:
+def join_world(device: torch.device) -> World:
     """The World of this process; initialises the process group torchrun describes if needed."""
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size())
@@ -98,13 +89,13 @@ def join(device: torch.device) -> World:
         return World()
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
     if missing or not dist.is_available():
-        raise PassOptionError(f"finetune: WORLD_SIZE={size} but {', '.join(missing) or 'torch.distributed'} "
+        raise TrainingError(f"finetune: WORLD_SIZE={size} but {', '.join(missing) or 'torch.distributed'} "
                               f"is missing, so the processes cannot find each other",
                               hint="launch with torchrun --nproc-per-node N, or unset WORLD_SIZE")
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device.index != local:
-            raise PassOptionError(f"finetune: the model is on {device} but this process has LOCAL_RANK={local}",
+            raise TrainingError(f"finetune: the model is on {device} but this process has LOCAL_RANK={local}",
                                   hint="put each rank's model (and teacher) on its own GPU: "
                                        "model.to(f'cuda:{LOCAL_RANK}')")
         torch.cuda.set_device(device)
@@ -151,7 +142,7 @@ class Stream:
 
     def _empty(self):
         where = "" if self.taken == 0 else f" after {self.taken} batches (a one-shot iterator?)"
-        raise PassOptionError(f"finetune: data gave no batches{where}",
+        raise TrainingError(f"finetune: data gave no batches{where}",
                               hint="pass a non-empty list of batches or a DataLoader")
 
     def position(self) -> dict:
@@ -168,7 +159,7 @@ class Stream:
         self.epoch_rng, self._it = epoch_rng, iter(self.data)
         for _ in range(position["offset"]):
             if next(self._it, _END) is _END:
-                raise PassOptionError(
+                raise TrainingError(
                     f"finetune: the checkpoint stands at batch {position['offset']} of pass {self.epochs} "
                     f"over the data, but the data now has fewer batches",
                     hint="resume with the data the checkpoint was made with, or delete the checkpoint")
@@ -176,49 +167,3 @@ class Stream:
 
 
 _END = object()
-
-
-def rng_state() -> dict:
-    """torch's (CPU and initialised CUDA), Python's and numpy's global RNG states, in types
-    `torch.load(weights_only=True)` reads back."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    np = sys.modules.get("numpy")
-    if np is not None:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = (kind, keys.tolist(), int(pos), int(has_gauss), float(cached))
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_tuples(state["python"]))
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    if "numpy" in state and "numpy" in sys.modules:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def _tuples(value):
-    """random.setstate wants tuples all the way down."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def save_checkpoint(path, state: dict) -> None:
-    """`state` through torch.save into `path`, atomically."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_atomically(path, buffer.getvalue())
-
-
-def load_checkpoint(path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a file that is not a checkpoint: say which, and what to do
-        raise PassOptionError(f"finetune: cannot read the checkpoint {os.fspath(path)!r}: {exc}",
-                              hint="give another checkpoint path, or delete the file to start afresh") from exc

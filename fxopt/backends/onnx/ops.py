@@ -18,9 +18,9 @@ import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
-from ..errors import UnsupportedError
-from ..ir.graph import node_location
-from .onnx_qdq import _numpy_dtype, _onnx
+from ...errors import UnsupportedError
+from ...ir.graph import node_location
+from .qdq import _numpy_dtype, _onnx
 
 aten = torch.ops.aten
 

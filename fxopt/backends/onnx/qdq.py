@@ -29,12 +29,12 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..errors import FxoptError, UnsupportedError
-from ..files import write_atomically
-from ..ir.dynamic import specialise
-from ..ir.graph import fetch_attr, light_copy, node_location
-from ..ir.meta import INPUT_SHAPES, TENSOR, TensorInfo
-from ..quant import FakeQuantize, quantize
+from ...errors import FxoptError, UnsupportedError
+from ...files import write_atomically
+from ...ir.dynamic import specialise
+from ...ir.graph import fetch_attr, light_copy, node_location
+from ...ir.meta import INPUT_SHAPES, TENSOR, TensorInfo
+from ...quant import FakeQuantize, quantize
 
 MIN_OPSET = 13          # per-axis QuantizeLinear / DequantizeLinear
 
@@ -287,7 +287,7 @@ def _emit_call(b: OnnxBuilder, node: fx.Node, rules: dict) -> str:
     if rule is None:
         name = getattr(node.target, "__name__", str(node.target))
         raise UnsupportedError(f"ONNX export: no ONNX form for op {name}", where=node_location(node),
-                               hint="the supported ops are listed in fxopt.export.onnx_ops; rewrite "
+                               hint="the supported ops are listed in fxopt.backends.onnx.ops; rewrite "
                                     "the op in the model or extend the table")
     if not isinstance(b.recorded.get(node), torch.Tensor):
         raise UnsupportedError("ONNX export: ops with several outputs are not supported",

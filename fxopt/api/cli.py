@@ -16,6 +16,8 @@ import fxopt
 from fxopt.artefacts import check_writable
 from fxopt.files import write_atomically
 
+from .saving import check_destination
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "int64": torch.int64, "int32": torch.int32}
 
@@ -148,8 +150,6 @@ def _check_run_args(args) -> None:
     if args.json:
         check_writable(args.json, "the --json report")
     if args.save:
-        from fxopt.saving import check_destination
-
         check_destination(args.save)
 
 

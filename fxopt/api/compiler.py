@@ -7,50 +7,18 @@ import os
 import torch
 import torch.fx as fx
 
-from .analyses import CostTracker, Shapes, ShapeTable
-from .backends import get_backend
-from .errors import UnsupportedError
-from .ir.inputs import check_inputs, guard_errors, positional
-from .ir.meta import CALIBRATION_SAMPLE, CALIBRATION_SAMPLE_SIZE, INPUT_SHAPES
-from .ir.trace import as_args, trace
-from .pm import AnalysisManager, PassManager, Report, Timing, Verify
+from ..analyses import CostTracker, Shapes, ShapeTable
+from ..backends import get_backend
+from ..backends.compiled import CompiledModel
+from ..errors import UnsupportedError
+from ..ir.graph import graph_module_of
+from ..ir.inputs import check_inputs, guard_errors, positional, split_batch, traced_inputs
+from ..ir.meta import CALIBRATION_SAMPLE, CALIBRATION_SAMPLE_SIZE
+from ..ir.trace import as_args, trace
+from ..pm import AnalysisManager, PassManager, Timing, Verify
+from ..quant import FakeQuantize
 
 __all__ = ["CompiledModel", "calibrate", "compile", "freeze", "lower", "trace"]
-
-
-class CompiledModel(torch.nn.Module):
-    """A traced, rewritten and lowered model; an nn.Module like the one it came from.
-
-    `graph_module` is the rewritten graph, `report` what each pass did. It is called
-    like the model (the same positional and keyword inputs) at any size along the
-    dynamic dims it was traced with (by default the batch dim); another size of a
-    static dim, or another dtype, raises InputShapeError naming the input and dim.
-    """
-
-    def __init__(self, graph_module: fx.GraphModule, lowered, report: Report,
-                 backend: tuple = ("eager", {})):
-        super().__init__()
-        self.graph_module = graph_module
-        self.report = report
-        self._lowered = lowered
-        self.backend, self.backend_options = backend[0], dict(backend[1])
-
-    def relower(self) -> "CompiledModel":
-        """Lower `graph_module` again with the same backend (after its weights were trained),
-        so every later call runs the current weights."""
-        if self._lowered is not self.graph_module:
-            self._lowered = get_backend(self.backend).lower(self.graph_module, traced_inputs(self.graph_module),
-                                                            **self.backend_options)
-        return self
-
-    @property
-    def input_shapes(self) -> tuple:
-        return self.graph_module.meta.get(INPUT_SHAPES, ())
-
-    def forward(self, *args, **kwargs):
-        check_inputs(self.graph_module, args, kwargs)
-        with guard_errors(self.graph_module):
-            return self._lowered(*positional(self.graph_module, args, kwargs))
 
 
 def _verify_by_default() -> bool:
@@ -58,7 +26,7 @@ def _verify_by_default() -> bool:
 
 
 def compile(model, example_inputs, example_kwargs=None, pipeline="default", backend: str = "eager",
-            dynamic_shapes="batch", calibration=None, instruments=(Timing(),),
+            dynamic_shapes="batch", calibration=None, instruments=None,
             verify: bool | None = None, leaf_modules=(), concrete_args=None,
             **backend_options) -> CompiledModel:
     """Trace `model`, run `pipeline` over the graph, lower it with `backend`.
@@ -70,7 +38,8 @@ def compile(model, example_inputs, example_kwargs=None, pipeline="default", back
     instrument with output checks on the example inputs (and, where a dim is
     dynamic, at one more size) after every pass.
     `calibration` batches (any size along the dynamic dims) are run through the
-    rewritten graph before lowering.
+    rewritten graph before lowering. `instruments`: the pass manager's instruments
+    (default: a new Timing for this call; () for none).
     """
     if "on_new_shape" in backend_options:
         raise UnsupportedError("on_new_shape was removed: a compiled model runs at any size along its "
@@ -93,7 +62,8 @@ def compile(model, example_inputs, example_kwargs=None, pipeline="default", back
     calibration = _batches(calibration, "calibration") if calibration is not None else None
     am = AnalysisManager(gm, calibration)
     am.put(Shapes, ShapeTable(gm))
-    instruments = tuple(instruments) + (CostTracker(),)
+    instruments = (Timing(),) if instruments is None else tuple(instruments)
+    instruments += (CostTracker(),)
     if verify if verify is not None else _verify_by_default():
         instruments += (Verify(check_outputs=True),)
     report = PassManager(pipeline, instruments).run(gm, am, example_inputs=example_inputs,
@@ -151,29 +121,7 @@ def freeze(compiled: CompiledModel) -> CompiledModel:
     return compiled
 
 
-def _graph_of(compiled) -> fx.GraphModule:
-    return compiled.graph_module if isinstance(compiled, CompiledModel) else compiled
-
-
-def graph_module_of(compiled, what: str) -> fx.GraphModule:
-    """The GraphModule of a CompiledModel, or `compiled` itself when it is one; `what`
-    (the caller's name) goes into the error for anything else."""
-    gm = _graph_of(compiled)
-    if not isinstance(gm, fx.GraphModule):
-        raise UnsupportedError(f"{what} takes a CompiledModel or a GraphModule, got {type(compiled).__name__}",
-                               hint="pass what fxopt.compile (or apply_plan / load_pruned) returned")
-    return gm
-
-
-def traced_inputs(gm: fx.GraphModule) -> tuple:
-    """Zeros of the input shapes and dtypes `gm` was traced with (None where None was)."""
-    return tuple(torch.zeros(i.shape, dtype=i.dtype, device=i.device) if i is not None else None
-                 for i in gm.meta.get(INPUT_SHAPES, ()))
-
-
 def _quantizers(gm: torch.nn.Module) -> list:
-    from .quant import FakeQuantize
-
     return [m for m in gm.modules() if isinstance(m, FakeQuantize)]
 
 
@@ -206,10 +154,3 @@ def _run_batches(gm: fx.GraphModule, batches, progress: bool = False) -> None:
             check_inputs(gm, args, kwargs, what="a calibration batch was given")
             with guard_errors(gm):
                 gm(*positional(gm, args, kwargs))
-
-
-def split_batch(batch) -> tuple[tuple, dict]:
-    """(args, kwargs) of one batch: a dict is keyword inputs, a tuple or list positional ones."""
-    if isinstance(batch, dict):
-        return (), dict(batch)
-    return (tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)), {}

@@ -15,14 +15,15 @@ import os
 import torch
 import torch.fx as fx
 
-from .analyses import ChannelGroups
-from .analyses.channel_groups import ChannelGroupsResult, channel_groups_for
-from .api import graph_module_of, trace
-from .artefacts import check_destination, check_manifest, writing
-from .errors import FxoptError
-from .passes.prune_channels.apply import apply_choices
-from .passes.prune_channels.plan import PLAN_KEY, PruningPlan, choices_from_plan, few, inputs_of
-from .pm import AnalysisManager, PassManager
+from ...analyses import ChannelGroups
+from ...analyses.channel_groups import ChannelGroupsResult, channel_groups_for
+from ...artefacts import check_destination, check_manifest, writing
+from ...errors import FxoptError
+from ...ir.graph import graph_module_of
+from ...ir.trace import trace
+from ...pm import AnalysisManager, PassManager
+from .apply import apply_choices
+from .plan import PLAN_KEY, PruningPlan, choices_from_plan, few, inputs_of
 
 __all__ = ["PruningPlan", "apply_plan", "explain_pruning", "load_pruned",
            "pruning_plan", "save_pruned"]
