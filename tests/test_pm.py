@@ -270,8 +270,15 @@ def test_print_ir_before():
 
 def test_verify_accepts_honest_passes():
     gm, inputs = _traced()
-    fxopt.PassManager("canonicalize,test-pm-double-relu,dce",
-                      [Verify(check_outputs=True)]).run(gm, example_inputs=inputs)
+    with torch.no_grad():
+        expected = gm(*inputs)
+    report = fxopt.PassManager("canonicalize,test-pm-double-relu,dce",
+                               [Verify(check_outputs=True)]).run(gm, example_inputs=inputs)
+    assert [r.name for r in report.records] == ["canonicalize", "test-pm-double-relu", "dce"]
+    assert report.records[1].changed           # a real rewrite, so the outputs were checked
+    assert torch.ops.aten.mul.Tensor in [n.target for n in gm.graph.nodes]   # and it was kept
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), expected)
 
 
 def test_verify_on_a_training_mode_graph_is_deterministic_and_side_effect_free():
