@@ -1,4 +1,5 @@
-"""Shared test set-up: import fxopt from this checkout, seed torch, small hypothesis profile."""
+"""Shared test set-up: import fxopt from this checkout, seed torch, small hypothesis profile,
+the pass registry put back after each test."""
 import os
 import sys
 
@@ -26,6 +27,18 @@ except ImportError:  # hypothesis is a dev dependency
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def pass_registry():
+    """The global pass registry, put back as it was after each test: a pass a test
+    registers (see registered.py) does not leak into the tests after it."""
+    from fxopt.pm.pass_base import _REGISTRY
+
+    saved = dict(_REGISTRY)
+    yield _REGISTRY
+    _REGISTRY.clear()
+    _REGISTRY.update(saved)
 
 
 @pytest.fixture(scope="session")

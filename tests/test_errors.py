@@ -101,7 +101,6 @@ def test_syntax_error_shows_the_column():
     assert "expected an option name, found ','" in message or "found ','" in message
 
 
-@fxopt.register_pass("test-errors-ratio")
 @dataclass(frozen=True)
 class _Ratio(fxopt.Pass):
     ratio: float = 0.5
@@ -115,6 +114,7 @@ class _Ratio(fxopt.Pass):
 
 
 def test_a_pass_validating_its_options_gives_an_option_error_with_the_column():
+    fxopt.register_pass("test-errors-ratio")(_Ratio)      # until the test ends (conftest)
     with pytest.raises(fxopt.PassOptionError) as info:
         fxopt.parse_pipeline("dce,test-errors-ratio{ratio=1.5}")
     text = str(info.value)

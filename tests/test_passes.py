@@ -146,7 +146,19 @@ def test_fold_bn_with_a_shared_weight_keeps_the_other_user_intact():
             b = F.conv2d(x, self.conv.weight, self.conv.bias)   # reads the same weight
             return a + b
 
-    _compile(Tied(), torch.randn(1, 3, 4, 4), "fold-bn,dce")
+    model = Tied()
+    weight, bias = model.conv.weight.detach().clone(), model.conv.bias.detach().clone()
+    cm = _compile(model, torch.randn(1, 3, 4, 4), "fold-bn,dce")
+    record = cm.report.records[0]
+    assert record.changed and "folded 1 BatchNorm" in record.notes, record.notes
+    gm = cm.graph_module
+    assert aten.batch_norm.default not in _targets(gm)
+    # the folded conv reads new tensors; the other conv still reads the shared, unscaled ones
+    convs = [n for n in gm.graph.nodes if n.target is aten.conv2d.default]
+    reads = sorted(tuple(a.target for a in conv.args[1:3]) for conv in convs)
+    assert reads == [("conv.weight", "conv.bias"), ("conv.weight_folded", "conv.bias_folded")], reads
+    assert torch.equal(gm.conv.weight, weight) and torch.equal(gm.conv.bias, bias)
+    assert torch.equal(model.conv.weight, weight) and torch.equal(model.conv.bias, bias)
 
 
 def test_fold_bn_in_symbolic_mode_after_canonicalize():

@@ -2,33 +2,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
 
 import pytest
 
 import fxopt
+import option_kinds
 from fxopt.passes.canonicalize import Canonicalize
 from fxopt.passes.dce import DeadCodeElimination
 from fxopt.passes.fold_bn import FoldBatchNorm
 from fxopt.pm.stages import Stages
+from option_kinds import OptionKinds
+from registered import while_testing
 
-
-@fxopt.register_pass("test-pipeline-opts")
-@dataclass(frozen=True)
-class Opts(fxopt.Pass):
-    """Options of every kind, for parser tests."""
-
-    num_stages: int = 2
-    ratio: float = 0.5
-    strict: bool = True
-    label: str = "x"
-    layers: tuple[str, ...] = ()
-    sizes: tuple[int, ...] = (1, 2)
-    norm: Literal["l1", "l2"] = "l1"
-    limit: Optional[int] = None
-
-    def run(self, gm, am):
-        return fxopt.PassResult.unchanged()
+_registered = while_testing({option_kinds.NAME: OptionKinds})
 
 
 def test_parse_names_and_options():
@@ -38,15 +24,15 @@ def test_parse_names_and_options():
 
 def test_kebab_case_keys_map_to_fields_and_values_are_typed():
     (p,) = fxopt.parse_pipeline(
-        'test-pipeline-opts{num-stages=4 ratio=0.25 strict=false label="a b" layers=[fc,"conv 1"] '
+        'test-options{num-stages=4 ratio=0.25 strict=false label="a b" layers=[fc,"conv 1"] '
         'sizes=[] norm=l2 limit=7}')
-    assert p == Opts(num_stages=4, ratio=0.25, strict=False, label="a b", layers=("fc", "conv 1"),
-                     sizes=(), norm="l2", limit=7)
+    assert p == OptionKinds(num_stages=4, ratio=0.25, strict=False, label="a b", layers=("fc", "conv 1"),
+                           sizes=(), norm="l2", limit=7)
     assert isinstance(p.num_stages, int) and isinstance(p.ratio, float) and type(p.label) is str
-    assert fxopt.parse_pipeline("test-pipeline-opts{limit=none}")[0].limit is None
-    assert fxopt.parse_pipeline("test-pipeline-opts{ratio=3}")[0].ratio == 3.0
+    assert fxopt.parse_pipeline("test-options{limit=none}")[0].limit is None
+    assert fxopt.parse_pipeline("test-options{ratio=3}")[0].ratio == 3.0
     # a single value where a list is expected is a one-element list
-    assert fxopt.parse_pipeline("test-pipeline-opts{layers=fc}")[0].layers == ("fc",)
+    assert fxopt.parse_pipeline("test-options{layers=fc}")[0].layers == ("fc",)
 
 
 def test_whitespace_is_allowed_between_tokens():
@@ -63,13 +49,13 @@ def test_format_leaves_defaults_out():
     assert fxopt.format_pipeline([FoldBatchNorm(), Canonicalize(), DeadCodeElimination()]) == \
         "fold-bn,canonicalize,dce"
     assert fxopt.format_pipeline([FoldBatchNorm(eps_guard=0.001)]) == "fold-bn{eps-guard=0.001}"
-    assert fxopt.format_pipeline([Opts(num_stages=3, label="a b", layers=("x", "y,z"))]) == \
-        'test-pipeline-opts{num-stages=3 label="a b" layers=[x,"y,z"]}'
+    assert fxopt.format_pipeline([OptionKinds(num_stages=3, label="a b", layers=("x", "y,z"))]) == \
+        'test-options{num-stages=3 label="a b" layers=[x,"y,z"]}'
 
 
 def test_format_accepts_text_and_round_trips():
-    text = 'test-pipeline-opts{ratio=0.1 label="none" sizes=[3] limit=none},stages(dce,fold-bn)'
-    assert fxopt.format_pipeline(text) == 'test-pipeline-opts{ratio=0.1 label="none" sizes=[3]},stages(dce,fold-bn)'
+    text = 'test-options{ratio=0.1 label="none" sizes=[3] limit=none},stages(dce,fold-bn)'
+    assert fxopt.format_pipeline(text) == 'test-options{ratio=0.1 label="none" sizes=[3]},stages(dce,fold-bn)'
     assert fxopt.parse_pipeline(fxopt.format_pipeline(text)) == fxopt.parse_pipeline(text)
     assert fxopt.parse_pipeline(text)[0].label == "none"     # quoted: the string, not None
 
@@ -114,16 +100,16 @@ def test_option_of_a_pass_with_no_options():
 
 def test_literal_option_rejects_other_choices():
     with pytest.raises(fxopt.PassOptionError) as info:
-        fxopt.parse_pipeline("test-pipeline-opts{norm=l3}")
+        fxopt.parse_pipeline("test-options{norm=l3}")
     text = str(info.value)
-    assert "takes l1|l2, got 'l3'" in text
-    assert "column 25" in text
+    assert "takes l1|l2|none, got 'l3'" in text
+    assert "column 19" in text
     assert "norm=l1" in text          # what to write instead
 
 
 def test_list_option_rejects_bad_items():
     with pytest.raises(fxopt.PassOptionError, match=r"takes list\[int\], got \['1', 'x'\]"):
-        fxopt.parse_pipeline("test-pipeline-opts{sizes=[1,x]}")
+        fxopt.parse_pipeline("test-options{sizes=[1,x]}")
 
 
 @pytest.mark.parametrize("text, column, fragment", [
@@ -131,8 +117,8 @@ def test_list_option_rejects_bad_items():
     ("fold-bn dce", 9, "unexpected 'd'"),
     ("fold-bn{eps-guard}", 18, "expected '=', found '}'"),
     ("fold-bn{eps-guard=1", 20, "unclosed '{'"),
-    ('test-pipeline-opts{label="abc}', 26, "unterminated string"),
-    ("test-pipeline-opts{sizes=[1 2]}", 29, "expected ',' or ']' in a list"),
+    ('test-options{label="abc}', 20, "unterminated string"),
+    ("test-options{sizes=[1 2]}", 23, "expected ',' or ']' in a list"),
     ("stages(dce", 11, "expected ')', found end of text"),
     ("dce)", 4, "unexpected ')'"),
     (",dce", 1, "expected a pass name, found ','"),

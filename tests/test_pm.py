@@ -15,6 +15,7 @@ from fxopt.analyses import Shapes
 from fxopt.ir.graph import fetch_attr, set_attr
 from fxopt.ir.meta import TENSOR
 from fxopt.pm import PrintIR, Reproducer, Timing, Verify
+from registered import while_testing
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -47,7 +48,6 @@ def _reset_counts():
 SEEN: list = []
 
 
-@fxopt.register_pass("test-pm-use")
 @dataclass(frozen=True)
 class UseCounting(fxopt.Pass):
     """Reads Counting (and OtherCounting), changes nothing."""
@@ -57,7 +57,6 @@ class UseCounting(fxopt.Pass):
         return fxopt.PassResult.unchanged()
 
 
-@fxopt.register_pass("test-pm-preserve")
 @dataclass(frozen=True)
 class ChangePreservingCounting(fxopt.Pass):
     """Says it changed the graph, preserves only Counting."""
@@ -66,14 +65,12 @@ class ChangePreservingCounting(fxopt.Pass):
         return fxopt.PassResult.changed(preserves=(Counting,))
 
 
-@fxopt.register_pass("test-pm-clobber")
 @dataclass(frozen=True)
 class ChangePreservingNothing(fxopt.Pass):
     def run(self, gm, am):
         return fxopt.PassResult.changed()
 
 
-@fxopt.register_pass("test-pm-boom")
 @dataclass(frozen=True)
 class Boom(fxopt.Pass):
     message: str = "kaboom"
@@ -82,14 +79,12 @@ class Boom(fxopt.Pass):
         raise RuntimeError(self.message)
 
 
-@fxopt.register_pass("test-pm-not-a-result")
 @dataclass(frozen=True)
 class NotAResult(fxopt.Pass):
     def run(self, gm, am):
         return True
 
 
-@fxopt.register_pass("test-pm-double-relu")
 @dataclass(frozen=True)
 class DoubleRelu(fxopt.Pass):
     """Rewrites relu(x) -> relu(x) * 1 (a real change, same values)."""
@@ -110,7 +105,6 @@ def _scale_first_weight(gm, factor):
     set_attr(gm, node.target, fetch_attr(gm, node.target) * factor)
 
 
-@fxopt.register_pass("test-pm-perturb")
 @dataclass(frozen=True)
 class Perturb(fxopt.Pass):
     """Scales a weight by 1.01: not semantics-preserving, yet claims the default tolerance."""
@@ -120,7 +114,6 @@ class Perturb(fxopt.Pass):
         return fxopt.PassResult.changed(preserves=(Shapes,))
 
 
-@fxopt.register_pass("test-pm-perturb-lossy")
 @dataclass(frozen=True)
 class PerturbLossy(fxopt.Pass):
     """The same rewrite, honestly declared lossy (tolerance None)."""
@@ -132,7 +125,6 @@ class PerturbLossy(fxopt.Pass):
         return fxopt.PassResult.changed(preserves=(Shapes,))
 
 
-@fxopt.register_pass("test-pm-shrink-lying")
 @dataclass(frozen=True)
 class ShrinkLying(fxopt.Pass):
     """Drops half of a linear's output features but claims to preserve Shapes."""
@@ -146,7 +138,6 @@ class ShrinkLying(fxopt.Pass):
         return fxopt.PassResult.changed(preserves=(Shapes,))
 
 
-@fxopt.register_pass("test-pm-break-lint")
 @dataclass(frozen=True)
 class BreakLint(fxopt.Pass):
     """Makes a node use a value defined after it (a malformed graph)."""
@@ -156,6 +147,20 @@ class BreakLint(fxopt.Pass):
         first, last = nodes[0], nodes[-1]
         first.update_arg(0, last)
         return fxopt.PassResult.changed()
+
+
+_registered = while_testing({
+    "test-pm-use": UseCounting,
+    "test-pm-preserve": ChangePreservingCounting,
+    "test-pm-clobber": ChangePreservingNothing,
+    "test-pm-boom": Boom,
+    "test-pm-not-a-result": NotAResult,
+    "test-pm-double-relu": DoubleRelu,
+    "test-pm-perturb": Perturb,
+    "test-pm-perturb-lossy": PerturbLossy,
+    "test-pm-shrink-lying": ShrinkLying,
+    "test-pm-break-lint": BreakLint,
+})
 
 
 class Small(nn.Module):
@@ -270,8 +275,15 @@ def test_print_ir_before():
 
 def test_verify_accepts_honest_passes():
     gm, inputs = _traced()
-    fxopt.PassManager("canonicalize,test-pm-double-relu,dce",
-                      [Verify(check_outputs=True)]).run(gm, example_inputs=inputs)
+    with torch.no_grad():
+        expected = gm(*inputs)
+    report = fxopt.PassManager("canonicalize,test-pm-double-relu,dce",
+                               [Verify(check_outputs=True)]).run(gm, example_inputs=inputs)
+    assert [r.name for r in report.records] == ["canonicalize", "test-pm-double-relu", "dce"]
+    assert report.records[1].changed           # a real rewrite, so the outputs were checked
+    assert torch.ops.aten.mul.Tensor in [n.target for n in gm.graph.nodes]   # and it was kept
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), expected)
 
 
 def test_verify_on_a_training_mode_graph_is_deterministic_and_side_effect_free():

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import copy
 import typing
-from dataclasses import dataclass
-from typing import Annotated, Literal, Optional
+from typing import Literal
 
 import pytest
 import torch
@@ -21,9 +20,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fxopt
+import option_kinds
 from fxopt.ir.graph import has_side_effects
-from fxopt.pm.options import Range
 from fxopt.pm.stages import Stages
+from option_kinds import OptionKinds
+from registered import while_testing
 
 # ----------------------------------------------------------------------------- random nets
 
@@ -232,25 +233,7 @@ def test_random_net_generator_covers_what_it_claims():
 
 # ----------------------------------------------------------------------------- pipeline text
 
-@fxopt.register_pass("test-prop-options")
-@dataclass(frozen=True)
-class _OptionsPass(fxopt.Pass):
-    """A pass with one option of every supported kind (does nothing)."""
-
-    count: int = 0
-    ratio: Annotated[float, Range(finite=False)] = 0.5      # inf round-trips too
-    enabled: bool = False
-    label: str = ""
-    maybe: Optional[str] = None
-    sizes: tuple[int, ...] = ()
-    names: tuple[str, ...] = ("a",)
-    scales: tuple[Annotated[float, Range(finite=False)], ...] = ()
-    norm: Literal["l1", "l2", "none"] = "l1"
-    either: int | str = 0
-    maybe_int: Optional[int] = None
-
-    def run(self, gm, am):
-        return fxopt.PassResult.unchanged()
+_registered = while_testing({option_kinds.NAME: OptionKinds})
 
 
 # strings: anything printable (including spaces, punctuation, quotes of one kind,
@@ -303,14 +286,14 @@ def test_parse_format_round_trip(pipeline):
 
 
 @settings(max_examples=100, deadline=None)
-@given(p=st.builds(_OptionsPass, count=st.integers(), ratio=_floats, enabled=st.booleans(),
+@given(p=st.builds(OptionKinds, num_stages=st.integers(), ratio=_floats, strict=st.booleans(),
                    label=_text | _tricky_text, maybe=st.none() | _text | _tricky_text,
+                   layers=st.lists(_text | _tricky_text, max_size=3).map(tuple),
                    sizes=st.lists(st.integers(), max_size=3).map(tuple),
-                   names=st.lists(_text | _tricky_text, max_size=3).map(tuple),
                    scales=st.lists(_floats, max_size=3).map(tuple),
                    norm=st.sampled_from(["l1", "l2", "none"]),
                    either=st.integers() | _text | _tricky_text,
-                   maybe_int=st.none() | st.integers()))
+                   limit=st.none() | st.integers()))
 def test_every_option_kind_round_trips(p):
     text = fxopt.format_pipeline([p])
     assert fxopt.parse_pipeline(text) == [p], text
@@ -318,11 +301,11 @@ def test_every_option_kind_round_trips(p):
 
 @pytest.mark.parametrize("value", ["none", "true", "3", "a b", "x,y", "'q'", 'say "hi"', "", "\nx"])
 def test_strings_that_need_quotes_round_trip(value):
-    p = _OptionsPass(label=value, maybe=value, names=(value, "b"), either=value)
+    p = OptionKinds(label=value, maybe=value, layers=(value, "b"), either=value)
     text = fxopt.format_pipeline([p])
     assert fxopt.parse_pipeline(text) == [p], text
 
 
 def test_a_string_with_both_quotes_cannot_be_written_and_says_so():
     with pytest.raises(fxopt.PassOptionError, match="both kinds of quote"):
-        fxopt.format_pipeline([_OptionsPass(label="it's \"x\"")])
+        fxopt.format_pipeline([OptionKinds(label="it's \"x\"")])

@@ -17,7 +17,8 @@ from typing import Protocol
 
 import torch.fx as fx
 
-from ..errors import UnsupportedError
+from ..errors import BackendOptionError, UnsupportedError
+from ..pm.options import Options
 from ..quant import FakeQuantize
 
 _BACKENDS: dict[str, "Backend"] = {}
@@ -29,6 +30,12 @@ BUILTIN = {
     "xla": "fxopt.backends.xla",
 }
 ENTRY_POINTS = "fxopt.backends"
+
+
+class BackendOptions(Options):
+    """Base of a backend's options (a frozen dataclass): refused values raise BackendOptionError."""
+
+    error_class = BackendOptionError
 
 
 class Backend(Protocol):

@@ -6,17 +6,14 @@ from typing import ClassVar
 
 import torch.fx as fx
 
-from ..errors import BackendOptionError
-from ..pm.options import Options
-from . import register_backend
+from . import BackendOptions, register_backend
 
 
 @dataclass(frozen=True)
-class EagerOptions(Options):
+class EagerOptions(BackendOptions):
     """The eager backend takes no options."""
 
-    label: ClassVar[str] = "backend 'eager'"
-    error: ClassVar[type] = BackendOptionError
+    owner_name: ClassVar[str] = "backend 'eager'"
 
 
 class EagerBackend:

@@ -82,18 +82,19 @@ class CheckedOnConstruction(type):
 class Options(metaclass=CheckedOnConstruction):
     """Base of a set of options (a backend's; Pass builds on it). Subclasses are frozen dataclasses.
 
-    `label` names the owner in errors (`backend 'xla'`); `error` is the FxoptError class raised.
+    `owner_name` names the owner in errors (`backend 'xla'`); `error_class` is the FxoptError
+    raised. (So no option may be called either; register_pass refuses such a field.)
     """
 
-    label: ClassVar[str] = ""
-    error: ClassVar[type[FxoptError]] = PassOptionError
+    owner_name: ClassVar[str] = ""
+    error_class: ClassVar[type[FxoptError]] = PassOptionError
 
     def validate(self) -> None:
         """Rules that relate two options (each option alone is checked from its annotation)."""
 
     @classmethod
     def owner(cls) -> str:
-        return cls.label or cls.__name__
+        return cls.owner_name or cls.__name__
 
     @classmethod
     def key_of(cls, field: str) -> str:
@@ -121,10 +122,10 @@ class Options(metaclass=CheckedOnConstruction):
         fields = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
         unknown = sorted(set(values) - set(fields))
         if unknown and not fields:
-            raise cls.error(f"{cls.owner()} takes no options, got {', '.join(map(repr, unknown))}",
+            raise cls.error_class(f"{cls.owner()} takes no options, got {', '.join(map(repr, unknown))}",
                             hint="drop them")
         if unknown:
-            raise cls.error(f"{cls.owner()} has no option {', '.join(map(repr, unknown))}",
+            raise cls.error_class(f"{cls.owner()} has no option {', '.join(map(repr, unknown))}",
                             hint=f"its options: {', '.join(fields)}")
         return cls(**values)
 
@@ -182,8 +183,8 @@ def check_options(instance: Options) -> None:
     for f in dataclasses.fields(cls):
         problem = _problem(hints[f.name], getattr(instance, f.name))
         if problem:
-            raise cls.error(f"{cls.owner()}: option '{cls.key_of(f.name)}' {problem}",
-                            hint="`fxopt passes` and `fxopt backends` list every option with what it takes")
+            raise cls.error_class(f"{cls.owner()}: option '{cls.key_of(f.name)}' {problem}",
+                                  hint="`fxopt passes` and `fxopt backends` list every option with what it takes")
 
 
 def _normalise_lists(instance) -> None:

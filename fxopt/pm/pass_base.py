@@ -25,6 +25,8 @@ from .options import Options
 _REGISTRY: dict[str, type["Pass"]] = {}
 _DECLARED: dict[str, str] = {}        # pass name -> the module that registers it
 ENTRY_POINTS = "fxopt.passes"        # the group a plugin package lists its passes in
+_RESERVED = {"name", "owner_name", "error_class", "tolerance", "sees_into_leaves", "reads_weights",
+             "run", "validate", "options", "owner", "key_of", "from_kwargs"}
 
 
 class Pass(Options):
@@ -93,10 +95,11 @@ def register_pass(name: str):
         if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
             raise FxoptError(f"a pass named '{name}' is already registered ({_REGISTRY[name].__qualname__})",
                              hint="choose another name")
-        if dataclasses.is_dataclass(cls) and any(f.name == "name" for f in dataclasses.fields(cls)):
-            raise FxoptError(f"pass '{name}' ({cls.__qualname__}) has an option field called 'name', "
-                             "which would hide the pass's pipeline name",
-                             hint="rename the option (e.g. 'module_name')")
+        hidden = [f.name for f in dataclasses.fields(cls) if f.name in _RESERVED] if dataclasses.is_dataclass(cls) else []
+        if hidden:
+            raise FxoptError(f"pass '{name}' ({cls.__qualname__}) has an option field called '{hidden[0]}', "
+                             "which would hide the Pass attribute of that name",
+                             hint=f"rename the option (e.g. '{hidden[0]}_value'); reserved: {', '.join(sorted(_RESERVED))}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls

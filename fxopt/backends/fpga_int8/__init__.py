@@ -26,9 +26,9 @@ import torch
 import torch.fx as fx
 
 from ...artefacts import check_destination
-from ...errors import BackendOptionError, UnsupportedError
-from ...pm.options import Options, Range
-from .. import register_backend, require_frozen_quantizers
+from ...errors import UnsupportedError
+from ...pm.options import Range
+from .. import BackendOptions, register_backend, require_frozen_quantizers
 from .fixedpoint import ROUNDINGS
 from .lowering import Lowering
 from .model import ARTEFACT, IntegerModel, load, save
@@ -43,7 +43,7 @@ __all__ = ["FpgaInt8Backend", "FpgaInt8Model", "ResourceReport", "VerifyReport",
 
 
 @dataclass(frozen=True)
-class FpgaInt8Options(Options):
+class FpgaInt8Options(BackendOptions):
     """export_dir: write the artefact there (model.json, weights, C++, ONNX; a new or empty
         folder, or an earlier fpga-int8 artefact); none: write nothing.
     rounding: single (one 64-bit multiply and one rounded shift, the exact rounding of
@@ -60,8 +60,7 @@ class FpgaInt8Options(Options):
     pow2_scales: bool = False
     reuse_factor: Annotated[int, Range(1)] = 1
 
-    label: ClassVar[str] = "backend 'fpga-int8'"
-    error: ClassVar[type] = BackendOptionError
+    owner_name: ClassVar[str] = "backend 'fpga-int8'"
 
 
 class FpgaInt8Model(torch.nn.Module):

@@ -44,10 +44,9 @@ from typing import ClassVar, Literal
 import torch
 import torch.fx as fx
 
-from ...errors import BackendOptionError, UnsupportedError
-from ...pm.options import Options
+from ...errors import UnsupportedError
 from ...quant import FakeQuantize
-from .. import register_backend
+from .. import BackendOptions, register_backend
 from ...ir.inputs import resized_inputs
 from ...ir.meta import INPUT_SHAPES, TensorInfo
 from .int8_matmul import Int8Matmuls, int8_matmul_shape_note
@@ -63,7 +62,7 @@ MODES = typing.get_args(Mode)
 
 
 @dataclass(frozen=True)
-class InductorOptions(Options):
+class InductorOptions(BackendOptions):
     """mode: torch.compile's mode: default | reduce-overhead | max-autotune |
         max-autotune-no-cudagraphs.
     dynamic: none: the dims the graph was traced with as dynamic (by default the batch) are
@@ -83,8 +82,7 @@ class InductorOptions(Options):
     sparse_2to4: bool | None = None
     package_path: str | os.PathLike | None = None
 
-    label: ClassVar[str] = "backend 'inductor'"
-    error: ClassVar[type] = BackendOptionError
+    owner_name: ClassVar[str] = "backend 'inductor'"
 
 
 @dataclass

@@ -21,10 +21,9 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from ...errors import BackendOptionError, FxoptError, UnsupportedError
+from ...errors import FxoptError, UnsupportedError
 from ...ir.meta import CALIBRATION_SAMPLE
-from ...pm.options import Options
-from .. import register_backend, require_frozen_quantizers
+from .. import BackendOptions, register_backend, require_frozen_quantizers
 from .agreement import layer_agreement
 from .kernels import INT8_MODULES, candidate_engines, pick_engine
 from .lowering import Lowering
@@ -34,7 +33,7 @@ __all__ = ["INT8_MODULES", "Int8Backend", "Int8Report", "int8_report"]
 
 
 @dataclass(frozen=True)
-class Int8Options(Options):
+class Int8Options(BackendOptions):
     """engine: the quantized CPU engine (x86 | fbgemm | onednn | qnnpack, as this PyTorch build
         has them); none: the fastest supported, x86 first, whose kernels agree with the
         fake-quant model on the calibration batches, layer by layer (see `agreement`).
@@ -42,8 +41,7 @@ class Int8Options(Options):
 
     engine: str | None = None
 
-    label: ClassVar[str] = "backend 'int8'"
-    error: ClassVar[type] = BackendOptionError
+    owner_name: ClassVar[str] = "backend 'int8'"
 
 
 class Int8Backend:

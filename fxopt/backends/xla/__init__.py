@@ -28,9 +28,7 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from ...errors import BackendOptionError
-from ...pm.options import Options
-from .. import register_backend
+from .. import BackendOptions, register_backend
 from .artefact import check_export_dir, write_artefact
 from .runner import Device, XlaModule, xla_client
 from .stablehlo import export_stablehlo
@@ -73,7 +71,7 @@ class XlaReport:
 
 
 @dataclass(frozen=True)
-class XlaOptions(Options):
+class XlaOptions(BackendOptions):
     """export_dir: write the artefact there, a folder that runs with jax alone (a new or empty
         folder, or an earlier artefact); none: write nothing.
     device: cpu (jax's CPU client) | tpu (jax's TPU client, on a host with jax[tpu]; not
@@ -83,8 +81,7 @@ class XlaOptions(Options):
     export_dir: str | os.PathLike | None = None
     device: Device | None = None
 
-    label: ClassVar[str] = "backend 'xla'"
-    error: ClassVar[type] = BackendOptionError
+    owner_name: ClassVar[str] = "backend 'xla'"
 
 
 class XlaBackend:

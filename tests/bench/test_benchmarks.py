@@ -123,7 +123,12 @@ def test_measure_times_after_warmup_with_fresh_setup():
     m = harness.measure(lambda state: state * 2, repeats=3, warmup=2, setup=lambda: made.append(1) or len(made))
     assert len(made) == 5 and m.repeats == 3 and m.warmup == 2
     assert m.last == 10
-    assert m.min <= m.median <= m.max and m.spread >= 0
+    assert len(m.samples) == 3 and m.min <= m.median <= m.max     # warm-up runs are not samples
+    assert m.to_dict()["samples_s"] == m.samples and m.to_dict()["spread"] == m.spread
+    # spread is (max - min) / median, on samples chosen here (timings are never asserted)
+    fixed = harness.Measurement(samples=[4.0, 1.0, 2.0])
+    assert (fixed.min, fixed.median, fixed.max, fixed.spread) == (1.0, 2.0, 4.0, 1.5)
+    assert harness.Measurement(samples=[0.0, 0.0]).spread == 0.0
     assert set(m.to_dict()) >= {"median_s", "min_s", "max_s", "spread", "repeats", "samples_s"}
     with pytest.raises(ValueError):
         harness.measure(lambda _: None, repeats=0)

@@ -12,7 +12,7 @@ from benchmarks import adhoc, plots
 from benchmarks.__main__ import main
 from fxopt.api import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
 METRICS = {"label", "pipeline", "backend", "params", "macs", "model_bytes", "latency", "peak_memory_bytes",
            "compile_s", "fidelity", "headline", "speedup", "size_ratio", "layers"}
