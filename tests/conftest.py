@@ -32,13 +32,15 @@ def _seed():
 @pytest.fixture(autouse=True)
 def pass_registry():
     """The global pass registry, put back as it was after each test: a pass a test
-    registers (see registered.py) does not leak into the tests after it."""
+    registers (see registered.py) does not leak into the tests after it. The built-in
+    passes a test imported stay (their modules are imported once and register once)."""
     from fxopt.pm.pass_base import _REGISTRY
 
     saved = dict(_REGISTRY)
     yield _REGISTRY
+    built_in = {k: v for k, v in _REGISTRY.items() if v.__module__.startswith("fxopt.")}
     _REGISTRY.clear()
-    _REGISTRY.update(saved)
+    _REGISTRY.update({**saved, **built_in})
 
 
 @pytest.fixture(scope="session")
