@@ -43,9 +43,11 @@ class LoweringContext:
 
     # ---- queries --------------------------------------------------------------------------
     def act_fq(self, node) -> FakeQuantize | None:
+        """The activation quantizer `node` runs, if any."""
         return quantizer_of(self.gm, node, "activation")
 
     def weight_fq(self, node) -> FakeQuantize | None:
+        """The weight quantizer `node` runs, if any."""
         return quantizer_of(self.gm, node, "weight")
 
     def tensor(self, node: fx.Node, reader: fx.Node) -> tuple[str, dict]:
@@ -85,6 +87,7 @@ class LoweringContext:
             cur = user
 
     def shape(self, node: fx.Node) -> list[int]:
+        """The per-sample shape (no batch dimension) the trace recorded for `node`."""
         info = node.meta.get(TENSOR)
         if info is None or isinstance(info, (tuple, list)):
             raise UnsupportedError(f"fpga-int8: no single tensor shape recorded for {node.name}",
@@ -92,6 +95,7 @@ class LoweringContext:
         return list(info.shape[1:])
 
     def constant(self, node) -> torch.Tensor | None:
+        """The parameter a get_attr node reads (None for None); an error for anything else."""
         if node is None:
             return None
         if isinstance(node, fx.Node) and node.op == "get_attr":
@@ -102,6 +106,7 @@ class LoweringContext:
     # ---- building ---------------------------------------------------------------------------
     def emit(self, node: fx.Node, op: str, inputs: list[str], tensor: dict, fields: dict,
              weight: np.ndarray | None = None) -> str:
+        """Add the layer computing `node` (named after it) and its output tensor; its name."""
         name = node.name
         self.model.tensors[name] = tensor
         self.model.layers.append(Layer(name, op, inputs, name, fields, weight))
