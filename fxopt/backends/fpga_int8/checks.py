@@ -16,6 +16,7 @@ import numpy as np
 
 from ...errors import FxoptError
 from .fixedpoint import INT32_MAX, INT32_MIN, Q31, ROUNDINGS
+from .kernels import KERNELS
 
 _MAX_ELEMENTS = 1 << 28        # per tensor: 256M values is far beyond any on-chip design
 _INT8 = (-128, 127)
@@ -108,8 +109,6 @@ def _check_tensor(c: _Checker, where: str, tensor) -> None:
 
 
 def _check_layer(c: _Checker, where: str, layer, known: set, weights: dict) -> None:
-    from .simulate import KERNELS
-
     if not isinstance(layer, dict) or layer.get("op") not in KERNELS:
         c.fail(f"{where}.op", f"{layer.get('op') if isinstance(layer, dict) else layer!r} is not an "
                               f"op of the export ({', '.join(sorted(KERNELS))})")

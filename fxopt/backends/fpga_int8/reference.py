@@ -16,9 +16,8 @@ import torch
 import torch.fx as fx
 
 from ...ir.graph import fetch_attr
-from .lowering import CONVS, quantizer_of
-
-aten = torch.ops.aten
+from .context import quantizer_of
+from .targets import CONVS, LINEARS
 
 
 def with_int32_biases(gm: fx.GraphModule) -> fx.GraphModule:
@@ -26,7 +25,7 @@ def with_int32_biases(gm: fx.GraphModule) -> fx.GraphModule:
     snapped = copy.deepcopy(gm)
     with torch.no_grad():
         for node in snapped.graph.nodes:
-            if node.op != "call_function" or not (node.target in CONVS or node.target == aten.linear.default):
+            if node.op != "call_function" or not (node.target in CONVS | LINEARS):
                 continue
             act, weight = quantizer_of(snapped, node.args[0], "activation"), quantizer_of(snapped, node.args[1], "weight")
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .lowering import quantizer_of
+from .context import quantizer_of
 from .model import load
-from .simulate import KERNELS, named_inputs, quantize_inputs, run_integer
+from .kernels import KERNELS
+from .simulate import named_inputs, quantize_inputs, run_integer
 
 
 @dataclass

@@ -1,0 +1,46 @@
+"""Ops that keep a value's codes on its grid: reshapes, aliases, and clamps left unfused.
+
+A reshape relabels the shape (an int32 value's per-channel scales follow its elements);
+an alias (dropout, clone, detach...) names the same tensor; a clamp the output-form
+search could not fuse into its producer (one after a move) bounds int8 codes on the
+input's own grid.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch.fx as fx
+
+from ...errors import UnsupportedError
+from ...ir.graph import node_location
+from .context import LoweringContext
+from .grid import Grid, clamp_range, code_bounds
+from .targets import ALIASES, CLAMPS, RESHAPES
+
+
+def alias(ctx: LoweringContext, node: fx.Node) -> None:
+    """The node's value is its first argument's tensor (no layer)."""
+    ctx.values[node] = ctx.tensor(node.args[0], node)[0]
+
+
+def reshape(ctx: LoweringContext, node: fx.Node) -> None:
+    """Lower a flatten / reshape / view to a reshape layer."""
+    name, tensor = ctx.tensor(node.args[0], node)
+    shape = ctx.shape(node)
+    out = {**tensor, "shape": shape, "source": node.name}
+    if tensor["dtype"] == "int32":
+        full = np.broadcast_to(np.asarray(tensor["scale"]).reshape(tensor["scale_shape"]), tensor["shape"])
+        out.update(scale=full.reshape(shape).reshape(-1).tolist(), scale_shape=shape)
+    ctx.emit(node, "reshape", [name], out, {"shape": shape})
+
+
+def clamp(ctx: LoweringContext, node: fx.Node) -> None:
+    """Lower a clamp that was not fused into its producer to a clamp layer on int8 codes."""
+    name, tensor = ctx.tensor(node.args[0], node)
+    if tensor["dtype"] != "int8":
+        raise UnsupportedError(f"fpga-int8: {node.name} clamps int32 accumulators it cannot fuse",
+                               where=node_location(node), hint="put the clamp right after its producer")
+    ctx.emit(node, "clamp", [name], {**tensor, "source": node.name},
+             {"clamp": code_bounds(Grid.of_tensor(tensor), *clamp_range(node))})
+
+
+HANDLERS = {**dict.fromkeys(ALIASES, alias), **dict.fromkeys(RESHAPES, reshape), **dict.fromkeys(CLAMPS, clamp)}
