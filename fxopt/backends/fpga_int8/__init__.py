@@ -10,7 +10,7 @@ Integer arithmetic (Jacob et al. 2018, as gemmlowp / TFLite): int8 weights (symm
 per channel, [-127, 127]) and activations (per tensor, zero point), int32 biases at
 scale s_x * s_w[c] and accumulators whose width is proven at export, requantization
 by an int32 multiplier and a shift (fixedpoint). The layers are listed in model.py,
-the lowering rules in lowering.py. Files under export_dir: model.json, weights/*.npy,
+the lowering walk in lowering.py and its rules in ops_*.py. Files under export_dir: model.json, weights/*.npy,
 model.onnx (the fake-quant model as QDQ ONNX), weights.h and model.cpp.
 
 Options: `FpgaInt8Options` (`fxopt backends` lists them).
@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar
 
 import torch
 import torch.fx as fx
@@ -29,7 +29,9 @@ from ...artefacts import check_destination
 from ...errors import UnsupportedError
 from ...pm.options import Range
 from .. import BackendOptions, register_backend, require_frozen_quantizers
-from .fixedpoint import ROUNDINGS
+from ..onnx import export_onnx
+from .cpp import emit_cpp
+from .fixedpoint import ROUNDINGS, Rounding
 from .lowering import Lowering
 from .model import ARTEFACT, IntegerModel, load, save
 from .pow2 import pow2_cost, with_pow2_scales
@@ -56,7 +58,7 @@ class FpgaInt8Options(BackendOptions):
     """
 
     export_dir: str | os.PathLike | None = None
-    rounding: Literal["single", "double"] = "single"
+    rounding: Rounding = "single"
     pow2_scales: bool = False
     reuse_factor: Annotated[int, Range(1)] = 1
 
@@ -97,8 +99,6 @@ def export(gm: fx.GraphModule, example_inputs: tuple, export_dir=None, rounding:
 
 def _derived_files(model: IntegerModel, reference: fx.GraphModule, example_inputs: tuple) -> dict:
     """weights.h, model.cpp and model.onnx as bytes (made before anything is written)."""
-    from ..onnx import export_onnx
-    from .cpp import emit_cpp
 
     files = emit_cpp(model.to_json(), model.weights())
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,10 +29,13 @@ and is what both the simulator and the generated C++ implement.
 from __future__ import annotations
 
 import math
+import typing
+from typing import Literal
 
 import numpy as np
 
-ROUNDINGS = ("double", "single")
+Rounding = Literal["single", "double"]
+ROUNDINGS = typing.get_args(Rounding)
 Q31 = 1 << 31
 POW2_MULTIPLIER = 1 << 30
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1

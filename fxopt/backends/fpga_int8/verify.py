@@ -27,6 +27,7 @@ import torch.fx as fx
 from .context import quantizer_of
 from .model import load
 from .kernels import KERNELS
+from .cpp import compile_cpp, emit_cpp, run_cpp
 from .simulate import named_inputs, quantize_inputs, run_integer
 
 
@@ -144,8 +145,6 @@ def reference_values(spec: dict, gm: fx.GraphModule, floats: dict, batch: int) -
 
 def verify(export_dir, inputs, reference, min_within: float = 0.999) -> VerifyReport:
     """Run the three and compare (see module docstring); `inputs`: a float batch (or tuple)."""
-    from .cpp import compile_cpp, emit_cpp, run_cpp
-
     spec, weights = load(export_dir)
     floats = named_inputs(spec, inputs)
     codes = quantize_inputs(spec, floats)
