@@ -19,7 +19,6 @@ INPUT_RANGES = "fxopt.input_ranges"
 CALIBRATION_SAMPLE = "fxopt.calibration_sample"  # gm.meta: the first calibration batches (not copied),
 #   which a backend checks its kernels on; owner: api._run_batches
 CALIBRATION_SAMPLE_SIZE = 4                      # how many of them are kept
-PIPELINE_BEFORE = "fxopt.pipeline_before"  # gm.meta: pipeline text run before the current pass
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from .pass_base import Pass, PassResult
 from .pipeline import format_pipeline, parse_pipeline
 from .report import PassRecord, Report
 from ..ir.graph import opaque_leaves
-from ..ir.meta import PIPELINE_BEFORE
 
 
 @dataclass
@@ -34,6 +33,11 @@ class RunContext:
     def passes_run(self) -> list[str]:
         return [r.text for r in self.report.records]
 
+    @property
+    def passes_before(self) -> list[Pass]:
+        """The passes that ran before the one running now (or all of them, after the run)."""
+        return self.passes[:len(self.report.records)]
+
 
 class PassManager:
     """Runs a list of passes (or pipeline text) over a GraphModule."""
@@ -48,11 +52,11 @@ class PassManager:
         am = am or AnalysisManager(gm)
         ctx = RunContext(self.passes, am, example_inputs, Report(pipeline=format_pipeline(self.passes)),
                          dict(example_kwargs or {}))
+        am.run = ctx
         self._notify("before_pipeline", ctx, gm)
         for index, p in enumerate(self.passes):
             record = PassRecord(p.name, format_pipeline([p]))
             _check_values(p, gm)
-            gm.meta[PIPELINE_BEFORE] = format_pipeline(self.passes[:index])  # what a plan must replay
             self._notify("before_pass", ctx, p, gm)
             try:
                 start = time.perf_counter()

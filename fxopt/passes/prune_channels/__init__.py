@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from ...analyses.channel_groups import channel_groups_for
 from ...ir.graph import fqn_matches
-from ...pm import Pass, PassResult, register_pass
+from ...pm import Pass, PassResult, format_pipeline, register_pass
 from ...pm.options import Range
 from .importance import Importance, channels_to_keep, global_keep_counts, kept_channels
 from .apply import apply_choices
@@ -97,7 +97,8 @@ class PruneChannels(Pass):
         pruned = apply_choices(gm, choices, notes)
         if not pruned:
             return PassResult.unchanged(notes=tuple(notes))
-        record_plan(gm, pruned, grouped)
+        before = format_pipeline(am.run.passes_before) if am.run is not None else ""   # what a replay runs first
+        record_plan(gm, pruned, grouped, before)
         removed = sum(g.size - len(k) for g, k in pruned)
         notes.insert(0, f"pruned {len(pruned)} of {len(groups.groups)} groups, removed {removed} channels")
         return PassResult.changed(notes=tuple(notes))

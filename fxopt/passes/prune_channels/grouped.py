@@ -44,7 +44,9 @@ def choose_grouped(gm: fx.GraphModule, am, prune) -> PassResult:
     trials = {}
     for mode in _MODES:
         trial = light_copy(gm)
-        result = prune(trial, AnalysisManager(trial, am.calibration), mode)
+        trial_am = AnalysisManager(trial, am.calibration)
+        trial_am.run = am.run     # the same pipeline run: a plan records what ran before it
+        result = prune(trial, trial_am, mode)
         trials[mode] = (trial, result, AnalysisManager(trial).get(Cost).macs)
     best = min(_MODES, key=lambda m: (trials[m][2], m != "channels"))
     trial, result, _ = trials[best]

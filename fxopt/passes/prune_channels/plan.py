@@ -23,7 +23,7 @@ import torch.fx as fx
 from ...errors import FxoptError
 from ...files import write_atomically
 from ...ir.graph import fetch_attr
-from ...ir.meta import INPUT_SHAPES, PIPELINE_BEFORE, TensorInfo
+from ...ir.meta import INPUT_SHAPES, TensorInfo
 from .rewrite import Plan as _Drops
 
 __all__ = ["PLAN_KEY", "PruningPlan", "choices_from_plan", "plan_from_choices", "record_plan"]
@@ -175,10 +175,11 @@ def inputs_of(gm: fx.GraphModule) -> list[dict | None]:
 
 
 # -- building a plan from the pass's choices ------------------------------------------------------
-def plan_from_choices(gm: fx.GraphModule, applied_choices: list, grouped: str = "groups") -> PruningPlan:
+def plan_from_choices(gm: fx.GraphModule, applied_choices: list, grouped: str = "groups",
+                      before: str = "") -> PruningPlan:
     """The plan of `applied_choices` ((group, kept channels) pairs), called AFTER
     apply_choices sliced `gm`: a dim's original size is its current size plus what
-    the choices dropped from it."""
+    the choices dropped from it. `before`: the pipeline text that ran before the pass."""
     drops = _Drops(list(applied_choices)).params
     params, shapes = {}, {}
     for (fqn, dim), dropped in sorted(drops.items()):
@@ -189,13 +190,14 @@ def plan_from_choices(gm: fx.GraphModule, applied_choices: list, grouped: str = 
         shape[dim] = current[dim] + len(dropped)
         shapes[fqn] = tuple(shape)
         params.setdefault(fqn, {})[dim] = [i for i in range(shape[dim]) if i not in dropped]
-    return PruningPlan(params, shapes, inputs_of(gm), before=gm.meta.get(PIPELINE_BEFORE, ""), grouped=grouped)
+    return PruningPlan(params, shapes, inputs_of(gm), before=before, grouped=grouped)
 
 
-def record_plan(gm: fx.GraphModule, applied_choices: list, grouped: str = "groups") -> PruningPlan:
+def record_plan(gm: fx.GraphModule, applied_choices: list, grouped: str = "groups",
+                before: str = "") -> PruningPlan:
     """Store the plan of this pass's applied choices in gm.meta, composed with the plan
     an earlier prune pass left there. Call right after apply_choices succeeds."""
-    new = plan_from_choices(gm, applied_choices, grouped)
+    new = plan_from_choices(gm, applied_choices, grouped, before)
     old = gm.meta.get(PLAN_KEY)
     gm.meta[PLAN_KEY] = old.compose(new) if isinstance(old, PruningPlan) else new
     return gm.meta[PLAN_KEY]
