@@ -298,17 +298,23 @@ def load_model(spec: str) -> torch.nn.Module:
                 raise fxopt.FxoptError(f"calling {attr}() failed: {exc}", where=spec,
                                        hint="name an nn.Module or a zero-argument factory") from exc
     if not isinstance(obj, torch.nn.Module):
-        raise fxopt.TraceError(f"'{spec}' gives a {type(obj).__name__}, not an nn.Module",
+        raise fxopt.FxoptError(f"'{spec}' gives a {type(obj).__name__}, not an nn.Module",
                                hint="point at an nn.Module or a factory returning one")
     return obj.eval()
 
 
 def _load_source(source: str, spec: str):
+    """The module `source` names: a path/file.py (its folder put first on sys.path, so it
+    imports the modules beside it, as `python file.py` would) or an importable name."""
     if source.endswith(".py"):
         if not os.path.exists(source):
             raise fxopt.FxoptError(f"no such file '{source}'", where=spec)
+        folder = os.path.dirname(os.path.abspath(source))
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         module_spec = importlib.util.spec_from_file_location("_fxopt_user_model", source)
         module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_spec.name] = module   # dataclasses and pickling look classes up here
         module_spec.loader.exec_module(module)
         return module
     try:
