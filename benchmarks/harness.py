@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fxopt.files import write_atomically
+from fxopt.util.files import write_atomically
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -24,7 +24,7 @@ import io
 import os
 from pathlib import Path
 
-from fxopt.files import write_atomically
+from fxopt.util.files import write_atomically
 
 from .harness import fmt_seconds, markdown_table
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fxopt.files import write_atomically
+from fxopt.util.files import write_atomically
 
 from . import digits as _digits
 from . import minilm as _minilm

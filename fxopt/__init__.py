@@ -18,7 +18,8 @@ from .passes.prune_channels.persist import (PruningPlan, apply_plan, explain_pru
                                             pruning_plan, save_pruned)
 from .pm import (PRESETS, Analysis, AnalysisManager, Pass, PassManager, PassResult, Report,
                  format_pipeline, instruments, list_passes, parse_pipeline, register_pass)
-from .quant import FakeQuantize, QuantReport
+from .passes.fake_quant.report import QuantReport
+from .quant import FakeQuantize
 from .train import FinetuneHistory, finetune
 
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
 """Artefacts on disk: nothing of the user's is lost, nothing half-written is read, and
-nothing found in an artefact is run (fxopt.artefacts, and every writer and loader on it)."""
+nothing found in an artefact is run (fxopt.util.artefacts, and every writer and loader on it)."""
 from __future__ import annotations
 
 import json
@@ -80,7 +80,7 @@ def test_an_unwritable_destination_fails_before_the_work(tmp_path, monkeypatch):
 def _rewrite_manifest(folder):
     """Make the manifest match the folder's files again (what a careful attacker does)."""
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"] = {name: fxopt.artefacts.describe_file(str(folder / name)) for name in manifest["files"]}
+    manifest["files"] = {name: fxopt.util.artefacts.describe_file(str(folder / name)) for name in manifest["files"]}
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -114,7 +114,7 @@ def test_weight_paths_outside_the_folder_are_refused(tmp_path):
         with pytest.raises(fxopt.FxoptError, match="not a file of the export"):
             load(out)
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest["files"]["../outside.npy"] = fxopt.artefacts.describe_file(str(tmp_path / "outside.npy"))
+    manifest["files"]["../outside.npy"] = fxopt.util.artefacts.describe_file(str(tmp_path / "outside.npy"))
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(fxopt.FxoptError, match="outside its folder"):
         load(out)
@@ -161,7 +161,7 @@ _KILLED = textwrap.dedent("""
     import builtins, os, shutil, signal, sys, torch, torch.nn as nn
     sys.path.insert(0, {root!r})
     import fxopt
-    from fxopt import artefacts
+    from fxopt.util import artefacts
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     x = torch.randn(2, 8)

@@ -66,8 +66,7 @@ def _graph() -> nx.DiGraph:
 
 def _layer(module: str) -> str:
     parts = module.split(".")
-    top = parts[1] if len(parts) > 1 else ""
-    return "util" if top in ("files", "artefacts") else top
+    return parts[1] if len(parts) > 1 else ""
 
 
 def test_every_module_has_a_layer():

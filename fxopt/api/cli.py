@@ -13,8 +13,8 @@ import sys
 import torch
 
 import fxopt
-from fxopt.artefacts import check_writable
-from fxopt.files import write_atomically
+from fxopt.util.artefacts import check_writable
+from fxopt.util.files import write_atomically
 
 from .saving import check_destination
 

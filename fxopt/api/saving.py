@@ -15,8 +15,8 @@ import dataclasses
 import json
 import os
 
-from .. import artefacts
-from ..artefacts import writing
+from ..util import artefacts
+from ..util.artefacts import writing
 from ..backends import get_backend
 from ..backends.compiled import CompiledModel
 from ..errors import UnsupportedError

@@ -256,7 +256,7 @@ def _run(args, world: int, rank: int) -> int:
     if args.json:
         import json
 
-        from fxopt.files import write_atomically
+        from fxopt.util.files import write_atomically
         write_atomically(args.json, json.dumps(summary, indent=2))
     return 0
 

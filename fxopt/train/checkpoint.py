@@ -16,7 +16,7 @@ import sys
 import torch
 
 from ..errors import TrainingError
-from ..files import write_atomically
+from ..util.files import write_atomically
 
 __all__ = ["load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..artefacts import check_writable
+from ..util.artefacts import check_writable
 from ..backends.compiled import CompiledModel
 from ..errors import TrainingError
 from ..ir.inputs import check_inputs

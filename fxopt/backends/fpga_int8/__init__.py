@@ -25,7 +25,7 @@ from typing import Annotated, ClassVar
 import torch
 import torch.fx as fx
 
-from ...artefacts import check_destination
+from ...util.artefacts import check_destination
 from ...errors import UnsupportedError
 from ...pm.options import Range
 from .. import BackendOptions, register_backend, require_frozen_quantizers

@@ -7,7 +7,7 @@ On disk (`export_dir`), schema "fxopt-fpga-int8" version 1:
     model.onnx        the fake-quant graph as standard QDQ ONNX (see fxopt.backends.onnx)
     weights.h         the same parameters as C++ arrays
     model.cpp         integer-only reference kernels + a main that runs them on a batch
-    manifest.json     every file's size and sha256 (fxopt.artefacts); loaders check it first
+    manifest.json     every file's size and sha256 (fxopt.util.artefacts); loaders check it first
 
 model.json:
 
@@ -66,7 +66,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...artefacts import check_manifest, writing
+from ...util.artefacts import check_manifest, writing
 from ...errors import FxoptError
 from .checks import check_model
 
@@ -117,7 +117,7 @@ def weight_file(layer_name: str) -> str:
 
 def save(model: IntegerModel, export_dir, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write model.json, the weights and `extra_files` ({relative name: bytes}) to export_dir,
-    as one unit with a manifest (fxopt.artefacts): staged beside export_dir and switched in
+    as one unit with a manifest (fxopt.util.artefacts): staged beside export_dir and switched in
     by one rename, so an interrupted export never leaves half an artefact, and export_dir
     is only ever a new or empty folder or an earlier fpga-int8 export."""
     with writing(export_dir, ARTEFACT) as staging:

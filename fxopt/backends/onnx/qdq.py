@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from ...errors import FxoptError, UnsupportedError
-from ...files import write_atomically
+from ...util.files import write_atomically
 from ...ir.dynamic import specialise
 from ...ir.graph import fetch_attr, light_copy, node_location
 from ...ir.meta import INPUT_SHAPES, TENSOR, TensorInfo

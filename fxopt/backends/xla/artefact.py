@@ -6,10 +6,10 @@
                            dtypes, the outputs, the pytree specs, the x64 flag
     run_stablehlo.py       loads the three, compiles with jax, runs on .npy inputs
 
-    manifest.json          every file's size and sha256 (fxopt.artefacts), which the
+    manifest.json          every file's size and sha256 (fxopt.util.artefacts), which the
                            script checks before it reads anything
 
-The folder is one unit (fxopt.artefacts): staged beside the target and switched in by
+The folder is one unit (fxopt.util.artefacts): staged beside the target and switched in by
 one rename, so a failure never leaves half an artefact. An existing folder is replaced
 only when it is empty or an earlier artefact: anything else is the user's.
 """
@@ -21,7 +21,7 @@ import os
 from torch.utils._pytree import treespec_dumps
 
 from ...errors import UnsupportedError
-from ...artefacts import check_destination, writing
+from ...util.artefacts import check_destination, writing
 from .script import script_text
 from .stablehlo import FUNCTION, Program, dtype_name
 

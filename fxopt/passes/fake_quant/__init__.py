@@ -55,8 +55,9 @@ from ...ir.graph import module_path
 from ...ir.meta import TENSOR
 from ...pm import Pass, PassResult, register_pass
 from ...pm.options import Range
-from ...quant import FakeQuantize, FloatOp, QuantizedOp, QuantReport
+from ...quant import FakeQuantize
 from ...quant.observers import ObserverKind
+from .report import FloatOp, QuantizedOp, QuantReport
 from .insert import QuantConfig, ValueGroups, quantize_values, quantize_weight
 from .rules import classify, skip_match
 

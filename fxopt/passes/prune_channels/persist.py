@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from ...analyses import ChannelGroups
 from ...analyses.channel_groups import ChannelGroupsResult, channel_groups_for
-from ...artefacts import check_destination, check_manifest, writing
+from ...util.artefacts import check_destination, check_manifest, writing
 from ...errors import FxoptError
 from ...ir.graph import graph_module_of
 from ...ir.trace import trace
@@ -89,7 +89,7 @@ def _device_of(model: torch.nn.Module):
 # -- saving and loading ---------------------------------------------------------------------------
 def save_pruned(compiled_or_gm, directory) -> None:
     """Write `directory/model.safetensors` (the pruned graph's tensors), `directory/plan.json`
-    and their manifest, as one unit (fxopt.artefacts: staged, then switched in by one
+    and their manifest, as one unit (fxopt.util.artefacts: staged, then switched in by one
     rename), into a new or empty folder or over an earlier save_pruned folder. A graph
     that nothing pruned is saved with an empty plan. Passes that ran after the pruning
     (e.g. fake-quant of `prune50+int8`) are named in the weights file's metadata, with

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from ...errors import FxoptError
-from ...files import write_atomically
+from ...util.files import write_atomically
 from ...ir.graph import fetch_attr
 from ...ir.meta import INPUT_SHAPES, TensorInfo
 from .rewrite import Plan as _Drops

@@ -30,7 +30,7 @@ import os
 import shutil
 import tempfile
 
-from .errors import FxoptError
+from ..errors import FxoptError
 from .files import umask
 
 __all__ = ["MANIFEST", "check_destination", "check_manifest", "check_writable", "describe_file", "is_artefact",

@@ -1,6 +1,6 @@
 """Writing one file so that a failure never leaves half a file: write to a temp name in
 the target's folder, flush it to disk, then rename over the target (atomic on one
-file system). Artefacts of several files: fxopt.artefacts."""
+file system). Artefacts of several files: fxopt.util.artefacts."""
 from __future__ import annotations
 
 import contextlib
