@@ -31,7 +31,7 @@ if ROOT not in sys.path:   # run as a script by torchrun
     sys.path.insert(0, ROOT)
 
 import fxopt  # noqa: E402
-from fxopt.runtime.pipeline import free_port  # noqa: E402
+from fxopt.runtime.launch import free_port  # noqa: E402
 
 STEPS, EVERY, BATCH, BATCHES = 12, 3, 8, 10
 

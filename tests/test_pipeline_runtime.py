@@ -1,5 +1,6 @@
-"""fxopt.runtime.pipeline: split stages run on torch.distributed.pipelining in real processes
-(torchrun, CPU, gloo, loopback) give the single-process outputs and gradients."""
+"""fxopt.runtime.pipeline, run by `fxopt pipeline-run`: split stages run on
+torch.distributed.pipelining in real processes (torchrun, CPU, gloo, loopback) give the
+single-process outputs and gradients."""
 from __future__ import annotations
 
 import os
@@ -11,8 +12,7 @@ import textwrap
 import pytest
 
 from fxopt.api import cli
-from fxopt.runtime import pipeline
-from fxopt.runtime.pipeline import free_port
+from fxopt.runtime.launch import torchrun_command
 
 MODELS = textwrap.dedent("""
     import torch.nn as nn
@@ -48,9 +48,8 @@ def _env() -> dict:
 
 
 def _torchrun(nproc: int, *args: str) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-               "-m", "fxopt.runtime.pipeline", *args]
+    """torchrun started here, each process running the CLI (a worker, as WORLD_SIZE is set)."""
+    command = torchrun_command(nproc, ["-m", "fxopt.api.cli", "pipeline-run", *args])
     done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=_env())
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
     return done.stdout
@@ -86,15 +85,25 @@ def test_one_process_without_torchrun(models, tmp_path, monkeypatch, capsys):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     report = tmp_path / "one.json"
-    assert pipeline.main([f"{models}:features", "--microbatches", "2", "--input-shape", "4x3x8x8", "--train",
-                          "-p", "", "--json", str(report)]) == 0
+    assert cli.main(["pipeline-run", f"{models}:features", "--nproc-per-node", "1", "--microbatches", "2",
+                     "--input-shape", "4x3x8x8", "--train", "-p", "", "--json", str(report)]) == 0
     assert float(GRADS.search(capsys.readouterr().out).group(1)) <= 1e-4
     assert '"max_abs_grad_diff"' in report.read_text()
 
 
-def test_microbatches_that_do_not_divide_the_batch_are_a_clear_error(models, capsys):
-    args = [f"{models}:mlp", "--microbatches", "3", "--input-shape", "8x16"]
-    assert pipeline.main(args) == 2
+def test_microbatches_that_do_not_divide_the_batch_are_a_clear_error(models, capsys, monkeypatch):
+    args = ["pipeline-run", f"{models}:mlp", "--microbatches", "3", "--input-shape", "8x16"]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli.main(args) == 2          # refused before any process starts
     assert "--microbatches 3 does not divide the batch" in capsys.readouterr().err
-    assert cli.main(["pipeline-run", *args]) == 2          # refused before any process starts
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(args) == 2          # a worker refuses it too, before joining the group
     assert "--microbatches 3 does not divide the batch" in capsys.readouterr().err
+
+
+def test_a_stage_count_unlike_the_process_count_is_refused_before_launching(models, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli.main(["pipeline-run", f"{models}:mlp", "--num-stages", "4", "--nproc-per-node", "2",
+                     "--input-shape", "8x16"]) == 2
+    assert "--num-stages 4 with 2 processes: one stage per process" in capsys.readouterr().err

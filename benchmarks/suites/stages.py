@@ -188,15 +188,13 @@ def worker(argv=None) -> int:
 # ---- the suite ---------------------------------------------------------------------------------
 
 def _launch(name: str, processes: int, threads: int, steps: int, warmup: int, tmp: Path) -> dict:
-    from fxopt.runtime.pipeline import free_port
+    from fxopt.runtime.launch import torchrun_command
 
     out = tmp / f"p{processes}t{threads}.json"
     args = ["-m", "benchmarks.suites.stages", "--worker", "--model", name, "--threads", str(threads),
             "--steps", str(steps), "--warmup", str(warmup), "--reference", str(tmp / "reference.pt"),
             "--json", str(out)]
-    command = [sys.executable, *args] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
+    command = [sys.executable, *args] if processes == 1 else torchrun_command(processes, args)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()

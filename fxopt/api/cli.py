@@ -13,6 +13,7 @@ import sys
 import torch
 
 import fxopt
+from fxopt.runtime.compare import max_difference
 from fxopt.util.artefacts import check_writable
 from fxopt.util.files import write_atomically
 
@@ -77,15 +78,18 @@ def _parser() -> argparse.ArgumentParser:
                                              "compare with one process")
     pr.add_argument("model", help="torchvision:NAME, path/file.py:ATTR or pkg.module:ATTR")
     pr.add_argument("-p", "--pipeline", default="fold-bn",
-                    help="passes before split-stages (default: %(default)s; with --train use -p '')")
-    pr.add_argument("--num-stages", type=int, default=2)
+                    help="passes before split-stages (default: %(default)s; '' for none, as --train wants)")
+    pr.add_argument("--num-stages", type=int, help="default: --nproc-per-node, or WORLD_SIZE under torchrun, else 2")
     pr.add_argument("--microbatches", type=int, default=1, help="must divide the batch")
-    pr.add_argument("--input-shape", action="append", required=True, help="the whole batch, e.g. 8x3x64x64")
-    pr.add_argument("--input-dtype", action="append", choices=sorted(_DTYPES))
-    pr.add_argument("--nproc-per-node", type=int, help="processes (default: --num-stages)")
+    pr.add_argument("--input-shape", action="append", required=True,
+                    help="the WHOLE batch, e.g. 8x3x64x64; repeat for several inputs")
+    pr.add_argument("--input-dtype", action="append", choices=sorted(_DTYPES),
+                    help="dtype per input (default float32; integer inputs are ids in [0, 100))")
+    pr.add_argument("--nproc-per-node", type=int, help="not under torchrun: processes to start on this machine "
+                                                       "(default: --num-stages, else 2; 1 runs in this process)")
     pr.add_argument("--schedule", choices=("gpipe", "1f1b"), default="gpipe")
     pr.add_argument("--train", action="store_true", help="one training step; compare the gradients")
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--seed", type=int, default=0, help="weights and inputs (the same on every rank)")
     pr.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     pr.add_argument("--json", metavar="FILE", help="rank 0 writes the results here")
     pr.set_defaults(handler=cmd_pipeline_run)
@@ -169,7 +173,7 @@ def cmd_run(args) -> int:
     compiled = fxopt.compile(model, inputs, pipeline=args.pipeline, backend=args.backend,
                              calibration=calibration, instruments=instruments, verify=args.verify_each)
     with torch.no_grad():
-        diff = _max_difference(model(*inputs), compiled(*inputs))
+        diff = max_difference(model(*inputs), compiled(*inputs))
     cost = fxopt.AnalysisManager(compiled.graph_module).get(fxopt.analyses.Cost)
     print(compiled.report)
     for name, section in compiled.report.sections.items():
@@ -189,38 +193,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_pipeline_run(args) -> int:
-    """`torch.distributed.run` on this machine (loopback, a free port) running
-    `fxopt.runtime.pipeline`; its output goes straight through, its exit code is returned."""
-    import socket
-    import subprocess
+    """`fxopt pipeline-run`: the launcher, and under torchrun each worker (fxopt/api/cli_pipeline.py)."""
+    from .cli_pipeline import pipeline_run   # torch.distributed.pipelining: ~0.8 s to import, for this command only
 
-    for option, value in (("--num-stages", args.num_stages), ("--nproc-per-node", args.nproc_per_node or 1)):
-        if value < 1:
-            raise fxopt.FxoptError(f"{option} {value}: it must be at least 1", hint=f"e.g. {option} 2")
-    if args.json:
-        check_writable(args.json, "the --json results")
-    batches = {t.shape[0] if t.dim() else 0 for t in make_inputs(args.input_shape, args.input_dtype)}
-    if args.microbatches < 1 or len(batches) != 1 or min(batches) % args.microbatches:
-        raise fxopt.FxoptError(f"--microbatches {args.microbatches} does not divide the batch: every input's "
-                               f"first dimension must be a multiple of it (--input-shape {args.input_shape})",
-                               hint="pick a batch that is a multiple of --microbatches")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    forwarded = [args.model, "-p", args.pipeline, "--num-stages", str(args.num_stages),
-                 "--microbatches", str(args.microbatches), "--schedule", args.schedule,
-                 "--seed", str(args.seed), "--device", args.device]
-    for shape in args.input_shape:
-        forwarded += ["--input-shape", shape]
-    for dtype in args.input_dtype or []:
-        forwarded += ["--input-dtype", dtype]
-    forwarded += ["--train"] if args.train else []
-    forwarded += ["--json", args.json] if args.json else []
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-               str(args.nproc_per_node or args.num_stages), "--master-addr", "127.0.0.1",
-               "--master-port", str(port), "-m", "fxopt.runtime.pipeline", *forwarded]
-    sys.stdout.flush()
-    return subprocess.run(command).returncode
+    return pipeline_run(args, load_model, make_inputs)
 
 
 def cmd_bench(args) -> int:
@@ -343,14 +319,6 @@ def make_inputs(shapes: list[str], dtypes: list[str] | None) -> tuple:
         else:
             inputs.append(torch.randint(0, 100, shape, generator=generator, dtype=dtype))
     return tuple(inputs)
-
-
-def _max_difference(expected, actual) -> float:
-    leaves_e = torch.utils._pytree.tree_leaves(expected)
-    leaves_a = torch.utils._pytree.tree_leaves(actual)
-    diffs = [(e.double() - a.double()).abs().max().item() for e, a in zip(leaves_e, leaves_a)
-             if isinstance(e, torch.Tensor) and e.numel()]
-    return max(diffs, default=0.0)
 
 
 def write_json_atomically(path: str, data) -> None:
