@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 import fxopt
-from fxopt.artefacts import check_writable
-from fxopt.files import write_atomically
+from fxopt.util.artefacts import check_writable
+from fxopt.util.files import write_atomically
 from fxopt.runtime.compare import max_difference, max_gradient_difference, model_gradients
 from fxopt.runtime.launch import join_process_group, torchrun_command
 from fxopt.runtime.pipeline import (build_stage, default_loss, divides_batch, first_microbatch, make_schedule,
