@@ -6,6 +6,7 @@ import torch.fx as fx
 from ..ir.meta import TENSOR, TensorInfo
 from ..ir.shape_prop import propagate_shapes
 from ..pm.analysis import Analysis
+from ..pm.analysis import AnalysisManager
 
 
 class ShapeTable:
@@ -27,6 +28,6 @@ class Shapes(Analysis):
 
     meta_key = TENSOR
 
-    def run(self, gm: fx.GraphModule, am) -> ShapeTable:
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> ShapeTable:
         propagate_shapes(gm)
         return ShapeTable(gm)

@@ -8,6 +8,7 @@ import torch.fx as fx
 from ..analyses import Shapes
 from ..ir.graph import drop_unused_attrs, has_side_effects
 from ..pm import Pass, PassResult, register_pass
+from ..pm.analysis import AnalysisManager
 
 
 @register_pass("dce")
@@ -18,7 +19,7 @@ class DeadCodeElimination(Pass):
 
     reads_weights = False  # which nodes are used: the graph is enough
 
-    def run(self, gm: fx.GraphModule, am) -> PassResult:
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
         removed = 0
         for node in reversed(list(gm.graph.nodes)):
             if not node.users and not has_side_effects(node):

@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from ..errors import FxoptError
 from .options import Options
+from .analysis import AnalysisManager
 
 _REGISTRY: dict[str, type["Pass"]] = {}
 _DECLARED: dict[str, str] = {}        # pass name -> the module that registers it
@@ -49,7 +50,7 @@ class Pass(Options):
     sees_into_leaves: ClassVar[bool] = True
     reads_weights: ClassVar[bool] = True   # False: needs only the graph and shapes (meta weights do)
 
-    def run(self, gm: fx.GraphModule, am) -> "PassResult":
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> "PassResult":
         raise NotImplementedError(f"{type(self).__name__}.run")
 
     @classmethod

@@ -63,7 +63,7 @@ def _record_dict(record: PassRecord) -> dict:
     return out
 
 
-def human(n: float) -> str:
+def short_number(n: float) -> str:
     """12345678 -> '12.35M'."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
@@ -76,8 +76,8 @@ def _before_after(metrics: dict, key: str) -> str:
     if before is None:
         return ""
     if before == after:
-        return human(before)
-    return f"{human(before)} -> {human(after)}"
+        return short_number(before)
+    return f"{short_number(before)} -> {short_number(after)}"
 
 
 def _plain(value):

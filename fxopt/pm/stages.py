@@ -12,6 +12,7 @@ import torch.fx as fx
 from ..errors import UnsupportedError
 from .manager import PassManager
 from .pass_base import Pass, PassResult, register_pass
+from .analysis import AnalysisManager
 
 
 @register_pass("stages")
@@ -26,7 +27,7 @@ class Stages(Pass):
     tolerance = None  # the sub-pipeline's passes decide
     reads_weights = False  # so do they
 
-    def run(self, gm: fx.GraphModule, am) -> PassResult:
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
         stages = [(n, m) for n, m in gm.named_children()
                   if n.startswith("stage_") and isinstance(m, fx.GraphModule)]
         if not stages:

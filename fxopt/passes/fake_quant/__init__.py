@@ -60,6 +60,7 @@ from ...quant.observers import ObserverKind
 from .report import FloatOp, QuantizedOp, QuantReport
 from .insert import QuantConfig, ValueGroups, quantize_values, quantize_weight
 from .rules import classify, skip_match
+from ...pm.analysis import AnalysisManager
 
 __all__ = ["FakeQuant"]
 
@@ -102,7 +103,7 @@ class FakeQuant(Pass):
     tolerance: ClassVar[float | None] = None  # quantization changes what the model computes
     sees_into_leaves: ClassVar[bool] = False   # layers inside a leaf module are not seen
 
-    def run(self, gm: fx.GraphModule, am) -> PassResult:
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
         if any(isinstance(m, FakeQuantize) for m in gm.modules()):
             return PassResult.unchanged(notes=("the graph already has fake quantizers; left as is",))
         report = QuantReport()

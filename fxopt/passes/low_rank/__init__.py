@@ -28,6 +28,7 @@ from .plan import Choice, Policy, Spectra, budget_options, choose
 from .ranks import allot_budget
 from .report import LayerRow, LowRankReport
 from .rewrite import factors, substitute
+from ...pm.analysis import AnalysisManager
 
 __all__ = ["LowRank", "LowRankReport"]
 
@@ -70,7 +71,7 @@ class LowRank(Pass):
     tolerance: ClassVar[float | None] = None  # a truncated factorization changes the outputs
     sees_into_leaves: ClassVar[bool] = False   # layers inside a leaf module are not seen
 
-    def run(self, gm: fx.GraphModule, am) -> PassResult:
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
         report = LowRankReport(self.method, self._policy_text())
         layers, untargeted = find_layers(gm, self.targets)
         report.untargeted = [(n.name, why) for n, why in untargeted]

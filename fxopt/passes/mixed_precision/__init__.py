@@ -42,6 +42,7 @@ from .measure import measure_errors
 from .report import PrecisionOp, PrecisionReport
 from .rewrite import Caster
 from .rules import CASTS, FOLLOW_OPS, FP32_RULES, Decision, classify, keep_match, leaves, op_name
+from ...pm.analysis import AnalysisManager
 
 __all__ = ["CASTS", "FOLLOW_OPS", "FP32_RULES", "MixedPrecision", "PrecisionReport"]
 
@@ -79,7 +80,7 @@ class MixedPrecision(Pass):
         """The layer tolerance auto applies (the dtype's default when layer_tolerance is None)."""
         return self.layer_tolerance if self.layer_tolerance is not None else DEFAULT_TOLERANCE[self.dtype]
 
-    def run(self, gm: fx.GraphModule, am) -> PassResult:
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
         low = DTYPES[self.dtype]
         if any(_computes_in_16_bits(n) for n in gm.graph.nodes):
             return PassResult.unchanged(notes=("the graph already computes in 16-bit floats; left as is",))

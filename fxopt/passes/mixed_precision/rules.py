@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import operator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.fx as fx
@@ -75,7 +76,7 @@ class Decision:
     orig   no floating-point output: reads every input in its traced dtype (asserts)."""
 
     node: fx.Node
-    kind: str
+    kind: Literal["low", "fp32", "follow", "asis", "orig"]
     reason: str = ""
     error: float | None = None     # auto: the measured relative output error in 16 bits
 

@@ -26,6 +26,7 @@ from .importance import Importance, channels_to_keep, global_keep_counts, kept_c
 from .apply import apply_choices
 from .grouped import choose_grouped, has_channels_in_groups
 from .plan import record_plan
+from ...pm.analysis import AnalysisManager
 
 __all__ = ["PruneChannels"]
 
@@ -68,7 +69,7 @@ class PruneChannels(Pass):
     tolerance: ClassVar[float | None] = None  # pruning changes what the model computes
     sees_into_leaves: ClassVar[bool] = False   # layers inside a leaf module are not seen
 
-    def run(self, gm: fx.GraphModule, am) -> PassResult:
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
         self._warn_unmatched(gm)
         if self.grouped is not None or not has_channels_in_groups(gm):
             return self._prune(gm, am, self.grouped or "groups")

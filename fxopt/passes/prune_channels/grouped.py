@@ -17,7 +17,7 @@ from ...analyses.channel_groups.registry import arg
 from ...ir.graph import fetch_attr, light_copy
 from ...pm import PassResult
 from ...pm.analysis import AnalysisManager
-from ...pm.report import human
+from ...pm.report import short_number
 from .rewrite import put_attr
 
 _MODES = ("channels", "groups")
@@ -53,7 +53,7 @@ def choose_grouped(gm: fx.GraphModule, am, prune) -> PassResult:
     if not result.is_changed:
         return result
     _adopt(gm, trial)
-    kept = ", ".join(f"{m} {human(trials[m][2])}" for m in _MODES)
+    kept = ", ".join(f"{m} {short_number(trials[m][2])}" for m in _MODES)
     note = f"grouped convs pruned as grouped={best} (MACs kept: {kept})"
     return PassResult.changed(notes=(*result.notes, note), sections=result.sections)
 

@@ -23,7 +23,7 @@ from ...ir.graph import graph_module_of
 from ...ir.trace import trace
 from ...pm import AnalysisManager, PassManager
 from .apply import apply_choices
-from .plan import PLAN_KEY, PruningPlan, choices_from_plan, few, inputs_of
+from .plan import PLAN_KEY, PruningPlan, choices_from_plan, first_five, inputs_of
 
 __all__ = ["PruningPlan", "apply_plan", "explain_pruning", "load_pruned",
            "pruning_plan", "save_pruned"]
@@ -153,9 +153,9 @@ def _check_state(gm: fx.GraphModule, state: dict, path: str) -> None:
     unexpected = sorted(set(state) - set(own))
     wrong = [f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = ([f"missing {few(missing)}"] if missing else []) + (
-        [f"unexpected {few(unexpected)}"] if unexpected else []) + (
-        [f"shape mismatch {few(wrong)}"] if wrong else [])
+    problems = ([f"missing {first_five(missing)}"] if missing else []) + (
+        [f"unexpected {first_five(unexpected)}"] if unexpected else []) + (
+        [f"shape mismatch {first_five(wrong)}"] if wrong else [])
     if problems:
         raise FxoptError(f"the weights in {path} do not fit the replayed model: " + "; ".join(problems),
                          where=path,

@@ -271,7 +271,7 @@ def _check_tensors(gm: fx.GraphModule, plan: PruningPlan) -> None:
                              f"{tuple(value.shape)}", where=fqn,
                              hint="apply the plan to a fresh (unpruned) instance of the model it was made from")
     if missing:
-        raise FxoptError(f"the plan prunes {few(missing)}, which this model does not have", where=missing[0],
+        raise FxoptError(f"the plan prunes {first_five(missing)}, which this model does not have", where=missing[0],
                          hint="apply the plan to a fresh instance of the model it was made from")
 
 
@@ -290,7 +290,7 @@ def _check_covered(groups_result, plan: PruningPlan, choices: list) -> None:
                              where=fqn, hint="the plan came from another model (or another fxopt version)")
 
 
-def few(items: list[str]) -> str:
+def first_five(items: list[str]) -> str:
     """The first five items, and how many more."""
     return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
 

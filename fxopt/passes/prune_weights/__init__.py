@@ -36,6 +36,7 @@ from ...pm.options import Range
 from .masks import MASKS_KEY, apply_masks, global_masks, layer_mask, mask_gradients, masks_of, two_four_mask
 from .report import LayerSparsity, SparsityReport
 from .targets import KINDS, Target, find_targets
+from ...pm.analysis import AnalysisManager
 
 __all__ = ["PruneWeights", "SparsityReport", "apply_masks", "mask_gradients", "masks_of"]
 
@@ -76,7 +77,7 @@ class PruneWeights(Pass):
             raise PassOptionError("prune-weights: pattern=2:4 works per group of 4 weights; scope=global "
                                   "does not apply to it", hint="leave scope out with pattern=2:4")
 
-    def run(self, gm: fx.GraphModule, am) -> PassResult:
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
         report = SparsityReport(self.pattern, self.scope, self.sparsity)
         targets, untargeted = find_targets(gm, self.targets)
         report.skipped.extend(untargeted)

@@ -28,6 +28,7 @@ from ...pm.options import Range
 from .build import build, install, stage_ranges
 from .partition import Problem, candidate_cuts, sequence, smallest_memory, split
 from .report import StageRow, StagesReport
+from ...pm.analysis import AnalysisManager
 
 __all__ = ["SplitStages", "StagesReport"]
 
@@ -53,7 +54,7 @@ class SplitStages(Pass):
     tolerance: ClassVar[float | None] = 0.0   # the same ops in the same order: outputs are identical
     reads_weights: ClassVar[bool] = False      # cuts by MACs or parameter counts: shapes are enough
 
-    def run(self, gm: fx.GraphModule, am) -> PassResult:
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
         if any(name.startswith("stage_") for name, _ in gm.named_children()):
             raise PassOptionError("split-stages: the graph is already split into stages",
                                   hint="split once; use stages(...) to run passes on each stage")
