@@ -9,6 +9,9 @@
   `torch.flatten`, `x.view(...)`, `nn.Conv2d`/`nn.Linear`/`nn.BatchNorm2d` modules)
   become the same ATen calls the default tracer emits;
 - `x * sigmoid(x)` becomes `silu(x)` (a pattern/replacement pair).
+
+The rewrites are rule tables (FUNCTIONALIZE, ATEN_SPELLINGS here, MODULE_SPELLINGS in
+`modules`) summed and applied until a walk changes nothing.
 """
 from __future__ import annotations
 
