@@ -4,8 +4,9 @@ MACs count the multiply-accumulates of contractions (conv, linear, matmul,
 attention) — the figure papers publish. `flops` counts the other arithmetic,
 one per output element per elementary op (norms 4, softmax 3, pooling the
 window). Bytes are what an op reads (inputs, weights included) and writes;
-views and shape ops move nothing. Ops not in the table count zero and are
-listed in `CostTable.unknown`, so nothing is silently guessed.
+views and shape ops move nothing. The rules are an OpRegistry keyed by op name
+(`op_kind`); ops not in it count zero and are listed in `CostTable.unknown`, so
+nothing is silently guessed.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import torch.fx as fx
 
 from ..ir.graph import fetch_attr
 from ..ir.meta import TENSOR, TensorInfo, tensor_info
+from ..ir.registry import OpRegistry
 from ..pm.analysis import Analysis, AnalysisManager
 from ..pm.instruments import Instrument
+from ..quant import FakeQuantize
 from .shapes import Shapes
 
 
@@ -68,6 +71,11 @@ def _window(args, index: int, dims: int) -> int:
     return math.prod(k) if len(k) == dims else math.prod(k) ** (dims // max(len(k), 1))
 
 
+RULES = OpRegistry("cost")   # op_kind name -> rule(node, ins, out) -> (macs, flops)
+
+
+@RULES.register("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
+                "conv_transpose3d", "_convolution")
 def _conv(node, ins, out):
     weight = ins[1]
     transposed = node.args[6] if _name(node) == "convolution" and len(node.args) > 6 else False
@@ -76,15 +84,18 @@ def _conv(node, ins, out):
     return out.numel * math.prod(weight.shape[1:]), 0
 
 
+@RULES.register("linear")
 def _linear(node, ins, out):
     return out.numel * ins[1].shape[-1], 0
 
 
+@RULES.register("mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm")
 def _matmul(node, ins, out):
     a = ins[1] if _name(node) in ("addmm", "baddbmm", "addbmm") else ins[0]
     return out.numel * (a.shape[-1] if a.shape else 1), 0
 
 
+@RULES.register("scaled_dot_product_attention")
 def _attention(node, ins, out):
     q, k, v = ins[:3]
     batch = math.prod(q.shape[:-2])
@@ -92,6 +103,7 @@ def _attention(node, ins, out):
     return batch * length * source * (q.shape[-1] + v.shape[-1]), 3 * batch * length * source
 
 
+@RULES.register("einsum")
 def _einsum(node, ins, out):
     """A contraction of 2+ operands: one MAC per point of the loop nest over every index
     (per extra operand); one operand (a transpose or a sum) is one op per input element."""
@@ -138,26 +150,19 @@ _MOVES = "cat stack clone copy embedding gather index index_select pad constant_
          "arange zeros ones full zeros_like ones_like full_like new_zeros new_ones empty tril triu " \
          "masked_select scatter index_put fill zero".split()
 
-RULES = {
-    **{n: _conv for n in ("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d",
-                          "conv_transpose2d", "conv_transpose3d", "_convolution")},
-    "linear": _linear,
-    **{n: _matmul for n in ("mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm")},
-    "scaled_dot_product_attention": _attention,
-    "einsum": _einsum,
-    **{n: _per_output(4) for n in ("batch_norm", "layer_norm", "group_norm", "instance_norm",
-                                   "_native_batch_norm_legit_no_training", "native_layer_norm",
-                                   "native_group_norm", "rms_norm", "native_batch_norm")},
-    **{n: _per_output(3) for n in ("softmax", "log_softmax", "_softmax", "_log_softmax")},
-    **{n: _per_output(1) for n in _ELEMENTWISE},
-    **{n: _per_input for n in ("mean", "sum", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-                               "adaptive_avg_pool3d", "adaptive_max_pool2d", "amax", "amin",
-                               "var", "std", "cumsum", "max", "min", "argmax", "norm",
-                               "linalg_vector_norm")},
-    **{f"{kind}_pool{d}d": _pool(d) for kind in ("max", "avg") for d in (1, 2, 3)},
-    "max_pool2d_with_indices": _pool(2),
-    "fake_quantize": _per_output(4),   # scale, round, clamp, rescale per value
-}
+RULES.register("batch_norm", "layer_norm", "group_norm", "instance_norm",
+               "_native_batch_norm_legit_no_training", "native_layer_norm", "native_group_norm",
+               "rms_norm", "native_batch_norm")(_per_output(4))
+RULES.register("softmax", "log_softmax", "_softmax", "_log_softmax")(_per_output(3))
+RULES.register(*_ELEMENTWISE)(_per_output(1))
+RULES.register("mean", "sum", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+               "adaptive_max_pool2d", "amax", "amin", "var", "std", "cumsum", "max", "min", "argmax",
+               "norm", "linalg_vector_norm")(_per_input)
+RULES.register("max_pool1d", "avg_pool1d")(_pool(1))
+RULES.register("max_pool2d", "avg_pool2d", "max_pool2d_with_indices")(_pool(2))
+RULES.register("max_pool3d", "avg_pool3d")(_pool(3))
+RULES.register("fake_quantize")(_per_output(4))   # scale, round, clamp, rescale per value
+
 _MODULE_RULES = {  # call_module nodes (symbolic_trace mode leaves)
     torch.nn.Conv1d: "conv1d", torch.nn.Conv2d: "conv2d", torch.nn.Conv3d: "conv3d",
     torch.nn.ConvTranspose2d: "conv_transpose2d", torch.nn.Linear: "linear",
@@ -208,8 +213,6 @@ def _leaf_cost(module: torch.nn.Module, node: fx.Node, table: CostTable) -> Node
 
 def _module_kind(module: torch.nn.Module, node: fx.Node) -> str:
     """The table key of a call_module node: its layer type, or a module fxopt inserted."""
-    from ..quant import FakeQuantize   # the quant package builds on the analyses
-
     if isinstance(module, FakeQuantize):
         return "fake_quantize"
     return _MODULE_RULES.get(type(module), "_guards_fn" if node.target == "_guards_fn" else "")
@@ -278,7 +281,7 @@ class Cost(Analysis):
                 and isinstance(fetch_attr(gm, a.target), torch.nn.Parameter)))
         if kind in _FREE:
             return cost
-        rule = RULES.get(kind)
+        rule = RULES.lookup(kind)
         if rule is None and kind not in _MOVES:
             table.unknown.append(f"{node.name} ({kind or node.target})")
         if rule is not None and out is not None and all(i is not None for i in ins[:3]):

@@ -4,19 +4,22 @@
    functions; torch.fx's subgraph rewriter matches the pattern's graph and
    splices in the replacement's. Patterns are traced to ATen ops the same way
    models are, so they match traced graphs.
-2. `RuleTable`: rewrites as data — rows of (matcher, function). `apply` walks the
-   graph once in topological order and calls the first row whose matcher accepts
-   a node; the function edits the graph and returns True if it changed it.
+2. `RuleTable`: rewrites as data — rows of (matcher, function), kept in module-level
+   tables that combine with `+` (`SPELLINGS + MODULES`). `apply` walks the graph in
+   topological order, calling for each node the first row whose matcher accepts it
+   (the function edits the graph and returns True if it changed it), and walks
+   again until a walk changes nothing: a rewrite's result may match another row.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.fx as fx
 from torch.fx import subgraph_rewriter
 
+from ..errors import FxoptError
 from .shape_prop import TRACE_LOCK
 
 
@@ -51,25 +54,46 @@ def replace_pattern(gm: fx.GraphModule, pattern: fx.GraphModule, replacement: fx
 
 Matcher = Callable[[fx.Node], bool]
 Rewrite = Callable[[fx.GraphModule, fx.Node], bool]
+Rule = tuple[Matcher, Rewrite]
 
 
-@dataclass
+@dataclass(frozen=True)
 class RuleTable:
-    """An ordered list of (matcher, rewrite) rows applied in one walk."""
+    """An ordered, immutable list of (matcher, rewrite) rows; `a + b` is a's rows, then b's."""
 
-    rows: list[tuple[Matcher, Rewrite]] = field(default_factory=list)
+    rows: tuple[Rule, ...] = ()
 
-    def rule(self, matcher: Matcher):
-        """Decorator form: `@table.rule(matcher)` over a rewrite function."""
-        def add(fn: Rewrite) -> Rewrite:
-            self.rows.append((matcher, fn))
-            return fn
-        return add
+    def __post_init__(self):
+        object.__setattr__(self, "rows", tuple(self.rows))  # a list given is frozen too
 
-    def apply(self, gm: fx.GraphModule) -> int:
-        """Walk the graph once; returns the number of nodes rewritten. The graph is linted,
-        not recompiled: the PassManager regenerates the code once after a changed pass."""
-        changed = 0
+    def __add__(self, other: RuleTable) -> RuleTable:
+        if not isinstance(other, RuleTable):
+            return NotImplemented
+        return RuleTable(self.rows + other.rows)
+
+    def apply(self, gm: fx.GraphModule, max_rounds: int = 8) -> int:
+        """Walk until a walk changes nothing; returns the number of nodes rewritten in all.
+        Raises FxoptError naming the rows still firing after `max_rounds` walks (rows that
+        undo each other, or one that says it changed a node it left as it was). The graph is
+        linted, not recompiled: the PassManager regenerates the code once after a changed pass."""
+        total = 0
+        for _ in range(max_rounds):
+            changed, fired = self._walk(gm)
+            total += changed
+            if not changed:
+                if total:
+                    gm.graph.lint()
+                return total
+        raise FxoptError(
+            f"rewrite rules did not reach a fixed point in {max_rounds} walks; still firing: "
+            + ", ".join(sorted(fired)),
+            hint="a rule must return True only when it changed the graph, and no two rules may "
+                 "undo each other")
+
+    def _walk(self, gm: fx.GraphModule) -> tuple[int, set[str]]:
+        """(nodes rewritten, names of the rewrites that changed one) of one walk; nodes a
+        rewrite adds are left to the next walk."""
+        changed, fired = 0, set()
         for node in list(gm.graph.nodes):
             if node._erased:  # erased by an earlier row
                 continue
@@ -77,10 +101,15 @@ class RuleTable:
                 if matcher(node):
                     if fn(gm, node):
                         changed += 1
+                        fired.add(_rule_name(fn))
                     break
-        if changed:
-            gm.graph.lint()
-        return changed
+        return changed, fired
+
+
+def _rule_name(fn: Rewrite) -> str:
+    """`module.function` of a rewrite, as a non-converging table's error names it."""
+    name = getattr(fn, "__qualname__", None)
+    return f"{fn.__module__}.{name}" if name and getattr(fn, "__module__", None) else repr(fn)
 
 
 def replace_with_call(gm: fx.GraphModule, node: fx.Node, target, args, kwargs=None) -> fx.Node:

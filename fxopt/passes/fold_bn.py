@@ -3,7 +3,7 @@
     y = gamma * (W x + b - mean) / sqrt(var + eps) + beta
       = (s * W) x + (s * (b - mean) + beta),   s = gamma / sqrt(var + eps)
 
-Written as a rule table: one row per BatchNorm spelling in ATen graphs. The
+One walk over the graph folds each BatchNorm call (both ATen spellings) it can. The
 folded weights are computed in float64 and stored back in the weight's dtype.
 """
 from __future__ import annotations
@@ -20,14 +20,13 @@ import torch.fx as fx
 from ..analyses import Shapes
 from ..ir.graph import const_value, fetch_attr, fresh_attr_name, node_location, set_attr
 from ..ir.meta import TENSOR, TensorInfo, tensor_info
-from ..ir.rewrite import RuleTable, is_call
 from ..pm import Pass, PassResult, register_pass
 from ..pm.options import Range
 
 aten = torch.ops.aten
 _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
           aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
-_BN_EVAL = aten._native_batch_norm_legit_no_training.default
+_BATCH_NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 
 
 @dataclass(frozen=True)
@@ -65,13 +64,14 @@ class FoldBatchNorm(Pass):
         notes: list[str] = []
         # get_attr nodes per target, counted once: a per-BN scan of the graph was O(n^2)
         readers = Counter(n.target for n in gm.graph.find_nodes(op="get_attr", sort=False))
-        table = RuleTable()
-        table.rule(is_call(aten.batch_norm.default, _BN_EVAL))(
-            lambda g, node: self._fold(g, node, notes, readers))
-        folded = table.apply(gm)
+        folded = 0
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target in _BATCH_NORMS:
+                folded += self._fold(gm, node, notes, readers)
         if not folded:
             why = () if notes else ("no eval-mode BatchNorm after a conv or linear to fold",)
             return PassResult.unchanged(notes=why + tuple(notes))
+        gm.graph.lint()
         return PassResult.changed(preserves=(Shapes,), notes=(f"folded {folded} BatchNorm",) + tuple(notes))
 
     def _fold(self, gm: fx.GraphModule, node: fx.Node, notes: list[str], readers: Counter) -> bool:

@@ -6,9 +6,9 @@ every member, the indices `offset + c*block + r` (0 <= r < block) of its dim: bl
 where a flatten spread a channel over H*W features, offset > 0 where a cat or split
 put the channels after others. A dim that holds the channels strided (heads inside a
 `batch*heads` dim, q/k/v inside a packed `3*E` projection) is listed once per repetition,
-each member at its own offset. The op handlers are in `registry.py` and the modules it
-names; an op not in that table blocks every dim it touches (never a guess), and so do
-the graph's inputs and outputs (the model's interface is fixed).
+each member at its own offset. The op handlers are in `registry.py`'s OpRegistry, filled
+by the modules it names; an op not in that table blocks every dim it touches (never a
+guess), and so do the graph's inputs and outputs (the model's interface is fixed).
 
 A group's `kind` is "heads" when its channels are attention heads: a dim that an
 attention (scaled_dot_product_attention, or a batched matmul) reads as its heads dim,
@@ -25,8 +25,9 @@ from typing import ClassVar
 import torch.fx as fx
 
 from ...pm.analysis import Analysis
+from ..shapes import Shapes
 from . import elementwise, layers, shape_ops  # noqa: F401  (they fill the registry)
-from .registry import HANDLERS, block_all as _block_all, handler_for, register
+from .registry import HANDLERS, block_all as _block_all, register
 from .solver import Ties, solve
 
 __all__ = ["ChannelGroup", "ChannelGroups", "ChannelGroupsInGroups", "ChannelGroupsResult", "GroupMember",
@@ -121,13 +122,15 @@ def _wrap(text: str, width: int = 100) -> list[str]:
 
 
 class ChannelGroups(Analysis):
-    """Channel groups of the graph (see the module docstring); needs node.meta shapes.
+    """Channel groups of the graph (see the module docstring), read from the shapes on
+    node.meta (the Shapes analysis, asked for first so they are current).
     A grouped conv's unit is a whole conv group (`grouped = "groups"`): pruning one
     lowers the conv's `groups`."""
 
     grouped: ClassVar[str] = "groups"
 
     def run(self, gm: fx.GraphModule, am) -> ChannelGroupsResult:
+        am.get(Shapes)
         ties, blocked_ops = Ties(self.grouped), []
         for node in gm.graph.nodes:
             _visit(ties, node, blocked_ops)
@@ -156,7 +159,7 @@ def _visit(t: Ties, node: fx.Node, blocked_ops: list[str]) -> None:
     elif node.op == "call_module" and node.target == "_guards_fn":
         return
     elif node.op in ("call_function", "call_module", "call_method"):
-        handler = handler_for(node) if node.op == "call_function" else None
+        handler = HANDLERS.lookup(node.target) if node.op == "call_function" else None
         if handler is None and not _touches_tensors(t, node):
             return  # arithmetic on sizes (SymInt), not on tensors
         if handler is None:

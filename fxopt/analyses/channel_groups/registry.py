@@ -1,30 +1,17 @@
 """The handler registry: one small handler per op kind, keyed by ATen op (overload or
 packet) — the shape of Torch-Pruning's per-layer handlers. A handler gets the `Ties`
 to write to and the node. Anything not in the registry blocks every space it touches
-(see __init__). Handlers live in `elementwise`, `layers` and `shape_ops`."""
+(see __init__). Handlers live in `elementwise`, `layers` and `shape_ops`; the helpers
+they share are here."""
 from __future__ import annotations
 
 import torch.fx as fx
 
+from ...ir.registry import OpRegistry
 from .solver import Ties
 
-HANDLERS: dict = {}
-
-
-def register(*targets):
-    def add(fn):
-        for target in targets:
-            HANDLERS[target] = fn
-        return fn
-    return add
-
-
-def handler_for(node: fx.Node):
-    target = node.target
-    if target in HANDLERS:
-        return HANDLERS[target]
-    packet = getattr(target, "overloadpacket", None)
-    return HANDLERS.get(packet) if packet is not None else None
+HANDLERS = OpRegistry("channel groups")
+register = HANDLERS.register
 
 
 def arg(node: fx.Node, index: int, name: str, default=None):

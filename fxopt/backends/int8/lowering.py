@@ -31,6 +31,7 @@ import torch.fx as fx
 
 from ...ir.graph import fetch_attr
 from ...ir.meta import TENSOR
+from ...ir.registry import OpRegistry
 from ...quant import FakeQuantize
 from . import kernels as K
 from .report import Int8Report
@@ -55,6 +56,8 @@ CATS = {aten.cat.default, torch.cat}
 CONVS = {aten.conv2d.default, aten.convolution.default}
 MATMULS = {aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.default,
            torch.matmul, operator.matmul}
+# target -> Lowering method(self, node) -> bool: emitted an int8 form (False: copy as float)
+LOWERINGS = OpRegistry("int8 lowering")
 
 
 class Lowering:
@@ -168,15 +171,8 @@ class Lowering:
 
     def _lower(self, node: fx.Node) -> bool:
         """Emit an int8 form of `node`; False: it has none (the caller copies it as float)."""
-        if node.target in CONVS or node.target == aten.linear.default:
-            return self._lower_dense(node)
-        if node.target in ADDS:
-            return self._lower_add(node)
-        if node.target in CATS:
-            return self._lower_cat(node)
-        if node.target in CODE_OPS:
-            return self._lower_code_op(node)
-        return False
+        lower = LOWERINGS.lookup(node.target)
+        return lower is not None and lower(self, node)
 
     def _operands(self, node: fx.Node) -> str | tuple:
         """(activation quantizer, weight quantizer, weight, bias) of a conv / linear, or why not."""
@@ -193,6 +189,7 @@ class Lowering:
         bias_t = fetch_attr(self.gm, bias.target).detach().float() if bias is not None else None
         return act, wfq, fetch_attr(self.gm, w.args[0].target), bias_t
 
+    @LOWERINGS.register(*CONVS, aten.linear.default)
     def _lower_dense(self, node: fx.Node) -> bool:
         conv = node.target in CONVS
         if conv and not _conv2d_args(node):
@@ -228,6 +225,7 @@ class Lowering:
             self.codes[user] = (new, out)
             self.fused.add(user)
 
+    @LOWERINGS.register(*ADDS)
     def _lower_add(self, node: fx.Node) -> bool:
         args = node.args[:2]
         alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
@@ -244,6 +242,7 @@ class Lowering:
         self.report.int8_ops.append((node.name, "QAdd"))
         return True
 
+    @LOWERINGS.register(*CATS)
     def _lower_cat(self, node: fx.Node) -> bool:
         values = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -258,6 +257,7 @@ class Lowering:
         self.report.int8_ops.append((node.name, "QCat"))
         return True
 
+    @LOWERINGS.register(*CODE_OPS)
     def _lower_code_op(self, node: fx.Node) -> bool:
         """A value-preserving op on an input that exists as codes runs on the codes."""
         source = node.args[0]

@@ -7,10 +7,10 @@ a node name, `node[i]` for a tuple element or `node.groups` for a conv's / Group
 virtual groups space (the ChannelGroups member names). A dim listed by several members
 (a packed `3*E` projection, heads inside `batch*heads`) drops the union of their
 indices, so new sizes follow from the plan alone. Literal rewrites are one small
-handler per op kind (`_LITERALS`): the sizes of views, reshapes, unflattens and expands
-(`num_heads*head_dim`, `E`, `3*E`, `batch*num_heads`) are replaced by the predicted ones;
-an op with a channel literal no handler can rewrite fails the groups that touch it,
-and they are left unpruned with a note.
+handler per op kind (`LITERALS`, an OpRegistry keyed by overload packet): the sizes
+of views, reshapes, unflattens and expands (`num_heads*head_dim`, `E`, `3*E`,
+`batch*num_heads`) are replaced by the predicted ones; an op with a channel literal no
+handler can rewrite fails the groups that touch it, and they are left unpruned with a note.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import torch.fx as fx
 from ...analyses.channel_groups import ChannelGroup
 from ...ir.graph import fetch_attr
 from ...ir.meta import TENSOR, TensorInfo
+from ...ir.registry import OpRegistry
 from ...ir.shape_prop import propagate_shapes
 
 aten = torch.ops.aten
@@ -110,7 +111,7 @@ class Rewriter:
         for node in self.touched():
             if node.op != "call_function":
                 continue
-            handler = _handler(node)
+            handler = LITERALS.lookup(node.target)
             if handler is None:
                 continue
             try:
@@ -202,20 +203,8 @@ def put_attr(gm: fx.GraphModule, target: str, value) -> None:
 
 
 # -- literal handlers: (rewriter, node) -> (target, args, kwargs) | None -----------------------------
-_LITERALS: dict = {}
-
-
-def _literal(*packets):
-    def add(fn):
-        for p in packets:
-            _LITERALS[p] = fn
-        return fn
-    return add
-
-
-def _handler(node: fx.Node):
-    packet = getattr(node.target, "overloadpacket", None)
-    return _LITERALS.get(packet)
+LITERALS = OpRegistry("channel-count literals")
+_literal = LITERALS.register
 
 
 def _arg_index(node: fx.Node, name: str) -> int | None:

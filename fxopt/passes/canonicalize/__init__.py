@@ -9,6 +9,9 @@
   `torch.flatten`, `x.view(...)`, `nn.Conv2d`/`nn.Linear`/`nn.BatchNorm2d` modules)
   become the same ATen calls the default tracer emits;
 - `x * sigmoid(x)` becomes `silu(x)` (a pattern/replacement pair).
+
+The rewrites are rule tables (FUNCTIONALIZE, ATEN_SPELLINGS here, MODULE_SPELLINGS in
+`modules`) summed and applied until a walk changes nothing.
 """
 from __future__ import annotations
 
@@ -21,11 +24,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..ir.meta import tensor_info
-from ..ir.rewrite import (RuleTable, bypass, is_call, pattern_graph, replace_pattern,
-                          replace_with_call)
-from ..pm import Pass, PassResult, register_pass
-from . import canonical_modules
+from ...ir.meta import tensor_info
+from ...ir.rewrite import (RuleTable, bypass, is_call, pattern_graph, replace_pattern,
+                           replace_with_call)
+from ...pm import Pass, PassResult, register_pass
+from .modules import MODULE_SPELLINGS
 
 aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
@@ -142,6 +145,13 @@ def _silu_graphs() -> tuple[fx.GraphModule, fx.GraphModule]:
     return pattern_graph(_silu_pattern, example), pattern_graph(_silu_replacement, example)
 
 
+FUNCTIONALIZE = RuleTable(((_is_inplace, _functionalize),))
+ATEN_SPELLINGS = RuleTable((
+    (is_call(*_DROPOUTS), _dropout),
+    (is_call(*_VIEWS), _reshape),
+))
+
+
 @register_pass("canonicalize")
 @dataclass(frozen=True)
 class Canonicalize(Pass):
@@ -155,18 +165,11 @@ class Canonicalize(Pass):
     reads_weights = False  # rewrites spellings of ops: the graph and its shapes are enough
 
     def run(self, gm: fx.GraphModule, am) -> PassResult:
-        table = RuleTable()
+        rules = ATEN_SPELLINGS + MODULE_SPELLINGS
         if self.functionalize:
-            table.rule(_is_inplace)(_functionalize)
-        table.rule(is_call(*_DROPOUTS))(_dropout)
-        table.rule(is_call(*_VIEWS))(_reshape)
-        canonical_modules.add_rules(table)
-        changed = 0
-        for _ in range(8):  # a rewrite's result may match another row (x.view -> reshape -> flatten)
-            step = table.apply(gm)
-            changed += step
-            if not step:
-                break
+            rules = FUNCTIONALIZE + rules
+        # to a fixed point: a rewrite's result may match another row (x.view -> reshape -> flatten)
+        changed = rules.apply(gm)
         changed += replace_pattern(gm, *_silu_graphs())
         if not changed:
             return PassResult.unchanged(notes=("already canonical: no op has another spelling to rewrite",))

@@ -1,9 +1,10 @@
-"""canonicalize's rows for the module-level tracer's spellings.
+"""canonicalize's rules for the module-level tracer's spellings.
 
 `symbolic_trace` leaves `call_module` nodes (nn.Conv2d, nn.ReLU, ...), torch
 functions (`F.relu`, `torch.flatten`) and methods (`x.relu()`, `x.view(...)`);
 these rows turn them into the ATen calls torch.export emits, with weights as
-`get_attr` nodes, so every later pass sees one op set.
+`get_attr` nodes, so every later pass sees one op set. Not a pass: canonicalize adds
+MODULE_SPELLINGS to its own rules.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ir.rewrite import RuleTable, bypass, replace_with_call
+from ...ir.rewrite import RuleTable, bypass, replace_with_call
 
 aten = torch.ops.aten
 
@@ -138,18 +139,15 @@ def _either(*matchers):
     return lambda node: any(m(node) for m in matchers)
 
 
-def add_rules(table: RuleTable) -> None:
-    """Append the module-level spellings' rows to canonicalize's table."""
-    rows = [
-        (_either(_spelled((F.relu, torch.relu, torch.relu_), ("relu", "relu_")),
-                 _module_matcher(nn.ReLU)), _relu),
-        (_either(_spelled((F.relu6,)), _module_matcher(nn.ReLU6)), _relu6),
-        (_either(_spelled((torch.flatten,), ("flatten",)), _module_matcher(nn.Flatten)), _flatten),
-        (_spelled((), ("view", "reshape")), _view),
-        (_either(_spelled((F.dropout,)), _module_matcher(nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-                                                          nn.Identity)), _identity),
-        (_module_matcher(*_CONV), _conv),
-        (_module_matcher(nn.Linear), _linear),
-        (_module_matcher(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), _batch_norm),
-    ]
-    table.rows.extend(rows)
+MODULE_SPELLINGS = RuleTable((
+    (_either(_spelled((F.relu, torch.relu, torch.relu_), ("relu", "relu_")),
+             _module_matcher(nn.ReLU)), _relu),
+    (_either(_spelled((F.relu6,)), _module_matcher(nn.ReLU6)), _relu6),
+    (_either(_spelled((torch.flatten,), ("flatten",)), _module_matcher(nn.Flatten)), _flatten),
+    (_spelled((), ("view", "reshape")), _view),
+    (_either(_spelled((F.dropout,)), _module_matcher(nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+                                                      nn.Identity)), _identity),
+    (_module_matcher(*_CONV), _conv),
+    (_module_matcher(nn.Linear), _linear),
+    (_module_matcher(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), _batch_norm),
+))
