@@ -14,9 +14,10 @@ One walk over the graph in order. Each value becomes a tensor of int8 codes on a
 - an activation quantizer on codes of another grid becomes a requantize layer; on a
   model input it defines the input's quantization (the host-side float step).
 
-The walk (here) dispatches each node by its target through HANDLERS, built from the
-op-family modules (ops_linear, ops_joins, ops_pool, ops_shape; activation quantizers go
-to ops_quant); the handlers read and build through a LoweringContext (context.py).
+The walk (here) dispatches each node by its target through LOWERINGS, the OpRegistry the
+op-family modules (ops_linear, ops_joins, ops_pool, ops_shape) register their handlers in
+(activation quantizers go to ops_quant); the handlers read and build through a
+LoweringContext (context.py).
 
 Anything else, or an op reading a value that has no integer form, is an UnsupportedError
 naming the node and its source line: the model never gets a silent float island.
@@ -27,13 +28,12 @@ import torch.fx as fx
 
 from ...errors import UnsupportedError
 from ...ir.graph import node_location
-from . import ops_joins, ops_linear, ops_pool, ops_shape
+from . import ops_joins, ops_linear, ops_pool  # noqa: F401  (they register their handlers in LOWERINGS)
 from .context import LoweringContext
 from .model import IntegerModel
 from .ops_quant import quantizer
 from .ops_shape import alias
-
-HANDLERS = {**ops_linear.HANDLERS, **ops_joins.HANDLERS, **ops_pool.HANDLERS, **ops_shape.HANDLERS}
+from .targets import LOWERINGS
 
 
 class Lowering:
@@ -55,8 +55,8 @@ class Lowering:
                 alias(ctx, node)
             elif ctx.act_fq(node) is not None:
                 quantizer(ctx, node)
-            elif node.target in HANDLERS:
-                HANDLERS[node.target](ctx, node)
+            elif node.target in LOWERINGS:
+                LOWERINGS.lookup(node.target)(ctx, node)
             else:
                 raise UnsupportedError(
                     f"fpga-int8: {getattr(node.target, '__name__', node.target)} has no integer form in "

@@ -17,11 +17,12 @@ from .context import LoweringContext
 from .fixedpoint import multiplier_value, quantize_multiplier
 from .grid import code_bounds, spread
 from .layer_io import check_bound, int8_inputs, int8_out, int32_out, need_grid
-from .targets import ADDS, CATS
+from .targets import ADDS, CATS, LOWERINGS
 
 ADD_LEFT_SHIFT = 20          # add: inputs move to a common 2^-20 finer grid first (TFLite's choice)
 
 
+@LOWERINGS.register(*ADDS)
 def add(ctx: LoweringContext, node: fx.Node) -> None:
     """Lower an add of two int8 values: to int8 codes, or int32 when both share a grid."""
     if node.kwargs.get("alpha", 1) != 1 or len(node.args) > 2:
@@ -50,6 +51,7 @@ def add(ctx: LoweringContext, node: fx.Node) -> None:
     ctx.emit(node, "add", names, tensor, fields)
 
 
+@LOWERINGS.register(*CATS)
 def concat(ctx: LoweringContext, node: fx.Node) -> None:
     """Lower a cat of int8 values along a non-batch dimension onto the output's grid."""
     values = node.args[0]
@@ -67,6 +69,3 @@ def concat(ctx: LoweringContext, node: fx.Node) -> None:
               "multipliers": [p[0] for p in pairs], "shifts": [p[1] for p in pairs],
               "output_zero_point": form.grid.zero_point, "clamp": code_bounds(form.grid, form.lo, form.hi)}
     ctx.emit(node, "concat", names, form.grid.tensor(ctx.shape(node), form.last.name), fields)
-
-
-HANDLERS = {**dict.fromkeys(ADDS, add), **dict.fromkeys(CATS, concat)}

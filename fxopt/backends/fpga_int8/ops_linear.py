@@ -16,11 +16,12 @@ from ...ir.graph import node_location
 from .context import LoweringContext
 from .grid import spread
 from .layer_io import int8_inputs, int8_out, int32_out, pair
-from .targets import CONVS, LINEARS
+from .targets import CONVS, LINEARS, LOWERINGS
 
 aten = torch.ops.aten
 
 
+@LOWERINGS.register(*CONVS, *LINEARS)
 def conv_or_linear(ctx: LoweringContext, node: fx.Node) -> None:
     """Lower a conv2d / linear node to one layer with its int8 weight."""
     [x_name], [xt] = int8_inputs(ctx, node, node.args[:1])
@@ -82,6 +83,3 @@ def _conv_fields(node: fx.Node) -> dict:
                                hint="give the padding as numbers")
     return {"stride": pair(stride, 1), "padding": pair(padding, 0), "dilation": pair(dilation, 1),
             "groups": int(groups or 1)}
-
-
-HANDLERS = dict.fromkeys(CONVS | LINEARS, conv_or_linear)

@@ -17,7 +17,7 @@ from .context import LoweringContext
 from .grid import spread
 from .layer_io import int8_out, need_grid, pair
 from .model import Layer
-from .targets import AVG_POOLS, MAX_POOLS
+from .targets import AVG_POOLS, MAX_POOLS, LOWERINGS
 
 aten = torch.ops.aten
 
@@ -29,6 +29,7 @@ def window_shape(in_shape, fields: dict) -> list[int]:
                              - 1) // fields["stride"][i] + 1 for i in range(2)]
 
 
+@LOWERINGS.register(*MAX_POOLS)
 def max_pool(ctx: LoweringContext, node: fx.Node) -> None:
     """Lower a max_pool2d: the input's codes (int8 or int32) pooled as they are."""
     name, tensor = ctx.tensor(node.args[0], node)
@@ -40,6 +41,7 @@ def max_pool(ctx: LoweringContext, node: fx.Node) -> None:
     ctx.emit(node, "max_pool2d", [name], {**tensor, "shape": ctx.shape(node), "source": node.name}, fields)
 
 
+@LOWERINGS.register(*AVG_POOLS)
 def avg_pool(ctx: LoweringContext, node: fx.Node) -> None:
     """Lower an average pool (or mean over H, W) to int8 codes on the output's grid."""
     name, tensor = ctx.tensor(node.args[0], node)
@@ -104,6 +106,3 @@ def _pool_window(ctx: LoweringContext, node: fx.Node, in_shape) -> dict:
         raise UnsupportedError(f"fpga-int8: {node.name} averages over dims {args[1]}; only (H, W) is "
                                "supported", where=node_location(node))
     return {"kernel": [height, width], "stride": [height, width], "padding": [0, 0]}
-
-
-HANDLERS = {**dict.fromkeys(MAX_POOLS, max_pool), **dict.fromkeys(AVG_POOLS, avg_pool)}

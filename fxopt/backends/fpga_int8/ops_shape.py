@@ -14,14 +14,16 @@ from ...errors import UnsupportedError
 from ...ir.graph import node_location
 from .context import LoweringContext
 from .grid import Grid, clamp_range, code_bounds
-from .targets import ALIASES, CLAMPS, RESHAPES
+from .targets import ALIASES, CLAMPS, RESHAPES, LOWERINGS
 
 
+@LOWERINGS.register(*ALIASES)
 def alias(ctx: LoweringContext, node: fx.Node) -> None:
     """The node's value is its first argument's tensor (no layer)."""
     ctx.values[node] = ctx.tensor(node.args[0], node)[0]
 
 
+@LOWERINGS.register(*RESHAPES)
 def reshape(ctx: LoweringContext, node: fx.Node) -> None:
     """Lower a flatten / reshape / view to a reshape layer."""
     name, tensor = ctx.tensor(node.args[0], node)
@@ -33,6 +35,7 @@ def reshape(ctx: LoweringContext, node: fx.Node) -> None:
     ctx.emit(node, "reshape", [name], out, {"shape": shape})
 
 
+@LOWERINGS.register(*CLAMPS)
 def clamp(ctx: LoweringContext, node: fx.Node) -> None:
     """Lower a clamp that was not fused into its producer to a clamp layer on int8 codes."""
     name, tensor = ctx.tensor(node.args[0], node)
@@ -41,6 +44,3 @@ def clamp(ctx: LoweringContext, node: fx.Node) -> None:
                                where=node_location(node), hint="put the clamp right after its producer")
     ctx.emit(node, "clamp", [name], {**tensor, "source": node.name},
              {"clamp": code_bounds(Grid.of_tensor(tensor), *clamp_range(node))})
-
-
-HANDLERS = {**dict.fromkeys(ALIASES, alias), **dict.fromkeys(RESHAPES, reshape), **dict.fromkeys(CLAMPS, clamp)}

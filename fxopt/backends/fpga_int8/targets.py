@@ -2,7 +2,7 @@
 
 One place for the aten ops (and the torch / operator functions a hand-built graph may
 hold) that each family of the lowering takes: the op-family modules key their handlers
-by these sets, the output-form search follows CLAMPS and MOVES, and the reference
+by these sets in LOWERINGS, the output-form search follows CLAMPS and MOVES, and the reference
 snaps the biases of CONVS and LINEARS.
 """
 from __future__ import annotations
@@ -11,7 +11,10 @@ import operator
 
 import torch
 
+from ...ir.registry import OpRegistry
+
 aten = torch.ops.aten
+LOWERINGS = OpRegistry("fpga-int8 lowering")   # each op family registers its handlers here
 
 CLAMPS = {aten.relu.default, aten.relu_.default, aten.relu6.default, aten.hardtanh.default,
           aten.hardtanh_.default, aten.clamp.default, aten.clamp_.default, torch.relu}
