@@ -241,7 +241,7 @@ def op_kind(node: fx.Node) -> str:
 class Cost(Analysis):
     """Per-node and total parameters, MACs, flops and bytes (see module doc)."""
 
-    def run(self, gm: fx.GraphModule, am) -> CostTable:
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> CostTable:
         am.get(Shapes)
         table = CostTable()
         seen = set()

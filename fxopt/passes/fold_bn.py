@@ -22,6 +22,7 @@ from ..ir.graph import const_value, fetch_attr, fresh_attr_name, node_location, 
 from ..ir.meta import TENSOR, TensorInfo, tensor_info
 from ..pm import Pass, PassResult, register_pass
 from ..pm.options import Range
+from ..pm.analysis import AnalysisManager
 
 aten = torch.ops.aten
 _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
@@ -60,7 +61,7 @@ class FoldBatchNorm(Pass):
         """Exact folding keeps outputs within 1e-4; a non-zero eps_guard moves them on purpose."""
         return 1e-4 if self.eps_guard == 0.0 else None
 
-    def run(self, gm: fx.GraphModule, am) -> PassResult:
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
         notes: list[str] = []
         # get_attr nodes per target, counted once: a per-BN scan of the graph was O(n^2)
         readers = Counter(n.target for n in gm.graph.find_nodes(op="get_attr", sort=False))

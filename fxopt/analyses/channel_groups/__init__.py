@@ -27,8 +27,9 @@ import torch.fx as fx
 from ...pm.analysis import Analysis
 from ..shapes import Shapes
 from . import elementwise, layers, shape_ops  # noqa: F401  (they fill the registry)
-from .registry import HANDLERS, block_all as _block_all, register
+from .registry import HANDLERS, forbid_all as _block_all, register
 from .solver import Ties, solve
+from ...pm.analysis import AnalysisManager
 
 __all__ = ["ChannelGroup", "ChannelGroups", "ChannelGroupsInGroups", "ChannelGroupsResult", "GroupMember",
            "HANDLERS", "channel_groups_for", "register"]
@@ -129,7 +130,7 @@ class ChannelGroups(Analysis):
 
     grouped: ClassVar[str] = "groups"
 
-    def run(self, gm: fx.GraphModule, am) -> ChannelGroupsResult:
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> ChannelGroupsResult:
         am.get(Shapes)
         ties, blocked_ops = Ties(self.grouped), []
         for node in gm.graph.nodes:
@@ -152,10 +153,10 @@ def channel_groups_for(grouped: str) -> type[ChannelGroups]:
 
 def _visit(t: Ties, node: fx.Node, blocked_ops: list[str]) -> None:
     if node.op == "placeholder":
-        t.block_value(node, f"model input {node.name}")
+        t.forbid_value(node, f"model input {node.name}")
     elif node.op == "output":
         for value in _leaves(node.args[0]):
-            t.block_value(value, f"model output {value.name}")
+            t.forbid_value(value, f"model output {value.name}")
     elif node.op == "call_module" and node.target == "_guards_fn":
         return
     elif node.op in ("call_function", "call_module", "call_method"):

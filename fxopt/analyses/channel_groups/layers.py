@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .registry import arg as _arg, block_all as _block_all, is_tensor as _tensor, register
+from .registry import arg as _arg, forbid_all as _block_all, is_tensor as _tensor, register
 from .solver import Ties
 
 aten = torch.ops.aten
@@ -33,14 +33,14 @@ def conv(t: Ties, node: fx.Node) -> None:
     transposed, groups, bias = _conv_parts(node)
     xs, ws = t.shape(x), t.shape(w)
     if xs is None or ws is None or t.shape(node) is None:
-        t.block_value(node, f"conv without shapes at {node.name}")
+        t.forbid_value(node, f"conv without shapes at {node.name}")
         return
     ch = len(xs) - len(ws) + 1  # 0 for an unbatched input
     if ch == 1:
         t.tie(x, 0, node, 0)
     for d in range(ch + 1, len(xs)):  # positions: a conv makes every one (MLP-Mixer's tokens)
-        t.block(x, d, f"spatial dim {d} of conv {node.name}")
-        t.block(node, d, f"spatial dim {d} of conv {node.name}")
+        t.forbid(x, d, f"spatial dim {d} of conv {node.name}")
+        t.forbid(node, d, f"spatial dim {d} of conv {node.name}")
     w_in, w_out = (0, 1) if transposed else (1, 0)
     if _tensor(bias):
         t.tie(bias, 0, node, ch)
@@ -51,14 +51,14 @@ def conv(t: Ties, node: fx.Node) -> None:
         return
     g = t.virtual(node, "groups", groups)
     cin, cout = xs[ch], t.shape(node)[ch]
-    t.blk(x, ch, g, 0, cin // groups)
-    t.blk(node, ch, g, 0, cout // groups)
-    t.blk(w, 0, g, 0, ws[0] // groups)
+    t.tie_chunks(x, ch, g, 0, cin // groups)
+    t.tie_chunks(node, ch, g, 0, cout // groups)
+    t.tie_chunks(w, 0, g, 0, ws[0] // groups)
     if t.grouped == "channels" and ws[1] > 1 and not transposed:
         return _channels_in_groups(t, node, ch, groups)
     t.source(g, 0, node)
     if ws[1] > 1:  # channels inside a group: strided across groups, not a unit here
-        t.block(w, 1, f"in-group channels of grouped conv {node.name} (whole groups are the unit)")
+        t.forbid(w, 1, f"in-group channels of grouped conv {node.name} (whole groups are the unit)")
 
 
 def _channels_in_groups(t: Ties, node: fx.Node, ch: int, groups: int) -> None:
@@ -67,7 +67,7 @@ def _channels_in_groups(t: Ties, node: fx.Node, ch: int, groups: int) -> None:
     is that space); output position j likewise of the output and of weight dim 0. Every
     group then loses the same channels, as Torch-Pruning prunes ResNeXt and RegNet."""
     x, w = node.args[0], node.args[1]
-    t.block(t.virtual(node, "groups", groups), 0, f"the groups of conv {node.name} are kept (grouped=channels)")
+    t.forbid(t.virtual(node, "groups", groups), 0, f"the groups of conv {node.name} are kept (grouped=channels)")
     t.stride(x, ch, w, 1, groups, 1)
     inside = t.virtual(node, "group_channels", t.shape(w)[0] // groups)
     t.stride(node, ch, inside, 0, groups, 1)
@@ -156,7 +156,7 @@ def attention(t: Ties, node: fx.Node) -> None:
     t.tie(q, -2, node, -2)
     t.tie(v, -1, node, -1)
     if _arg(node, 6, "scale") is None:
-        t.block(q, -1, f"the default softmax scale of {node.name} reads head_dim")
+        t.forbid(q, -1, f"the default softmax scale of {node.name} reads head_dim")
     gqa = bool(_arg(node, 7, "enable_gqa", False))
     for d in range(-len(sq), -2):
         for value in (q, k, v):
@@ -180,10 +180,10 @@ def _batch_dim(t: Ties, node: fx.Node, value, d: int, grouped: bool) -> None:
     if shape[d] == out[d]:
         t.tie(value, d, node, d)
     elif grouped and out[d] % shape[d] == 0:
-        t.blk(node, d, value, d, out[d] // shape[d])
+        t.tie_chunks(node, d, value, d, out[d] // shape[d])
     else:
-        t.block(value, d, f"batch dim of {node.name} neither equal nor broadcast")
-        t.block(node, d, f"batch dim of {node.name} neither equal nor broadcast")
+        t.forbid(value, d, f"batch dim of {node.name} neither equal nor broadcast")
+        t.forbid(node, d, f"batch dim of {node.name} neither equal nor broadcast")
 
 
 @register(aten.embedding)
@@ -228,7 +228,7 @@ def group_norm(t: Ties, node: fx.Node) -> None:
         t.tie(p, 0, x, 1)
     if groups > 1:
         g = t.virtual(node, "groups", groups)
-        t.blk(x, 1, g, 0, t.shape(x)[1] // groups)
+        t.tie_chunks(x, 1, g, 0, t.shape(x)[1] // groups)
 
 
 @register(aten.prelu, aten._prelu_kernel)

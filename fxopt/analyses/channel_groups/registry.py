@@ -32,7 +32,7 @@ def is_tensor(value) -> bool:
     return isinstance(value, fx.Node)
 
 
-def block_all(t: Ties, node: fx.Node, reason: str) -> None:
+def forbid_all(t: Ties, node: fx.Node, reason: str) -> None:
     """Block every dim of every tensor the node reads or writes."""
     values = [a for a in node.all_input_nodes]
     values += [node] if t.shape(node) is not None else []
@@ -40,4 +40,4 @@ def block_all(t: Ties, node: fx.Node, reason: str) -> None:
     if isinstance(info, (tuple, list)):
         values += [(node, i) for i in range(len(info))]
     for value in values:
-        t.block_value(value, reason)
+        t.forbid_value(value, reason)

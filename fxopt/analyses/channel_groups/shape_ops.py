@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 
 from .elementwise import broadcast
-from .registry import arg as _arg, block_all as _block_all, register
+from .registry import arg as _arg, forbid_all as _block_all, register
 from .solver import Ties
 
 aten = torch.ops.aten
@@ -35,8 +35,8 @@ def spatial(t: Ties, node: fx.Node) -> None:
         for d in range(rank - k):
             t.tie(x, d, out, d)
         for d in range(max(rank - k, 0), rank):  # positions, not channels: no weight can drop one
-            t.block(x, d, f"spatial dim {d} of {node.name}")
-            t.block(out, d, f"spatial dim {d} of {node.name}")
+            t.forbid(x, d, f"spatial dim {d} of {node.name}")
+            t.forbid(out, d, f"spatial dim {d} of {node.name}")
 
 
 @register(*(getattr(aten, n) for n in ("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d",
@@ -53,8 +53,8 @@ def pad(t: Ties, node: fx.Node) -> None:
         k = rank - 1 - d                      # pairs counted from the last dim
         widened = 2 * k + 1 < len(amounts) + 1 and any(amounts[2 * k:2 * k + 2])
         if widened:
-            t.block(x, d, f"{node.name} pads dim {d}")
-            t.block(node, d, f"{node.name} pads dim {d}")
+            t.forbid(x, d, f"{node.name} pads dim {d}")
+            t.forbid(node, d, f"{node.name} pads dim {d}")
         else:
             t.tie(x, d, node, d)
 
@@ -90,9 +90,9 @@ def scan(t: Ties, node: fx.Node) -> None:
             for d in range(rank):
                 if d != dim:
                     t.tie(value, d, out, d)
-        t.block(value, dim, f"{node.name} runs along dim {dim}")
+        t.forbid(value, dim, f"{node.name} runs along dim {dim}")
     for out in outs:
-        t.block(out, dim, f"{node.name} runs along dim {dim}")
+        t.forbid(out, dim, f"{node.name} runs along dim {dim}")
 
 
 # -- dim bookkeeping ------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def _refine(t: Ties, node: fx.Node, left: list, right: list) -> None:
     bounds = sorted({1} | set(_prefixes(left)) | set(_prefixes(right)))
     if any(hi % lo for lo, hi in zip(bounds, bounds[1:])):
         for value, d, _ in left + right:
-            t.block(value, d, f"reshape {node.name} regroups dims")
+            t.forbid(value, d, f"reshape {node.name} regroups dims")
         return
     atoms = [(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
     spans = {}  # (value, dim) -> the atoms it is made of
@@ -221,7 +221,7 @@ def cat(t: Ties, node: fx.Node) -> None:
         for d in range(len(out)):
             if d != dim:
                 t.tie(x, d, node, d)
-        t.seg(node, dim, offset, x, dim)
+        t.tie_segment(node, dim, offset, x, dim)
         offset += shape[dim]
 
 
@@ -236,7 +236,7 @@ def split(t: Ties, node: fx.Node) -> None:
         for d in range(rank):
             if d != dim:
                 t.tie(x, d, (node, i), d)
-        t.seg(x, dim, offset, (node, i), dim)
+        t.tie_segment(x, dim, offset, (node, i), dim)
         offset += t.shape((node, i))[dim]
         i += 1
 
@@ -253,10 +253,10 @@ def slice_(t: Ties, node: fx.Node) -> None:
         if d != dim:
             t.tie(x, d, node, d)
     if step == 1:
-        t.seg(x, dim, start, node, dim)
+        t.tie_segment(x, dim, start, node, dim)
     else:
-        t.block(x, dim, f"strided slice {node.name}")
-        t.block(node, dim, f"strided slice {node.name}")
+        t.forbid(x, dim, f"strided slice {node.name}")
+        t.forbid(node, dim, f"strided slice {node.name}")
 
 
 @register(aten.select)
@@ -264,7 +264,7 @@ def select(t: Ties, node: fx.Node) -> None:
     x, dim = node.args[0], node.args[1]
     rank = len(t.shape(x) or ())
     dim %= rank
-    t.block(x, dim, f"select {node.name} reads one fixed index")
+    t.forbid(x, dim, f"select {node.name} reads one fixed index")
     for d in range(rank):
         if d != dim:
             t.tie(x, d, node, d - (d > dim))
@@ -277,7 +277,7 @@ def unbind(t: Ties, node: fx.Node) -> None:
     x = node.args[0]
     rank = len(t.shape(x) or ())
     dim = _arg(node, 1, "dim", 0) % rank
-    t.block(x, dim, f"unbind {node.name} reads fixed indices")
+    t.forbid(x, dim, f"unbind {node.name} reads fixed indices")
     i = 0
     while t.shape((node, i)) is not None:
         for d in range(rank):

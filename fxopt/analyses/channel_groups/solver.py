@@ -2,15 +2,18 @@
 
 A *space* is one dim of one value: `(value, dim)`, where value is an fx.Node, a
 `(node, i)` element of a tuple output, or a virtual key a handler made (a conv's
-groups). Handlers state three kinds of facts through `Ties`:
+groups). Handlers state these kinds of facts through `Ties`:
 
 - `tie(a, b)`: the two spaces are the same index space (identity mapping);
-- `seg(big, offset, small)`: `small` is `big[offset : offset + len(small)]` (cat, split, slice);
-- `blk(fine, coarse, b)`: index `c` of `coarse` is the contiguous block
+- `tie_segment(big, offset, small)`: `small` is `big[offset : offset + len(small)]` (cat,
+  split, slice);
+- `tie_chunks(fine, coarse, b)`: index `c` of `coarse` owns the contiguous chunk
   `c*b .. c*b+b-1` of `fine` (flatten, a reshape that merges or splits dims);
 - `stride(fine, coarse, outer, b)`: `fine` is `outer` repetitions of `coarse ⊗ b`, index
   `c` of `coarse` owns `o*len(coarse)*b + c*b + r` of `fine` for every `o < outer` (an
-  inner dim of a merge: heads inside `batch*heads`, q/k/v inside a packed `3*E`).
+  inner dim of a merge: heads inside `batch*heads`, q/k/v inside a packed `3*E`);
+- `forbid(value, dim, reason)`: the dim's channels must not be removed (the reason is
+  reported with every group holding it).
 
 Solving: a union-find merges tied spaces into classes; segment and block facts cut
 classes into pieces (cut points propagated to a fixpoint); a second, weighted
@@ -41,8 +44,8 @@ class Ties:
         self.parent: dict[Space, Space] = {}
         self.size: dict[Space, int] = {}
         self.virtual_sizes: dict[tuple, int] = {}
-        self.segs: list[tuple[Space, int, Space]] = []
-        self.blks: list[tuple[Space, Space, int]] = []
+        self.segment_ties: list[tuple[Space, int, Space]] = []
+        self.chunk_ties: list[tuple[Space, Space, int]] = []
         self.blocked: dict[Space, list[str]] = defaultdict(list)
         self.sources: dict[Space, list[tuple[str, str]]] = defaultdict(list)  # (node, label)
         self.strides: list[tuple[Space, Space, int, int]] = []  # (fine, coarse, outer, block)
@@ -82,8 +85,8 @@ class Ties:
         if sa is None or sb is None:
             return
         if self.size[sa] != self.size[sb]:
-            self.block(a, da, f"size mismatch {self.size[sa]} vs {self.size[sb]}")
-            self.block(b, db, f"size mismatch {self.size[sa]} vs {self.size[sb]}")
+            self.forbid(a, da, f"size mismatch {self.size[sa]} vs {self.size[sb]}")
+            self.forbid(b, db, f"size mismatch {self.size[sa]} vs {self.size[sb]}")
             return
         ra, rb = self.find(sa), self.find(sb)
         if ra != rb:
@@ -101,33 +104,33 @@ class Ties:
         if sa is None or sb is None:
             return
         if len(sa) != len(sb):
-            self.block_value(a, "rank changes in an op taken for shape-preserving")
+            self.forbid_value(a, "rank changes in an op taken for shape-preserving")
             return
         for d in range(len(sa)):
             self.tie(a, d, b, d)
 
-    def seg(self, big, dbig: int, offset: int, small, dsmall: int) -> None:
+    def tie_segment(self, big, dbig: int, offset: int, small, dsmall: int) -> None:
         sb, ss = self.space(big, dbig), self.space(small, dsmall)
         if sb is not None and ss is not None and self.size[ss]:
-            self.segs.append((sb, offset, ss))
+            self.segment_ties.append((sb, offset, ss))
 
-    def blk(self, fine, dfine: int, coarse, dcoarse: int, block: int) -> None:
+    def tie_chunks(self, fine, dfine: int, coarse, dcoarse: int, block: int) -> None:
         sf, sc = self.space(fine, dfine), self.space(coarse, dcoarse)
         if sf is not None and sc is not None:
             if block == 1:
                 self.tie(fine, dfine, coarse, dcoarse)
             else:
-                self.blks.append((sf, sc, block))
+                self.chunk_ties.append((sf, sc, block))
 
     def stride(self, fine, dfine: int, coarse, dcoarse: int, outer: int, block: int) -> None:
         """`fine` = outer x (coarse ⊗ block): see the module docstring."""
         if outer == 1:
-            return self.blk(fine, dfine, coarse, dcoarse, block)
+            return self.tie_chunks(fine, dfine, coarse, dcoarse, block)
         sf, sc = self.space(fine, dfine), self.space(coarse, dcoarse)
         if sf is not None and sc is not None:
             if self.size[sf] != outer * self.size[sc] * block:
-                self.block(fine, dfine, "a strided view whose sizes do not multiply out")
-                self.block(coarse, dcoarse, "a strided view whose sizes do not multiply out")
+                self.forbid(fine, dfine, "a strided view whose sizes do not multiply out")
+                self.forbid(coarse, dcoarse, "a strided view whose sizes do not multiply out")
             else:
                 self.strides.append((sf, sc, outer, block))
 
@@ -137,14 +140,14 @@ class Ties:
         if sp is not None:
             self.tags[sp].add(tag)
 
-    def block(self, value, dim: int, reason: str) -> None:
+    def forbid(self, value, dim: int, reason: str) -> None:
         sp = self.space(value, dim)
         if sp is not None and reason not in self.blocked[sp]:
             self.blocked[sp].append(reason)
 
-    def block_value(self, value, reason: str) -> None:
+    def forbid_value(self, value, reason: str) -> None:
         for d in range(len(self.shape(value) or ())):
-            self.block(value, d, reason)
+            self.forbid(value, d, reason)
 
     def source(self, value, dim: int, node: fx.Node, weight=None) -> None:
         """`node` defines these channels (a conv/linear/embedding/addmm); labelled by its
@@ -231,7 +234,7 @@ def _cut_fixpoint(t: Ties, cuts: dict) -> dict:
     changed = True
     while changed:
         changed = False
-        for big, off, small in t.segs:
+        for big, off, small in t.segment_ties:
             cb, cs = cuts[t.find(big)], cuts[t.find(small)]
             n = t.size[small]
             for p in list(cs):
@@ -242,7 +245,7 @@ def _cut_fixpoint(t: Ties, cuts: dict) -> dict:
                 if off < p < off + n and p - off not in cs:
                     cs.add(p - off)
                     changed = True
-        for fine, coarse, b in t.blks:
+        for fine, coarse, b in t.chunk_ties:
             cf, cc = cuts[t.find(fine)], cuts[t.find(coarse)]
             for p in list(cc):
                 if p * b not in cf:
@@ -272,13 +275,13 @@ def solve(t: Ties):
     for ps in pieces_of.values():
         for p in ps:
             uf.add(p)
-    for big, off, small in t.segs:
+    for big, off, small in t.segment_ties:
         cb, cs = t.find(big), t.find(small)
         for p in pieces_of[cs]:
             q = start_index.get((cb, off + p[1]))
             if q is not None:
                 uf.union(q, p, 1, "a slice and a concatenation disagree")
-    for fine, coarse, b in t.blks:
+    for fine, coarse, b in t.chunk_ties:
         cf, cc = t.find(fine), t.find(coarse)
         for p in pieces_of[cc]:
             q = start_index.get((cf, p[1] * b))
@@ -326,8 +329,8 @@ def _strided_members(t: Ties, pieces_of: dict, uf: _Pieces, blocked: dict) -> di
     spaces_of = defaultdict(list)
     for sp in t.parent:
         spaces_of[t.find(sp)].append(sp)
-    reshaped = {t.find(c) for _, c, _ in t.blks} | {t.find(c) for _, c, _, _ in t.strides}
-    reshaped |= {t.find(s) for s, _, _ in t.segs} | {t.find(b) for b, _, _ in t.segs}
+    reshaped = {t.find(c) for _, c, _ in t.chunk_ties} | {t.find(c) for _, c, _, _ in t.strides}
+    reshaped |= {t.find(s) for s, _, _ in t.segment_ties} | {t.find(b) for b, _, _ in t.segment_ties}
     weighted = {uf.find(p)[0] for sp in t.parent if _is_param(sp) for p in pieces_of[t.find(sp)]}
     weighted |= {uf.find(p)[0] for fine, coarse, _, _ in t.strides  # a weight's own dim holds them
                  if _is_param(fine) for p in pieces_of[t.find(coarse)]}       # strided (grouped convs)

@@ -29,6 +29,7 @@ from ...ir.rewrite import (RuleTable, bypass, is_call, pattern_graph, replace_pa
                            replace_with_call)
 from ...pm import Pass, PassResult, register_pass
 from .modules import MODULE_SPELLINGS
+from ...pm.analysis import AnalysisManager
 
 aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
@@ -164,7 +165,7 @@ class Canonicalize(Pass):
 
     reads_weights = False  # rewrites spellings of ops: the graph and its shapes are enough
 
-    def run(self, gm: fx.GraphModule, am) -> PassResult:
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
         rules = ATEN_SPELLINGS + MODULE_SPELLINGS
         if self.functionalize:
             rules = FUNCTIONALIZE + rules
