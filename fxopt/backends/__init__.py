@@ -11,8 +11,6 @@ entry-point group `fxopt.backends` (`name = "package.module"`, registering when 
 from __future__ import annotations
 
 import difflib
-import importlib
-import importlib.metadata
 from typing import Protocol
 
 import torch.fx as fx
@@ -20,6 +18,7 @@ import torch.fx as fx
 from ..errors import BackendOptionError, UnsupportedError
 from ..pm.options import Options
 from ..quant import FakeQuantize
+from ..util.plugins import entry_point_modules, import_provider
 
 _BACKENDS: dict[str, "Backend"] = {}
 BUILTIN = {
@@ -53,18 +52,13 @@ def register_backend(backend: "Backend") -> "Backend":
 
 
 def _declared() -> dict[str, str]:
-    plugins = {ep.name: ep.value.split(":")[0] for ep in importlib.metadata.entry_points(group=ENTRY_POINTS)}
-    return {**plugins, **BUILTIN}
+    return {**entry_point_modules(ENTRY_POINTS), **BUILTIN}
 
 
 def _find(name: str) -> "Backend | None":
     module = _declared().get(name)
     if name not in _BACKENDS and module is not None:
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise UnsupportedError(f"backend '{name}': its module {module!r} does not import: {exc}",
-                                   hint="install what it needs, or pick another backend") from exc
+        import_provider(f"backend '{name}'", module, UnsupportedError)
     return _BACKENDS.get(name)
 
 

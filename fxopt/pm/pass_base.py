@@ -12,14 +12,13 @@ so `import fxopt` imports no pass and a plugin needs no import by its user.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.metadata
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch.fx as fx
 
 from ..errors import FxoptError
+from ..util.plugins import entry_point_modules, import_provider
 from .options import Options
 from .analysis import AnalysisManager
 
@@ -116,7 +115,7 @@ def declare_passes(table: dict[str, str]) -> None:
 def get_pass(name: str) -> type[Pass] | None:
     """The pass class registered under `name` (its module imported if need be), or None."""
     if name not in _REGISTRY:
-        module = _DECLARED.get(name) or _plugins().get(name)
+        module = _DECLARED.get(name) or entry_point_modules(ENTRY_POINTS).get(name)
         if module is not None:
             _import(name, module)
     return _REGISTRY.get(name)
@@ -124,7 +123,7 @@ def get_pass(name: str) -> type[Pass] | None:
 
 def pass_names() -> list[str]:
     """Every pass name known, without importing any pass."""
-    return sorted(set(_REGISTRY) | set(_DECLARED) | set(_plugins()))
+    return sorted(set(_REGISTRY) | set(_DECLARED) | set(entry_point_modules(ENTRY_POINTS)))
 
 
 def list_passes() -> dict[str, type[Pass]]:
@@ -134,17 +133,8 @@ def list_passes() -> dict[str, type[Pass]]:
     return dict(sorted(_REGISTRY.items()))
 
 
-def _plugins() -> dict[str, str]:
-    """{pass name: module} from installed packages' `fxopt.passes` entry points."""
-    return {ep.name: ep.value.split(":")[0] for ep in importlib.metadata.entry_points(group=ENTRY_POINTS)}
-
-
 def _import(name: str, module: str) -> None:
-    try:
-        importlib.import_module(module)
-    except ImportError as exc:
-        raise FxoptError(f"pass '{name}': its module {module!r} does not import: {exc}",
-                         hint="install what it needs, or drop the pass from the pipeline") from exc
+    import_provider(f"pass '{name}'", module, FxoptError)
     if name not in _REGISTRY:
         raise FxoptError(f"pass '{name}': importing {module!r} registered no pass of that name",
                          hint=f"decorate the pass class with @fxopt.register_pass({name!r})")
