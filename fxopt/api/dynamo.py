@@ -33,7 +33,10 @@ import re
 import torch
 import torch.fx as fx
 
+from ..backends import get_backend
 from ..errors import UnsupportedError
+from ..pm import parse_pipeline
+from .compiler import compile as fxopt_compile
 
 __all__ = ["fxopt_backend"]
 
@@ -61,8 +64,6 @@ class _Deferred:
     def __call__(self, *args):
         inputs = tuple(args[i] for i in self.positions)
         if self.compiled_model is None:
-            from .compiler import compile as fxopt_compile
-
             pipeline, backend, verify, backend_options, dynamic = self.settings
             self.compiled_model = fxopt_compile(self.module, inputs, pipeline=pipeline, backend=backend,
                                                 dynamic_shapes=dynamic, verify=verify, **backend_options)
@@ -91,9 +92,6 @@ def _settings(options, mode) -> tuple:
                                    f"options['backend'] is {backend!r}",
                                    hint="add 'backend': 'inductor' to options, or leave mode out")
         options.setdefault("mode", mode)
-    from ..backends import get_backend
-    from ..pm import parse_pipeline
-
     get_backend(backend)   # unknown or unavailable: a clear error before any tracing
     if isinstance(pipeline, str):
         parse_pipeline(pipeline)   # a syntax error or unknown pass: likewise

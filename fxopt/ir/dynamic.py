@@ -14,7 +14,9 @@ import torch
 import torch.fx as fx
 
 from ..errors import TraceError
+from .inputs import flat_inputs
 from .meta import INPUT_RANGES, INPUT_SHAPES, INPUT_SYMBOLS, TENSOR, TensorInfo, example_size
+from .shape_prop import propagate_shapes
 
 
 def dynamic_spec(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes):
@@ -168,8 +170,6 @@ def _guards_accept(gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:
     node = next(iter(gm.graph.find_nodes(op="call_module", target="_guards_fn")), None)
     if guards is None or node is None:
         return True
-    from .inputs import flat_inputs
-
     flat = flat_inputs(gm, args, kwargs)
     placeholders = {p.name: value for p, value in zip(gm.graph.find_nodes(op="placeholder"), flat)}
     try:
@@ -185,8 +185,6 @@ def specialise(gm: fx.GraphModule) -> int:
     the inputs' dynamic dims are cleared, so a call at another size is refused by name.
     For consumers that need static shapes (pipeline stages, ONNX). Returns how many
     nodes were folded."""
-    from .shape_prop import propagate_shapes
-
     values: dict[str, int] = {}
     static = {n: n.meta.get(TENSOR) for n in gm.graph.find_nodes(op="placeholder")}
     for node, info in static.items():

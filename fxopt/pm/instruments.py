@@ -14,9 +14,11 @@ import traceback
 import torch
 import torch.fx as fx
 
-from ..errors import VerificationError
+from ..errors import InputShapeError, VerificationError
+from ..ir.inputs import check_inputs, resized_inputs
 from ..ir.meta import TENSOR
 from ..ir.shape_prop import propagate_shapes
+from .pipeline import format_pipeline
 
 
 class Instrument:
@@ -127,8 +129,6 @@ class Verify(Instrument):
 
     def _sizes(self, ctx, gm) -> list:
         """The calls to check: the example, and the example grown along its dynamic dims."""
-        from ..ir.inputs import resized_inputs
-
         args, kwargs = tuple(self._inputs(ctx)), dict(getattr(ctx, "example_kwargs", {}) or {})
         other = resized_inputs(gm, args, kwargs, smaller=True)
         return [(args, kwargs)] + ([(other, {})] if other is not None else [])
@@ -154,9 +154,6 @@ class Verify(Instrument):
 
 def _accepts(gm, call) -> bool:
     """Whether the graph still takes this call (a pass may fix the sizes, as split-stages does)."""
-    from ..errors import InputShapeError
-    from ..ir.inputs import check_inputs
-
     try:
         check_inputs(gm, *call)
     except InputShapeError:
@@ -220,8 +217,6 @@ class Reproducer(Instrument):
         self._code_before = gm.code
 
     def after_pass_failed(self, ctx, p, gm, exc) -> None:
-        from .pipeline import format_pipeline
-
         parent = os.path.dirname(os.path.abspath(self.folder))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".reproducer-", dir=parent)

@@ -15,6 +15,8 @@ import torch
 from ...errors import UnsupportedError
 from ...ir.graph import graph_module_of
 from ...ir.inputs import traced_inputs
+from .ops import RULES
+from .qdq import MIN_OPSET, build_model, save_atomically
 
 __all__ = ["export_onnx"]
 
@@ -31,9 +33,6 @@ def export_onnx(compiled_or_gm, path, example_inputs=None, opset: int = DEFAULT_
     FxoptError for an activation quantizer that is not calibrated and frozen; in
     either case nothing is written at `path`. Returns `path`.
     """
-    from .ops import RULES
-    from .qdq import MIN_OPSET, build_model, save_atomically
-
     gm = graph_module_of(compiled_or_gm, "export_onnx")
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise UnsupportedError(f"export_onnx: opset must be an integer >= {MIN_OPSET} (per-channel "
