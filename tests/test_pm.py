@@ -510,3 +510,22 @@ def test_stages_without_stages_says_what_to_do():
 
 def test_meta_key_of_shapes_is_the_tensor_key():
     assert Shapes.meta_key == TENSOR
+
+
+def test_compile_builds_its_timing_instrument_per_call(monkeypatch):
+    """A default argument instance would be shared: its list held 3, 6, 9 entries after three compiles."""
+    import fxopt.api.compiler as compiler
+
+    made = []
+
+    class Counted(fxopt.pm.Timing):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(compiler, "Timing", Counted)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    for _ in range(3):
+        fxopt.compile(model, (torch.randn(2, 4),), pipeline="canonicalize,fold-bn,dce")
+    assert len(made) == 3 and len({id(t) for t in made}) == 3
+    assert [len(t.seconds) for t in made] == [3, 3, 3]
