@@ -36,6 +36,13 @@ class OpRegistry:
             return fn
         return add
 
+    @classmethod
+    def from_table(cls, name: str, table: dict) -> "OpRegistry":
+        """A registry holding `table`'s {op: handler} rows (a table written as one literal)."""
+        registry = cls(name)
+        registry._handlers.update(table)
+        return registry
+
     def lookup(self, op) -> Callable | None:
         """The handler of `op` (a node's target), or None when neither it nor its overload
         packet is registered."""

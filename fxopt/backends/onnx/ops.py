@@ -20,6 +20,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from ...errors import UnsupportedError
 from ...ir.graph import node_location
+from ...ir.registry import OpRegistry
 from .qdq import _numpy_dtype, _onnx
 
 aten = torch.ops.aten
@@ -291,7 +292,7 @@ def _reduce(onnx_op: str, axes_as_input_from: int):
     return rule
 
 
-RULES = {
+RULES = OpRegistry.from_table("ONNX export", {
     aten.conv1d: conv, aten.conv2d: conv, aten.conv3d: conv, aten.convolution: conv,
     aten.linear: linear, aten.matmul: matmul, aten.mm: matmul, aten.bmm: matmul, aten.addmm: addmm,
     aten.layer_norm: layer_norm, aten.batch_norm: batch_norm, aten.embedding: embedding,
@@ -315,4 +316,4 @@ RULES = {
     aten.permute: permute, aten.transpose: transpose, aten.t: t, aten.cat: cat, aten.concat: cat,
     aten.softmax: softmax, aten._softmax: softmax, aten.log_softmax: softmax, aten._log_softmax: softmax,
     aten.mean: _reduce("ReduceMean", 18), aten.sum: _reduce("ReduceSum", 13),
-}
+})

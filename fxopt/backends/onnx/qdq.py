@@ -33,6 +33,7 @@ from ...errors import FxoptError, UnsupportedError
 from ...util.files import write_atomically
 from ...ir.dynamic import specialise
 from ...ir.graph import fetch_attr, light_copy, node_location
+from ...ir.registry import OpRegistry
 from ...ir.meta import INPUT_SHAPES, TENSOR, TensorInfo
 from ...quant import FakeQuantize, quantize
 
@@ -246,7 +247,7 @@ def _sizes_folded(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     return folded
 
 
-def build_model(gm: fx.GraphModule, example_inputs, opset: int, rules: dict):
+def build_model(gm: fx.GraphModule, example_inputs, opset: int, rules: OpRegistry):
     """The ONNX ModelProto of `gm` (static shapes of `example_inputs`)."""
     onnx = _onnx()
     gm = _sizes_folded(gm, example_inputs)
@@ -281,9 +282,8 @@ def build_model(gm: fx.GraphModule, example_inputs, opset: int, rules: dict):
                                   ir_version=onnx.helper.find_min_ir_version_for(opsets))
 
 
-def _emit_call(b: OnnxBuilder, node: fx.Node, rules: dict) -> str:
-    packet = getattr(node.target, "overloadpacket", node.target)
-    rule = rules.get(packet)
+def _emit_call(b: OnnxBuilder, node: fx.Node, rules: OpRegistry) -> str:
+    rule = rules.lookup(node.target)
     if rule is None:
         name = getattr(node.target, "__name__", str(node.target))
         raise UnsupportedError(f"ONNX export: no ONNX form for op {name}", where=node_location(node),
