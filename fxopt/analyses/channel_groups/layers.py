@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .registry import arg as _arg, block_all as _block_all, is_tensor as _tensor, register
+from ...ir.nodes import arg as _arg
+from .registry import block_all as _block_all, is_tensor as _tensor, register
 from .solver import Ties
 
 aten = torch.ops.aten

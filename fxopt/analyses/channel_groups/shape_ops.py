@@ -9,7 +9,8 @@ import torch
 import torch.fx as fx
 
 from .elementwise import broadcast
-from .registry import arg as _arg, block_all as _block_all, register
+from ...ir.nodes import arg as _arg
+from .registry import block_all as _block_all, register
 from .solver import Ties
 
 aten = torch.ops.aten

@@ -15,7 +15,6 @@ they run in the precision their input arrives in, so no cast is put around them.
 from __future__ import annotations
 
 import fnmatch
-import operator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +23,7 @@ import torch.fx as fx
 
 from ...ir.graph import fqn_matches, module_path
 from ...ir.meta import TENSOR, TensorInfo
+from ...ir.nodes import op_name
 
 FP32_RULES: dict[str, str] = {}
 
@@ -79,16 +79,6 @@ class Decision:
     kind: Literal["low", "fp32", "follow", "asis", "orig"]
     reason: str = ""
     error: float | None = None     # auto: the measured relative output error in 16 bits
-
-
-def op_name(node: fx.Node) -> str:
-    """`linear` for aten.linear.default, `getitem` for operator.getitem, the target else."""
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target.overloadpacket.__name__
-    if target is operator.getitem:
-        return "getitem"
-    return getattr(target, "__name__", str(target))
 
 
 def leaves(info) -> list:
