@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from ...ir.graph import fqn_matches, module_path
 from ...ir.meta import TENSOR, TensorInfo
-from ...ir.nodes import op_name
+from ...ir.nodes import arg_position, op_name
 
 FP32_RULES: dict[str, str] = {}
 
@@ -160,20 +160,10 @@ def _keeps_dtype(node: fx.Node, out) -> bool:
     return len(src) == 1 and len(dst) == 1 and src[0].dtype == dst[0].dtype
 
 
-def dtype_arg_index(node: fx.Node) -> int | None:
-    """The position of a `dtype` argument in the op's schema (None without one)."""
-    if not isinstance(node.target, torch._ops.OpOverload):
-        return None
-    for i, arg in enumerate(node.target._schema.arguments):
-        if arg.name == "dtype":
-            return i
-    return None
-
-
 def with_low_dtype(node: fx.Node, args, kwargs, low: torch.dtype):
     """(args, kwargs) with an explicit `dtype=float32` argument turned into `low`: a low op that
     names its result dtype (sum(..., dtype=float32) let through by a trimmed table)."""
-    index = dtype_arg_index(node)
+    index = arg_position(node, None, "dtype")   # None: the op takes no dtype
     if index is None:
         return args, kwargs
     if kwargs.get("dtype") == FLOAT32:
