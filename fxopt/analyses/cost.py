@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from ..ir.graph import fetch_attr
 from ..ir.meta import TENSOR, TensorInfo, tensor_info
+from ..ir.nodes import op_name
 from ..ir.registry import OpRegistry
 from ..pm.analysis import Analysis, AnalysisManager
 from ..pm.instruments import Instrument
@@ -78,8 +79,8 @@ RULES = OpRegistry("cost")   # op_kind name -> rule(node, ins, out) -> (macs, fl
                 "conv_transpose3d", "_convolution")
 def _conv(node, ins, out):
     weight = ins[1]
-    transposed = node.args[6] if _name(node) == "convolution" and len(node.args) > 6 else False
-    if "transpose" in _name(node) or transposed:
+    transposed = node.args[6] if op_name(node) == "convolution" and len(node.args) > 6 else False
+    if "transpose" in op_name(node) or transposed:
         return ins[0].numel * math.prod(weight.shape[1:]), 0
     return out.numel * math.prod(weight.shape[1:]), 0
 
@@ -91,7 +92,7 @@ def _linear(node, ins, out):
 
 @RULES.register("mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm")
 def _matmul(node, ins, out):
-    a = ins[1] if _name(node) in ("addmm", "baddbmm", "addbmm") else ins[0]
+    a = ins[1] if op_name(node) in ("addmm", "baddbmm", "addbmm") else ins[0]
     return out.numel * (a.shape[-1] if a.shape else 1), 0
 
 
@@ -218,19 +219,9 @@ def _module_kind(module: torch.nn.Module, node: fx.Node) -> str:
     return _MODULE_RULES.get(type(module), "_guards_fn" if node.target == "_guards_fn" else "")
 
 
-def _name(node: fx.Node) -> str:
-    """The op's base name: aten.add_.Tensor -> 'add_', operator.add -> 'add', call_method 'view'."""
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target.overloadpacket.__name__
-    if isinstance(target, str):
-        return target
-    return getattr(target, "__name__", str(target))
-
-
 def op_kind(node: fx.Node) -> str:
     """The key this table knows the node by: in-place and dunder spellings folded."""
-    name = _name(node)
+    name = op_name(node)
     if name.startswith("__") and name.endswith("__"):
         return name.strip("_")
     if name.endswith("_") and not name.startswith("_"):

@@ -35,6 +35,7 @@ import torch.fx as fx
 
 from ..backends import get_backend
 from ..errors import UnsupportedError
+from ..ir.graph import fetch_attr, fresh_attr_name
 from ..pm import parse_pipeline
 from .compiler import compile as fxopt_compile
 
@@ -116,7 +117,7 @@ class _CapturedGraph(torch.nn.Module):
             return inputs[ref]
         if kind == "size":
             return inputs[ref[0]].size(ref[1])
-        return _get_path(self, ref)
+        return fetch_attr(self, ref)
 
 
 def _as_module(gm: fx.GraphModule, example_inputs: list) -> tuple[_CapturedGraph, list[int], object]:
@@ -136,7 +137,7 @@ def _as_module(gm: fx.GraphModule, example_inputs: list) -> tuple[_CapturedGraph
             slots.append(("input", len(positions)))
             positions.append(i)
         else:
-            path = _unique(module, path)
+            path = fresh_attr_name(module, path)
             _attach(module, path, value)
             slots.append(("state", path))
     inputs = [placeholders[i] for i in positions]
@@ -190,29 +191,6 @@ def _state_path(node: fx.Node, value) -> str | None:
     return path or re.sub(r"\W", "_", node.name)
 
 
-def _unique(owner: torch.nn.Module, path: str) -> str:
-    candidate, i = path, 0
-    while _has_path(owner, candidate):
-        i += 1
-        candidate = f"{path}_{i}"
-    return candidate
-
-
-def _has_path(root: torch.nn.Module, path: str) -> bool:
-    try:
-        _get_path(root, path)
-        return True
-    except AttributeError:
-        return False
-
-
-def _get_path(root: torch.nn.Module, path: str):
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _attach(root: torch.nn.Module, path: str, tensor: torch.Tensor) -> None:
     """Register `tensor` at `path` under `root`, making empty modules along the way."""
     *parents, leaf = path.split(".")
@@ -221,7 +199,7 @@ def _attach(root: torch.nn.Module, path: str, tensor: torch.Tensor) -> None:
         child = obj._modules.get(part)
         if child is None:
             if hasattr(obj, part):       # a tensor already sits at this name: flatten the path
-                return _attach(root, _unique(root, path.replace(".", "_")), tensor)
+                return _attach(root, fresh_attr_name(root, path.replace(".", "_")), tensor)
             child = torch.nn.Module()
             obj.add_module(part, child)
         obj = child

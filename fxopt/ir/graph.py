@@ -10,11 +10,12 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnsupportedError
+from .nodes import target_name
 
 aten = torch.ops.aten
 
 
-def fetch_attr(gm: fx.GraphModule, target: str):
+def fetch_attr(gm: torch.nn.Module, target: str):
     """The object a `get_attr` target names (dotted path from the root module)."""
     obj = gm
     for part in target.split("."):
@@ -54,16 +55,23 @@ def light_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copied
 
 
-def fresh_attr_name(gm: fx.GraphModule, base: str) -> str:
-    """A dotted attribute path derived from `base` that is not yet taken."""
-    name, i = base, 0
-    while _has_attr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
+def fresh_name(base: str, taken, first: int = 1) -> str:
+    """`base`, else `base_<first>`, `base_<first+1>`, ...: the first name that `taken` (a
+    set or dict of names, or a predicate on a name) does not hold: how a name fxopt adds
+    to a module tree, a graph or an export avoids shadowing one already there."""
+    is_taken = taken if callable(taken) else taken.__contains__
+    name, i = base, first
+    while is_taken(name):
+        name, i = f"{base}_{i}", i + 1
     return name
 
 
-def _has_attr(gm: fx.GraphModule, target: str) -> bool:
+def fresh_attr_name(gm: torch.nn.Module, base: str) -> str:
+    """A dotted attribute path derived from `base` that is not yet taken."""
+    return fresh_name(base, lambda name: _has_attr(gm, name))
+
+
+def _has_attr(gm: torch.nn.Module, target: str) -> bool:
     try:
         fetch_attr(gm, target)
         return True
@@ -87,8 +95,7 @@ def user_source_line(node: fx.Node) -> str | None:
 
 def node_location(node: fx.Node) -> str:
     """`node <name> (<target>)` plus the user's source line, for error messages."""
-    target = getattr(node.target, "__name__", str(node.target))
-    where = f"node '{node.name}' ({node.op} {target})"
+    where = f"node '{node.name}' ({node.op} {target_name(node)})"
     src = user_source_line(node)
     return f"{where} from {src}" if src else where
 
@@ -125,12 +132,18 @@ def warn_unmatched(owner: str, patterns, names, what: str) -> list[str]:
     import warnings
 
     names = sorted({n for n in names if n})
-    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    shown = first_twelve(names)
     messages = [f"skip pattern {pattern!r} matches no targeted {what}; they are e.g. {shown}"
                 for pattern in patterns if first_match([pattern], names) is None]
     for message in messages:
         warnings.warn(f"{owner}: {message}", stacklevel=4)
     return messages
+
+
+def first_twelve(names: list[str]) -> str:
+    """`a, b, ..., l, ...`: the first twelve names, as a no-match warning lists examples of
+    what a pattern could have named."""
+    return ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
 
 
 def opaque_leaves(gm: fx.GraphModule) -> list[str]:

@@ -20,6 +20,7 @@ import torch.fx as fx
 from ..analyses import Shapes
 from ..ir.graph import const_value, fetch_attr, fresh_attr_name, node_location, set_attr
 from ..ir.meta import TENSOR, TensorInfo, tensor_info
+from ..ir.nodes import arg
 from ..pm import Pass, PassResult, register_pass
 from ..pm.options import Range
 from ..pm.analysis import AnalysisManager
@@ -88,7 +89,7 @@ class FoldBatchNorm(Pass):
             notes.append(f"kept {node.name}: its input {producer.name} has other users")
             return False
         weight = const_value(gm, producer.args[1])
-        bias_arg = producer.args[2] if len(producer.args) > 2 else producer.kwargs.get("bias")
+        bias_arg = arg(producer, 2, "bias")
         if weight is None or (bias_arg is not None and const_value(gm, bias_arg) is None):
             notes.append(f"kept {node.name}: {producer.name}'s weights are not constants")
             return False
@@ -163,7 +164,7 @@ def _groups(node: fx.Node) -> int:
     """The groups argument of a conv-transpose call (defaults to 1)."""
     if node.target == aten.convolution.default:
         return int(node.args[8])
-    return int(node.args[6]) if len(node.args) > 6 else int(node.kwargs.get("groups", 1))
+    return int(arg(node, 6, "groups", 1))
 
 
 def _store(gm: fx.GraphModule, user: fx.Node, index: int, value: torch.Tensor, readers: Counter) -> None:

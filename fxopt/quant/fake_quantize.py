@@ -27,13 +27,14 @@ the scale is an nn.Parameter trained with LSQ's gradient once the quantizer is f
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import FxoptError
 from .observers import make_observer
 from .qparams import QSpec, as_rows, binary_scale, fake_quantize, qparams_from_range
 
-__all__ = ["FakeQuantize"]
+__all__ = ["FakeQuantize", "quantizer_of"]
 
 
 def _is_fake(x) -> bool:
@@ -161,3 +162,14 @@ class FakeQuantize(nn.Module):
         return (f"{self.role}, bits={self.bits}, {kind}, {axis}, qmin={self.qmin}, qmax={self.qmax}, "
                 f"observer={self.observer_kind}, observing={self.observing}"
                 + (", learnable" if self.learnable else ""))
+
+
+def quantizer_of(gm: fx.GraphModule, node, role: str | None = None) -> FakeQuantize | None:
+    """The FakeQuantize a call_module node runs (only one of this `role`, "weight" or
+    "activation", when one is given); None for any other node or value. How a pass or a
+    backend asks whether an operand arrives fake-quantized."""
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, FakeQuantize) and (role is None or module.role == role):
+            return module
+    return None

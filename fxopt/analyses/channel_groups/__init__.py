@@ -27,7 +27,7 @@ import torch.fx as fx
 from ...pm.analysis import Analysis
 from ..shapes import Shapes
 from . import elementwise, layers, shape_ops  # noqa: F401  (they fill the registry)
-from .registry import HANDLERS, forbid_all as _block_all, register
+from .registry import HANDLERS, forbid_all as _forbid_all, register
 from .solver import Ties, solve
 from ...pm.analysis import AnalysisManager
 
@@ -169,14 +169,14 @@ def _visit(t: Ties, node: fx.Node, blocked_ops: list[str]) -> None:
                 target = str(node.target)
             reason = f"unknown op {target} at node {node.name}"
             blocked_ops.append(reason)
-            _block_all(t, node, reason)
+            _forbid_all(t, node, reason)
             return
         try:
             handler(t, node)
         except Exception as exc:  # a handler that cannot read this spelling: block, never guess
             reason = f"unsupported use of {node.target} at node {node.name} ({type(exc).__name__}: {exc})"
             blocked_ops.append(reason)
-            _block_all(t, node, reason)
+            _forbid_all(t, node, reason)
 
 
 def _touches_tensors(t: Ties, node: fx.Node) -> bool:

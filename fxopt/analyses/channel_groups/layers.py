@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .registry import arg as _arg, forbid_all as _block_all, is_tensor as _tensor, register
+from ...ir.nodes import arg as _arg
+from .registry import forbid_all as _forbid_all, is_tensor as _tensor, register
 from .solver import Ties
 
 aten = torch.ops.aten
@@ -99,7 +100,7 @@ def addmm(t: Ties, node: fx.Node) -> None:
     bias, m1, m2 = node.args[:3]
     s1, s2, out = t.shape(m1), t.shape(m2), t.shape(node)
     if s1 is None or s2 is None or out is None or len(s1) != 2 or len(s2) != 2:
-        return _block_all(t, node, f"addmm without 2-d operands at {node.name}")
+        return _forbid_all(t, node, f"addmm without 2-d operands at {node.name}")
     t.tie(m1, 1, m2, 0)
     t.tie(m1, 0, node, 0)
     t.tie(m2, 1, node, 1)
@@ -118,7 +119,7 @@ def matmul(t: Ties, node: fx.Node) -> None:
     a, b = node.args[1:3] if baddbmm else node.args[:2]
     sa, sb = t.shape(a), t.shape(b)
     if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
-        return _block_all(t, node, f"matmul on a vector at {node.name}")
+        return _forbid_all(t, node, f"matmul on a vector at {node.name}")
     t.tie(a, -1, b, -2)
     t.tie(a, -2, node, -2)
     t.tie(b, -1, node, -1)

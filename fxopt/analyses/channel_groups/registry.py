@@ -14,20 +14,6 @@ HANDLERS = OpRegistry("channel groups")
 register = HANDLERS.register
 
 
-def arg(node: fx.Node, index: int, name: str, default=None):
-    """Argument `name` of a call: its position read from the op's schema where it has
-    one (overloads differ: var.dim vs var.correction), else `index`."""
-    schema = getattr(node.target, "_schema", None)
-    if schema is not None:
-        names = [a.name for a in schema.arguments]
-        if name not in names:
-            return node.kwargs.get(name, default)
-        index = names.index(name)
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
 def is_tensor(value) -> bool:
     return isinstance(value, fx.Node)
 

@@ -9,7 +9,8 @@ import torch
 import torch.fx as fx
 
 from .elementwise import broadcast
-from .registry import arg as _arg, forbid_all as _block_all, register
+from ...ir.nodes import arg as _arg
+from .registry import forbid_all as _forbid_all, register
 from .solver import Ties
 
 aten = torch.ops.aten
@@ -292,4 +293,4 @@ def getitem(t: Ties, node: fx.Node) -> None:
     if isinstance(index, int) and t.shape(src) is None:
         t.tie_all(node, (src, index))
     else:
-        _block_all(t, node, f"indexing a tensor with {index!r} at {node.name}")
+        _forbid_all(t, node, f"indexing a tensor with {index!r} at {node.name}")

@@ -17,19 +17,10 @@ import torch.fx as fx
 from ...errors import UnsupportedError
 from ...ir.graph import fetch_attr, node_location
 from ...ir.meta import TENSOR
-from ...quant import FakeQuantize
+from ...quant import FakeQuantize, quantizer_of
 from .grid import Grid, OutputForm, clamp_range
 from .model import IntegerModel, Layer
 from .targets import CLAMPS, MOVES
-
-
-def quantizer_of(gm: fx.GraphModule, node, role: str) -> FakeQuantize | None:
-    """The FakeQuantize a call_module node runs, if it has this role ("weight" / "activation")."""
-    if isinstance(node, fx.Node) and node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, FakeQuantize) and mod.role == role:
-            return mod
-    return None
 
 
 class LoweringContext:

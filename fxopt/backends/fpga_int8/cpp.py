@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import FxoptError, UnsupportedError
+from ...ir.graph import fresh_name
 from .fixedpoint import MAX_SHIFT, ROUNDINGS
 
 CTYPES = {"int8": "int8_t", "int32": "int32_t"}
@@ -128,10 +129,7 @@ class _Tensor:
 def _ident(prefix: str, name: str, taken: set) -> str:
     """A unique C identifier for a model name."""
     base = prefix + re.sub(r"[^A-Za-z0-9_]", "_", name)
-    ident, k = base, 1
-    while ident in taken:
-        k += 1
-        ident = f"{base}_{k}"
+    ident = fresh_name(base, taken, first=2)
     taken.add(ident)
     return ident
 

@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from ...errors import UnsupportedError
 from ...ir.graph import node_location
+from ...ir.nodes import arg
 from ...quant import FakeQuantize
 
 aten = torch.ops.aten
@@ -75,8 +76,7 @@ def clamp_range(node: fx.Node) -> tuple[float, float]:
         return 0.0, 6.0
     hardtanh = node.target in (aten.hardtanh.default, aten.hardtanh_.default)
     names, defaults = (("min_val", "max_val"), (-1.0, 1.0)) if hardtanh else (("min", "max"), (None, None))
-    args = list(node.args[1:3])
-    lo, hi = (args[i] if i < len(args) else node.kwargs.get(names[i], defaults[i]) for i in range(2))
+    lo, hi = (arg(node, i + 1, names[i], defaults[i]) for i in range(2))
     return (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))
 
 

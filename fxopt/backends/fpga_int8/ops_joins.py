@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from ...errors import UnsupportedError
 from ...ir.graph import node_location
+from ...ir.nodes import arg
 from .context import LoweringContext
 from .fixedpoint import multiplier_value, quantize_multiplier
 from .grid import code_bounds, spread
@@ -55,7 +56,7 @@ def add(ctx: LoweringContext, node: fx.Node) -> None:
 def concat(ctx: LoweringContext, node: fx.Node) -> None:
     """Lower a cat of int8 values along a non-batch dimension onto the output's grid."""
     values = node.args[0]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim = arg(node, 1, "dim", 0)
     names, ins = int8_inputs(ctx, node, values)
     rank = len(ctx.shape(node)) + 1
     dim = dim + rank if dim < 0 else dim

@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from ...errors import UnsupportedError
 from ...ir.graph import node_location
+from ...ir.nodes import arg
 from .context import LoweringContext
 from .grid import spread
 from .layer_io import int8_inputs, int8_out, int32_out, pair
@@ -31,7 +32,7 @@ def conv_or_linear(ctx: LoweringContext, node: fx.Node) -> None:
         raise UnsupportedError(f"fpga-int8: {node.name} is a {codes.ndim - 2}-d convolution; the export "
                                "takes 2-d convolutions and linears", where=node_location(node))
     acc_scale = xt["scale"] * w_scale
-    bias_t = ctx.constant(node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"))
+    bias_t = ctx.constant(arg(node, 2, "bias"))
     bias = np.zeros(len(acc_scale), dtype=np.int64) if bias_t is None \
         else np.round(bias_t.double().numpy() / acc_scale).astype(np.int64)
     bound = int((np.abs(codes.astype(np.int64)).reshape(len(bias), -1).sum(1) * spread(xt) + np.abs(bias)).max())

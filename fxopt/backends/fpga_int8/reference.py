@@ -16,7 +16,8 @@ import torch
 import torch.fx as fx
 
 from ...ir.graph import fetch_attr
-from .context import quantizer_of
+from ...ir.nodes import arg
+from ...quant import quantizer_of
 from .targets import CONVS, LINEARS
 
 
@@ -28,7 +29,7 @@ def with_int32_biases(gm: fx.GraphModule) -> fx.GraphModule:
             if node.op != "call_function" or not (node.target in CONVS | LINEARS):
                 continue
             act, weight = quantizer_of(snapped, node.args[0], "activation"), quantizer_of(snapped, node.args[1], "weight")
-            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            bias = arg(node, 2, "bias")
             if act is None or weight is None or not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
                 continue
             b = fetch_attr(snapped, bias.target)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .context import quantizer_of
+from ...quant import quantizer_of
 from .model import load
 from .kernels import KERNELS
 from .cpp import compile_cpp, emit_cpp, run_cpp

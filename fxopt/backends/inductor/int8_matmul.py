@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx as fx
 
-from ...ir.graph import fetch_attr
+from ...ir.graph import fetch_attr, fresh_attr_name
 from ...ir.meta import TENSOR
-from ...quant import FakeQuantize, quantize
+from ...quant import FakeQuantize, quantize, quantizer_of
 from .graph_edits import _erase_if_unused
 
 if TYPE_CHECKING:
@@ -61,16 +61,10 @@ class Int8Matmuls:
         self.gm.graph.lint()
         self.gm.recompile()
 
-    def _fq(self, node) -> FakeQuantize | None:
-        if isinstance(node, fx.Node) and node.op == "call_module":
-            mod = self.gm.get_submodule(node.target)
-            return mod if isinstance(mod, FakeQuantize) else None
-        return None
-
     def _match(self, node: fx.Node) -> tuple[_Match | None, str | None]:
         """(match, None), or (None, why not) for a quantized linear, or (None, None) for a float one."""
         x_node, w_node = node.args[0], node.args[1]
-        act, wq = self._fq(x_node), self._fq(w_node)
+        act, wq = quantizer_of(self.gm, x_node), quantizer_of(self.gm, w_node)
         if act is None and wq is None:
             return None, None
         if act is None or wq is None or act.role != "activation" or wq.role != "weight":
@@ -96,11 +90,7 @@ class Int8Matmuls:
         return _Match(node, x_node.args[0], act, weight.detach(), wq, bias), None
 
     def _buffer(self, base: str, value: torch.Tensor) -> fx.Node:
-        name = f"int8_mm_{base}"
-        i = 0
-        while hasattr(self.gm, name):
-            i += 1
-            name = f"int8_mm_{base}_{i}"
+        name = fresh_attr_name(self.gm, f"int8_mm_{base}")
         self.gm.register_buffer(name, value.to(self.device))
         return self.gm.graph.get_attr(name)
 

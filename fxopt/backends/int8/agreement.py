@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from ...ir.inputs import split_batch
 from ...ir.inputs import positional
-from ...quant import FakeQuantize
+from ...quant import quantizer_of
 from .lowering import CODE_OPS, RELUS
 
 FAR_LSB = 8.0          # codes further apart than this are not a rounding difference
@@ -79,8 +79,7 @@ def _reader(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     reads it directly, or through the ops the lowering carries codes through (views, a
     ReLU fused into the kernel), as `Lowering.output_grid` follows them."""
     users = list(node.users)
-    quantizers = [u for u in users if u.op == "call_module" and isinstance(gm.get_submodule(u.target), FakeQuantize)
-                  and gm.get_submodule(u.target).role == "activation"]
+    quantizers = [u for u in users if quantizer_of(gm, u, "activation") is not None]
     if users and len(quantizers) == len(users):
         return quantizers[0]
     if len(users) == 1 and users[0].op == "call_function" and users[0].args[0] is node \

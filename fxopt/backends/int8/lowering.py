@@ -29,10 +29,11 @@ import operator
 import torch
 import torch.fx as fx
 
-from ...ir.graph import fetch_attr
+from ...ir.graph import fetch_attr, fresh_name
 from ...ir.meta import TENSOR
+from ...ir.nodes import arg, target_name
 from ...ir.registry import OpRegistry
-from ...quant import FakeQuantize
+from ...quant import FakeQuantize, quantizer_of
 from . import kernels as K
 from .report import Int8Report
 
@@ -75,21 +76,13 @@ class Lowering:
 
     # ---- helpers ------------------------------------------------------------------
     def fq(self, node) -> FakeQuantize | None:
-        if isinstance(node, fx.Node) and node.op == "call_module":
-            mod = self.gm.get_submodule(node.target)
-            if isinstance(mod, FakeQuantize):
-                return mod
-        return None
+        return quantizer_of(self.gm, node)
 
     def act_fq(self, node):
-        mod = self.fq(node)
-        return mod if mod is not None and mod.role == "activation" else None
+        return quantizer_of(self.gm, node, "activation")
 
     def _module(self, base: str, module: torch.nn.Module) -> str:
-        name, i = f"int8.{base}", 0
-        while name in self.root:
-            i += 1
-            name = f"int8.{base}_{i}"
+        name = fresh_name(f"int8.{base}", self.root)
         self.root[name] = module
         return name
 
@@ -177,7 +170,7 @@ class Lowering:
     def _operands(self, node: fx.Node) -> str | tuple:
         """(activation quantizer, weight quantizer, weight, bias) of a conv / linear, or why not."""
         x, w = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = arg(node, 2, "bias")
         act, wfq = self.act_fq(x), self.fq(w)
         if act is None or wfq is None or wfq.role != "weight" or w.args[0].op != "get_attr":
             return "operands not fake-quantized (run fake-quant before lowering to int8)"
@@ -228,7 +221,7 @@ class Lowering:
     @LOWERINGS.register(*ADDS)
     def _lower_add(self, node: fx.Node) -> bool:
         args = node.args[:2]
-        alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+        alpha = arg(node, 2, "alpha", 1)
         if alpha != 1 or not all(self.act_fq(a) is not None and K.act_unsupported(self.act_fq(a)) is None
                                  for a in args):
             return False
@@ -245,7 +238,7 @@ class Lowering:
     @LOWERINGS.register(*CATS)
     def _lower_cat(self, node: fx.Node) -> bool:
         values = node.args[0]
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        dim = arg(node, 1, "dim", 0)
         if not all(self.act_fq(a) is not None and K.act_unsupported(self.act_fq(a)) is None for a in values):
             return False
         out, _ = self.output_grid(node)
@@ -285,7 +278,7 @@ class Lowering:
         elif node.target in CODE_OPS or node.target in RELUS:
             reason = "value-preserving op on a float input"
         else:
-            reason = f"no int8 kernel for {getattr(node.target, '__name__', node.target)}: runs in float"
+            reason = f"no int8 kernel for {target_name(node)}: runs in float"
         self.report.add_float(node, reason)
 
 

@@ -32,9 +32,10 @@ import torch.fx as fx
 from ...errors import FxoptError, UnsupportedError
 from ...util.files import write_atomically
 from ...ir.dynamic import specialise
-from ...ir.graph import fetch_attr, light_copy, node_location
+from ...ir.graph import fetch_attr, fresh_name, light_copy, node_location
 from ...ir.registry import OpRegistry
 from ...ir.meta import INPUT_SHAPES, TENSOR, TensorInfo
+from ...ir.nodes import target_name
 from ...quant import FakeQuantize, quantize
 
 MIN_OPSET = 13          # per-axis QuantizeLinear / DequantizeLinear
@@ -59,10 +60,7 @@ class OnnxBuilder:
 
     # ---- naming and constants -------------------------------------------------------
     def fresh(self, hint: str) -> str:
-        name, i = hint, 0
-        while name in self._names:
-            i += 1
-            name = f"{hint}_{i}"
+        name = fresh_name(hint, self._names)
         self._names.add(name)
         return name
 
@@ -285,8 +283,7 @@ def build_model(gm: fx.GraphModule, example_inputs, opset: int, rules: OpRegistr
 def _emit_call(b: OnnxBuilder, node: fx.Node, rules: OpRegistry) -> str:
     rule = rules.lookup(node.target)
     if rule is None:
-        name = getattr(node.target, "__name__", str(node.target))
-        raise UnsupportedError(f"ONNX export: no ONNX form for op {name}", where=node_location(node),
+        raise UnsupportedError(f"ONNX export: no ONNX form for op {target_name(node)}", where=node_location(node),
                                hint="the supported ops are listed in fxopt.backends.onnx.ops; rewrite "
                                     "the op in the model or extend the table")
     if not isinstance(b.recorded.get(node), torch.Tensor):

@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ...ir.meta import tensor_info
+from ...ir.nodes import arg, op_name
 from ...ir.rewrite import (RuleTable, bypass, is_call, pattern_graph, replace_pattern,
                            replace_with_call)
 from ...pm import Pass, PassResult, register_pass
@@ -39,12 +40,12 @@ _DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_drop
 def _is_inplace(node: fx.Node) -> bool:
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return False
-    name = node.target.overloadpacket.__name__
+    name = op_name(node)
     return name.endswith("_") and not name.startswith("_") and node.target._schema.is_mutable
 
 
 def _functional_twin(node: fx.Node):
-    base = getattr(aten, node.target.overloadpacket.__name__[:-1], None)
+    base = getattr(aten, op_name(node)[:-1], None)
     return getattr(base, node.target._overloadname, None) if base is not None else None
 
 
@@ -78,7 +79,7 @@ _FRESH_RESULT = {operator.add, operator.sub, operator.mul, operator.truediv, ope
 
 
 def _dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
-    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+    train = arg(node, 2, "train", True)
     return bypass(gm, node) if not train else False
 
 

@@ -13,6 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...ir.nodes import arg
 from ...ir.rewrite import RuleTable, bypass, replace_with_call
 
 aten = torch.ops.aten
@@ -67,7 +68,7 @@ def _inplace(gm, node) -> bool:
         return bool(getattr(module, "inplace", False))
     if node.op == "call_method" or node.target in (torch.relu_,):
         return str(node.target).endswith("_") or node.target is torch.relu_
-    return bool(node.args[1] if len(node.args) > 1 else node.kwargs.get("inplace", False))
+    return bool(arg(node, 1, "inplace", False))
 
 
 def _relu(gm, node):
@@ -85,8 +86,8 @@ def _flatten(gm, node):
     if module is not None:
         start, end = module.start_dim, module.end_dim
     else:
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        start = arg(node, 1, "start_dim", 0)
+        end = arg(node, 2, "end_dim", -1)
     return _new_call(gm, node, aten.flatten.using_ints, (node.args[0], start, end))
 
 
@@ -102,7 +103,7 @@ def _identity(gm, node):
     if isinstance(module, nn.modules.dropout._DropoutNd) and module.training:
         return False
     if node.op == "call_function":  # F.dropout(x, p, training)
-        training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+        training = arg(node, 2, "training", True)
         if training:
             return False
     return bypass(gm, node)

@@ -51,8 +51,9 @@ from typing import Annotated, ClassVar, Literal
 
 import torch.fx as fx
 
-from ...ir.graph import module_path
+from ...ir.graph import first_twelve, module_path
 from ...ir.meta import TENSOR
+from ...ir.nodes import target_name
 from ...pm import Pass, PassResult, register_pass
 from ...pm.options import Range
 from ...quant import FakeQuantize
@@ -146,7 +147,7 @@ class FakeQuant(Pass):
 
     def _fill_report(self, report: QuantReport, decisions, weight_paths: dict, act_paths: dict) -> None:
         for d in decisions:
-            node, op = d.node, _op_name(d.node)
+            node, op = d.node, target_name(d.node)
             if d.kind == "bookkeeping":
                 report.bookkeeping += 1
             elif d.kind == "float":
@@ -169,8 +170,7 @@ class FakeQuant(Pass):
         for pattern in self.skip:
             if not any(skip_match(n, (pattern,)) for n in ops):
                 paths = sorted({module_path(n) for n in ops} - {""})
-                shown = ", ".join(paths[:12]) + (", ..." if len(paths) > 12 else "")
-                message = f"skip pattern {pattern!r} matches no op; module paths are e.g. {shown}"
+                message = f"skip pattern {pattern!r} matches no op; module paths are e.g. {first_twelve(paths)}"
                 warnings.warn(f"fake-quant: {message}", stacklevel=2)
                 report.notes.append(message)
 
@@ -180,10 +180,6 @@ class FakeQuant(Pass):
                  f"{len(report.float_ops)} ops float (see report.quant)"]
         notes += [f"{f.node}: {f.reason}" for f in report.float_ops if f.reason.startswith("BatchNorm")]
         return tuple(notes + report.notes)
-
-
-def _op_name(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target))
 
 
 def _weight_bits(node: fx.Node, weight_paths: dict) -> int | None:

@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from ...ir.graph import first_match, module_path
 from ...ir.meta import TENSOR
+from ...ir.nodes import target_name
 
 aten = torch.ops.aten
 
@@ -58,10 +59,6 @@ class Decision:
     reason: str = ""
     weights: list[tuple[fx.Node, int]] = field(default_factory=list)
     acts: list[fx.Node] = field(default_factory=list)
-
-
-def _name(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target))
 
 
 def is_tensor_op(node: fx.Node) -> bool:
@@ -152,7 +149,7 @@ def _float_reason(node: fx.Node) -> str:
         return "elementwise op with fewer than two tensor inputs: stays float"
     if node.op == "call_module":
         return f"unsupported: call_module {node.target} (a leaf module) is not quantized"
-    return f"unsupported: no int8 form for {_name(node)}"
+    return f"unsupported: no int8 form for {target_name(node)}"
 
 
 def classify(gm: fx.GraphModule, skip: tuple[str, ...], joins: str = "shared") -> list[Decision]:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ...ir.graph import fetch_attr, module_path
 from ...ir.meta import TENSOR
+from ...ir.nodes import arg
 
 aten = torch.ops.aten
 CONVS = {aten.conv2d.default, aten.convolution.default}
@@ -115,7 +116,7 @@ def find_layers(gm: fx.GraphModule, kinds: tuple[str, ...]) -> tuple[list[Layer]
 
 def _layer(gm: fx.GraphModule, node: fx.Node, kind: str) -> Layer | str:
     x, w = node.args[0], node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    bias = arg(node, 2, "bias")
     if not (isinstance(w, fx.Node) and w.op == "get_attr"):
         return "weight is not a constant"
     if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):

@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from ...errors import PassOptionError
-from ...ir.graph import module_path
+from ...ir.graph import first_twelve, module_path
 from ...ir.meta import TENSOR
 from ...ir.shape_prop import propagate_shapes
 from ...pm import Pass, PassResult, register_pass
@@ -137,9 +137,9 @@ class MixedPrecision(Pass):
         for pattern in self.keep:
             if not any(keep_match(n, (pattern,)) for n in nodes):
                 paths = sorted({module_path(n) for n in nodes} - {""})
-                shown = ", ".join(paths[:12]) + (", ..." if len(paths) > 12 else "")
                 message = (f"keep pattern {pattern!r} matches no op; ops are e.g. "
-                           f"{', '.join(sorted({op_name(n) for n in nodes})[:12])}; module paths e.g. {shown}")
+                           f"{', '.join(sorted({op_name(n) for n in nodes})[:12])}; module paths e.g. "
+                           f"{first_twelve(paths)}")
                 warnings.warn(f"mixed-precision: {message}", stacklevel=3)
                 report.notes.append(message)
 

@@ -15,7 +15,6 @@ they run in the precision their input arrives in, so no cast is put around them.
 from __future__ import annotations
 
 import fnmatch
-import operator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +23,7 @@ import torch.fx as fx
 
 from ...ir.graph import fqn_matches, module_path
 from ...ir.meta import TENSOR, TensorInfo
+from ...ir.nodes import arg_position, op_name
 
 FP32_RULES: dict[str, str] = {}
 
@@ -79,16 +79,6 @@ class Decision:
     kind: Literal["low", "fp32", "follow", "asis", "orig"]
     reason: str = ""
     error: float | None = None     # auto: the measured relative output error in 16 bits
-
-
-def op_name(node: fx.Node) -> str:
-    """`linear` for aten.linear.default, `getitem` for operator.getitem, the target else."""
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target.overloadpacket.__name__
-    if target is operator.getitem:
-        return "getitem"
-    return getattr(target, "__name__", str(target))
 
 
 def leaves(info) -> list:
@@ -170,20 +160,10 @@ def _keeps_dtype(node: fx.Node, out) -> bool:
     return len(src) == 1 and len(dst) == 1 and src[0].dtype == dst[0].dtype
 
 
-def dtype_arg_index(node: fx.Node) -> int | None:
-    """The position of a `dtype` argument in the op's schema (None without one)."""
-    if not isinstance(node.target, torch._ops.OpOverload):
-        return None
-    for i, arg in enumerate(node.target._schema.arguments):
-        if arg.name == "dtype":
-            return i
-    return None
-
-
 def with_low_dtype(node: fx.Node, args, kwargs, low: torch.dtype):
     """(args, kwargs) with an explicit `dtype=float32` argument turned into `low`: a low op that
     names its result dtype (sum(..., dtype=float32) let through by a trimmed table)."""
-    index = dtype_arg_index(node)
+    index = arg_position(node, None, "dtype")   # None: the op takes no dtype
     if index is None:
         return args, kwargs
     if kwargs.get("dtype") == FLOAT32:

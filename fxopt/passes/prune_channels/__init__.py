@@ -19,7 +19,7 @@ from typing import Annotated, ClassVar, Literal
 import torch.fx as fx
 
 from ...analyses.channel_groups import channel_groups_for
-from ...ir.graph import fqn_matches
+from ...ir.graph import first_match, first_twelve, fqn_matches
 from ...pm import Pass, PassResult, format_pipeline, register_pass
 from ...pm.options import Range
 from .importance import Importance, channels_to_keep, global_keep_counts, kept_channels
@@ -126,10 +126,9 @@ class PruneChannels(Pass):
     def _warn_unmatched(self, gm: fx.GraphModule) -> None:
         fqns = sorted({str(n.target) for n in gm.graph.find_nodes(op="get_attr")})
         for pattern in self.ignore:
-            if not any(fqn_matches(f, pattern) for f in fqns):
-                shown = ", ".join(fqns[:12]) + (", ..." if len(fqns) > 12 else "")
+            if first_match([pattern], fqns) is None:
                 warnings.warn(f"prune-channels: ignore pattern {pattern!r} matches no parameter; "
-                              f"parameters are e.g. {shown}", stacklevel=2)
+                              f"parameters are e.g. {first_twelve(fqns)}", stacklevel=2)
 
 
 def _none_prunable(groups) -> str:

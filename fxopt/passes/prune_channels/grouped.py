@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ...analyses import Cost
-from ...analyses.channel_groups.registry import arg
 from ...ir.graph import fetch_attr, light_copy
+from ...ir.nodes import arg
 from ...pm import PassResult
 from ...pm.analysis import AnalysisManager
 from ...pm.report import short_number

@@ -23,6 +23,7 @@ import torch.fx as fx
 from ...analyses.channel_groups import ChannelGroup
 from ...ir.graph import fetch_attr
 from ...ir.meta import TENSOR, TensorInfo
+from ...ir.nodes import arg, arg_position
 from ...ir.registry import OpRegistry
 from ...ir.shape_prop import propagate_shapes
 
@@ -207,23 +208,11 @@ LITERALS = OpRegistry("channel-count literals")
 _literal = LITERALS.register
 
 
-def _arg_index(node: fx.Node, name: str) -> int | None:
-    names = [a.name for a in node.target._schema.arguments]
-    return names.index(name) if name in names else None
-
-
-def _get(node: fx.Node, name: str, default=None):
-    i = _arg_index(node, name)
-    if i is not None and i < len(node.args):
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
 def _with(node: fx.Node, target=None, **values):
     """(target, args, kwargs) of `node` with the named arguments replaced."""
     args, kwargs = list(node.args), dict(node.kwargs)
     for name, value in values.items():
-        i = _arg_index(node, name)
+        i = arg_position(node, None, name)
         if i is not None and i < len(args):
             args[i] = value
         else:
@@ -303,7 +292,7 @@ def _unflatten(rw: Rewriter, node: fx.Node):
 def _split(rw: Rewriter, node: fx.Node):
     x = node.args[0]
     rank = len(rw.old_shape(x.name))
-    dim = (_get(node, "dim", 0) or 0) % rank
+    dim = (arg(node, None, "dim", 0) or 0) % rank
     n = len(node.meta[TENSOR])
     old = [rw.old_shape(f"{node.name}[{i}]")[dim] for i in range(n)]
     new = [rw.new_shape(f"{node.name}[{i}]")[dim] for i in range(n)]
@@ -316,18 +305,18 @@ def _split(rw: Rewriter, node: fx.Node):
 def _slice(rw: Rewriter, node: fx.Node):
     x = node.args[0]
     shape = rw.old_shape(x.name)
-    dim = (_get(node, "dim", 0) or 0) % len(shape)
+    dim = (arg(node, None, "dim", 0) or 0) % len(shape)
     if shape[dim] == rw.new_shape(x.name)[dim]:
         return None
     kept, size = rw.kept(x.name, dim), shape[dim]
-    start = _get(node, "start", 0) or 0
+    start = arg(node, None, "start", 0) or 0
     start = min(max(start + size if start < 0 else start, 0), size)
     if node.target._schema.name.endswith("narrow"):
-        end = start + _get(node, "length")
+        end = start + arg(node, None, "length")
     else:
-        if (_get(node, "step", 1) or 1) != 1:
+        if (arg(node, None, "step", 1) or 1) != 1:
             raise _Cannot(f"strided slice {node.name} over pruned channels")
-        end = _get(node, "end")
+        end = arg(node, None, "end")
         end = size if end is None else end
         end = min(max(end + size if end < 0 else end, 0), size)
     new_start = sum(1 for k in kept if k < start)
@@ -343,7 +332,7 @@ def _conv(rw: Rewriter, node: fx.Node):
     delta = rw.groups_delta(node)
     if not delta:
         return None
-    groups = _get(node, "groups", 1)
+    groups = arg(node, None, "groups", 1)
     if not isinstance(groups, int):
         raise _Cannot(f"conv {node.name}: groups is not a literal")
     return _with(node, groups=groups - delta)
@@ -365,7 +354,7 @@ def _layer_norm(rw: Rewriter, node: fx.Node):
 
 @_literal(aten._assert_tensor_metadata)
 def _assert_meta(rw: Rewriter, node: fx.Node):
-    size = _get(node, "size")
+    size = arg(node, None, "size")
     x = node.args[0]
     if size is None or rw.old_shape(x.name) == rw.new_shape(x.name):
         return None

@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from ...ir.cow import storage_key
 from ...ir.graph import fetch_attr, module_path
+from ...ir.nodes import arg
 
 aten = torch.ops.aten
 KINDS = ("linear", "conv")
@@ -81,7 +82,7 @@ def find_targets(gm: fx.GraphModule, kinds: tuple[str, ...]) -> tuple[list[Targe
         kind = op_kind(node)
         if kind not in kinds:
             continue
-        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        w = arg(node, 1, "weight")
         value = fetch_attr(gm, w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() < 2:
             quantized = isinstance(w, fx.Node) and w.op == "call_module"
