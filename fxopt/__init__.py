@@ -10,19 +10,21 @@ from . import analyses, backends, passes, quant  # noqa: F401
 from .api import calibrate, compile, freeze, load, lower, save, trace
 from .backends import list_backends, register_backend
 from .backends.compiled import CompiledModel
-from .backends.onnx import export_onnx
 from .errors import (BackendOptionError, FxoptError, InputShapeError, PassFailedError, PassOptionError,
                      PipelineSyntaxError, TraceError, TrainingError, UnknownPassError, UnsupportedError,
                      VerificationError)
-from .passes.prune_channels.persist import (PruningPlan, apply_plan, explain_pruning, load_pruned,
-                                            pruning_plan, save_pruned)
 from .pm import (PRESETS, Analysis, AnalysisManager, Pass, PassManager, PassResult, Report,
                  format_pipeline, instruments, list_passes, parse_pipeline, register_pass)
-from .passes.fake_quant.report import QuantReport
 from .quant import FakeQuantize
 from .train import FinetuneHistory, finetune
 
 __version__ = "0.1.0"
+
+# public names whose modules belong to one pass or one exporter: imported when first used
+_LAZY = {"PruningPlan": "fxopt.passes.prune_channels.persist", "apply_plan": "fxopt.passes.prune_channels.persist",
+         "explain_pruning": "fxopt.passes.prune_channels.persist", "load_pruned": "fxopt.passes.prune_channels.persist",
+         "pruning_plan": "fxopt.passes.prune_channels.persist", "save_pruned": "fxopt.passes.prune_channels.persist",
+         "QuantReport": "fxopt.passes.fake_quant.report", "export_onnx": "fxopt.backends.onnx"}
 
 __all__ = [
     "PRESETS", "Analysis", "AnalysisManager", "BackendOptionError", "CompiledModel", "FxoptError",
@@ -37,3 +39,15 @@ __all__ = [
     "export_onnx",
     "load", "save",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fxopt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

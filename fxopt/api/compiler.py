@@ -16,7 +16,7 @@ from ..ir.inputs import check_inputs, guard_errors, positional, split_batch, tra
 from ..ir.meta import CALIBRATION_SAMPLE, CALIBRATION_SAMPLE_SIZE
 from ..ir.trace import as_args, trace
 from ..pm import AnalysisManager, PassManager, Timing, Verify
-from ..quant import FakeQuantize
+from ..quant import quantizers_in
 
 __all__ = ["CompiledModel", "calibrate", "compile", "freeze", "lower", "trace"]
 
@@ -70,7 +70,7 @@ def compile(model, example_inputs, example_kwargs=None, pipeline="default", back
                                                     example_kwargs=example_kwargs)
     if calibration is not None:
         _run_batches(gm, calibration)
-        if _quantizers(gm):  # observers have seen the batches: fix the scales before lowering
+        if quantizers_in(gm):  # observers have seen the batches: fix the scales before lowering
             _freeze_module(gm)
     lowered = get_backend(backend).lower(gm, positional(gm, example_inputs, example_kwargs), **backend_options)
     return CompiledModel(gm, lowered, _with_backend_sections(report, lowered), (backend, backend_options))
@@ -106,7 +106,7 @@ def calibrate(compiled: CompiledModel, batches, progress: bool = False) -> Compi
     """
     gm = graph_module_of(compiled, "calibrate")
     batches = _batches(batches, "calibrate: batches")
-    if not _quantizers(gm):
+    if not quantizers_in(gm):
         raise UnsupportedError("calibrate: the model has no fake quantizers, so there is nothing to "
                                "calibrate",
                                hint="compile with a pipeline that quantizes, e.g. "
@@ -119,10 +119,6 @@ def freeze(compiled: CompiledModel) -> CompiledModel:
     """Stop observers: every submodule with a `freeze()` method is frozen."""
     _freeze_module(graph_module_of(compiled, "freeze"))
     return compiled
-
-
-def _quantizers(gm: torch.nn.Module) -> list:
-    return [m for m in gm.modules() if isinstance(m, FakeQuantize)]
 
 
 def _batches(batches, what: str) -> list:

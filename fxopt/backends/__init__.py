@@ -11,13 +11,14 @@ entry-point group `fxopt.backends` (`name = "package.module"`, registering when 
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Protocol
 
 import torch.fx as fx
 
 from ..errors import BackendOptionError, UnsupportedError
 from ..pm.options import Options
-from ..quant import FakeQuantize
+from ..quant import quantizers_in
 from ..util.plugins import entry_point_modules, import_provider
 
 _BACKENDS: dict[str, "Backend"] = {}
@@ -47,6 +48,11 @@ class Backend(Protocol):
 
 
 def register_backend(backend: "Backend") -> "Backend":
+    """Add `backend` under `backend.name`; a built-in's name is refused to any other module."""
+    module = type(backend).__module__
+    if backend.name in BUILTIN and module != BUILTIN[backend.name]:
+        raise UnsupportedError(f"backend '{backend.name}' is a built-in backend's name ({BUILTIN[backend.name]})",
+                               hint="register yours under another name")
     _BACKENDS[backend.name] = backend
     return backend
 
@@ -59,6 +65,9 @@ def _find(name: str) -> "Backend | None":
     module = _declared().get(name)
     if name not in _BACKENDS and module is not None:
         import_provider(f"backend '{name}'", module, UnsupportedError)
+        if name not in _BACKENDS:
+            raise UnsupportedError(f"backend '{name}': importing {module!r} registered no backend of that name",
+                                   hint=f"call fxopt.register_backend(...) with name = {name!r} in that module")
     return _BACKENDS.get(name)
 
 
@@ -79,7 +88,7 @@ def get_backend(name: str) -> "Backend":
 def require_frozen_quantizers(gm: fx.GraphModule, backend: str) -> None:
     """For a backend that lowers fake-quant to integers: the graph must hold fake quantizers,
     every activation one calibrated and frozen (else its scale is not final)."""
-    quantizers = [m for m in gm.modules() if isinstance(m, FakeQuantize)]
+    quantizers = quantizers_in(gm)
     if not quantizers:
         raise UnsupportedError(
             f"backend '{backend}' found no fake quantizers in the graph: there is nothing to lower to integers",
@@ -99,3 +108,13 @@ def list_backends() -> dict[str, "Backend"]:
     for name in _declared():
         _find(name)
     return dict(sorted(_BACKENDS.items()))
+
+
+_PACKAGES = {module.rpartition(".")[2] for module in BUILTIN.values()} | {"compiled", "onnx"}
+
+
+def __getattr__(name: str):
+    """`fxopt.backends.int8` and the other backends' modules, imported when first named."""
+    if name in _PACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

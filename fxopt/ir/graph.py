@@ -5,6 +5,7 @@ import copy
 import fnmatch
 import inspect
 import operator
+import warnings
 
 import torch
 import torch.fx as fx
@@ -126,18 +127,21 @@ def first_match(patterns, names) -> str | None:
     return None
 
 
-def warn_unmatched(owner: str, patterns, names, what: str) -> list[str]:
-    """Warn about each skip pattern that matches none of `names` (a typo would otherwise
-    silently change nothing); returns the messages, for a report's notes."""
-    import warnings
-
-    names = sorted({n for n in names if n})
-    shown = first_twelve(names)
-    messages = [f"skip pattern {pattern!r} matches no targeted {what}; they are e.g. {shown}"
-                for pattern in patterns if first_match([pattern], names) is None]
+def report_unmatched(owner: str, patterns, matches, describe) -> list[str]:
+    """Warn `owner: describe(pattern)` for each pattern `matches(pattern)` finds nothing for (a
+    typo would otherwise silently change nothing); returns the messages, for a report's notes."""
+    messages = [describe(pattern) for pattern in patterns if not matches(pattern)]
     for message in messages:
         warnings.warn(f"{owner}: {message}", stacklevel=4)
     return messages
+
+
+def warn_unmatched(owner: str, patterns, names, what: str) -> list[str]:
+    """report_unmatched for skip patterns over a list of names (module paths, weight FQNs)."""
+    names = sorted({n for n in names if n})
+    return report_unmatched(owner, patterns, lambda pattern: first_match([pattern], names) is not None,
+                            lambda pattern: f"skip pattern {pattern!r} matches no targeted {what}; "
+                                            f"they are e.g. {first_twelve(names)}")
 
 
 def first_twelve(names: list[str]) -> str:

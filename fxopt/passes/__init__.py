@@ -1,7 +1,10 @@
 """The built-in passes, one module (or package) each, imported when a pipeline names them.
 
-`BUILTIN` maps each pass name to its module; `fxopt.list_passes()` imports them all.
+`BUILTIN` maps each pass name to its module; `fxopt.list_passes()` imports them all, and
+`fxopt.passes.fake_quant` (any pass's module, named as an attribute) imports that one.
 """
+import importlib
+
 from ..pm import declare_passes
 
 BUILTIN = {
@@ -16,3 +19,9 @@ BUILTIN = {
     "split-stages": "fxopt.passes.split_stages",
 }
 declare_passes(BUILTIN)
+
+
+def __getattr__(name: str):
+    if name in {module.rpartition(".")[2] for module in BUILTIN.values()}:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -188,12 +188,17 @@ def check_options(instance: Options) -> None:
 
 
 def _normalise_lists(instance) -> None:
-    """A list option given one string holds that string; a list becomes a tuple (hashable)."""
+    """A list option given one string holds that string; any other iterable (a list, a set, a
+    generator) becomes a tuple, so the option is hashable and prints back to text."""
     hints = typing.get_type_hints(type(instance))
     for f in dataclasses.fields(instance):
         value = getattr(instance, f.name)
-        if _is_list_type(hints[f.name]) and isinstance(value, (str, list)):
-            object.__setattr__(instance, f.name, (value,) if isinstance(value, str) else tuple(value))
+        if not _is_list_type(hints[f.name]) or isinstance(value, tuple):
+            continue
+        if isinstance(value, str):
+            object.__setattr__(instance, f.name, (value,))
+        elif hasattr(value, "__iter__") and not isinstance(value, (bytes, dict)):
+            object.__setattr__(instance, f.name, tuple(value))
 
 
 def _is_list_type(tp) -> bool:
@@ -232,7 +237,9 @@ def _problem(tp, value) -> str | None:
         return None
     if tp is str:
         return None if isinstance(value, str) else f"takes a string, got {value!r}"
-    return None   # a type the text syntax does not spell (e.g. a path or a sub-pipeline): validate() checks it
+    if isinstance(tp, type):   # a class the text syntax does not spell (os.PathLike, a sub-pipeline's tuple)
+        return None if isinstance(value, tp) else f"takes a {tp.__name__}, got {value!r}"
+    return None   # an annotation this check cannot read: validate() checks it
 
 
 def _is_union(tp) -> bool:

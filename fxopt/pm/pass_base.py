@@ -92,8 +92,10 @@ def register_pass(name: str):
     def register(cls):
         if not (isinstance(cls, type) and issubclass(cls, Pass)):
             raise TypeError(f"register_pass('{name}') decorates a Pass subclass, got {cls!r}")
-        if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
-            raise FxoptError(f"a pass named '{name}' is already registered ({_REGISTRY[name].__qualname__})",
+        if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__ or \
+                name in _DECLARED and cls.__module__ != _DECLARED[name]:
+            taken = _REGISTRY[name].__qualname__ if name in _REGISTRY else _DECLARED[name]
+            raise FxoptError(f"a pass named '{name}' is already registered ({taken})",
                              hint="choose another name")
         hidden = [f.name for f in dataclasses.fields(cls) if f.name in _RESERVED] if dataclasses.is_dataclass(cls) else []
         if hidden:

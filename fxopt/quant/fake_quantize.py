@@ -34,7 +34,7 @@ from ..errors import FxoptError
 from .observers import make_observer
 from .qparams import QSpec, as_rows, binary_scale, fake_quantize, qparams_from_range
 
-__all__ = ["FakeQuantize", "quantizer_of"]
+__all__ = ["FakeQuantize", "quantizer_of", "quantizers_in"]
 
 
 def _is_fake(x) -> bool:
@@ -173,3 +173,8 @@ def quantizer_of(gm: fx.GraphModule, node, role: str | None = None) -> FakeQuant
         if isinstance(module, FakeQuantize) and (role is None or module.role == role):
             return module
     return None
+
+
+def quantizers_in(module: torch.nn.Module) -> list[FakeQuantize]:
+    """Every FakeQuantize inside `module` (a graph holds them as submodules), in module order."""
+    return [m for m in module.modules() if isinstance(m, FakeQuantize)]

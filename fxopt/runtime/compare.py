@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from fxopt.errors import FxoptError
+from ..errors import FxoptError
 
 
 def max_difference(expected, actual) -> float:
     """max |expected - actual| over the tensor leaves of two outputs (0.0 for no elements);
-    ValueError if they do not have the same number of leaves."""
+    an FxoptError if they do not have the same number of leaves."""
     leaves_e = torch.utils._pytree.tree_leaves(expected)
     leaves_a = torch.utils._pytree.tree_leaves(actual)
     if len(leaves_e) != len(leaves_a):
-        raise ValueError(f"the pipeline gave {len(leaves_a)} outputs, the model {len(leaves_e)}")
+        raise FxoptError(f"the compiled run gave {len(leaves_a)} outputs, the model {len(leaves_e)}",
+                         hint="a pass changed what the model returns: rerun with verify=True to find it")
     return max((float((e.double() - a.double()).abs().max()) for e, a in zip(leaves_e, leaves_a)
                 if isinstance(e, torch.Tensor) and e.numel()), default=0.0)
 

@@ -24,12 +24,12 @@ from typing import ClassVar
 
 import torch.fx as fx
 
-from ...pm.analysis import Analysis
+from ...ir.nodes import target_name
+from ...pm.analysis import Analysis, AnalysisManager
 from ..shapes import Shapes
 from . import elementwise, layers, shape_ops  # noqa: F401  (they fill the registry)
 from .registry import HANDLERS, forbid_all as _forbid_all, register
 from .solver import Ties, solve
-from ...pm.analysis import AnalysisManager
 
 __all__ = ["ChannelGroup", "ChannelGroups", "ChannelGroupsInGroups", "ChannelGroupsResult", "GroupMember",
            "HANDLERS", "channel_groups_for", "register"]
@@ -164,7 +164,7 @@ def _visit(t: Ties, node: fx.Node, blocked_ops: list[str]) -> None:
         if handler is None and not _touches_tensors(t, node):
             return  # arithmetic on sizes (SymInt), not on tensors
         if handler is None:
-            target = getattr(node.target, "__name__", None) or str(node.target)
+            target = target_name(node)
             if node.op == "call_function" and hasattr(node.target, "_schema"):
                 target = str(node.target)
             reason = f"unknown op {target} at node {node.name}"

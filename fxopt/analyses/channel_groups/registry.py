@@ -19,7 +19,7 @@ def is_tensor(value) -> bool:
 
 
 def forbid_all(t: Ties, node: fx.Node, reason: str) -> None:
-    """Block every dim of every tensor the node reads or writes."""
+    """Forbid removing channels from every dim of every tensor the node reads or writes."""
     values = [a for a in node.all_input_nodes]
     values += [node] if t.shape(node) is not None else []
     info = node.meta.get("fxopt.tensor")

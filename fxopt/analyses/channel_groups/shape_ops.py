@@ -125,7 +125,7 @@ def reshape(t: Ties, node: fx.Node) -> None:
     """Match runs of input dims and output dims with equal products. One dim to one: tie.
     Otherwise the run is cut into *atoms*, the common refinement of both sides (their
     prefix products must form a divisibility chain, else the dims are blocked). A dim
-    made of atoms maps its outermost atom to blocks of itself (`blk`: a flatten's
+    made of atoms maps its outermost atom to blocks of itself (`tie_chunks`: a flatten's
     channels) and each inner atom to a strided pattern (`stride`: heads inside
     `batch*heads`, q/k/v inside `3*E`)."""
     x = node.args[0]

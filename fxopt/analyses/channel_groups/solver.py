@@ -15,7 +15,7 @@ groups). Handlers state these kinds of facts through `Ties`:
 - `forbid(value, dim, reason)`: the dim's channels must not be removed (the reason is
   reported with every group holding it).
 
-Solving: a union-find merges tied spaces into classes; segment and block facts cut
+Solving: a union-find merges tied spaces into classes; segment and chunk facts cut
 classes into pieces (cut points propagated to a fixpoint); a second, weighted
 union-find over pieces (weight = block factor to the root) gives the groups. A group's
 root piece is its index space of `size` channels; every member maps channel `c` to
@@ -228,7 +228,7 @@ class _Pieces:
 
 
 def _cut_fixpoint(t: Ties, cuts: dict) -> dict:
-    """Propagate cut points through seg and blk facts; returns reasons for classes whose
+    """Propagate cut points through segment and chunk facts; returns reasons for classes whose
     cuts fall inside a block (a slice through a flattened channel)."""
     bad: dict = defaultdict(list)
     changed = True

@@ -28,6 +28,7 @@ import torch.fx as fx
 
 from ...errors import UnsupportedError
 from ...ir.graph import node_location
+from ...ir.nodes import target_name
 from . import ops_joins, ops_linear, ops_pool  # noqa: F401  (they register their handlers in LOWERINGS)
 from .context import LoweringContext
 from .model import IntegerModel
@@ -59,7 +60,7 @@ class Lowering:
                 LOWERINGS.lookup(node.target)(ctx, node)
             else:
                 raise UnsupportedError(
-                    f"fpga-int8: {getattr(node.target, '__name__', node.target)} has no integer form in "
+                    f"fpga-int8: {target_name(node)} has no integer form in "
                     "this export", where=node_location(node),
                     hint="supported: conv2d (incl. grouped / depthwise), linear, add, cat, max / avg / "
                          "adaptive-avg pooling, mean over H, W, flatten / reshape, ReLU / ReLU6 / hardtanh "

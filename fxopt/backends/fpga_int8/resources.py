@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ...errors import PassOptionError
+from ...errors import BackendOptionError
 
 BIAS_BYTES, MULTIPLIER_BYTES, SHIFT_BYTES = 4, 4, 1
 
@@ -78,8 +78,8 @@ class ResourceReport:
 
 def resource_report(spec: dict, weights: dict, reuse_factor: int = 1) -> ResourceReport:
     if isinstance(reuse_factor, bool) or not isinstance(reuse_factor, int) or reuse_factor < 1:
-        raise PassOptionError(f"backend 'fpga-int8': reuse_factor must be a positive integer, got {reuse_factor!r}",
-                              hint="reuse_factor=1 (one multiplier per MAC) or more (fewer, reused)")
+        raise BackendOptionError(f"backend 'fpga-int8': reuse_factor must be a positive integer, got "
+                                 f"{reuse_factor!r}", hint="reuse_factor=1 (one multiplier per MAC) or more (fewer, reused)")
     report = ResourceReport(reuse_factor, input_shapes={e["name"]: list(e["shape"]) for e in spec["inputs"]})
     for layer in spec["layers"]:
         out = spec["tensors"][layer["output"]]

@@ -45,7 +45,7 @@ import torch
 import torch.fx as fx
 
 from ...errors import UnsupportedError
-from ...quant import FakeQuantize
+from ...quant import quantizers_in
 from .. import BackendOptions, register_backend
 from ...ir.inputs import resized_inputs
 from ...ir.meta import INPUT_SHAPES, TensorInfo
@@ -239,7 +239,7 @@ def _warm_up_inputs(graph: fx.GraphModule, example_inputs: tuple, dynamic) -> tu
 def _warm_up(compiled, graph: fx.GraphModule, example_inputs: tuple) -> None:
     """Run the compiled graph once, so inductor compiles now. Quantizers still observing
     would record the example inputs: their state is put back afterwards."""
-    observing = [m for m in graph.modules() if isinstance(m, FakeQuantize) and m.observing]
+    observing = [m for m in quantizers_in(graph) if m.observing]
     saved = [[(b, b.clone()) for b in m.buffers()] for m in observing]   # observers keep state in buffers
     try:
         with torch.no_grad():

@@ -45,18 +45,17 @@ Options: see FakeQuant.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
 import torch.fx as fx
 
-from ...ir.graph import first_twelve, module_path
+from ...ir.graph import first_twelve, module_path, report_unmatched
 from ...ir.meta import TENSOR
 from ...ir.nodes import target_name
 from ...pm import Pass, PassResult, register_pass
 from ...pm.options import Range
-from ...quant import FakeQuantize
+from ...quant import quantizers_in
 from ...quant.observers import ObserverKind
 from .report import FloatOp, QuantizedOp, QuantReport
 from .insert import QuantConfig, ValueGroups, quantize_values, quantize_weight
@@ -105,7 +104,7 @@ class FakeQuant(Pass):
     sees_into_leaves: ClassVar[bool] = False   # layers inside a leaf module are not seen
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
-        if any(isinstance(m, FakeQuantize) for m in gm.modules()):
+        if quantizers_in(gm):
             return PassResult.unchanged(notes=("the graph already has fake quantizers; left as is",))
         report = QuantReport()
         self._check_skip(gm, report)
@@ -131,7 +130,7 @@ class FakeQuant(Pass):
                                     for attr, axis in d.weights]
         act_paths = quantize_values(gm, groups, consumers, config)
         self._fill_report(report, decisions, weight_paths, act_paths)
-        report.quantizers = sum(isinstance(m, FakeQuantize) for m in gm.modules())
+        report.quantizers = len(quantizers_in(gm))
         if not report.quantizers:
             return PassResult.unchanged(notes=("nothing to quantize",), sections={"quant": report})
         gm.graph.lint()
@@ -167,12 +166,10 @@ class FakeQuant(Pass):
         """Warn about (and report) a skip pattern that matches no op: a typo would
         otherwise quantize what the user meant to keep in float."""
         ops = [n for n in gm.graph.nodes if n.op == "call_function"]
-        for pattern in self.skip:
-            if not any(skip_match(n, (pattern,)) for n in ops):
-                paths = sorted({module_path(n) for n in ops} - {""})
-                message = f"skip pattern {pattern!r} matches no op; module paths are e.g. {first_twelve(paths)}"
-                warnings.warn(f"fake-quant: {message}", stacklevel=2)
-                report.notes.append(message)
+        paths = sorted({module_path(n) for n in ops} - {""})
+        report.notes.extend(report_unmatched(
+            "fake-quant", self.skip, lambda pattern: any(skip_match(n, (pattern,)) for n in ops),
+            lambda pattern: f"skip pattern {pattern!r} matches no op; module paths are e.g. {first_twelve(paths)}"))
 
     @staticmethod
     def _notes(report: QuantReport) -> tuple[str, ...]:

@@ -25,7 +25,6 @@ plain dict of ATen op name -> reason).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
@@ -33,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from ...errors import PassOptionError
-from ...ir.graph import first_twelve, module_path
+from ...ir.graph import first_twelve, module_path, report_unmatched
 from ...ir.meta import TENSOR
 from ...ir.shape_prop import propagate_shapes
 from ...pm import Pass, PassResult, register_pass
@@ -134,14 +133,11 @@ class MixedPrecision(Pass):
     def _warn_unmatched(self, decisions: list[Decision], report: PrecisionReport) -> None:
         """A keep pattern that names no op is most likely a typo: say so."""
         nodes = [d.node for d in decisions if d.kind in ("low", "fp32")]
-        for pattern in self.keep:
-            if not any(keep_match(n, (pattern,)) for n in nodes):
-                paths = sorted({module_path(n) for n in nodes} - {""})
-                message = (f"keep pattern {pattern!r} matches no op; ops are e.g. "
-                           f"{', '.join(sorted({op_name(n) for n in nodes})[:12])}; module paths e.g. "
-                           f"{first_twelve(paths)}")
-                warnings.warn(f"mixed-precision: {message}", stacklevel=3)
-                report.notes.append(message)
+        paths, ops = sorted({module_path(n) for n in nodes} - {""}), sorted({op_name(n) for n in nodes})
+        report.notes.extend(report_unmatched(
+            "mixed-precision", self.keep, lambda pattern: any(keep_match(n, (pattern,)) for n in nodes),
+            lambda pattern: f"keep pattern {pattern!r} matches no op; ops are e.g. {', '.join(ops[:12])}; "
+                            f"module paths e.g. {first_twelve(paths)}"))
 
 
 def _computes_in_16_bits(node: fx.Node) -> bool:

@@ -11,7 +11,6 @@ rewritten is left unpruned, with a note; the result is checked by shape propagat
 """
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
@@ -19,7 +18,7 @@ from typing import Annotated, ClassVar, Literal
 import torch.fx as fx
 
 from ...analyses.channel_groups import channel_groups_for
-from ...ir.graph import first_match, first_twelve, fqn_matches
+from ...ir.graph import first_match, first_twelve, fqn_matches, report_unmatched
 from ...pm import Pass, PassResult, format_pipeline, register_pass
 from ...pm.options import Range
 from .importance import Importance, channels_to_keep, global_keep_counts, kept_channels
@@ -125,10 +124,9 @@ class PruneChannels(Pass):
 
     def _warn_unmatched(self, gm: fx.GraphModule) -> None:
         fqns = sorted({str(n.target) for n in gm.graph.find_nodes(op="get_attr")})
-        for pattern in self.ignore:
-            if first_match([pattern], fqns) is None:
-                warnings.warn(f"prune-channels: ignore pattern {pattern!r} matches no parameter; "
-                              f"parameters are e.g. {first_twelve(fqns)}", stacklevel=2)
+        report_unmatched("prune-channels", self.ignore, lambda pattern: first_match([pattern], fqns) is not None,
+                         lambda pattern: f"ignore pattern {pattern!r} matches no parameter; "
+                                         f"parameters are e.g. {first_twelve(fqns)}")
 
 
 def _none_prunable(groups) -> str:
