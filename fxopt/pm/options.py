@@ -123,10 +123,10 @@ class Options(metaclass=CheckedOnConstruction):
         unknown = sorted(set(values) - set(fields))
         if unknown and not fields:
             raise cls.error_class(f"{cls.owner()} takes no options, got {', '.join(map(repr, unknown))}",
-                            hint="drop them")
+                                  hint="drop them")
         if unknown:
             raise cls.error_class(f"{cls.owner()} has no option {', '.join(map(repr, unknown))}",
-                            hint=f"its options: {', '.join(fields)}")
+                                  hint=f"its options: {', '.join(fields)}")
         return cls(**values)
 
 
