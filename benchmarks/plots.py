@@ -194,7 +194,8 @@ def _backends_bars(result: dict) -> tuple[dict, str]:
 
 def _prune_bars(result: dict) -> tuple[dict, str]:
     panels = {}
-    for m in (m for m in result["models"] if "error" not in m and m.get("kind") != "sparsity"):
+    timed = (m for m in result["models"] if "error" not in m and "unpruned" in m)   # not the memory-only rows
+    for m in timed:
         values = {"unpruned": m["unpruned"]["latency"]["median_s"] * 1e3}
         values.update({tool: t["latency"]["median_s"] * 1e3 for tool, t in m["tools"].items() if t.get("ok")})
         panels[m["name"]] = values
