@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from fxopt.api import cli
 from fxopt.runtime.launch import torchrun_command
@@ -107,3 +108,12 @@ def test_a_stage_count_unlike_the_process_count_is_refused_before_launching(mode
     assert cli.main(["pipeline-run", f"{models}:mlp", "--num-stages", "4", "--nproc-per-node", "2",
                      "--input-shape", "8x16"]) == 2
     assert "--num-stages 4 with 2 processes: one stage per process" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_device_the_machine_lacks_is_a_clear_error(models, capsys, monkeypatch):
+    """The runtime library's refusals are FxoptErrors: the command prints them, exit code 2."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli.main(["pipeline-run", f"{models}:mlp", "--nproc-per-node", "1", "--device", "cuda",
+                     "--input-shape", "8x16"]) == 2
+    assert "device 'cuda' was asked for, but CUDA is not available here" in capsys.readouterr().err

@@ -47,11 +47,8 @@ def pipeline_run(args, load_model, make_inputs) -> int:
         sys.stdout.flush()
         command = torchrun_command(processes, ["-m", "fxopt.api.cli", "pipeline-run", *_worker_argv(args)])
         return subprocess.run(command).returncode
-    try:
+    try:   # the runtime's refusals are FxoptErrors, which the CLI prints as `error: ...`
         return _run_stage(args, load_model, inputs, processes, int(os.environ.get("RANK", "0")))
-    except ValueError as exc:   # the runtime library's refusals (stage count, device, outputs)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -14,6 +14,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from ..errors import UnsupportedError
+
 
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on now (for torchrun's master)."""
@@ -35,7 +37,8 @@ def join_process_group(device: str) -> torch.device:
     the group is torchrun's; without it, a group of one in this process."""
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda but CUDA is not available")
+            raise UnsupportedError("device 'cuda' was asked for, but CUDA is not available here",
+                                   hint="run on the CPU (device 'cpu'), or on a machine with a GPU")
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         backend, dev = "nccl", torch.device("cuda", local)

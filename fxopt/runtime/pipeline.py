@@ -27,6 +27,8 @@ import torch
 import torch.fx as fx
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from ..errors import FxoptError
+
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
@@ -35,7 +37,8 @@ def stage_modules(split_gm: fx.GraphModule) -> list[fx.GraphModule]:
     names = sorted((n for n, _ in split_gm.named_children() if n.startswith("stage_") and n[6:].isdigit()),
                    key=lambda n: int(n[6:]))
     if not names:
-        raise ValueError("the graph module has no stage_i children: run split-stages{num-stages=K} first")
+        raise FxoptError("the graph module has no stage_i children",
+                         hint="run split-stages{num-stages=K} first")
     return [split_gm.get_submodule(n) for n in names]
 
 
@@ -82,7 +85,7 @@ def build_stage(split_gm: fx.GraphModule, rank: int, world: int, device, example
     (one stage per process: the split must have `world` stages)."""
     stages = stage_modules(split_gm)
     if len(stages) != world:
-        raise ValueError(f"the model is split into {len(stages)} stages but there are {world} processes: "
+        raise FxoptError(f"the model is split into {len(stages)} stages but there are {world} processes: "
                          f"one stage per process")
     device = torch.device(device)
     inputs, outputs = stage_io(split_gm, example_microbatch)[rank]
@@ -98,7 +101,7 @@ def make_schedule(stage: PipelineStage, kind: str, microbatches: int, loss_fn=No
     """ScheduleGPipe ("gpipe") or Schedule1F1B ("1f1b") over `microbatches`; with a loss_fn
     (mean over its microbatch) the gradients are averaged over the microbatches."""
     if kind not in SCHEDULES:
-        raise ValueError(f"unknown schedule {kind!r}: use {' | '.join(SCHEDULES)}")
+        raise FxoptError(f"unknown schedule {kind!r}", hint=f"use {' | '.join(SCHEDULES)}")
     return SCHEDULES[kind](stage, microbatches, loss_fn=loss_fn)
 
 
