@@ -63,6 +63,20 @@ def _record_dict(record: PassRecord) -> dict:
     return out
 
 
+def nodes_by_reason(records) -> dict[str, list[str]]:
+    """reason -> the nodes given for it, in order, of report rows that each have `.node` and
+    `.reason` (the ops a pass left as they were, and why)."""
+    out: dict[str, list[str]] = {}
+    for record in records:
+        out.setdefault(record.reason, []).append(record.node)
+    return out
+
+
+def reason_of(records, node: str) -> str | None:
+    """The reason the row for `node` gives (None when no row names it)."""
+    return next((record.reason for record in records if record.node == node), None)
+
+
 def short_number(n: float) -> str:
     """12345678 -> '12.35M'."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):

@@ -4,8 +4,9 @@ Read it as `compiled.report.quant`; `str()` is a readable summary, `to_dict()` i
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+
+from ...pm.report import nodes_by_reason, reason_of
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,11 @@ class QuantReport:
 
     def float_reasons(self) -> dict[str, list[str]]:
         """reason -> node names left float for it."""
-        out: dict[str, list[str]] = defaultdict(list)
-        for f in self.float_ops:
-            out[f.reason].append(f.node)
-        return dict(out)
+        return nodes_by_reason(self.float_ops)
 
     def reason_for(self, node: str) -> str | None:
         """Why `node` stayed float (None if it was quantized or is not listed)."""
-        return next((f.reason for f in self.float_ops if f.node == node), None)
+        return reason_of(self.float_ops, node)
 
     def to_dict(self) -> dict:
         return {"quantized": [asdict(q) for q in self.quantized], "joins": dict(self.joins),

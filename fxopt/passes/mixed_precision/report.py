@@ -4,8 +4,10 @@ Read it as `compiled.report.precision`; `str()` is a readable summary, `to_dict(
 """
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
+
+from ...pm.report import nodes_by_reason, reason_of
 
 
 @dataclass(frozen=True)
@@ -52,14 +54,11 @@ class PrecisionReport:
 
     def kept_reasons(self) -> dict[str, list[str]]:
         """reason -> the nodes kept fp32 for it."""
-        out: dict[str, list[str]] = defaultdict(list)
-        for p in self.kept:
-            out[p.reason].append(p.node)
-        return dict(out)
+        return nodes_by_reason(self.kept)
 
     def reason_for(self, node: str) -> str | None:
         """Why `node` stayed fp32 (None if it computes in 16 bits or is not listed)."""
-        return next((p.reason for p in self.kept if p.node == node), None)
+        return reason_of(self.kept, node)
 
     def kept_ops(self) -> set[str]:
         """The ATen op names with at least one op kept fp32."""
