@@ -62,8 +62,12 @@ def _declared() -> dict[str, str]:
 
 
 def _find(name: str) -> "Backend | None":
+    """The backend registered as `name`, its module imported first if it is not yet (the
+    installed packages' entry points are read only then: not on every compile)."""
+    if name in _BACKENDS:
+        return _BACKENDS[name]
     module = _declared().get(name)
-    if name not in _BACKENDS and module is not None:
+    if module is not None:
         import_provider(f"backend '{name}'", module, UnsupportedError)
         if name not in _BACKENDS:
             raise UnsupportedError(f"backend '{name}': importing {module!r} registered no backend of that name",
