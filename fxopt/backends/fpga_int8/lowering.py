@@ -56,8 +56,8 @@ class Lowering:
                 alias(ctx, node)
             elif ctx.act_fq(node) is not None:
                 quantizer(ctx, node)
-            elif node.target in LOWERINGS:
-                LOWERINGS.lookup(node.target)(ctx, node)
+            elif (lower := LOWERINGS.lookup(node.target)) is not None:
+                lower(ctx, node)
             else:
                 raise UnsupportedError(
                     f"fpga-int8: {target_name(node)} has no integer form in "
