@@ -73,8 +73,9 @@ class CheckedOnConstruction(type):
     def __call__(cls, *args, **kwargs):
         instance = super().__call__(*args, **kwargs)
         if dataclasses.is_dataclass(instance):
-            _normalise_lists(instance)
-            check_options(instance)
+            hints = typing.get_type_hints(cls, include_extras=True)   # read once for both steps
+            _normalise_lists(instance, hints)
+            check_options(instance, hints)
             instance.validate()
         return instance
 
@@ -176,10 +177,11 @@ def type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def check_options(instance: Options) -> None:
-    """Raise the class's error at the first field of `instance` its annotation refuses."""
+def check_options(instance: Options, hints: dict | None = None) -> None:
+    """Raise the class's error at the first field of `instance` its annotation refuses
+    (`hints`: the class's type hints with extras, when the caller has them already)."""
     cls = type(instance)
-    hints = typing.get_type_hints(cls, include_extras=True)
+    hints = hints or typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         problem = _problem(hints[f.name], getattr(instance, f.name))
         if problem:
@@ -187,10 +189,9 @@ def check_options(instance: Options) -> None:
                                   hint="`fxopt passes` and `fxopt backends` list every option with what it takes")
 
 
-def _normalise_lists(instance) -> None:
+def _normalise_lists(instance, hints: dict) -> None:
     """A list option given one string holds that string; any other iterable (a list, a set, a
     generator) becomes a tuple, so the option is hashable and prints back to text."""
-    hints = typing.get_type_hints(type(instance))
     for f in dataclasses.fields(instance):
         value = getattr(instance, f.name)
         if not _is_list_type(hints[f.name]) or isinstance(value, tuple):
