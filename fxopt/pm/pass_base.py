@@ -25,8 +25,6 @@ from .analysis import AnalysisManager
 _REGISTRY: dict[str, type["Pass"]] = {}
 _DECLARED: dict[str, str] = {}        # pass name -> the module that registers it
 ENTRY_POINTS = "fxopt.passes"        # the group a plugin package lists its passes in
-_RESERVED = {"name", "owner_name", "error_class", "tolerance", "sees_into_leaves", "reads_weights",
-             "run", "validate", "options", "owner", "key_of", "from_kwargs"}
 
 
 class Pass(Options):
@@ -59,6 +57,9 @@ class Pass(Options):
     @classmethod
     def key_of(cls, field: str) -> str:
         return field.replace("_", "-")
+
+
+_RESERVED = {attr for attr in dir(Pass) if not attr.startswith("_")}   # an option field would hide these
 
 
 @dataclass(frozen=True)
