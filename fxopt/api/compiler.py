@@ -26,7 +26,7 @@ def _verify_by_default() -> bool:
 
 
 def compile(model, example_inputs, example_kwargs=None, pipeline="default", backend: str = "eager",
-            dynamic_shapes="batch", calibration=None, instruments=None,
+            dynamic_shapes="batch", calibration=None, data=None, instruments=None,
             verify: bool | None = None, leaf_modules=(), concrete_args=None,
             **backend_options) -> CompiledModel:
     """Trace `model`, run `pipeline` over the graph, lower it with `backend`.
@@ -38,7 +38,9 @@ def compile(model, example_inputs, example_kwargs=None, pipeline="default", back
     instrument with output checks on the example inputs (and, where a dim is
     dynamic, at one more size) after every pass.
     `calibration` batches (any size along the dynamic dims) are run through the
-    rewritten graph before lowering. `instruments`: the pass manager's instruments
+    rewritten graph before lowering. `data` batches are for the passes that train or
+    measure (distill, sensitivity-driven allocation): each `x`, `(x, target)` or `(x, None)`,
+    targets optional. `instruments`: the pass manager's instruments
     (default: a new Timing for this call; () for none).
     """
     if "on_new_shape" in backend_options:
@@ -60,7 +62,8 @@ def compile(model, example_inputs, example_kwargs=None, pipeline="default", back
     gm = trace(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes,
                leaf_modules=leaf_modules, concrete_args=concrete_args)
     calibration = _batches(calibration, "calibration") if calibration is not None else None
-    am = AnalysisManager(gm, calibration)
+    data = _batches(data, "data") if data is not None else None
+    am = AnalysisManager(gm, calibration, data)
     am.put(Shapes, ShapeTable(gm))
     instruments = (Timing(),) if instruments is None else tuple(instruments)
     instruments += (CostTracker(),)

@@ -171,6 +171,21 @@ def traced_inputs(gm: fx.GraphModule) -> tuple:
                  for i in gm.meta.get(INPUT_SHAPES, ()))
 
 
+def inputs_and_target(batch, what: str = "a batch") -> tuple[tuple, object]:
+    """A training / measuring batch as (inputs tuple, target or None): `x`, `(x, y)`,
+    `(x, None)` or `((x1, x2), y)` (the `data=` batches of compile, finetune and distill)."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), None
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+        inputs = batch[0]
+        target = batch[1] if len(batch) == 2 else None
+        return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), target
+    raise InputShapeError(
+        f"cannot read {what} of type {type(batch).__name__}"
+        + (f" with {len(batch)} items" if isinstance(batch, (tuple, list)) else ""),
+        hint="give batches as x, (x, target) or ((x1, x2, ...), target)")
+
+
 def split_batch(batch) -> tuple[tuple, dict]:
     """(args, kwargs) of one batch: a dict is keyword inputs, a tuple or list positional ones."""
     if isinstance(batch, dict):

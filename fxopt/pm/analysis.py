@@ -27,15 +27,17 @@ class AnalysisManager:
     """Cache of analysis results for one GraphModule.
 
     `calibration` holds the batches given to compile, for passes that need real data
-    (e.g. gradient-based importance); it is data, not a cached result, so it survives
-    invalidation. `run` is the pipeline run this cache serves (the PassManager sets it:
+    (e.g. gradient-based importance); `data` the batches given for training or measuring
+    (distill, sensitivity): each `x`, `(x, target)` or `(x, None)`. Both are data, not
+    cached results, so they survive invalidation. `run` is the pipeline run this cache serves (the PassManager sets it:
     its passes, the records of those already run, the example inputs), for a pass that
     must know what ran before it (e.g. a pruning plan that replays it); None outside one.
     """
 
-    def __init__(self, gm: fx.GraphModule, calibration=None):
+    def __init__(self, gm: fx.GraphModule, calibration=None, data=None):
         self.gm = gm
         self.calibration = list(calibration) if calibration is not None else None
+        self.data = list(data) if data is not None else None
         self.run = None
         self._cache: dict[type, object] = {}
 

@@ -6,6 +6,7 @@ Reproducer, have seen it).
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ class RunContext:
     example_inputs: tuple | None = None
     report: Report = field(default_factory=Report)
     example_kwargs: dict = field(default_factory=dict)
+    original: fx.GraphModule | None = None   # the graph before the first lossy pass (see Pass.needs_original)
 
     @property
     def passes_run(self) -> list[str]:
@@ -54,9 +56,12 @@ class PassManager:
                          dict(example_kwargs or {}))
         am.run = ctx
         self._notify("before_pipeline", ctx, gm)
+        keep_original = any(p.needs_original for p in self.passes)
         for index, p in enumerate(self.passes):
             record = PassRecord(p.name, format_pipeline([p]))
             _check_values(p, gm)
+            if keep_original and ctx.original is None and p.tolerance is None:
+                ctx.original = _snapshot(gm)
             self._notify("before_pass", ctx, p, gm)
             try:
                 start = time.perf_counter()
@@ -88,6 +93,15 @@ class PassManager:
             raise PassFailedError(
                 f"pass '{p.name}' returned {type(result).__name__}, not a PassResult",
                 hint="end run() with `return PassResult.changed(preserves=...)` or `PassResult.unchanged()`")
+
+
+def _snapshot(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the graph and its weights that later passes and training cannot touch."""
+    original = copy.deepcopy(gm)
+    original.eval()
+    for param in original.parameters():
+        param.requires_grad_(False)
+    return original
 
 
 def _check_values(p: Pass, gm: fx.GraphModule) -> None:

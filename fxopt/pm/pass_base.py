@@ -40,12 +40,16 @@ class Pass(Options):
     pass manager's report line for it names the leaves it left alone.
     `reads_weights` is False for a pass that needs only the graph and its shapes: it
     also runs on a model whose weights are on the meta device (no values).
+    `needs_original` is True for a pass that compares the graph with what it computed
+    before the pipeline's first lossy pass (a distillation teacher): the pass manager
+    then keeps a copy of the graph then, as `am.run.original`.
     """
 
     name: ClassVar[str] = ""
     tolerance: ClassVar[float | None] = 1e-4
     sees_into_leaves: ClassVar[bool] = True
     reads_weights: ClassVar[bool] = True   # False: needs only the graph and shapes (meta weights do)
+    needs_original: ClassVar[bool] = False  # True: am.run.original holds the graph before the first lossy pass
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> "PassResult":
         raise NotImplementedError(f"{type(self).__name__}.run")

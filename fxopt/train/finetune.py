@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..util.artefacts import check_writable
 from ..backends.compiled import CompiledModel
 from ..errors import TrainingError
-from ..ir.inputs import check_inputs
+from ..ir.inputs import check_inputs, inputs_and_target
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import Stream, join_world
 
@@ -165,7 +165,7 @@ class _Run:
         batches = self.stream.take(world.size * accumulate)
         summed = 0
         for k, batch in enumerate(batches):
-            inputs, target = _split(batch)
+            inputs, target = inputs_and_target(batch, "a finetune batch")
             inputs = tuple(_to(x, device) for x in inputs)
             if isinstance(self.net, torch.fx.GraphModule):   # any size along its dynamic dims
                 check_inputs(self.net, inputs, {}, what="finetune: a batch was given")
@@ -342,20 +342,6 @@ def _check_run_options(accumulate, checkpoint, checkpoint_every) -> None:
             raise TrainingError(f"finetune: checkpoint {os.fspath(checkpoint)!r} is a folder",
                                   hint="give a file path, e.g. 'run/finetune.ckpt'")
         check_writable(checkpoint, "a finetune checkpoint")
-
-
-def _split(batch) -> tuple[tuple, object]:
-    """A batch as (inputs tuple, target or None): `x`, `(x, y)`, `(x, None)` or `((x1, x2), y)`."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,), None
-    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
-        inputs = batch[0]
-        target = batch[1] if len(batch) == 2 else None
-        return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), target
-    raise TrainingError(
-        f"finetune: cannot read a batch of type {type(batch).__name__}"
-        + (f" with {len(batch)} items" if isinstance(batch, (tuple, list)) else ""),
-        hint="give batches as x, (x, target) or ((x1, x2, ...), target)")
 
 
 @contextlib.contextmanager
