@@ -18,7 +18,7 @@ from ..ir.trace import as_args, trace
 from ..pm import AnalysisManager, PassManager, Timing, Verify
 from ..quant import quantizers_in
 
-__all__ = ["CompiledModel", "calibrate", "compile", "freeze", "lower", "trace"]
+__all__ = ["CompiledModel", "Recipe", "build", "calibrate", "compile", "freeze", "lower", "trace"]
 
 
 def _verify_by_default() -> bool:
@@ -61,22 +61,48 @@ def compile(model, example_inputs, example_kwargs=None, pipeline="default", back
     example_kwargs = dict(example_kwargs or {})
     gm = trace(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes,
                leaf_modules=leaf_modules, concrete_args=concrete_args)
-    calibration = _batches(calibration, "calibration") if calibration is not None else None
-    data = _batches(data, "data") if data is not None else None
-    am = AnalysisManager(gm, calibration, data)
-    am.put(Shapes, ShapeTable(gm))
     instruments = (Timing(),) if instruments is None else tuple(instruments)
-    instruments += (CostTracker(),)
     if verify if verify is not None else _verify_by_default():
         instruments += (Verify(check_outputs=True),)
-    report = PassManager(pipeline, instruments).run(gm, am, example_inputs=example_inputs,
-                                                    example_kwargs=example_kwargs)
+    recipe = Recipe(pipeline, backend, calibration, data, instruments, backend_options)
+    return build(gm, (example_inputs, example_kwargs), recipe)
+
+
+@dataclasses.dataclass
+class Recipe:
+    """What turns a traced graph into a CompiledModel: the passes, their data and the backend."""
+
+    pipeline: object = "default"
+    backend: str = "eager"
+    calibration: object = None
+    data: object = None
+    instruments: tuple = ()
+    backend_options: dict = dataclasses.field(default_factory=dict)
+
+
+def build(gm: fx.GraphModule, example: tuple, recipe: Recipe, analyses: dict | None = None) -> CompiledModel:
+    """Run `recipe` over the traced graph `gm` (rewritten in place) and lower it.
+
+    `example` is (example_inputs, example_kwargs). `analyses` are results already known for
+    `gm` ({analysis type: result}), put in the cache before the first pass, so a caller that
+    builds many variants of one graph measures them once.
+    """
+    example_inputs, example_kwargs = example
+    calibration = _batches(recipe.calibration, "calibration") if recipe.calibration is not None else None
+    data = _batches(recipe.data, "data") if recipe.data is not None else None
+    am = AnalysisManager(gm, calibration, data)
+    am.put(Shapes, ShapeTable(gm))
+    for analysis, result in (analyses or {}).items():
+        am.put(analysis, result)
+    report = PassManager(recipe.pipeline, tuple(recipe.instruments) + (CostTracker(),)).run(
+        gm, am, example_inputs=example_inputs, example_kwargs=example_kwargs)
     if calibration is not None:
         _run_batches(gm, calibration)
         if quantizers_in(gm):  # observers have seen the batches: fix the scales before lowering
             _freeze_module(gm)
-    lowered = get_backend(backend).lower(gm, positional(gm, example_inputs, example_kwargs), **backend_options)
-    return CompiledModel(gm, lowered, _with_backend_sections(report, lowered), (backend, backend_options))
+    options = dict(recipe.backend_options)
+    lowered = get_backend(recipe.backend).lower(gm, positional(gm, example_inputs, example_kwargs), **options)
+    return CompiledModel(gm, lowered, _with_backend_sections(report, lowered), (recipe.backend, options))
 
 
 def lower(compiled: CompiledModel, backend: str = "eager", example_inputs=None, **options) -> CompiledModel:
