@@ -312,8 +312,9 @@ def _latency(modules: dict, x: tuple, runs: int, bar) -> dict:
         gc.unfreeze()
 
 
-def measure_rows(task, specs: list[dict], runs: int, log) -> list[dict]:
-    """The baseline and every pipeline's row, latency interleaved across all that compiled."""
+def measure_rows(task, specs: list[dict], runs: int, log, built: dict | None = None) -> list[dict]:
+    """The baseline and every pipeline's row, latency interleaved across all that compiled;
+    `built` adds rows for models compiled elsewhere: {label: (CompiledModel, seconds, pipeline)}."""
     from rich.console import Console
     from rich.progress import Progress
 
@@ -332,6 +333,10 @@ def measure_rows(task, specs: list[dict], runs: int, log) -> list[dict]:
             log(f"  {spec['label']}: " + (f"FAILED {record['error'][:200]}" if "error" in record else
                                           f"compile {fmt_seconds(record['compile_s'])}, "
                                           f"{task.headline} {record['headline']!s:.6}"))
+        for label, (cm, seconds, pipeline) in (built or {}).items():
+            rows.append({"label": label, "pipeline": pipeline, "backend": cm.backend, "compile_s": seconds,
+                         **_row(label, cm, cm.graph_module, task, cm)})
+            modules[label] = cm
         bar.update(step, advance=1)
         lat = _latency(modules, task.example_inputs(), runs, bar)
     for row in rows:

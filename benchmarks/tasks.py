@@ -69,6 +69,11 @@ class Task:
     def calibration(self) -> list[tuple]:
         raise NotImplementedError
 
+    def train_data(self) -> list:
+        """Batches to recover a compressed model with (distillation, sensitivity), never the
+        held-out ones the fidelity is measured on."""
+        raise NotImplementedError
+
     def fidelity(self, run) -> dict[str, float]:
         raise NotImplementedError
 
@@ -232,6 +237,12 @@ class CrepeTask(Task):
     def calibration(self):
         return list(self._sets()[0])
 
+    def train_data(self, batches: int = 24, size: int = 16) -> list:
+        """`batches` batches of `size` tones from a seed of their own (targets: none, the teacher's
+        outputs are what a compressed model is trained towards)."""
+        x, _ = tones(batches * size, self.seed + 2000)
+        return [(x[i:i + size],) for i in range(0, len(x), size)]
+
     def pitch(self, run) -> tuple[torch.Tensor, torch.Tensor]:
         """(predicted f0, true f0), Hz, over the held-out tones."""
         held = self._sets()[1]
@@ -304,6 +315,11 @@ class DigitsTask(Task):
     def calibration(self):
         x_train, y_train, _, _ = self._dataset()
         return [(x,) for x, _ in _digits.batches(x_train, y_train, 0)[:self.n_calib]]
+
+    def train_data(self) -> list:
+        """The training split's labelled batches (the model was trained on them)."""
+        x_train, y_train, _, _ = self._dataset()
+        return _digits.batches(x_train, y_train, 1)
 
     def _test_batches(self):
         _, _, x, y = self._dataset()

@@ -24,7 +24,8 @@ __version__ = "0.1.0"
 _LAZY = {"PruningPlan": "fxopt.passes.prune_channels.persist", "apply_plan": "fxopt.passes.prune_channels.persist",
          "explain_pruning": "fxopt.passes.prune_channels.persist", "load_pruned": "fxopt.passes.prune_channels.persist",
          "pruning_plan": "fxopt.passes.prune_channels.persist", "save_pruned": "fxopt.passes.prune_channels.persist",
-         "QuantReport": "fxopt.passes.fake_quant.report", "export_onnx": "fxopt.backends.onnx"}
+         "QuantReport": "fxopt.passes.fake_quant.report", "export_onnx": "fxopt.backends.onnx",
+         "compress": "fxopt.api.compress", "CompressReport": "fxopt.api.compress"}
 
 __all__ = [
     "PRESETS", "Analysis", "AnalysisManager", "BackendOptionError", "CompiledModel", "FxoptError",
@@ -38,6 +39,7 @@ __all__ = [
     "FakeQuantize", "QuantReport", "quant",
     "export_onnx",
     "load", "save",
+    "CompressReport", "compress",
 ]
 
 

@@ -94,6 +94,24 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", metavar="FILE", help="rank 0 writes the results here")
     pr.set_defaults(handler=cmd_pipeline_run)
 
+    c = sub.add_parser("compress", help="fxopt.compress: the fastest (or smallest) model within --max-drop of "
+                                        "its score, at --target")
+    c.add_argument("model", help="task:crepe | task:minilm | task:digits (real weights, data and metric), or "
+                                 "torchvision:NAME, path/file.py:ATTR, pkg.module:ATTR with --input-shape and --data")
+    c.add_argument("--target", default="speedup=4", help="speedup=S, size=R or macs=R (default: %(default)s)")
+    c.add_argument("--max-drop", type=float, default=0.01, help="tolerated fall of the score (default: %(default)s)")
+    c.add_argument("--backend", default="int8", help="where the model will run (default: %(default)s)")
+    c.add_argument("--steps", type=int, default=300, help="distillation steps per candidate (default: %(default)s)")
+    c.add_argument("--time-budget", type=float, metavar="SECONDS", help="start no candidate after this")
+    c.add_argument("--compare", action="append", default=[], metavar="PIPELINE",
+                   help="task models: a preset or pipeline measured beside the result; repeat")
+    c.add_argument("--input-shape", action="append", help="other models: e.g. 1x3x32x32; repeat per input")
+    c.add_argument("--input-dtype", action="append", choices=sorted(_DTYPES))
+    c.add_argument("--data", metavar="FILE", help="other models: batches saved with torch.save (a list)")
+    c.add_argument("--out", metavar="DIR", help="write the results (JSON, Markdown, Pareto plot) there")
+    c.add_argument("--save", metavar="DIR", help="other models: save the compressed model there (fxopt.save)")
+    c.set_defaults(handler=cmd_compress)
+
     # prefix_chars="\0": no option is this parser's own, so every word after `bench` (--help
     # included) goes untouched to the harness's own parser.
     bn = sub.add_parser("bench", add_help=False, prefix_chars="\0",
@@ -197,6 +215,13 @@ def cmd_pipeline_run(args) -> int:
     from .cli_pipeline import pipeline_run   # torch.distributed.pipelining: ~0.8 s to import, for this command only
 
     return pipeline_run(args, load_model, make_inputs)
+
+
+def cmd_compress(args) -> int:
+    """`fxopt compress`: see fxopt/api/cli_compress.py."""
+    from .cli_compress import compress_command
+
+    return compress_command(args, _import_benchmarks, load_model, make_inputs)
 
 
 def cmd_bench(args) -> int:
