@@ -40,11 +40,10 @@ class DistillReport:
         outputs = ", ".join(f"{name}: {kind}" + (f" (T={self.temperature:g})" if kind == "kl" else "")
                             for name, kind in self.losses.items())
         lines = [f"distill: {self.steps} steps in {self.seconds:.1f} s (lr {self.lr:g}) against {self.teacher}",
-                 f"  loss {_ends(self.loss)}; distillation part {_ends(self.distill)}",
-                 f"  outputs: {outputs}"]
+                 f"  loss {_ends(self.loss)} (first -> last steps)", f"  outputs: {outputs}"]
         if self.alpha is not None:
-            lines.append(f"  labels: task loss mixed in, alpha {self.alpha:g} on distillation; "
-                         f"task part {_ends(self.task)}")
+            lines.append(f"  labels: task loss mixed in, alpha {self.alpha:g} on distillation; distillation "
+                         f"part {_ends(self.distill)}, task part {_ends(self.task)}")
         if self.features:
             lines.append(f"  features (MSE x {self.feature_weight:g}): {', '.join(self.features)}")
         lines.append(f"  fidelity (KL for logits, 1 - cosine otherwise; mean over {self.measured_on} batches): "
