@@ -135,3 +135,20 @@ def test_finetune_takes_a_distill_loss():
     fxopt.finetune(student, teacher, data, steps=20, lr=1e-2, distill_loss=mse)
     assert student.finetune_history.distill[0] == pytest.approx(first)
     assert student.finetune_history.distill[-1] < first
+
+
+def test_labelled_batches_need_one_output():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    x = torch.randn(8, 4)
+    with pytest.raises(fxopt.PassOptionError, match="2 outputs"):
+        fxopt.compile(Two().eval(), (x,), pipeline="distill{steps=2}", data=[(x, torch.zeros(8, dtype=torch.long))])
+    cm = fxopt.compile(Two().eval(), (x,), pipeline="distill{steps=2}", data=[x])
+    assert cm.report.distill.losses == {"linear": "kl", "linear_1": "kl"}
+    assert not hasattr(cm.graph_module, "finetune_history")

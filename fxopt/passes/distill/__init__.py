@@ -81,6 +81,10 @@ class Distill(Pass):
         teacher, data = self._teacher(am), self._data(am)
         kinds = [AUTO[k] if self.loss == "auto" else self.loss for k in output_kinds(gm)]
         labelled = any(inputs_and_target(b, "a distill batch")[1] is not None for b in data)
+        if labelled and len(kinds) > 1:
+            raise PassOptionError(f"distill: labelled batches, and the model has {len(kinds)} outputs: "
+                                  "the task loss (cross-entropy) needs one",
+                                  hint="give unlabelled batches (x, or (x, None)) to train by distillation alone")
         report = DistillReport(teacher=_teacher_text(am), steps=self.steps, lr=self.lr, temperature=self.temperature,
                                alpha=self.alpha if labelled else None, feature_weight=self.feature_weight,
                                losses=dict(zip(_output_names(teacher), kinds)),
@@ -97,7 +101,7 @@ class Distill(Pass):
         notes += feature_notes
         report.fidelity_before = measure_fidelity(gm, teacher, measured, output_kinds(gm))
         start = time.perf_counter()
-        history = self._train(gm, teacher, data, kinds, pairs, labelled)
+        history = self._train(gm, teacher, data, kinds, pairs)
         report.seconds = time.perf_counter() - start
         report.loss, report.distill, report.task = history.loss, history.distill, history.task
         report.fidelity_after = measure_fidelity(gm, teacher, measured, output_kinds(gm))
@@ -121,23 +125,22 @@ class Distill(Pass):
                                        "data=[x1, x2, ...]) (each x, or (x, labels))")
         return am.data
 
-    def _train(self, gm, teacher, data, kinds: list[str], pairs: list[str], labelled: bool):
-        """fxopt.finetune on the graph (or on views returning the matched features too)."""
+    def _train(self, gm, teacher, data, kinds: list[str], pairs: list[str]):
+        """fxopt.finetune on the graph (or on views returning the matched features too); the
+        history it made, which is not left on the graph."""
         student, teacher_net = gm, teacher
         if pairs:
             student, teacher_net = returning_features(gm, pairs), returning_features(teacher, pairs)
         # finetune's own cross-entropy (it checks the labels) takes a bare tensor output
         task_loss = None if not pairs and isinstance(_output_value(gm), fx.Node) else first_output_task_loss
-        if labelled and len(kinds) > 1:
-            raise PassOptionError(f"distill: labelled batches, and the model has {len(kinds)} outputs: "
-                                  "the task loss (cross-entropy) needs one",
-                                  hint="give unlabelled batches (x, or (x, None)) to train by distillation alone")
         loss = OutputLoss(kinds, self.temperature, self.feature_weight if pairs else None)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             finetune(student, teacher_net, data, self.steps, self.lr, alpha=self.alpha, temperature=self.temperature,
                      loss=task_loss, distill_loss=loss, progress=self.progress)
-        return student.finetune_history
+        history = student.finetune_history
+        del student.finetune_history
+        return history
 
 
 def _output_value(gm: fx.GraphModule):
