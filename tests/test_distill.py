@@ -122,7 +122,8 @@ def test_mse_loss_on_features_output_and_pipeline_text():
 
 
 def test_finetune_takes_a_distill_loss():
-    """finetune's distill_loss replaces the T²·KL of logits (distill passes one per output)."""
+    """finetune's distill_loss replaces the T²·KL of logits (distill passes one per output); progress
+    draws a bar."""
     torch.manual_seed(0)
     teacher = nn.Linear(4, 3).eval()
     student = copy.deepcopy(teacher)
@@ -132,7 +133,7 @@ def test_finetune_takes_a_distill_loss():
     mse = nn.functional.mse_loss
     with torch.no_grad():
         first = mse(student(data[0]), teacher(data[0])).item()
-    fxopt.finetune(student, teacher, data, steps=20, lr=1e-2, distill_loss=mse)
+    fxopt.finetune(student, teacher, data, steps=20, lr=1e-2, distill_loss=mse, progress=True)
     assert student.finetune_history.distill[0] == pytest.approx(first)
     assert student.finetune_history.distill[-1] < first
 

@@ -166,7 +166,11 @@ def _bar(shown: bool, steps: int):
     if not shown:
         yield lambda step, parts: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    except ImportError as exc:
+        raise TrainingError("finetune: progress=True draws its bar with rich, which is not installed",
+                            hint="pip install rich (or fxopt[bench]), or leave progress off") from exc
 
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[loss]}"))

@@ -28,8 +28,8 @@ import torch.fx as fx
 from ...analyses import Shapes
 from ...analyses.fidelity import output_kinds
 from ...errors import PassOptionError
-from ...ir.shape_prop import propagate_shapes
 from ...ir.inputs import inputs_and_target, positional, split_batch
+from ...ir.shape_prop import propagate_shapes
 from ...pm import Pass, PassResult, format_pipeline, register_pass
 from ...pm.analysis import AnalysisManager
 from ...pm.options import Range
