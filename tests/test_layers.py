@@ -1,9 +1,9 @@
 """The import graph of fxopt: no cycle between modules, and every import goes down the layers.
 
 Layers, bottom to top (DESIGN.md, "Imports flow one way"): errors; util; ir; quant; pm;
-analyses; passes and backends (side by side: a backend never imports a pass, nor a pass a
-backend); train and runtime (side by side again); api; the root package that re-exports the
-public API. Every `import` statement counts, also one
+analyses; train (the training loop, which a pass that trains uses, e.g. distill); passes and
+backends (side by side: a backend never imports a pass, nor a pass a backend); runtime; api;
+the root package that re-exports the public API. Every `import` statement counts, also one
 inside a function (a deferred import is still a dependency); only `if TYPE_CHECKING:` blocks
 are skipped. The one sanctioned upward import: the command line (api.cli, api.cli_pipeline) is a client of the
 public API, so it may import the root package, as benchmarks/ do.
@@ -18,8 +18,8 @@ import networkx as nx
 import fxopt
 
 ROOT = os.path.dirname(fxopt.__file__)
-RANKS = {"errors": 0, "util": 1, "ir": 2, "quant": 3, "pm": 4, "analyses": 5, "passes": 6,
-         "backends": 6, "train": 7, "runtime": 7, "api": 8, "": 9}
+RANKS = {"errors": 0, "util": 1, "ir": 2, "quant": 3, "pm": 4, "analyses": 5, "train": 6, "passes": 7,
+         "backends": 7, "runtime": 8, "api": 9, "": 10}
 CLIENTS_OF_THE_PUBLIC_API = {"fxopt.api.cli", "fxopt.api.cli_pipeline"}
 
 

@@ -10,6 +10,7 @@ from ..pm import declare_passes
 BUILTIN = {
     "canonicalize": "fxopt.passes.canonicalize",
     "dce": "fxopt.passes.dce",
+    "distill": "fxopt.passes.distill",
     "fake-quant": "fxopt.passes.fake_quant",
     "fold-bn": "fxopt.passes.fold_bn",
     "low-rank": "fxopt.passes.low_rank",

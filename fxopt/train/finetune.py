@@ -18,6 +18,7 @@ and a checkpoint every N steps that a restarted run resumes from (distributed.py
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,13 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from ..util.artefacts import check_writable
-from ..backends.compiled import CompiledModel
 from ..errors import TrainingError
 from ..ir.inputs import check_inputs, inputs_and_target
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import Stream, join_world
 
-__all__ = ["FinetuneHistory", "finetune"]
+__all__ = ["FinetuneHistory", "finetune", "kd_loss"]
 
 
 @dataclass
@@ -57,7 +57,7 @@ class FinetuneHistory:
 
 def finetune(model, teacher=None, data=None, steps: int = 100, lr: float = 1e-3, *, alpha: float = 0.5,
              temperature: float = 4.0, loss=None, accumulate: int = 1, checkpoint=None,
-             checkpoint_every: int = 100):
+             checkpoint_every: int = 100, distill_loss=None, progress: bool = False):
     """Train `model`'s parameters in place on `data` and return `model`.
 
     model: a CompiledModel (its `graph_module` is trained, and lowered again with
@@ -80,6 +80,10 @@ def finetune(model, teacher=None, data=None, steps: int = 100, lr: float = 1e-3,
         and student is scaled by T^2 so its gradients keep their size as T grows.
         Logits are taken along the last dimension.
     loss: the task loss, `loss(output, target) -> scalar`; default cross-entropy.
+    distill_loss: the distillation loss, `distill_loss(output, teacher_output) -> scalar`,
+        in place of the T^2-scaled KL of softened logits (e.g. MSE for embeddings, or a
+        sum over several outputs); `temperature` is then unused.
+    progress: show a progress bar of the steps with the latest loss (rank 0 only).
     accumulate: the batches each process runs per step, their gradients averaged
         (gradient accumulation): a step takes `world size × accumulate` batches.
     checkpoint: a file path. Every `checkpoint_every` steps and after the last one,
@@ -111,7 +115,7 @@ def finetune(model, teacher=None, data=None, steps: int = 100, lr: float = 1e-3,
                               hint="pass batches: fxopt.finetune(pruned, teacher, data=[(x, y), ...])")
     _check_options(model, teacher, steps, lr, alpha, temperature)
     _check_run_options(accumulate, checkpoint, checkpoint_every)
-    net = model.graph_module if isinstance(model, CompiledModel) else model
+    net = _trained_module(model)
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("finetune: the model has no parameter that requires grad",
@@ -119,7 +123,8 @@ def finetune(model, teacher=None, data=None, steps: int = 100, lr: float = 1e-3,
     device = params[0].device
     world = join_world(device)
     try:
-        step = _Step(world.wrap(net, device), teacher, loss or F.cross_entropy, alpha, temperature)
+        step = _Step(world.wrap(net, device), teacher, loss or F.cross_entropy, alpha,
+                     distill_loss or functools.partial(kd_loss, temperature=temperature))
         optimizer = torch.optim.Adam(params, lr=lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
@@ -128,19 +133,55 @@ def finetune(model, teacher=None, data=None, steps: int = 100, lr: float = 1e-3,
         run = _Run(net, optimizer, schedule, Stream(data, world), settings)
         if checkpoint is not None and os.path.exists(checkpoint):
             run.resume(checkpoint)
-        with _modes(net, True), _modes(teacher, False):
+        with _modes(net, True), _modes(teacher, False), _bar(progress and world.rank == 0, steps) as bar:
+            bar(run.step, None)
             while run.step < steps:
                 run.advance(step, accumulate, device)
                 if checkpoint is not None and (run.step % checkpoint_every == 0 or run.step == steps):
                     run.save(checkpoint)
+                bar(run.step, run.parts[-1])
         optimizer.zero_grad(set_to_none=True)
         world.share_buffers(net)
     finally:
         world.leave()
     model.finetune_history = run.history()
-    if isinstance(model, CompiledModel):
+    if net is not model:
         model.relower()
     return model
+
+
+def _trained_module(model) -> torch.nn.Module:
+    """What trains: a CompiledModel's `graph_module` (it has `relower` to pick the trained
+    weights up), else the module itself. Read by its attributes, since the training layer
+    sits below the backends (a pass trains through it too)."""
+    graph = getattr(model, "graph_module", None)
+    if isinstance(graph, torch.fx.GraphModule) and callable(getattr(model, "relower", None)):
+        return graph
+    return model
+
+
+@contextlib.contextmanager
+def _bar(shown: bool, steps: int):
+    """`update(step, parts)`: a rich progress bar of the steps with the latest loss, or nothing."""
+    if not shown:
+        yield lambda step, parts: None
+        return
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    except ImportError as exc:
+        raise TrainingError("finetune: progress=True draws its bar with rich, which is not installed",
+                            hint="pip install rich (or fxopt[bench]), or leave progress off") from exc
+
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[loss]}"))
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("training", total=steps, loss="")
+
+        def update(step: int, parts) -> None:
+            loss = "" if parts is None else f"loss {float(parts[0]):.4g}"
+            bar.update(task, completed=step, loss=loss)
+
+        yield update
 
 
 _FORMAT = "fxopt.finetune/1"
@@ -228,9 +269,9 @@ class _Run:
 class _Step:
     """The loss of one batch: task loss, distillation loss, or their alpha mix."""
 
-    def __init__(self, net, teacher, task_loss, alpha: float, temperature: float):
+    def __init__(self, net, teacher, task_loss, alpha: float, distill_loss):
         self.net, self.teacher, self.task_loss = net, teacher, task_loss
-        self.alpha, self.temperature = alpha, temperature
+        self.alpha, self.distill_loss = alpha, distill_loss
 
     def __call__(self, inputs: tuple, target):
         """(total, task, distill); a part not computed is NaN, kept out of the total."""
@@ -247,7 +288,7 @@ class _Step:
         if self.teacher is not None and (target is None or self.alpha > 0):
             with torch.no_grad():
                 soft = self.teacher(*inputs)
-            distill = _distill_loss(out, soft, self.temperature)
+            distill = self.distill_loss(out, soft)
         if target is None or self.teacher is None:
             total = task if self.teacher is None else distill
         else:
@@ -283,7 +324,7 @@ def _mix(task, distill, alpha: float):
     return alpha * distill + (1 - alpha) * task
 
 
-def _distill_loss(student, teacher, temperature: float) -> torch.Tensor:
+def kd_loss(student, teacher, temperature: float) -> torch.Tensor:
     """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over rows."""
     if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
         raise TrainingError(
