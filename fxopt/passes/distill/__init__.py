@@ -29,6 +29,7 @@ from ...analyses import Shapes
 from ...analyses.fidelity import output_kinds
 from ...errors import PassOptionError
 from ...ir.inputs import inputs_and_target, positional, split_batch
+from ...ir.meta import CALIBRATION_SAMPLE, CALIBRATION_SAMPLE_SIZE
 from ...ir.shape_prop import propagate_shapes
 from ...pm import Pass, PassResult, format_pipeline, register_pass
 from ...pm.analysis import AnalysisManager
@@ -177,6 +178,7 @@ def _prepare_quantizers(gm: fx.GraphModule, am: AnalysisManager, data: list) -> 
         else:
             batches, source = [(inputs_and_target(b)[0], {}) for b in data], "data batches' inputs"
         _calibrate(gm, batches)
+        gm.meta[CALIBRATION_SAMPLE] = [args for args, _ in batches[:CALIBRATION_SAMPLE_SIZE]]   # int8 checks them
         done = f"calibrated on {len(batches)} {source}, then "
     for q in observing:
         q.freeze()
