@@ -20,7 +20,7 @@ import fxopt
 ROOT = os.path.dirname(fxopt.__file__)
 RANKS = {"errors": 0, "util": 1, "ir": 2, "quant": 3, "pm": 4, "analyses": 5, "train": 6, "passes": 7,
          "backends": 7, "runtime": 8, "api": 9, "": 10}
-CLIENTS_OF_THE_PUBLIC_API = {"fxopt.api.cli", "fxopt.api.cli_pipeline"}
+CLIENTS_OF_THE_PUBLIC_API = {"fxopt.api.cli", "fxopt.api.cli_compress", "fxopt.api.cli_pipeline"}
 
 
 def _modules() -> dict[str, str]:
