@@ -58,6 +58,7 @@ class Allocation:
     fallback: dict[fx.Node, str] = field(default_factory=dict)
     params: int = 0
     total: int = 0          # sum(params * bits)
+    bucket: int = 0         # > 0: sums were bucketed by this many params * bits (not exact)
 
     @property
     def average(self) -> float:
@@ -69,7 +70,8 @@ class Allocation:
                 for d in decisions]
 
     def note(self, avg_bits: float) -> str:
-        reach = "" if self.average == avg_bits else " (the candidate widths reach no closer average)"
+        reach = "" if self.average == avg_bits else " (the candidate widths reach no closer average)" \
+            if not self.bucket else f" (sums bucketed in steps of {self.bucket} params x bits: at most one step below the closest reachable)"
         return (f"bits=auto: average weight bits {self.average:.4g} over {len(self.bits)} ops "
                 f"({self.params} params), avg-bits {avg_bits:g}{reach}; {len(self.fallback)} ops kept "
                 f"float by sensitivity")
@@ -95,7 +97,7 @@ def allot_bits(am: AnalysisManager, quant: list[Decision], fixed: dict[fx.Node, 
         return allocation
     allocation.params = sum(u.params for u in units)
     limit = math.floor(avg_bits * allocation.params + 1e-9)
-    picks = _knapsack(units, limit)
+    picks, allocation.bucket = _knapsack(units, limit)
     if picks is None:
         lowest = sum(u.params * min(u.curve) for u in units) / allocation.params
         raise PassOptionError(f"fake-quant: avg-bits={avg_bits:g} is below the smallest reachable average "
@@ -118,12 +120,14 @@ def _fallback(units: list[Unit]) -> dict[fx.Node, str]:
             for node, value in widest.items() if value > FALLBACK_FACTOR * median and value > 0}
 
 
-def _knapsack(units: list[Unit], limit: int) -> list[int] | None:
-    """Per unit one width: the largest sum(params * bits) <= limit, then the least summed
-    divergence; None when even the fewest bits exceed the limit."""
-    step = math.gcd(*(u.params for u in units))
+def _knapsack(units: list[Unit], limit: int) -> tuple[list[int] | None, int]:
+    """(per unit one width: the largest sum(params * bits) <= limit, then the least summed
+    divergence, or None when even the fewest bits exceed the limit; the bucket size when the
+    sums were bucketed, else 0)."""
+    exact = math.gcd(*(u.params for u in units))
     span = sum(u.params * (max(u.curve) - min(u.curve)) for u in units)
-    step = max(step, math.ceil(span / MAX_STATES))
+    step = max(exact, math.ceil(span / MAX_STATES))
+    bucket = step if step > exact else 0
     states = {0: (0.0, 0)}          # bucket of the sum -> (divergence, exact sum)
     back: list[dict[int, tuple[int, int]]] = []   # per unit: bucket -> (previous bucket, bits)
     for unit in units:
@@ -139,7 +143,7 @@ def _knapsack(units: list[Unit], limit: int) -> list[int] | None:
                     following[new_key] = (divergence + cost, new_total)
                     links[new_key] = (key, bits)
         if not following:
-            return None
+            return None, bucket
         states = following
         back.append(links)
     key = max(states, key=lambda k: (states[k][1], -states[k][0]))
@@ -147,4 +151,4 @@ def _knapsack(units: list[Unit], limit: int) -> list[int] | None:
     for links in reversed(back):
         key, bits = links[key]
         picks.append(bits)
-    return picks[::-1]
+    return picks[::-1], bucket
