@@ -67,8 +67,8 @@ def _average(bits: dict, params: dict) -> float:
 @pytest.mark.parametrize("name,avg_bits", [("mlp", 6), ("mlp", 4), ("mlp", 5), ("cnn", 6), ("cnn", 5.3)])
 def test_avg_bits_met_exactly_or_closest_below(name, avg_bits):
     """The average equals avg-bits where a combination of widths gives it (every op at 6 or
-    4 does; 5 and 5.3 no combination of these layers gives), and otherwise is the largest reachable average below it (checked by trying
-    every combination of the candidate widths)."""
+    4 does; 5 and 5.3 no combination of these layers gives), and otherwise is the largest
+    reachable average below it (checked by trying every combination of the candidate widths)."""
     build, inputs, prefix = MODELS[name]
     torch.manual_seed(1)
     model, data = build(), inputs()
@@ -76,7 +76,8 @@ def test_avg_bits_met_exactly_or_closest_below(name, avg_bits):
     bits, params = _bits(model, cm.report.quant)
     assert not cm.report.quant.float_reasons().get("kept float by bits=auto")
     widths = (8, 6, 4, 3, 2)
-    reachable = [sum(params[n] * b for n, b in zip(bits, combo)) for combo in itertools.product(widths, repeat=len(bits))]
+    reachable = [sum(params[n] * b for n, b in zip(bits, combo))
+                 for combo in itertools.product(widths, repeat=len(bits))]
     total = sum(params.values())
     best = max(r for r in reachable if r <= avg_bits * total)
     assert _average(bits, params) == best / total <= avg_bits

@@ -71,7 +71,8 @@ class Allocation:
 
     def note(self, avg_bits: float) -> str:
         reach = "" if self.average == avg_bits else " (the candidate widths reach no closer average)" \
-            if not self.bucket else f" (sums bucketed in steps of {self.bucket} params x bits: at most one step below the closest reachable)"
+            if not self.bucket else (f" (sums bucketed in steps of {self.bucket} params x bits: at most one "
+                                     "step below the closest reachable)")
         return (f"bits=auto: average weight bits {self.average:.4g} over {len(self.bits)} ops "
                 f"({self.params} params), avg-bits {avg_bits:g}{reach}; {len(self.fallback)} ops kept "
                 f"float by sensitivity")

@@ -154,7 +154,8 @@ class LowRank(Pass):
 
     def _policy_text(self) -> str:
         value = {"fixed": f"rank={self.rank:g}", "energy": f"energy={self.energy:g}",
-                 "budget": f"budget={self.budget:g}", "sensitivity": f"budget={self.budget:g}", "vbmf": ""}[self.rank_policy]
+                 "budget": f"budget={self.budget:g}", "sensitivity": f"budget={self.budget:g}",
+                 "vbmf": ""}[self.rank_policy]
         return f"{self.rank_policy} {value}".strip()
 
     # ---- skip -----------------------------------------------------------------------------

@@ -6,11 +6,12 @@ cares about it. The Sensitivity analysis measures that directly: per layer, the 
 divergence with only its weight truncated to a few rank shares, and the MACs each saves.
 Here every choice the budget policy offers (same forms and ranks, same envelope) gets
 the divergence interpolated at its share of MACs saved, piecewise linearly between the
-measured points (0 saved: divergence 0); a choice saving more than the strongest measured
-setting is not offered (nothing measured says what it costs, and the divergence grows
-much faster there than any straight line from the measured points); `allot_budget` then spends the budget by least divergence per
-MAC saved across layers. The measured truncation is the plain SVD of the weight as a
-matrix: for other forms and for activation-aware factors it is an estimate at equal cost.
+measured points (0 saved: divergence 0); a choice saving more than the strongest
+measured setting is not offered (nothing measured says what it costs, and the divergence
+grows much faster there than any straight line from the measured points); `allot_budget`
+then spends the budget by least divergence per MAC saved across layers. The measured
+truncation is the plain SVD of the weight as a matrix: for other forms and for
+activation-aware factors it is an estimate at equal cost.
 """
 from __future__ import annotations
 
