@@ -50,6 +50,7 @@ from typing import Annotated, ClassVar, Literal
 
 import torch.fx as fx
 
+from ...errors import PassOptionError
 from ...ir.graph import first_twelve, module_path, report_unmatched
 from ...ir.meta import TENSOR
 from ...ir.nodes import target_name
@@ -57,6 +58,7 @@ from ...pm import Pass, PassResult, register_pass
 from ...pm.options import Range
 from ...quant import quantizers_in
 from ...quant.observers import ObserverKind
+from .allocate import allot_bits
 from .report import FloatOp, QuantizedOp, QuantReport
 from .insert import QuantConfig, ValueGroups, quantize_values, quantize_weight
 from .rules import classify, skip_match
@@ -86,6 +88,10 @@ class FakeQuant(Pass):
         float (joins stay float on dequantized inputs; for transformer residual streams).
     outputs: quantize the model's outputs too, so it returns values on an 8-bit grid (what an
         integer-only export returns; backend fpga-int8 then outputs int8, else int32 accumulators).
+    bits: fixed (weight-bits for every op) | auto (per-op weight bits from the Sensitivity
+        analysis under avg-bits, the worst ops kept float; needs data= or calibration batches;
+        see fxopt.passes.fake_quant.allocate).
+    avg_bits: for bits=auto: the parameter-weighted average weight bits to reach (at most).
     """
 
     weight_bits: Annotated[int, Range(1, 16)] = 8
@@ -99,9 +105,18 @@ class FakeQuant(Pass):
     learnable_scale: bool = False
     joins: Literal["shared", "float"] = "shared"
     outputs: bool = False
+    bits: Literal["fixed", "auto"] = "fixed"
+    avg_bits: Annotated[float, Range(1, 16)] | None = None
 
     tolerance: ClassVar[float | None] = None  # quantization changes what the model computes
     sees_into_leaves: ClassVar[bool] = False   # layers inside a leaf module are not seen
+
+    def validate(self) -> None:
+        if self.bits == "auto" and self.avg_bits is None:
+            raise PassOptionError("fake-quant: bits=auto needs avg-bits", hint="e.g. fake-quant{bits=auto avg-bits=6}")
+        if self.bits == "fixed" and self.avg_bits is not None:
+            raise PassOptionError("fake-quant: avg-bits applies only with bits=auto",
+                                  hint="add bits=auto, or leave avg-bits out")
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
         if quantizers_in(gm):
@@ -111,6 +126,12 @@ class FakeQuant(Pass):
         decisions = classify(gm, self.skip, self.joins)
         quant = [d for d in decisions if d.kind == "quant"]
         edges = {quant[0].node, quant[-1].node} if quant and self.first_last_bits is not None else set()
+        allocation = None
+        if self.bits == "auto":
+            allocation = allot_bits(am, quant, dict.fromkeys(edges, self.first_last_bits), self.avg_bits,
+                                    self.weight_bits)
+            decisions = allocation.apply(decisions)
+            quant = [d for d in decisions if d.kind == "quant"]
         config = QuantConfig(self.observer, self.learnable_scale, self.symmetric, self.act_symmetric,
                              self.weight_granularity == "per-channel")
         groups, consumers = ValueGroups(), {}
@@ -126,10 +147,13 @@ class FakeQuant(Pass):
         weight_paths = {}
         for d in quant:
             bits = self.first_last_bits if d.node in edges else self.weight_bits
+            bits = allocation.bits.get(d.node, bits) if allocation else bits
             weight_paths[d.node] = [quantize_weight(gm, d.node, attr, axis, bits, config)
                                     for attr, axis in d.weights]
         act_paths = quantize_values(gm, groups, consumers, config)
         self._fill_report(report, decisions, weight_paths, act_paths)
+        if allocation:
+            report.notes.append(allocation.note(self.avg_bits))
         report.quantizers = len(quantizers_in(gm))
         if not report.quantizers:
             return PassResult.unchanged(notes=("nothing to quantize",), sections={"quant": report})

@@ -17,6 +17,8 @@ from typing import Annotated, ClassVar, Literal
 
 import torch.fx as fx
 
+from ...analyses.cost import Cost
+from ...analyses.sensitivity import Sensitivity
 from ...errors import PassOptionError
 from ...ir.graph import first_match, node_location, warn_unmatched
 from ...ir.shape_prop import propagate_shapes
@@ -28,6 +30,7 @@ from .plan import Choice, Policy, Spectra, budget_options, choose
 from .ranks import allot_budget
 from .report import LayerRow, LowRankReport
 from .rewrite import factors, substitute
+from .sensitivity import sensitivity_options
 from ...pm.analysis import AnalysisManager
 
 __all__ = ["LowRank", "LowRankReport"]
@@ -45,10 +48,12 @@ class LowRank(Pass):
         batches' input Gram matrices, so the truncation minimises the output error).
     rank_policy: fixed (`rank`) | energy (keep `energy` of the squared singular values) |
         budget (keep `budget` of the targeted layers' MACs, ranks allotted across layers
-        by least error per saved MAC) | vbmf (EVBMF rank estimate per spectrum).
+        by least error per saved MAC) | vbmf (EVBMF rank estimate per spectrum) | sensitivity
+        (as budget, the error being the output divergence the Sensitivity analysis measured,
+        interpolated between its rank shares; needs data= or calibration batches).
     rank: for fixed: below 1 a fraction of each layer's full rank, else an absolute rank.
     energy: for energy: the share of squared singular values kept, in (0, 1].
-    budget: for budget: the share of the targeted layers' MACs kept, in (0, 1].
+    budget: for budget and sensitivity: the share of the targeted layers' MACs kept, in (0, 1].
     min_saving: a layer is factorized only if it saves at least this share of its MACs.
     min_speedup: if set, a layer is factorized only if its factor chain runs at least this
         many times faster than the dense op on its input shape (timed here, on CPU).
@@ -58,7 +63,7 @@ class LowRank(Pass):
     """
 
     method: Literal["svd", "activation-aware"] = "svd"
-    rank_policy: Literal["fixed", "energy", "budget", "vbmf"] = "energy"
+    rank_policy: Literal["fixed", "energy", "budget", "vbmf", "sensitivity"] = "energy"
     rank: Annotated[float, Range(0, None, low_open=True)] = 0.5
     energy: Annotated[float, Range(0, 1, low_open=True)] = 0.9
     budget: Annotated[float, Range(0, 1, low_open=True)] = 0.5
@@ -86,7 +91,7 @@ class LowRank(Pass):
         if whiten:
             collect_grams(gm, layers, am.calibration)
         spectra = [Spectra(layer, whiten) for layer in layers]
-        choices = self._choices(spectra)
+        choices = self._choices(spectra, am)
         chains = {}
         for layer, spectrum, choice in zip(layers, spectra, choices):
             row = _row(layer, choice)
@@ -111,12 +116,12 @@ class LowRank(Pass):
         return PassResult.changed(notes=(_summary(report),), sections={"lowrank": report})
 
     # ---- choices ------------------------------------------------------------------------
-    def _choices(self, spectra: list[Spectra]) -> list[Choice | None]:
+    def _choices(self, spectra: list[Spectra], am: AnalysisManager) -> list[Choice | None]:
         if not spectra:
             return []
-        if self.rank_policy == "budget":
-            pooled = [budget_options(s, self.conv_form) for s in spectra]
+        if self.rank_policy in ("budget", "sensitivity"):
             try:
+                pooled = self._pooled(spectra, am)
                 picks = allot_budget([opts for opts, _ in pooled], self.budget, self.min_saving)
             except ValueError as exc:
                 raise PassOptionError(f"low-rank: {exc}", hint="raise budget or lower min-saving") from None
@@ -132,6 +137,13 @@ class LowRank(Pass):
                                       hint="use a fraction (rank=0.5) or a smaller rank, or skip the layer") from None
         return out
 
+    def _pooled(self, spectra: list[Spectra], am: AnalysisManager) -> list:
+        """Each layer's choices for the budget allotment, their errors from the policy."""
+        if self.rank_policy == "budget":
+            return [budget_options(s, self.conv_form) for s in spectra]
+        table, cost = am.get(Sensitivity), am.get(Cost)
+        return [sensitivity_options(s, self.conv_form, table, cost) for s in spectra]
+
     def _why_dense(self, layer: Layer, choice: Choice | None) -> str:
         if choice is None:
             return "the budget is met without it"
@@ -142,7 +154,8 @@ class LowRank(Pass):
 
     def _policy_text(self) -> str:
         value = {"fixed": f"rank={self.rank:g}", "energy": f"energy={self.energy:g}",
-                 "budget": f"budget={self.budget:g}", "vbmf": ""}[self.rank_policy]
+                 "budget": f"budget={self.budget:g}", "sensitivity": f"budget={self.budget:g}",
+                 "vbmf": ""}[self.rank_policy]
         return f"{self.rank_policy} {value}".strip()
 
     # ---- skip -----------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""Sensitivity analysis, fxopt.explain and prune-channels{target-macs}: the table agrees with
+real single-group pruning, leaves the graph as it was, is cached; the MAC target is met."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxopt
+from fxopt.analyses import Cost, divergence, output_kinds
+from fxopt.analyses.channel_groups import ChannelGroups
+from fxopt.analyses.sensitivity import SETTINGS, Sensitivity, SensitivityTable
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(),
+                         nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 10))
+
+
+@pytest.fixture(scope="module")
+def mlp_digits():
+    """A small MLP trained for 300 steps on digits (flattened), its train batches and the
+    held-out rows."""
+    from tests.digits import batches, load
+
+    x_train, y_train, x_test, _ = load()
+    x_train, x_test = x_train.flatten(1), x_test.flatten(1)
+    torch.manual_seed(0)
+    model = _mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    steps = 0
+    while steps < 300:
+        for x, y in batches(x_train, y_train, steps):
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+    data = [x for x, _ in batches(x_test, torch.zeros(len(x_test)), 0)][:4]
+    return model.eval(), data
+
+
+def _traced(model, data):
+    return fxopt.trace(model, (data[0],))
+
+
+def test_prune_rows_equal_real_single_group_pruning(mlp_digits):
+    """A prune row's divergence is what prune-channels removing that group alone gives,
+    and the order of the groups is the same."""
+    model, data = mlp_digits
+    gm = _traced(model, data)
+    am = fxopt.AnalysisManager(gm, data=data)
+    table = am.get(Sensitivity)
+    groups = {str(g.id): g for g in am.get(ChannelGroups).prunable()}
+    assert table.units("prune") == list(groups)
+    biases = {u: next(m.name for m in g.members if m.name.endswith("bias")) for u, g in groups.items()}
+    x = torch.cat(data)
+    with torch.no_grad():
+        reference = model(x)
+    measured = {}
+    for unit in groups:
+        others = [b for u, b in biases.items() if u != unit]
+        pruned = fxopt.compile(model, (data[0],), pipeline=[fxopt.passes.prune_channels.PruneChannels(
+            ratio=0.5, ignore=tuple(others))])
+        with torch.no_grad():
+            measured[unit] = float(divergence(pruned(x), reference, output_kinds(gm)))
+        assert table.curve("prune", unit)[0.5] == pytest.approx(measured[unit], rel=1e-3, abs=1e-6)
+    by_table = sorted(groups, key=lambda u: table.curve("prune", u)[0.5])
+    assert by_table == sorted(groups, key=measured.get)
+
+
+def test_graph_unchanged_and_cached(mlp_digits, monkeypatch):
+    model, data = mlp_digits
+    gm = _traced(model, data)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    ids = {k: id(v) for k, v in gm.state_dict(keep_vars=True).items()}
+    with torch.no_grad():
+        expected = gm(data[0])
+    runs = []
+    original = Sensitivity.run
+    monkeypatch.setattr(Sensitivity, "run", lambda self, g, a: runs.append(1) or original(self, g, a))
+    am = fxopt.AnalysisManager(gm, data=data)
+    table = am.get(Sensitivity)
+    assert am.get(Sensitivity) is table and len(runs) == 1
+    with torch.no_grad():
+        assert torch.equal(gm(data[0]), expected)
+    assert all(torch.equal(before[k], v) and id(v) == ids[k] for k, v in gm.state_dict(keep_vars=True).items())
+    assert isinstance(table, SensitivityTable) and table.measure == "KL (logits)" and table.source == "data"
+    for kind in ("prune", "quant", "lowrank"):
+        unit = table.units(kind)[0]
+        assert set(table.curve(kind, unit)) == set(SETTINGS[kind])
+    lowest = table.curve("quant", "linear")   # fewer bits: further from the float model
+    assert lowest[8] < lowest[2]
+    assert "prune" in str(table) and "quant" in str(table)
+
+
+def test_no_batches_is_refused(mlp_digits):
+    model, data = mlp_digits
+    with pytest.raises(fxopt.PassOptionError, match="data="):
+        fxopt.AnalysisManager(_traced(model, data)).get(Sensitivity)
+
+
+def test_calibration_used_when_no_data(mlp_digits):
+    model, data = mlp_digits
+    table = fxopt.AnalysisManager(_traced(model, data), calibration=data[:1]).get(Sensitivity)
+    assert table.source == "calibration" and table.batches == 1
+
+
+def test_prune_rows_equal_real_pruning_through_batchnorm_and_flatten():
+    """The digits CNN (conv-BN-ReLU, a flatten into the classifier): zeroing a group's
+    channels gives what removing them gives."""
+    from tests.digits import cnn
+
+    torch.manual_seed(0)
+    model = cnn().eval()
+    for bn in (model[1], model[4]):   # running statistics that are not the identity
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    data = [torch.rand(16, 1, 8, 8) for _ in range(2)]
+    table = fxopt.AnalysisManager(_traced(model, data), data=data).get(Sensitivity)
+    x = torch.cat(data)
+    with torch.no_grad():
+        reference = model(x)
+    for unit, other in (("0", "3.bias"), ("1", "0.bias")):
+        pruned = fxopt.compile(model, (data[0],), pipeline=[fxopt.passes.prune_channels.PruneChannels(
+            ratio=0.75, ignore=(other,))])
+        with torch.no_grad():
+            real = float(divergence(pruned(x), reference, "logits"))
+        assert table.curve("prune", unit)[0.75] == pytest.approx(real, rel=1e-3, abs=1e-7)
