@@ -9,7 +9,9 @@ from ..pm import declare_passes
 
 BUILTIN = {
     "canonicalize": "fxopt.passes.canonicalize",
+    "bias-correct": "fxopt.passes.bias_correct",
     "dce": "fxopt.passes.dce",
+    "equalize": "fxopt.passes.equalize",
     "fake-quant": "fxopt.passes.fake_quant",
     "fold-bn": "fxopt.passes.fold_bn",
     "low-rank": "fxopt.passes.low_rank",
