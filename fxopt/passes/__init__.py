@@ -9,8 +9,10 @@ from ..pm import declare_passes
 
 BUILTIN = {
     "canonicalize": "fxopt.passes.canonicalize",
+    "bias-correct": "fxopt.passes.bias_correct",
     "dce": "fxopt.passes.dce",
     "distill": "fxopt.passes.distill",
+    "equalize": "fxopt.passes.equalize",
     "fake-quant": "fxopt.passes.fake_quant",
     "fold-bn": "fxopt.passes.fold_bn",
     "low-rank": "fxopt.passes.low_rank",

@@ -26,11 +26,16 @@ Rules:
    meet at several joins are merged transitively. A join therefore adds or
    concatenates integers on one grid; nothing reaches it half-float. Its result is
    a new value, quantized again by rule 2 where a quantizable op or join reads it.
-   With `joins=float` every join stays float instead: its inputs are the float
-   (dequantized) values, so again none arrives half-float. Use it where a join
-   carries a residual stream with outliers that one 8-bit scale cannot hold (the
-   transformer residual adds before LayerNorm: MiniLM's sentence embeddings keep
-   cosine 0.993 to fp32 with float joins, 0.88 with shared-scale joins).
+   What each join does is the `joins` option. `auto` (the default) chooses by what
+   the join feeds: a join whose result reaches a LayerNorm (or RMSNorm) directly,
+   through value-preserving ops or through further joins (a transformer's residual
+   stream, whose outliers one 8-bit scale cannot hold) stays float, and report.quant
+   says "residual stream into LayerNorm: float by joins=auto"; every other join (CNN
+   residual adds, concats) shares one scale, so a CNN quantizes as with `shared`.
+   `shared` gives every join one scale (what an integer-only target such as
+   fpga-int8 needs); `float` keeps every join float. A float join's inputs are the
+   float (dequantized) values, so none arrives half-float. MiniLM's sentence
+   embeddings keep cosine 0.993 to fp32 with `auto` (and `float`), 0.888 with `shared`.
 4. Nothing is silently left out: report.quant (QuantReport) lists every
    quantized op with its bits, every join with its quantizer, and every other op
    node with the reason it is float (skipped by option, unsupported op,
@@ -70,7 +75,8 @@ __all__ = ["FakeQuant"]
 @register_pass("fake-quant")
 @dataclass(frozen=True)
 class FakeQuant(Pass):
-    """Insert quantize-dequantize on conv/linear/matmul operands; joins share one scale;
+    """Insert quantize-dequantize on conv/linear/matmul operands; joins share one scale
+    (those on a transformer's residual stream stay float);
     report.quant says what stayed float and why (full rules: fxopt.passes.fake_quant).
 
     weight_bits: weight bit width, 1..16 (1: binary, sign x per-channel mean |w|).
@@ -84,8 +90,10 @@ class FakeQuant(Pass):
     first_last_bits: bits for the weights and inputs of the first and last quantized
         ops (e.g. 8 while weight-bits=4); none: same as the others.
     learnable_scale: scales are Parameters trained by QAT (LSQ gradient) once frozen.
-    joins: shared (the inputs of add/sub/cat/stack share one quantizer: integer joins) |
-        float (joins stay float on dequantized inputs; for transformer residual streams).
+    joins: auto (joins on a residual stream into a LayerNorm stay float, the others share
+        one scale) | shared (the inputs of every add/sub/cat/stack share one quantizer:
+        integer joins, for integer-only targets) | float (every join stays float on
+        dequantized inputs).
     outputs: quantize the model's outputs too, so it returns values on an 8-bit grid (what an
         integer-only export returns; backend fpga-int8 then outputs int8, else int32 accumulators).
     bits: fixed (weight-bits for every op) | auto (per-op weight bits from the Sensitivity
@@ -103,7 +111,7 @@ class FakeQuant(Pass):
     skip: tuple[str, ...] = ()
     first_last_bits: Annotated[int, Range(2, 16)] | None = None
     learnable_scale: bool = False
-    joins: Literal["shared", "float"] = "shared"
+    joins: Literal["auto", "shared", "float"] = "auto"
     outputs: bool = False
     bits: Literal["fixed", "auto"] = "fixed"
     avg_bits: Annotated[float, Range(1, 16)] | None = None

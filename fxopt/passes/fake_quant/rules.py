@@ -43,7 +43,14 @@ _PASSTHROUGH = {
 _BATCH_NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
                 aten._native_batch_norm_legit.default, aten._native_batch_norm_legit_functional.default}
 
+_LAYER_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, torch.nn.functional.layer_norm}
+if hasattr(aten, "rms_norm"):
+    _LAYER_NORMS.add(aten.rms_norm.default)
+
+_NORM_MODULES = (torch.nn.LayerNorm, getattr(torch.nn, "RMSNorm", torch.nn.LayerNorm))
+
 PASSTHROUGH_REASON = "value-preserving op: an int8 backend runs it on its input's grid"
+RESIDUAL_REASON = "residual stream into LayerNorm: float by joins=auto"
 
 
 @dataclass
@@ -152,9 +159,43 @@ def _float_reason(node: fx.Node) -> str:
     return f"unsupported: no int8 form for {target_name(node)}"
 
 
-def classify(gm: fx.GraphModule, skip: tuple[str, ...], joins: str = "shared") -> list[Decision]:
+def _is_layer_norm(node: fx.Node) -> bool:
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target)
+        return isinstance(module, _NORM_MODULES)
+    return node.op == "call_function" and node.target in _LAYER_NORMS
+
+
+def feeds_layer_norm(join: fx.Node) -> bool:
+    """Whether the join's result reaches a LayerNorm (or RMSNorm) directly, through
+    value-preserving ops, or through further joins (the next residual add): a
+    transformer's residual stream, whose outliers one 8-bit scale cannot hold."""
+    seen, todo = {join}, list(join.users)
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if _is_layer_norm(user):
+            return True
+        if user.op == "call_function" and (user.target in _PASSTHROUGH or _is_join(user)):
+            todo.extend(user.users)
+    return False
+
+
+def _join_decision(node: fx.Node, joins: str) -> Decision:
+    if joins == "float":
+        return Decision(node, "float", "joins=float: the join adds float (dequantized) values")
+    if joins == "auto" and feeds_layer_norm(node):
+        return Decision(node, "float", RESIDUAL_REASON)
+    return Decision(node, "join", acts=join_inputs(node))
+
+
+def classify(gm: fx.GraphModule, skip: tuple[str, ...], joins: str = "auto") -> list[Decision]:
     """One Decision per op node, in graph order. joins="float" keeps every join in
-    float: its inputs are the float (dequantized) values, so none arrives half-float."""
+    float: its inputs are the float (dequantized) values, so none arrives half-float;
+    joins="auto" does so for the joins on a residual stream into a LayerNorm and
+    shares one scale on the others (CNN residual adds, concats)."""
     decisions = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr", "output"):
@@ -169,10 +210,8 @@ def classify(gm: fx.GraphModule, skip: tuple[str, ...], joins: str = "shared") -
             decisions.append(Decision(node, "float", f"skipped: matches skip pattern '{hit}'"))
         elif operands:
             decisions.append(_quant_decision(node, operands))
-        elif is_join and joins == "float":
-            decisions.append(Decision(node, "float", "joins=float: the join adds float (dequantized) values"))
         elif is_join:
-            decisions.append(Decision(node, "join", acts=join_inputs(node)))
+            decisions.append(_join_decision(node, joins))
         else:
             decisions.append(Decision(node, "float", _float_reason(node)))
     return decisions
