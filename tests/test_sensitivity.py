@@ -128,3 +128,26 @@ def test_prune_rows_equal_real_pruning_through_batchnorm_and_flatten():
         with torch.no_grad():
             real = float(divergence(pruned(x), reference, "logits"))
         assert table.curve("prune", unit)[0.75] == pytest.approx(real, rel=1e-3, abs=1e-7)
+
+
+def test_explain_python_writes_the_plot(mlp_digits, tmp_path):
+    model, data = mlp_digits
+    table = fxopt.explain(model, (data[0],), data[:2], plot=tmp_path / "s.png")
+    assert table.units("prune") and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_explain_cli_writes_table_and_plot(tmp_path, capsys):
+    from fxopt.api.cli import main
+
+    source = tmp_path / "net.py"
+    source.write_text("import torch.nn as nn\n"
+                      "def net():\n"
+                      "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),\n"
+                      "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))\n")
+    out = tmp_path / "out"
+    assert main(["explain", f"{source}:net", "--input-shape", "4x3x12x12", "--batches", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "prune" in printed and "quant" in printed and "random batches" in printed
+    assert (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    import json
+    assert json.loads((out / "sensitivity.json").read_text())["rows"]

@@ -94,6 +94,20 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", metavar="FILE", help="rank 0 writes the results here")
     pr.set_defaults(handler=cmd_pipeline_run)
 
+    e = sub.add_parser("explain", help="measure how much each prunable group, weight and layer moves the "
+                                       "outputs when cut (a table, and a plot with --out)")
+    e.add_argument("model", help="a task of the bench (digits, crepe, minilm: its model and real batches) or "
+                                 "torchvision:NAME, path/file.py:ATTR, pkg.module:ATTR with --input-shape")
+    e.add_argument("--input-shape", action="append", help="e.g. 8x3x64x64 (not for a bench task); repeat "
+                                                          "for several inputs")
+    e.add_argument("--input-dtype", action="append", choices=sorted(_DTYPES))
+    e.add_argument("--batches", type=int, default=2, metavar="N",
+                   help="batches measured on (default %(default)s; random ones shaped like the inputs "
+                        "unless MODEL is a bench task, whose real batches are used)")
+    e.add_argument("-p", "--pipeline", default="", help="passes run before measuring (e.g. fold-bn)")
+    e.add_argument("--out", metavar="DIR", help="write sensitivity.png and sensitivity.json there")
+    e.set_defaults(handler=cmd_explain)
+
     # prefix_chars="\0": no option is this parser's own, so every word after `bench` (--help
     # included) goes untouched to the harness's own parser.
     bn = sub.add_parser("bench", add_help=False, prefix_chars="\0",
@@ -197,6 +211,13 @@ def cmd_pipeline_run(args) -> int:
     from .cli_pipeline import pipeline_run   # torch.distributed.pipelining: ~0.8 s to import, for this command only
 
     return pipeline_run(args, load_model, make_inputs)
+
+
+def cmd_explain(args) -> int:
+    """`fxopt explain MODEL`: the sensitivity table (fxopt/api/cli_explain.py)."""
+    from .cli_explain import explain_command
+
+    return explain_command(args, load_model, make_inputs, _import_benchmarks, write_json_atomically)
 
 
 def cmd_bench(args) -> int:
