@@ -77,7 +77,8 @@ def _print(table, title: str) -> None:
     except ImportError:
         print(f"{title}\n{table}")
         return
-    from ..analyses.sensitivity.table import KINDS, SAVED_NAMES, SETTING_NAMES, SETTINGS, short_number
+    from ..analyses.sensitivity.table import KINDS, SAVED_NAMES, SETTING_NAMES, SETTINGS
+    from ..pm.report import short_number
 
     console = Console(width=max(Console().width, 110))
     console.print(f"[bold]sensitivity[/bold] of {title}: {table.measure}, "

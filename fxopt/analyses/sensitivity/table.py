@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ...pm.report import short_number
+
 Kind = Literal["prune", "quant", "lowrank"]
 KINDS: tuple[Kind, ...] = ("prune", "quant", "lowrank")
 
@@ -84,11 +86,3 @@ class SensitivityTable:
                 lines.append(f"  {unit[:14]:<14} {self.where(kind, unit)[:28]:<28} {cells} "
                              f"{short_number(saved.get(settings[-1], 0.0)):>11}")
         return "\n".join(lines)
-
-
-def short_number(n: float) -> str:
-    """1.23M, 45.60k: a count for a table cell."""
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{suffix}"
-    return f"{n:.0f}"
