@@ -10,16 +10,15 @@ from __future__ import annotations
 import importlib
 import os
 
-import fxopt
-
-from .explain import plot_sensitivity
+from ..errors import FxoptError
+from .explain import explain, plot_sensitivity
 
 
 def explain_command(args, load_model, make_inputs, import_benchmarks, write_json) -> int:
     if args.batches < 1:
-        raise fxopt.FxoptError(f"--batches {args.batches}: at least one batch is measured", hint="e.g. --batches 2")
+        raise FxoptError(f"--batches {args.batches}: at least one batch is measured", hint="e.g. --batches 2")
     model, inputs, data, source = _model_and_data(args, load_model, make_inputs, import_benchmarks)
-    table = fxopt.explain(model, inputs, data, pipeline=args.pipeline or None)
+    table = explain(model, inputs, data, pipeline=args.pipeline or None)
     _print(table, f"{args.model} on {source}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -35,16 +34,16 @@ def _model_and_data(args, load_model, make_inputs, import_benchmarks):
     if ":" not in args.model:
         tasks = _tasks(import_benchmarks)
         if args.model not in tasks.TASKS:
-            raise fxopt.FxoptError(f"unknown model '{args.model}'",
+            raise FxoptError(f"unknown model '{args.model}'",
                                    hint=f"name a bench task ({', '.join(sorted(tasks.TASKS))}) or a spec "
                                         "such as torchvision:resnet18 or path/file.py:ATTR")
         if args.input_shape:
-            raise fxopt.FxoptError("--input-shape is for a model spec; a bench task brings its own inputs")
+            raise FxoptError("--input-shape is for a model spec; a bench task brings its own inputs")
         task = tasks.get_task(args.model)
         batches = task.calibration()[:args.batches]
         return task.model(), task.example_inputs(), batches, f"{len(batches)} real batches of the {args.model} task"
     if not args.input_shape:
-        raise fxopt.FxoptError(f"{args.model}: --input-shape is needed for a model spec", hint="e.g. --input-shape 8x3x64x64")
+        raise FxoptError(f"{args.model}: --input-shape is needed for a model spec", hint="e.g. --input-shape 8x3x64x64")
     model = load_model(args.model)
     inputs = make_inputs(args.input_shape, args.input_dtype)
     batches = [_reseeded(make_inputs, args, i) for i in range(args.batches)]
@@ -64,7 +63,7 @@ def _reseeded(make_inputs, args, index: int) -> tuple:
 def _tasks(import_benchmarks):
     harness = import_benchmarks()
     if harness is None:
-        raise fxopt.FxoptError("bench tasks ship with the fxopt repository, not the installed package",
+        raise FxoptError("bench tasks ship with the fxopt repository, not the installed package",
                                hint="give a model spec with --input-shape, or install fxopt from a checkout")
     return importlib.import_module("benchmarks.tasks")
 
