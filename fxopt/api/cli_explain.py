@@ -40,13 +40,13 @@ def _model_and_data(args, load_model, make_inputs, import_benchmarks):
         if args.input_shape:
             raise FxoptError("--input-shape is for a model spec; a bench task brings its own inputs")
         task = tasks.get_task(args.model)
-        batches = task.calibration()[:args.batches]
+        batches = [(tuple(b), None) for b in task.calibration()[:args.batches]]   # all inputs, no target
         return task.model(), task.example_inputs(), batches, f"{len(batches)} real batches of the {args.model} task"
     if not args.input_shape:
         raise FxoptError(f"{args.model}: --input-shape is needed for a model spec", hint="e.g. --input-shape 8x3x64x64")
     model = load_model(args.model)
     inputs = make_inputs(args.input_shape, args.input_dtype)
-    batches = [_reseeded(make_inputs, args, i) for i in range(args.batches)]
+    batches = [(_reseeded(make_inputs, args, i), None) for i in range(args.batches)]
     return model, inputs, batches, f"{len(batches)} random batches"
 
 
