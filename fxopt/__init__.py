@@ -7,7 +7,7 @@ Everything public is re-exported here; submodules are implementation. Passes and
 backends are imported on first use (by name, from a pipeline or `backend=`).
 """
 from . import analyses, backends, passes, quant  # noqa: F401
-from .api import calibrate, compile, freeze, load, lower, save, trace
+from .api import calibrate, compile, explain, freeze, load, lower, save, trace
 from .backends import list_backends, register_backend
 from .backends.compiled import CompiledModel
 from .errors import (BackendOptionError, FxoptError, InputShapeError, PassFailedError, PassOptionError,
@@ -31,7 +31,7 @@ __all__ = [
     "PRESETS", "Analysis", "AnalysisManager", "BackendOptionError", "CompiledModel", "FxoptError",
     "InputShapeError", "Pass", "PassFailedError", "PassManager", "PassOptionError", "PassResult",
     "PipelineSyntaxError", "Report", "TraceError", "TrainingError", "UnknownPassError",
-    "UnsupportedError", "VerificationError", "analyses", "backends", "calibrate", "compile",
+    "UnsupportedError", "VerificationError", "analyses", "backends", "calibrate", "compile", "explain",
     "format_pipeline", "freeze", "instruments", "list_backends", "list_passes", "lower",
     "parse_pipeline", "register_backend", "register_pass", "trace",
     "PruningPlan", "apply_plan", "explain_pruning", "load_pruned", "pruning_plan", "save_pruned",

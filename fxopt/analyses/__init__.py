@@ -3,7 +3,9 @@ from .channel_groups import ChannelGroup, ChannelGroups, ChannelGroupsResult, Gr
 from .cost import Cost, CostTable, CostTracker, NodeCost
 from .fidelity import divergence, output_kind, output_kinds
 from .graph_view import GraphView
+from .sensitivity import Sensitivity, SensitivityRow, SensitivityTable
 from .shapes import Shapes, ShapeTable
 
 __all__ = ["ChannelGroup", "ChannelGroups", "ChannelGroupsResult", "Cost", "CostTable", "CostTracker",
-           "GraphView", "divergence", "output_kind", "output_kinds", "GroupMember", "NodeCost", "ShapeTable", "Shapes"]
+           "GraphView", "Sensitivity", "SensitivityRow", "SensitivityTable", "divergence", "output_kind",
+           "output_kinds", "GroupMember", "NodeCost", "ShapeTable", "Shapes"]

@@ -4,6 +4,7 @@ It ties the layers below together (ir, pm, analyses, passes, backends, train); n
 below imports it.
 """
 from .compiler import calibrate, compile, freeze, lower, trace
+from .explain import explain
 from .saving import load, save
 
-__all__ = ["calibrate", "compile", "freeze", "load", "lower", "save", "trace"]
+__all__ = ["calibrate", "compile", "explain", "freeze", "load", "lower", "save", "trace"]

@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="fxopt.compress: the fastest (or smallest) model within --max-drop of "
                                         "its score, at --target")
-    c.add_argument("model", help="task:crepe | task:minilm | task:digits (real weights, data and metric), or "
+    c.add_argument("model", help="a task of the bench (crepe, minilm, digits: real weights, data and metric) or "
                                  "torchvision:NAME, path/file.py:ATTR, pkg.module:ATTR with --input-shape and --data")
     c.add_argument("--target", default="speedup=4", help="speedup=S, size=R or macs=R (default: %(default)s)")
     c.add_argument("--max-drop", type=float, default=0.01, help="tolerated fall of the score (default: %(default)s)")
@@ -111,6 +111,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", metavar="DIR", help="write the results (JSON, Markdown, Pareto plot) there")
     c.add_argument("--save", metavar="DIR", help="other models: save the compressed model there (fxopt.save)")
     c.set_defaults(handler=cmd_compress)
+
+    e = sub.add_parser("explain", help="measure how much each prunable group, weight and layer moves the "
+                                       "outputs when cut (a table, and a plot with --out)")
+    e.add_argument("model", help="a task of the bench (digits, crepe, minilm: its model and real batches) or "
+                                 "torchvision:NAME, path/file.py:ATTR, pkg.module:ATTR with --input-shape")
+    e.add_argument("--input-shape", action="append", help="e.g. 8x3x64x64 (not for a bench task); repeat "
+                                                          "for several inputs")
+    e.add_argument("--input-dtype", action="append", choices=sorted(_DTYPES))
+    e.add_argument("--batches", type=int, default=2, metavar="N",
+                   help="batches measured on (default %(default)s; random ones shaped like the inputs "
+                        "unless MODEL is a bench task, whose real batches are used)")
+    e.add_argument("-p", "--pipeline", default="", help="passes run before measuring (e.g. fold-bn)")
+    e.add_argument("--out", metavar="DIR", help="write sensitivity.png and sensitivity.json there")
+    e.set_defaults(handler=cmd_explain)
 
     # prefix_chars="\0": no option is this parser's own, so every word after `bench` (--help
     # included) goes untouched to the harness's own parser.
@@ -222,6 +236,13 @@ def cmd_compress(args) -> int:
     from .cli_compress import compress_command
 
     return compress_command(args, _import_benchmarks, load_model, make_inputs)
+
+
+def cmd_explain(args) -> int:
+    """`fxopt explain MODEL`: the sensitivity table (fxopt/api/cli_explain.py)."""
+    from .cli_explain import explain_command
+
+    return explain_command(args, load_model, make_inputs, _import_benchmarks, write_json_atomically)
 
 
 def cmd_bench(args) -> int:

@@ -1,9 +1,9 @@
 """What `fxopt compress` does (its flags are in cli.py): fxopt.compress from the command line.
 
-    fxopt compress task:crepe --target speedup=5 --compare prune50+int8     # a real task
+    fxopt compress crepe --target speedup=5 --compare prune50+int8     # a real task
     fxopt compress path/net.py:Net --input-shape 1x3x32x32 --data batches.pt --target size=0.2
 
-A `task:NAME` model (crepe, minilm, digits) comes with its real weights, its training batches and
+A task model (crepe, minilm, digits) comes with its real weights, its training batches and
 its metric from the benchmark tasks of the checkout fxopt is installed from; the fp32 model and
 the --compare presets are then measured beside the result (benchmarks/compress.py). Any other
 model spec (as `fxopt run` takes) needs --data: a file holding a list of batches saved with
@@ -40,18 +40,18 @@ def compress_command(args, harness, load_model, make_inputs) -> int:
     """`fxopt compress`; `harness` imports the benchmarks package (for task: models)."""
     target = parse_target(args.target)
     options = {"backend": args.backend, "steps": args.steps, "time_budget": args.time_budget}
-    if args.model.startswith("task:"):
+    if ":" not in args.model:   # a task of the bench: model specs always hold a colon
         if harness() is None:
-            raise fxopt.FxoptError("compress: task: models come from the benchmarks/ folder of fxopt's checkout, "
+            raise fxopt.FxoptError("compress: task models come from the benchmarks/ folder of fxopt's checkout, "
                                    "and this installation has none", where=args.model,
                                    hint="install fxopt from its source checkout (pip install -e .), or give a "
                                         "model spec with --input-shape and --data")
         bench = importlib.import_module("benchmarks.compress")
-        result = bench.run(args.model.removeprefix("task:"), target, args.max_drop, args.compare, args.out, **options)
+        result = bench.run(args.model, target, args.max_drop, args.compare, args.out, **options)
         print(bench.markdown(result))
         return 0
     if not args.data or not args.input_shape:
-        raise fxopt.FxoptError("compress: a model that is not a task:NAME needs --input-shape and --data",
+        raise fxopt.FxoptError("compress: a model that is not a task of the bench needs --input-shape and --data",
                                hint="e.g. fxopt compress net.py:Net --input-shape 1x3x32x32 --data batches.pt")
     model = load_model(args.model)
     data = _load_batches(args.data)

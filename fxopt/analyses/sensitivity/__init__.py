@@ -8,7 +8,8 @@ unchanged graph's by `fidelity.divergence` (KL for logits, 1 - cosine otherwise)
 numbers a budget is spent by (least divergence per MAC or bit saved first).
 
 Measured on `am.data` (inputs only), or `am.calibration` when no data was given: at most
-MAX_BATCHES batches, concatenated into one when the graph's batch dim is dynamic. Each
+MAX_BATCHES batches, concatenated into one of at most MAX_ROWS rows when the graph's
+batch dim is dynamic. Each
 change swaps tensors in and puts the originals back (see perturb.py), so the graph is
 never left changed; the reference outputs are computed once.
 """
@@ -28,9 +29,10 @@ from ..fidelity import divergence, output_kinds
 from . import perturb
 from .table import KINDS, SETTINGS, Kind, SensitivityRow, SensitivityTable
 
-__all__ = ["KINDS", "MAX_BATCHES", "SETTINGS", "Sensitivity", "SensitivityRow", "SensitivityTable"]
+__all__ = ["KINDS", "MAX_BATCHES", "MAX_ROWS", "SETTINGS", "Sensitivity", "SensitivityRow", "SensitivityTable"]
 
 MAX_BATCHES = 4   # batches measured on: a few hundred forward passes must stay cheap
+MAX_ROWS = 128    # rows of the joined batch, at most
 
 
 class Sensitivity(Analysis):
@@ -108,6 +110,7 @@ def _batches(gm: fx.GraphModule, am: AnalysisManager) -> tuple[str, list[tuple]]
     inputs = [inputs_and_target(b, f"a {source} batch")[0] for b in given[:MAX_BATCHES]]
     if len(inputs) > 1 and _batch_dynamic(gm):
         inputs = [_concat(inputs)]
+        inputs = [tuple(v[:MAX_ROWS] if isinstance(v, torch.Tensor) else v for v in inputs[0])]
     return source, inputs
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ...pm.report import short_number
+
 Kind = Literal["prune", "quant", "lowrank"]
 KINDS: tuple[Kind, ...] = ("prune", "quant", "lowrank")
 
@@ -82,12 +84,5 @@ class SensitivityTable:
                 curve, saved = self.curve(kind, unit), self.saved(kind, unit)
                 cells = " ".join(f"{curve[s]:>9.3g}" if s in curve else f"{'-':>9}" for s in settings)
                 lines.append(f"  {unit[:14]:<14} {self.where(kind, unit)[:28]:<28} {cells} "
-                             f"{_short(saved.get(settings[-1], 0.0)):>11}")
+                             f"{short_number(saved.get(settings[-1], 0.0)):>11}")
         return "\n".join(lines)
-
-
-def _short(n: float) -> str:
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{suffix}"
-    return f"{n:.0f}"

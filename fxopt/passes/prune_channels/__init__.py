@@ -17,12 +17,16 @@ from typing import Annotated, ClassVar, Literal
 
 import torch.fx as fx
 
-from ...analyses.channel_groups import channel_groups_for
+import warnings
+
+from ...analyses.channel_groups import ChannelGroups, channel_groups_for
+from ...errors import PassOptionError
 from ...ir.graph import first_match, first_twelve, fqn_matches, report_unmatched
 from ...pm import Pass, PassResult, format_pipeline, register_pass
 from ...pm.options import Range
 from .importance import Importance, channels_to_keep, global_keep_counts, kept_channels
 from .apply import apply_choices
+from .budget import allocate, ratios_note
 from .grouped import choose_grouped, has_channels_in_groups
 from .plan import record_plan
 from ...pm.analysis import AnalysisManager
@@ -53,6 +57,11 @@ class PruneChannels(Pass):
     grouped: how grouped convolutions (ResNeXt, RegNet) lose channels: channels (each
         conv keeps its groups, every group loses the same in-group channels) | groups
         (whole conv groups go); unset: both are tried and the one leaving fewer MACs kept.
+    target_macs: the share of the graph's MACs to keep, in (0, 1]: each group's ratio is
+        chosen from the measured Sensitivity (least output divergence per MAC saved first,
+        in steps of round-to channels; needs data= or calibration batches), and the MACs
+        reached are measured, within 2% of the target or said so in the report. Replaces
+        ratio and scope; grouped convs lose whole conv groups.
     """
 
     ratio: Annotated[float, Range(0, 1, high_open=True)] = 0.5
@@ -64,12 +73,25 @@ class PruneChannels(Pass):
     heads: bool = True
     seed: Annotated[int, Range(0)] = 0
     grouped: Literal["channels", "groups"] | None = None
+    target_macs: Annotated[float, Range(0, 1, low_open=True)] | None = None
 
     tolerance: ClassVar[float | None] = None  # pruning changes what the model computes
     sees_into_leaves: ClassVar[bool] = False   # layers inside a leaf module are not seen
 
+    def validate(self) -> None:
+        if self.target_macs is None:
+            return
+        clashes = [f"{key}={value}" for key, value, default in (("ratio", self.ratio, 0.5), ("scope", self.scope, "local"),
+                                                                ("grouped", self.grouped, None)) if value != default]
+        if clashes:
+            raise PassOptionError(f"prune-channels: target-macs={self.target_macs:g} chooses each group's ratio "
+                                  f"itself; it does not combine with {', '.join(clashes)}",
+                                  hint="give either target-macs or ratio / scope / grouped")
+
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
         self._warn_unmatched(gm)
+        if self.target_macs is not None:
+            return self._prune_to_target(gm, am)
         if self.grouped is not None or not has_channels_in_groups(gm):
             return self._prune(gm, am, self.grouped or "groups")
         return choose_grouped(gm, am, self._prune)
@@ -102,6 +124,28 @@ class PruneChannels(Pass):
         removed = sum(g.size - len(k) for g, k in pruned)
         notes.insert(0, f"pruned {len(pruned)} of {len(groups.groups)} groups, removed {removed} channels")
         return PassResult.changed(notes=tuple(notes))
+
+    def _prune_to_target(self, gm: fx.GraphModule, am) -> PassResult:
+        """target-macs: ratios allocated from sensitivity (budget.py), then applied."""
+        groups = am.get(ChannelGroups)
+        notes: list[str] = []
+        candidates = self._candidates(groups, notes)
+        if not candidates:
+            return PassResult.unchanged(notes=(_none_prunable(groups),) + tuple(notes))
+        importance = Importance(gm, self.importance, self.seed, am.calibration)
+        allocation = allocate(gm, am, candidates, importance.scores, self)
+        for note in allocation.notes[1:]:
+            warnings.warn(f"prune-channels: {note}", stacklevel=2)
+        if not allocation.choices:
+            return PassResult.unchanged(notes=tuple(allocation.notes) + tuple(notes))
+        pruned = apply_choices(gm, allocation.choices, notes)
+        if not pruned:
+            return PassResult.unchanged(notes=tuple(allocation.notes) + tuple(notes))
+        before = format_pipeline(am.run.passes_before) if am.run is not None else ""
+        record_plan(gm, pruned, "groups", before)
+        removed = sum(g.size - len(k) for g, k in pruned)
+        head = f"pruned {len(pruned)} of {len(groups.groups)} groups, removed {removed} channels"
+        return PassResult.changed(notes=(head, *allocation.notes, ratios_note(pruned), *notes))
 
     def _candidates(self, groups, notes: list[str]) -> list:
         """The prunable groups this pass may prune: not ignored, heads only if `heads`."""
