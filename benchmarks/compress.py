@@ -1,6 +1,6 @@
-"""`fxopt compress task:NAME`: fxopt.compress on a real task, beside fp32 and the plain presets.
+"""`fxopt compress TASK`: fxopt.compress on a real task, beside fp32 and the plain presets.
 
-    fxopt compress task:crepe --target speedup=5 --max-drop 0.01 --compare prune50+int8 --compare int8
+    fxopt compress crepe --target speedup=5 --max-drop 0.01 --compare prune50+int8 --compare int8
 
 The task (benchmarks.tasks: crepe, minilm, digits) gives the model with its real weights, the
 training batches compress recovers with (`task.train_data()`: never the held-out ones) and the
@@ -83,7 +83,7 @@ def markdown(result: dict) -> str:
         "Candidates (speed-up measured on the backend against fp32, interleaved; size and MACs as shares of fp32):",
         markdown_table(["#", "stage", "speedup", "size", "MACs", head, "", "pipeline"], cands),
         *(f"Note: {n}" for n in c["notes"]),
-        f"Method: `fxopt compress task:{result['task']} --target {_target(result['target'])} --max-drop "
+        f"Method: `fxopt compress {result['task']} --target {_target(result['target'])} --max-drop "
         f"{result['max_drop']}`; see benchmarks/compress.py.",
     ]) + "\n"
 

@@ -29,7 +29,7 @@ from ..fidelity import divergence, output_kinds
 from . import perturb
 from .table import KINDS, SETTINGS, Kind, SensitivityRow, SensitivityTable
 
-__all__ = ["KINDS", "MAX_BATCHES", "MAX_ROWS", "SETTINGS", "Sensitivity", "SensitivityRow", "SensitivityTable"]
+__all__ = ["KINDS", "MAX_BATCHES", "MAX_ROWS", "SETTINGS", "Sensitivity", "measure", "SensitivityRow", "SensitivityTable"]
 
 MAX_BATCHES = 4   # batches measured on: a few hundred forward passes must stay cheap
 MAX_ROWS = 128    # rows of the joined batch, at most
@@ -39,15 +39,22 @@ class Sensitivity(Analysis):
     """Per-unit divergence curves (see the module doc); a SensitivityTable."""
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> SensitivityTable:
-        source, batches = _batches(gm, am)
-        kinds = output_kinds(gm)
-        runner = _Runner(gm, batches, kinds)
-        cost = am.get(Cost)
-        rows: list[SensitivityRow] = []
-        rows += _prune_rows(gm, am, cost, runner)
-        rows += _weight_rows(gm, cost, runner)
-        return SensitivityTable(rows, len(batches), _measure(kinds), source,
-                                rows_per_batch=_rows(batches[0]))
+        return measure(gm, am)
+
+
+def measure(gm: fx.GraphModule, am: AnalysisManager, settings: dict = SETTINGS,
+            max_rows: int = MAX_ROWS) -> SensitivityTable:
+    """The table at `settings` ({kind: settings}; a kind left out is not measured), on at most
+    `max_rows` rows: what a caller that needs only some kinds (compress: prune shares and 8-bit
+    weights) puts in the cache with `am.put(Sensitivity, ...)`, at a fraction of the cost."""
+    source, batches = _batches(gm, am, max_rows)
+    kinds = output_kinds(gm)
+    runner = _Runner(gm, batches, kinds)
+    cost = am.get(Cost)
+    rows: list[SensitivityRow] = []
+    rows += _prune_rows(gm, am, cost, runner, settings.get("prune", ()))
+    rows += _weight_rows(gm, cost, runner, settings)
+    return SensitivityTable(rows, len(batches), _measure(kinds), source, rows_per_batch=_rows(batches[0]))
 
 
 class _Runner:
@@ -65,12 +72,12 @@ class _Runner:
         return sum(found) / len(found)
 
 
-def _prune_rows(gm, am, cost, runner: _Runner) -> list[SensitivityRow]:
+def _prune_rows(gm, am, cost, runner: _Runner, shares) -> list[SensitivityRow]:
     rows = []
     for group in am.get(ChannelGroups).prunable():
         scores = perturb.l1_scores(gm, group)
         where = ",".join(group.sources)
-        for share in SETTINGS["prune"]:
+        for share in shares:
             if perturb.removed_count(group.size, share) == 0:
                 continue
             change = perturb.pruned(gm, group, scores, share)
@@ -79,28 +86,28 @@ def _prune_rows(gm, am, cost, runner: _Runner) -> list[SensitivityRow]:
     return rows
 
 
-def _weight_rows(gm, cost, runner: _Runner) -> list[SensitivityRow]:
+def _weight_rows(gm, cost, runner: _Runner, settings: dict) -> list[SensitivityRow]:
     quant, lowrank = [], []
     for node in gm.graph.nodes:
         fqn = perturb.weight_of(gm, node)
         if fqn is None:
             continue
         weight, where = fetch_attr(gm, fqn), module_path(node) or fqn
-        for bits in SETTINGS["quant"]:
+        for bits in settings.get("quant", ()):
             quant.append(SensitivityRow("quant", node.name, where, bits,
                                         runner.divergence({fqn: perturb.quantized(weight, bits)}),
                                         float(weight.numel() * (32 - bits))))
-        if perturb.grouped(node) or min(weight.shape[0], weight[0].numel()) < 2:
+        if not settings.get("lowrank") or perturb.grouped(node) or min(weight.shape[0], weight[0].numel()) < 2:
             continue
         macs = cost.nodes[node.name].macs
-        for share in SETTINGS["lowrank"]:
+        for share in settings["lowrank"]:
             lowrank.append(SensitivityRow("lowrank", node.name, where, share,
                                           runner.divergence({fqn: perturb.low_rank(weight, share)}),
                                           perturb.low_rank_saved(weight, macs, share)))
     return quant + lowrank
 
 
-def _batches(gm: fx.GraphModule, am: AnalysisManager) -> tuple[str, list[tuple]]:
+def _batches(gm: fx.GraphModule, am: AnalysisManager, max_rows: int) -> tuple[str, list[tuple]]:
     """("data" | "calibration", the input tuples measured on)."""
     source, given = ("data", am.data) if am.data else ("calibration", am.calibration)
     if not given:
@@ -108,9 +115,9 @@ def _batches(gm: fx.GraphModule, am: AnalysisManager) -> tuple[str, list[tuple]]
                               hint="pass data= batches (x, (x, y) or (x, None)), e.g. "
                                    "fxopt.compile(model, inputs, pipeline=..., data=batches)")
     inputs = [inputs_and_target(b, f"a {source} batch")[0] for b in given[:MAX_BATCHES]]
-    if len(inputs) > 1 and _batch_dynamic(gm):
-        inputs = [_concat(inputs)]
-        inputs = [tuple(v[:MAX_ROWS] if isinstance(v, torch.Tensor) else v for v in inputs[0])]
+    if _batch_dynamic(gm):
+        joined = _concat(inputs) if len(inputs) > 1 else inputs[0]
+        inputs = [tuple(v[:max_rows] if isinstance(v, torch.Tensor) else v for v in joined)]
     return source, inputs
 
 

@@ -21,6 +21,8 @@ from ...ir.inputs import inputs_and_target
 from ...ir.trace import as_args, trace
 from ...pm import AnalysisManager, PassManager
 from ...analyses import Shapes, ShapeTable
+from ...analyses.sensitivity import SETTINGS, Sensitivity
+from ...analyses.sensitivity import measure as measure_sensitivity
 from .measure import Score, default_score
 from .report import Candidate, CompressReport
 from .search import Goal, Search, Setup
@@ -29,6 +31,7 @@ __all__ = ["Candidate", "CompressReport", "compress"]
 
 PREPARE = "canonicalize,fold-bn,dce"
 CALIBRATION_BATCHES = 4
+SENSITIVITY_ROWS = 32     # rows the sensitivity is measured on
 
 
 def compress(model, example_inputs, data, metric=None, target=None, max_drop: float = 0.01,
@@ -123,9 +126,10 @@ def _split(data, metric, eval_data) -> tuple[list, list]:
 
 
 def _measure_once(gm, calibration: list, train: list) -> dict:
-    """The Sensitivity table of the prepared graph, shared by every candidate's allocation."""
-    from ...analyses.sensitivity import Sensitivity
-
+    """The Sensitivity table of the prepared graph, shared by every candidate's allocation: the
+    prune shares (target-macs spends by them) and 8-bit weights (the fallback sends the worst
+    back to float), on SENSITIVITY_ROWS rows, which keeps it to a few dozen forward passes."""
     am = AnalysisManager(gm, calibration, train)
     am.put(Shapes, ShapeTable(gm))
-    return {Sensitivity: am.get(Sensitivity)}
+    settings = {"prune": SETTINGS["prune"], "quant": (8,)}
+    return {Sensitivity: measure_sensitivity(gm, am, settings, SENSITIVITY_ROWS)}

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from ...analyses import Cost
+from ...analyses.sensitivity import Sensitivity
 from ...pm import AnalysisManager
 from ..compiler import Recipe, build
 from .measure import Score, speedup, weight_bytes
@@ -178,7 +179,7 @@ class Search:
 
     def _sensitive_ops(self) -> tuple:
         """Module paths of the most quantization-sensitive ops (at 8 bits), for fake-quant's skip."""
-        table = self.s.known.get(_sensitivity())
+        table = self.s.known.get(Sensitivity)
         if table is None:
             return ()
         curves = [(row.divergence, row.where) for row in table.rows if row.kind == "quant" and row.setting == 8
@@ -205,8 +206,3 @@ class Search:
 
             Console(stderr=True).print(text, highlight=False, markup=False)
 
-
-def _sensitivity():
-    from ...analyses.sensitivity import Sensitivity
-
-    return Sensitivity
