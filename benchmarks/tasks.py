@@ -137,6 +137,14 @@ class MiniLMTask(Task):
     def calibration(self):
         return list(self._batches()[0])
 
+    def train_data(self, sentences: int = 1024) -> list:
+        """Batches of up to `sentences` sentences of the offline corpus (benchmarks/corpus.py: text
+        shipped in installed packages, the evaluation sentences excluded); no targets."""
+        from .corpus import corpus
+
+        self.model()
+        return [(b,) for b in _minilm.batches(self._tokenizer, corpus(sentences), self.batch)]
+
     def embeddings(self, run) -> torch.Tensor:
         """Sentence embeddings [held-out sentences, 384] of `run` (mask-weighted mean pooling)."""
         held = self._batches()[1]

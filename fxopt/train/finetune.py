@@ -123,7 +123,8 @@ def finetune(model, teacher=None, data=None, steps: int = 100, lr: float = 1e-3,
     device = params[0].device
     world = join_world(device)
     try:
-        step = _Step(world.wrap(net, device), teacher, loss or F.cross_entropy, alpha,
+        soft = _TeacherOutputs(teacher, len(data) if isinstance(data, (list, tuple)) else 0)
+        step = _Step(world.wrap(net, device), soft, loss or F.cross_entropy, alpha,
                      distill_loss or functools.partial(kd_loss, temperature=temperature))
         optimizer = torch.optim.Adam(params, lr=lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -266,31 +267,55 @@ class _Run:
         set_rng_state(rng["now"])
 
 
+class _TeacherOutputs:
+    """The teacher's outputs for a batch, computed once per batch of a fixed list of batches.
+
+    The teacher is frozen and in eval mode, so a batch seen again in a later epoch gives the
+    same outputs; recomputing them would cost a teacher forward pass every step. At most
+    `remember` batches are kept (the list's length; 0 for a one-shot iterable), each with the
+    input tensors it was computed on, and a hit must be those very tensors."""
+
+    def __init__(self, teacher, remember: int):
+        self.teacher, self.remember, self.seen = teacher, remember, {}
+
+    def __bool__(self) -> bool:
+        return self.teacher is not None
+
+    def __call__(self, inputs: tuple):
+        key = tuple(id(x) for x in inputs)
+        hit = self.seen.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], inputs)):
+            return hit[1]
+        with torch.no_grad():
+            soft = self.teacher(*inputs)
+        if len(self.seen) < self.remember:
+            self.seen[key] = (inputs, soft)
+        return soft
+
+
 class _Step:
     """The loss of one batch: task loss, distillation loss, or their alpha mix."""
 
-    def __init__(self, net, teacher, task_loss, alpha: float, distill_loss):
+    def __init__(self, net, teacher: _TeacherOutputs, task_loss, alpha: float, distill_loss):
         self.net, self.teacher, self.task_loss = net, teacher, task_loss
         self.alpha, self.distill_loss = alpha, distill_loss
 
     def __call__(self, inputs: tuple, target):
         """(total, task, distill); a part not computed is NaN, kept out of the total."""
-        if target is None and self.teacher is None:
+        if target is None and not self.teacher:
             raise TrainingError("finetune: a batch has no target and there is no teacher",
                                   hint="give (inputs, target) batches, or a teacher to distil from")
         out = self.net(*inputs)
         nan = torch.full((), math.nan, device=_device_of(out))
         task = distill = nan
-        if target is not None and (self.teacher is None or self.alpha < 1):
+        if target is not None and (not self.teacher or self.alpha < 1):
             if self.task_loss is F.cross_entropy:
                 _check_classes(out, target)
             task = self.task_loss(out, target)
-        if self.teacher is not None and (target is None or self.alpha > 0):
-            with torch.no_grad():
-                soft = self.teacher(*inputs)
-            distill = self.distill_loss(out, soft)
-        if target is None or self.teacher is None:
-            total = task if self.teacher is None else distill
+        if self.teacher and (target is None or self.alpha > 0):
+            distill = self.distill_loss(out, self.teacher(inputs))
+        if target is None or not self.teacher:
+            total = task if not self.teacher else distill
         else:
             total = _mix(task, distill, self.alpha)
         return total, task.detach(), distill.detach()

@@ -125,7 +125,7 @@ class Search:
             if best is not None and (above is None or above / best < 1.1):
                 return best
             if best is None:
-                if share <= LOWEST_SHARE:
+                if share <= LOWEST_SHARE or self._flat(tried):
                     break
                 progress = c.speedup / goal.value if goal.kind == "speedup" else goal.value / max(c.size, 1e-9)
                 share = max(LOWEST_SHARE, share * min(progress, 0.95) * 0.95)
@@ -137,6 +137,19 @@ class Search:
         self.report.notes.append(f"no probe met the target {goal.kind} {goal.value:g} (kept down to "
                                  f"{min(tried, default=1.0):.3g} of the MACs); recovering the strongest probe")
         return min(tried, default=1.0)
+
+    def _flat(self, tried: dict) -> bool:
+        """True when halving-like cuts stopped paying: the last two probes' speed-ups differ by
+        under 5% (per-op costs, not MACs, bound the latency), so cutting more only loses score."""
+        if self.s.goal.kind != "speedup" or len(tried) < 3:
+            return False
+        *_, before, last = sorted(tried.items(), key=lambda kv: -kv[0])
+        if last[1].speedup < before[1].speedup * 1.05:
+            self.report.notes.append(f"the speed-up stopped growing as MACs fell ({before[1].speedup:.2f}x at "
+                                     f"{before[0]:.3g} of the MACs, {last[1].speedup:.2f}x at {last[0]:.3g}): "
+                                     "per-op costs bound the latency on this backend")
+            return True
+        return False
 
     # ---- building and measuring ---------------------------------------------------------------
     def _pipeline(self, share: float, skip: tuple, recover: bool) -> str:
