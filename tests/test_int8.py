@@ -173,3 +173,19 @@ def test_digits_cnn_int8_loses_at_most_half_a_point(trained, digits):
     assert fp32 > 0.9 and int8 >= fp32 - 0.005, (fp32, int8)
     assert len(int8_report(cm).int8_ops) == 3
 
+
+
+def test_a_float_output_kernel_that_disagrees_is_refused(monkeypatch):
+    """A conv whose int32 result goes straight to float (a sigmoid reads it) is checked against
+    the fake-quant conv too: a kernel that returns wrong values is refused, naming the layer."""
+    from fxopt.backends.int8.kernels import QConv2dToFloat
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sigmoid()).eval()
+    x = torch.randn(4, 3, 12, 12)
+    cm = fxopt.compile(model, (x,), pipeline="fake-quant", backend="int8", calibration=[x])
+    assert "QConv2dToFloat" in str(int8_report(cm)) and "checked: 1 int8 ops agree" in str(int8_report(cm))
+    right = QConv2dToFloat.forward
+    monkeypatch.setattr(QConv2dToFloat, "forward", lambda self, qx: right(self, qx) * 1.5)
+    with pytest.raises(fxopt.FxoptError, match="disagree with the fake-quant model at conv2d"):
+        fxopt.compile(model, (x,), pipeline="fake-quant", backend="int8", calibration=[x])

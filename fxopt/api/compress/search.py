@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from ...analyses import Cost
+from ...errors import FxoptError
 from ...analyses.sensitivity import Sensitivity
 from ...pm import AnalysisManager
 from ..compiler import Recipe, build
@@ -76,6 +77,7 @@ class Setup:
     deadline: float = math.inf        # time.monotonic() after which no new candidate starts
     progress: bool = False
     known: dict = field(default_factory=dict)   # analyses measured once on `prepared`
+    round_to: int = 1                 # prune-channels keeps channel counts in multiples of this
 
 
 class Search:
@@ -87,6 +89,7 @@ class Search:
         self.models: dict = {}       # the CompiledModel of each accepted candidate, by index
         self.base_macs = max(AnalysisManager(setup.prepared).get(Cost).macs, 1)
         self.base_bytes = max(weight_bytes(setup.prepared), 1)
+        self.round_to = f" round-to={setup.round_to}" if setup.round_to > 1 else ""
 
     def run(self):
         """The CompiledModel chosen (None when no candidate kept the score)."""
@@ -118,7 +121,11 @@ class Search:
         for _ in range(PROBES):
             if time.monotonic() > self.s.deadline:
                 break
-            tried[share] = c = self._candidate(share, (), recover=False)
+            c = self._candidate(share, (), recover=False)
+            if c.why.startswith("failed"):
+                share *= 0.97   # another channel count
+                continue
+            tried[share] = c
             met = [m for m, t in tried.items() if goal.met(t)]
             best = max(met, default=None)
             above = min((m for m, t in tried.items() if not goal.met(t) and (best is None or m > best)), default=None)
@@ -139,14 +146,15 @@ class Search:
         return min(tried, default=1.0)
 
     def _flat(self, tried: dict) -> bool:
-        """True when halving-like cuts stopped paying: the last two probes' speed-ups differ by
-        under 5% (per-op costs, not MACs, bound the latency), so cutting more only loses score."""
+        """True when cutting stopped paying: each of the last two probes, with fewer MACs than
+        the one before, is under 5% faster than it (per-op costs, not MACs, bound the latency),
+        so cutting more only loses score. Two in a row, as one timing can be noisy."""
         if self.s.goal.kind != "speedup" or len(tried) < 3:
             return False
-        *_, before, last = sorted(tried.items(), key=lambda kv: -kv[0])
-        if last[1].speedup < before[1].speedup * 1.05:
-            self.report.notes.append(f"the speed-up stopped growing as MACs fell ({before[1].speedup:.2f}x at "
-                                     f"{before[0]:.3g} of the MACs, {last[1].speedup:.2f}x at {last[0]:.3g}): "
+        *_, first, second, third = sorted(tried.items(), key=lambda kv: -kv[0])
+        if second[1].speedup < first[1].speedup * 1.05 and third[1].speedup < second[1].speedup * 1.05:
+            self.report.notes.append(f"the speed-up stopped growing as MACs fell ({first[1].speedup:.2f}x at "
+                                     f"{first[0]:.3g} of the MACs, {third[1].speedup:.2f}x at {third[0]:.3g}): "
                                      "per-op costs bound the latency on this backend")
             return True
         return False
@@ -155,7 +163,7 @@ class Search:
     def _pipeline(self, share: float, skip: tuple, recover: bool) -> str:
         steps = self.s.steps
         bar = " progress=true" if self.s.progress else ""
-        parts = [f"prune-channels{{target-macs={share:.4g}}}"] if share < 1.0 else []
+        parts = [f"prune-channels{{target-macs={share:.4g}{self.round_to}}}"] if share < 1.0 else []
         if recover and parts:
             parts.append(f"distill{{steps={steps}{bar}}}")
         if self.quantize:
@@ -170,7 +178,10 @@ class Search:
         self._say(f"building {'and recovering ' if recover else ''}{pipeline}")
         recipe = Recipe(pipeline, self.s.backend, self.s.calibration if self.quantize else None,
                         self.s.train, (), self.s.backend_options)
-        cm = build(copy.deepcopy(self.s.prepared), self.s.example, recipe, analyses=dict(self.s.known))
+        try:
+            cm = build(copy.deepcopy(self.s.prepared), self.s.example, recipe, analyses=dict(self.s.known))
+        except FxoptError as exc:   # e.g. an int8 kernel that disagrees with its fake-quant model
+            return self._failed(pipeline, recover, exc, time.perf_counter() - start)
         cm.eval()
         base, mine = speedup(self.s.model, cm, tuple(self.s.example[0]))
         self.report.baseline_latency = base
@@ -188,6 +199,15 @@ class Search:
         self.report.candidates.append(c)
         self._say(f"  {c.speedup:.2f}x faster, size {c.size:.3f}, MACs {c.macs:.3f}, {self.report.score_name} "
                   f"{score:.4f} (drop {drop:+.4f}){'  accepted' if c.accepted else ''}  [{c.seconds:.0f} s]")
+        return c
+
+    def _failed(self, pipeline: str, recover: bool, exc: FxoptError, seconds: float) -> Candidate:
+        """A candidate that could not be built: kept in the report with the reason."""
+        why = str(exc).splitlines()[0]
+        c = Candidate(pipeline, "recovered" if recover else "structure", math.nan, math.nan, math.nan, math.nan,
+                      math.nan, seconds=seconds, why=f"failed: {why}")
+        self.report.candidates.append(c)
+        self._say(f"  failed: {why}")
         return c
 
     def _sensitive_ops(self) -> tuple:

@@ -8,7 +8,11 @@ graphs on the calibration batches and compares, for every int8 op with an int8 o
 its codes with the fake-quant model's at the same point (the quantizer that reads it),
 in LSBs of that grid. A layer disagrees when more than 1% of its codes are over
 `FAR_LSB` away: far beyond the rounding drift a deep network accumulates (a few LSB),
-well within what saturation does (tens to hundreds).
+well within what saturation does (tens to hundreds). A kernel whose int32 result is
+scaled straight to float (its result read by float ops: a BatchNorm after the ReLU, a
+sigmoid) is compared with the fake-quant op's own float output, in LSBs of an 8-bit grid
+spanning that output (its largest magnitude / 127): the grid the next quantized op would
+see it on, so float and int8 outputs are held to the same standard.
 """
 from __future__ import annotations
 
@@ -51,26 +55,36 @@ def layer_agreement(gm: fx.GraphModule, lowered: fx.GraphModule, batches) -> lis
         ours = _Recorder(lowered, {new for new, _, _ in pairs.values()}).values(inputs)
         theirs = _Recorder(gm, {old for _, old, _ in pairs.values()}).values(inputs)
         for layer, (new, old, scale) in pairs.items():
-            if new not in ours or old not in theirs:
+            if new not in ours or old not in theirs or ours[new].numel() != theirs[old].numel():
                 continue
-            if not ours[new].is_quantized or ours[new].numel() != theirs[old].numel():
-                continue   # a kernel with a float output, compared where its result is quantized next
-            gap = (ours[new].dequantize().double().reshape(-1) - theirs[old].double().reshape(-1)).abs() / scale
+            mine, reference = ours[new], theirs[old].double().reshape(-1)
+            if mine.is_quantized:
+                gap = (mine.dequantize().double().reshape(-1) - reference).abs() / scale
+            elif old == layer:   # a float-output kernel against the fake-quant op's float output
+                unit = max(float(reference.abs().max()) / 127, 1e-30)
+                gap = (mine.double().reshape(-1) - reference).abs() / unit
+            else:
+                continue
             top, far, n = worst.get(layer, (0.0, 0.0, 0))
             worst[layer] = (max(top, float(gap.max())), far + float((gap > FAR_LSB).sum()), n + gap.numel())
     return [LayerAgreement(layer, top, far / max(n, 1)) for layer, (top, far, n) in worst.items()]
 
 
 def _pairs(gm: fx.GraphModule, lowered: fx.GraphModule) -> dict[str, tuple[str, str, float]]:
-    """{fake-quant op node: (int8 node name in `lowered`, quantizer node name in `gm`, grid scale)}."""
+    """{fake-quant op node: (int8 node name in `lowered`, the node in `gm` it is compared with,
+    the quantizer's grid scale)}: the quantizer that reads the op, or, for a kernel with a float
+    output, the op itself (scale 0: the unit comes from the output, see the module doc)."""
     new_by_target = {str(n.target): n.name for n in lowered.graph.nodes if n.op == "call_module"}
     pairs = {}
     for node in gm.graph.nodes:
         new = new_by_target.get(f"int8.{node.name}")
+        if new is None:
+            continue
         quantizer = _reader(gm, node)
-        if new is not None and quantizer is not None:
-            scale = float(gm.get_submodule(quantizer.target).scale.reshape(-1)[0])
-            pairs[node.name] = (new, quantizer.name, scale)
+        if quantizer is not None:
+            pairs[node.name] = (new, quantizer.name, float(gm.get_submodule(quantizer.target).scale.reshape(-1)[0]))
+        else:
+            pairs[node.name] = (new, node.name, 0.0)
     return pairs
 
 

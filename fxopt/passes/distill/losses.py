@@ -3,7 +3,10 @@
 Logits are matched as their softened distributions (T²·KL, as fxopt.finetune does), since
 the teacher's wrong-class scores carry what it knows; other outputs (embeddings,
 probabilities, regressions) by MSE, which keeps both direction and scale, or 1 - cosine,
-which keeps the direction only. Intermediate features are matched by MSE.
+which keeps the direction only. Intermediate features are matched by MSE. Every MSE is
+relative to the teacher's mean square (||s - t||² / ||t||²): outputs that are mostly near
+zero, such as a pitch model's 360 bin probabilities, would otherwise give a loss so small
+that a student predicting zeros everywhere looks nearly right.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ class OutputLoss:
     def __init__(self, kinds: list[str], temperature: float, feature_weight: float | None = None):
         self.kinds, self.feature_weight = kinds, feature_weight
         self.by_kind = {"kl": functools.partial(kd_loss, temperature=temperature),
-                        "mse": lambda s, t: F.mse_loss(s.float(), t.float()),
+                        "mse": relative_mse,
                         "cosine": lambda s, t: divergence(s, t, "features")}
 
     def __call__(self, student, teacher) -> torch.Tensor:
@@ -39,9 +42,15 @@ class OutputLoss:
         s_leaves, t_leaves = _leaves(student), _leaves(teacher)
         loss = torch.stack([self.by_kind[k](s, t) for s, t, k in zip(s_leaves, t_leaves, self.kinds)]).mean()
         if self.feature_weight:
-            matched = torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(s_features, t_features)])
+            matched = torch.stack([relative_mse(s, t) for s, t in zip(s_features, t_features)])
             loss = loss + self.feature_weight * matched.mean()
         return loss
+
+
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE over the teacher's mean square: scale-free, 1 for a student that outputs zeros."""
+    teacher = teacher.float()
+    return F.mse_loss(student.float(), teacher) / teacher.pow(2).mean().clamp_min(1e-12)
 
 
 def first_output_task_loss(out, target) -> torch.Tensor:
