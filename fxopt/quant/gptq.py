@@ -79,14 +79,26 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QSpec,
     """(dequantized weight, scale, zero_point) of a 2-D weight [out, in] rounded by GPTQ
     under the input Hessian [in, in], on the grid of `spec` (axis 0, per channel or per
     group along the input dim). `scale` / `zero_point`: the grid's parameters (default:
-    min/max of the weight)."""
+    min/max of the weight). Columns are rounded in order of decreasing H diagonal (the
+    inputs with the most energy first, while the most columns are left to absorb their
+    error: GPTQ's "act order"); the grid stays the one given, so the order changes no scale."""
     if spec.binary or spec.axis != 0 or weight.dim() != 2:
         raise ValueError("GPTQ rounds a 2-D weight onto a >= 2-bit grid per output channel (axis 0)")
     w = weight.detach().float().clone()
     if scale is None:
         scale, zero_point = weight_scales(w, spec)
-    s_full = param_view(scale.float(), w, spec).expand_as(w)
-    z_full = param_view(zero_point, w, spec).float().expand_as(w)
+    order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+    s_full = param_view(scale.float(), w, spec).expand_as(w)[:, order]
+    z_full = param_view(zero_point, w, spec).float().expand_as(w)[:, order]
+    rounded = _rounded(w[:, order], hessian[order][:, order], s_full, z_full, spec)
+    out = torch.empty_like(w)
+    out[:, order] = rounded
+    return out.to(weight.dtype), scale, zero_point
+
+
+def _rounded(w: torch.Tensor, hessian: torch.Tensor, s_full: torch.Tensor, z_full: torch.Tensor,
+             spec: QSpec) -> torch.Tensor:
+    """The GPTQ loop over the columns of w in their given order (element-wise grid s, z)."""
     upper = _inverse_factor(hessian).to(w)
     out = torch.empty_like(w)
     cols = w.shape[1]
@@ -102,7 +114,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QSpec,
             block[:, i:] -= err[:, None] * inv[i, i:][None, :]
             errors[:, i] = err
         w[:, stop:] -= errors @ upper[start:stop, stop:]
-    return out.to(weight.dtype), scale, zero_point
+    return out
 
 
 def reconstruction_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
