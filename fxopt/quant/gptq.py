@@ -41,6 +41,8 @@ def weight_scales(weight: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torc
 
 def _round(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: QSpec) -> torch.Tensor:
     """Nearest grid value of w (element-wise scale s and zero point z)."""
+    if spec.symmetric:
+        return torch.div(w, s).round_().clamp_(spec.qmin, spec.qmax).mul_(s)
     return (torch.clamp(torch.round(w / s) + z, spec.qmin, spec.qmax) - z) * s
 
 
@@ -98,23 +100,25 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QSpec,
 
 def _rounded(w: torch.Tensor, hessian: torch.Tensor, s_full: torch.Tensor, z_full: torch.Tensor,
              spec: QSpec) -> torch.Tensor:
-    """The GPTQ loop over the columns of w in their given order (element-wise grid s, z)."""
+    """The GPTQ loop over the columns of w in their given order (element-wise grid s, z).
+    It runs on the transpose, so each column is one contiguous row."""
     upper = _inverse_factor(hessian).to(w)
-    out = torch.empty_like(w)
-    cols = w.shape[1]
+    wt, st, zt = w.t().contiguous(), s_full.t().contiguous(), z_full.t().contiguous()
+    out = torch.empty_like(wt)
+    cols = wt.shape[0]
     for start in range(0, cols, BLOCK):
         stop = min(start + BLOCK, cols)
-        block, inv = w[:, start:stop].clone(), upper[start:stop, start:stop]
+        block, inv = wt[start:stop].clone(), upper[start:stop, start:stop]
+        diagonal = torch.diagonal(inv).tolist()
         errors = torch.empty_like(block)
         for i in range(stop - start):
             j = start + i
-            q = _round(block[:, i], s_full[:, j], z_full[:, j], spec)
-            out[:, j] = q
-            err = (block[:, i] - q) / inv[i, i]
-            block[:, i:] -= err[:, None] * inv[i, i:][None, :]
-            errors[:, i] = err
-        w[:, stop:] -= errors @ upper[start:stop, stop:]
-    return out
+            out[j] = _round(block[i], st[j], zt[j], spec)
+            err = torch.sub(block[i], out[j]).div_(diagonal[i])
+            block[i:].addr_(inv[i, i:], err, alpha=-1)
+            errors[i] = err
+        wt[stop:].addmm_(upper[start:stop, stop:].t(), errors, alpha=-1)
+    return out.t()
 
 
 def reconstruction_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
