@@ -95,7 +95,8 @@ class GptqRounding:
         layers, passed = find_layers(gm, ("linear", "conv"))
         self.layers = [layer for layer in layers if layer.node in wanted]
         found = {layer.node for layer in layers} | {node for node, _ in passed}
-        self.report = GptqReport(batches=len(batches := _batches(gm, am)))
+        batches = _batches(gm, am)
+        self.report = GptqReport(batches=len(batches))
         self.report.nearest += [(node.name, why) for node, why in passed if node in wanted]
         self.report.nearest += [(node.name, "a matmul operand (GPTQ rounds linear and conv weights)")
                                 for node in quantized if node not in found and _has_constant(node)]
