@@ -161,3 +161,14 @@ def test_gptq_beats_nearest_on_every_minilm_layer():
         gptq_err = reconstruction_error(weight, rounded, test[layer.node])
         nearest_err = reconstruction_error(weight, nearest_quantize(weight, spec), test[layer.node])
         assert gptq_err < nearest_err, (layer.path, gptq_err, nearest_err)
+
+
+def test_group_scales_and_gptq_weights_survive_save_and_load(net, tmp_path):
+    data = _net_data(32, 8)
+    cm = fxopt.compile(net, data[0], pipeline="fake-quant{weight-bits=3 rounding=gptq group-size=16}",
+                       calibration=data[:2])
+    fxopt.save(cm, tmp_path / "m")
+    loaded = fxopt.load(tmp_path / "m")
+    assert {fq.group_size for fq in fxopt.quant.quantizers_in(loaded.graph_module) if fq.role == "weight"} == {16}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*data[3]), cm(*data[3]), rtol=0, atol=0)
