@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 
-SUITES = {"backends": "benchmarks.suites.backends", "compress": "benchmarks.suites.compress", "equalize": "benchmarks.suites.equalize", "fpga": "benchmarks.suites.fpga",
+SUITES = {"backends": "benchmarks.suites.backends", "compress": "benchmarks.suites.compress",
+          "equalize": "benchmarks.suites.equalize", "fpga": "benchmarks.suites.fpga",
+          "gptq": "benchmarks.suites.gptq",
           "lowrank": "benchmarks.suites.lowrank", "passes": "benchmarks.suites.passes",
           "prune": "benchmarks.suites.prune",
           "prune-zoo": "benchmarks.suites.prune_zoo", "quant": "benchmarks.suites.quant",

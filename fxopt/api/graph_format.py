@@ -54,7 +54,8 @@ def _module_record(path: str, module: torch.nn.Module, tensors: dict) -> dict:
             if isinstance(t, torch.Tensor):
                 tensors[_join(path, name)] = t.detach()
         return {"kind": "fake_quantize", "bits": module.bits, "symmetric": module.symmetric,
-                "axis": module.axis, "observer": module.observer_kind, "role": module.role,
+                "axis": module.axis, "group_size": module.group_size, "observer": module.observer_kind,
+                "role": module.role,
                 "channels": int(module.scale.numel()), "learnable": module.learnable,
                 "observing": module.observing, "label": module.label}
     if type(module).__name__ == "GuardsFn":
@@ -223,7 +224,8 @@ def _build(path: str, record: dict, tensors: dict, built: dict) -> torch.nn.Modu
 
 def _fake_quantize(path: str, record: dict, tensors: dict) -> torch.nn.Module:
     spec = QSpec(bits=int(record["bits"]), symmetric=bool(record["symmetric"]),
-                 axis=None if record["axis"] is None else int(record["axis"]))
+                 axis=None if record["axis"] is None else int(record["axis"]),
+                 group_size=None if record.get("group_size") is None else int(record["group_size"]))
     fq = FakeQuantize(spec, observer=str(record["observer"]), role=str(record["role"]),
                       channels=int(record["channels"]), learnable=bool(record["learnable"]))
     state = {name: _tensor(tensors, _join(path, name)) for name in fq.state_dict()

@@ -5,7 +5,9 @@ backend reads from it (all plain attributes or buffers):
 
     role         "weight" or "activation"
     bits, symmetric, axis (None: per tensor), qmin, qmax     the integer grid
-    scale        float32 1-D tensor (one element per tensor, or one per channel of `axis`)
+    group_size   None, or the run of a channel's values that share a scale (weights)
+    scale        float32 1-D tensor (one element per tensor, one per channel of `axis`, or
+                 channels x groups per group, channel-major)
     zero_point   int32, same shape (0 when symmetric)
     observing    False once frozen: scale and zero_point are final
 
@@ -32,7 +34,7 @@ import torch.nn as nn
 
 from ..errors import FxoptError
 from .observers import make_observer
-from .qparams import QSpec, as_rows, binary_scale, fake_quantize, qparams_from_range
+from .qparams import QSpec, as_groups, as_rows, binary_scale, fake_quantize, qparams_from_range
 
 __all__ = ["FakeQuantize", "quantizer_of", "quantizers_in"]
 
@@ -79,6 +81,10 @@ class FakeQuantize(nn.Module):
         return self.spec.axis
 
     @property
+    def group_size(self) -> int | None:
+        return self.spec.group_size
+
+    @property
     def qmin(self) -> int:
         return self.spec.qmin
 
@@ -109,7 +115,7 @@ class FakeQuantize(nn.Module):
     def observe_weight(self, weight: torch.Tensor) -> None:
         """Set scale / zero_point from a weight tensor (binary: mean |w| per channel)."""
         self._check_finite(weight, "the weight holds")
-        rows = as_rows(weight.detach(), self.axis)
+        rows = as_groups(weight.detach(), self.spec)
         if self.spec.binary:
             self.scale.copy_(binary_scale(rows))
             self.zero_point.zero_()
@@ -158,6 +164,7 @@ class FakeQuantize(nn.Module):
 
     def extra_repr(self) -> str:
         axis = "per-tensor" if self.axis is None else f"axis={self.axis}"
+        axis += "" if self.group_size is None else f", group_size={self.group_size}"
         kind = "binary" if self.spec.binary else ("symmetric" if self.symmetric else "asymmetric")
         return (f"{self.role}, bits={self.bits}, {kind}, {axis}, qmin={self.qmin}, qmax={self.qmax}, "
                 f"observer={self.observer_kind}, observing={self.observing}"

@@ -16,6 +16,10 @@ Conventions (the int8 backend and the ONNX export must reproduce them bit for bi
 
 Per-channel parameters are 1-D tensors over the quantized axis; per-tensor ones
 are 1-element tensors, so every helper here treats both the same way.
+Per-group parameters (`group_size` g with an axis) split each channel's values
+(the other dims flattened in memory order: a conv weight's in x kh x kw, as
+unfold lays out patches) into runs of g, the last one possibly shorter; they are
+1-D tensors of channels x groups, channel-major.
 """
 from __future__ import annotations
 
@@ -33,10 +37,13 @@ class QSpec:
     bits: int = 8
     symmetric: bool = True
     axis: int | None = None
+    group_size: int | None = None    # values of a channel that share one scale; None: the whole channel
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 1 <= self.bits <= 16:
             raise ValueError(f"bits must be an integer in 1..16, got {self.bits!r}")
+        if self.group_size is not None and (self.axis is None or self.group_size < 1):
+            raise ValueError(f"group_size={self.group_size!r} needs a per-channel axis and a size >= 1")
 
     @property
     def binary(self) -> bool:
@@ -88,19 +95,46 @@ def as_rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
+def groups_per_channel(x: torch.Tensor, spec: QSpec) -> int:
+    """How many scales each channel of x has (1 unless per group)."""
+    if spec.group_size is None:
+        return 1
+    cols = as_rows(x, spec.axis).shape[1]
+    return -(-cols // spec.group_size)
+
+
+def as_groups(x: torch.Tensor, spec: QSpec) -> torch.Tensor:
+    """x as one row per scale: per channel (as_rows) or, per group, channels x groups rows of
+    group_size values (a short last group is padded with zeros, which no symmetric or
+    zero-including range changes)."""
+    rows = as_rows(x, spec.axis)
+    if spec.group_size is None:
+        return rows
+    n = groups_per_channel(x, spec)
+    rows = torch.nn.functional.pad(rows, (0, n * spec.group_size - rows.shape[1]))
+    return rows.reshape(rows.shape[0] * n, spec.group_size)
+
+
+def param_view(p: torch.Tensor, x: torch.Tensor, spec: QSpec) -> torch.Tensor:
+    """A scale / zero point shaped to broadcast against x (per group: expanded to x's shape)."""
+    if spec.group_size is None:
+        return p.reshape(broadcast_shape(x, spec.axis))
+    moved = x.movedim(spec.axis, 0)
+    full = p.reshape(moved.shape[0], -1).repeat_interleave(spec.group_size, dim=1)
+    return full[:, :moved[0].numel()].reshape(moved.shape).movedim(0, spec.axis)
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QSpec) -> torch.Tensor:
     """The integer codes of x (int32), on the grid [qmin, qmax]; binary gives sign(x) in {-1, +1}."""
     if spec.binary:
         return torch.where(x >= 0, 1, -1).to(torch.int32)
-    shape = broadcast_shape(x, spec.axis)
-    s, z = scale.reshape(shape), zero_point.reshape(shape)
+    s, z = param_view(scale, x, spec), param_view(zero_point, x, spec)
     return torch.clamp(torch.round(x / s) + z, spec.qmin, spec.qmax).to(torch.int32)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QSpec) -> torch.Tensor:
     """The float values of integer codes: (q - zero_point) * scale."""
-    shape = broadcast_shape(q, spec.axis)
-    return (q.float() - zero_point.reshape(shape).float()) * scale.reshape(shape)
+    return (q.float() - param_view(zero_point, q, spec).float()) * param_view(scale, q, spec)
 
 
 def _round_ste(v: torch.Tensor) -> torch.Tensor:
@@ -122,14 +156,13 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     `learnable` the scale gets LSQ's gradient (round(x/s) - x/s inside, the clip
     level outside), scaled by 1/sqrt(numel * qmax).
     """
-    shape = broadcast_shape(x, spec.axis)
-    s = scale.reshape(shape)
+    s = param_view(scale, x, spec)
     if learnable:
         s = _grad_scaled(s, 1.0 / (max(x.numel() // max(scale.numel(), 1), 1) * max(spec.qmax, 1)) ** 0.5)
     if spec.binary:
         sign = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
         return x + (sign * s - x).detach() if not learnable else (x - x.detach()) + sign * s
-    z = zero_point.reshape(shape).to(x.dtype)
+    z = param_view(zero_point, x, spec).to(x.dtype)
     # clamp before rounding (the same forward, as the bounds are integers): the gradient
     # then stops exactly where x leaves [qmin, qmax] * s, not at values that round onto a bound
     q = _round_ste(torch.clamp(x / s + z, spec.qmin, spec.qmax))

@@ -59,6 +59,10 @@ def _weight_codes(ctx: LoweringContext, node: fx.Node) -> tuple[np.ndarray, np.n
                                f"{'symmetric' if fq.symmetric else 'asymmetric'}; the export takes "
                                "symmetric 2..8-bit weights", where=node_location(node),
                                hint="fake-quant{weight_bits=8,symmetric=true}")
+    if fq.group_size is not None:
+        raise UnsupportedError(f"fpga-int8: the weight of {node.name} has per-group scales; the export "
+                               "takes one scale per output channel", where=node_location(node),
+                               hint="fake-quant without group-size")
     weight = ctx.constant(w_node.args[0])
     with torch.no_grad():
         dequant = fq(weight).double()

@@ -95,6 +95,8 @@ def weight_unsupported(fq: FakeQuantize) -> str | None:
         return f"{fq.bits}-bit weights do not fit int8"
     if fq.axis not in (None, 0):
         return f"weight quantized along axis {fq.axis} (int8 kernels take output channels, axis 0)"
+    if fq.group_size is not None:
+        return f"per-group weight scales (group_size={fq.group_size}; int8 kernels take one per output channel)"
     return None
 
 

@@ -161,6 +161,10 @@ def _check_frozen(fq: FakeQuantize, node: fx.Node) -> None:
 def emit_fake_quantize(b: OnnxBuilder, node: fx.Node, fq: FakeQuantize) -> str:
     """One FakeQuantize node as DequantizeLinear of stored codes (constant weights) or Q -> DQ."""
     _check_frozen(fq, node)
+    if fq.group_size is not None:
+        raise UnsupportedError(f"ONNX export: quantizer {node.target!r} has per-group scales "
+                               f"(group_size={fq.group_size}), which this QDQ export does not write",
+                               where=node_location(node), hint="fake-quant without group-size")
     (src,) = node.args
     hint = str(node.target)
     constant = isinstance(src, fx.Node) and src.op == "get_attr"

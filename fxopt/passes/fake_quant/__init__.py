@@ -67,6 +67,7 @@ from .allocate import allot_bits
 from .report import FloatOp, QuantizedOp, QuantReport
 from .insert import QuantConfig, ValueGroups, quantize_values, quantize_weight
 from .rules import classify, skip_match
+from .gptq import GptqRounding
 from ...pm.analysis import AnalysisManager
 
 __all__ = ["FakeQuant"]
@@ -100,6 +101,10 @@ class FakeQuant(Pass):
         analysis under avg-bits, the worst ops kept float; needs data= or calibration batches;
         see fxopt.passes.fake_quant.allocate).
     avg_bits: for bits=auto: the parameter-weighted average weight bits to reach (at most).
+    rounding: nearest | gptq (linear and conv weights rounded with GPTQ's error compensation,
+        measured on the calibration batches; report.gptq compares both; fxopt.passes.fake_quant.gptq).
+    group_size: per-channel weight scales split into groups of this many input values (in x kh x kw
+        for convs); none: one scale per output channel. The int8 and fpga-int8 backends refuse groups.
     """
 
     weight_bits: Annotated[int, Range(1, 16)] = 8
@@ -115,6 +120,8 @@ class FakeQuant(Pass):
     outputs: bool = False
     bits: Literal["fixed", "auto"] = "fixed"
     avg_bits: Annotated[float, Range(1, 16)] | None = None
+    rounding: Literal["nearest", "gptq"] = "nearest"
+    group_size: Annotated[int, Range(1)] | None = None
 
     tolerance: ClassVar[float | None] = None  # quantization changes what the model computes
     sees_into_leaves: ClassVar[bool] = False   # layers inside a leaf module are not seen
@@ -131,6 +138,7 @@ class FakeQuant(Pass):
             return PassResult.unchanged(notes=("the graph already has fake quantizers; left as is",))
         report = QuantReport()
         self._check_skip(gm, report)
+        self._check_rounding()
         decisions = classify(gm, self.skip, self.joins)
         quant = [d for d in decisions if d.kind == "quant"]
         edges = {quant[0].node, quant[-1].node} if quant and self.first_last_bits is not None else set()
@@ -140,8 +148,9 @@ class FakeQuant(Pass):
                                     self.weight_bits)
             decisions = allocation.apply(decisions)
             quant = [d for d in decisions if d.kind == "quant"]
+        gptq = GptqRounding(gm, am, [d.node for d in quant]) if self.rounding == "gptq" else None
         config = QuantConfig(self.observer, self.learnable_scale, self.symmetric, self.act_symmetric,
-                             self.weight_granularity == "per-channel")
+                             self.weight_granularity == "per-channel", self.group_size)
         groups, consumers = ValueGroups(), {}
         for d in decisions:
             bits = self.first_last_bits if d.node in edges else self.act_bits
@@ -163,10 +172,20 @@ class FakeQuant(Pass):
         if allocation:
             report.notes.append(allocation.note(self.avg_bits))
         report.quantizers = len(quantizers_in(gm))
+        sections = {"quant": report} if gptq is None else {"quant": report, "gptq": gptq.apply(gm, weight_paths)}
         if not report.quantizers:
-            return PassResult.unchanged(notes=("nothing to quantize",), sections={"quant": report})
+            return PassResult.unchanged(notes=("nothing to quantize",), sections=sections)
         gm.graph.lint()
-        return PassResult.changed(notes=self._notes(report), sections={"quant": report})
+        return PassResult.changed(notes=self._notes(report), sections=sections)
+
+    def _check_rounding(self) -> None:
+        """Option pairs that have no meaning together."""
+        if self.group_size is not None and self.weight_granularity != "per-channel":
+            raise PassOptionError("fake-quant: group-size splits per-channel weight scales into groups",
+                                  hint="use weight-granularity=per-channel with group-size, or drop group-size")
+        if self.rounding == "gptq" and self.weight_bits == 1:
+            raise PassOptionError("fake-quant: rounding=gptq rounds onto a grid of 2 or more bits; "
+                                  "1-bit weights are signs", hint="use rounding=nearest with weight-bits=1")
 
     def _quantize_outputs(self, gm: fx.GraphModule, groups: ValueGroups, consumers: dict) -> None:
         """outputs=true: the model returns its outputs on an activation grid as well."""
@@ -192,6 +211,8 @@ class FakeQuant(Pass):
                     _act_bits(node, d, act_paths), self._granularity(d), paths))
 
     def _granularity(self, d) -> str:
+        if d.weights and self.group_size is not None:
+            return f"per-group-{self.group_size}"
         return self.weight_granularity if d.weights else "none"
 
     def _check_skip(self, gm: fx.GraphModule, report: QuantReport) -> None:

@@ -15,6 +15,7 @@ import torch.fx as fx
 from ...ir.graph import fetch_attr, fresh_attr_name
 from ...ir.meta import TENSOR
 from ...quant import FakeQuantize, QSpec
+from ...quant.qparams import groups_per_channel
 
 PREFIX = "fake_quant"
 
@@ -28,6 +29,7 @@ class QuantConfig:
     weight_symmetric: bool
     act_symmetric: bool
     per_channel: bool
+    group_size: int | None = None    # weights: values of a channel that share a scale
 
 
 def slug(text: str) -> str:
@@ -58,8 +60,8 @@ def quantize_weight(gm: fx.GraphModule, op: fx.Node, attr: fx.Node, axis: int,
     """Route `op`'s read of the constant `attr` through a new weight quantizer."""
     weight = fetch_attr(gm, attr.target)
     axis = axis if config.per_channel else None
-    spec = QSpec(bits, config.weight_symmetric, axis)
-    channels = weight.shape[axis] if axis is not None else 1
+    spec = QSpec(bits, config.weight_symmetric, axis, config.group_size if axis is not None else None)
+    channels = weight.shape[axis] * groups_per_channel(weight, spec) if axis is not None else 1
     fq = FakeQuantize(spec, config.observer, "weight", channels, config.learnable)
     fq.observe_weight(weight)
     path = _add_module(gm, slug(attr.target), fq)
