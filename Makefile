@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (the main job: CREPE's real pitch model compressed, before/after) and `make test`.
+# Two entry points: `make demo` (the main job: fxopt compress on CREPE's real pitch model, beside fp32 and the plain presets) and `make test`.
 # Both create .venv on first use and install the pinned torch + fxopt into it.
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,7 +23,7 @@ test: setup
 	FXOPT_VERIFY=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 tests/test_zoo.py
 
 demo: setup
-	$(BIN)/fxopt bench --model crepe --pipeline prune25+int8 --pipeline prune50+int8 --pipeline int8 --out benchmarks/results
+	$(BIN)/fxopt compress crepe --target speedup=5 --max-drop 0.01 --steps 150 --time-budget 420 --compare int8 --compare prune25+int8 --compare prune50+int8 --out benchmarks/results
 
 bench: setup
 	$(BIN)/python -m benchmarks --plots
