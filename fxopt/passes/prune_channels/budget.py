@@ -28,7 +28,7 @@ from .apply import apply_choices
 from .importance import kept_channels
 
 TOLERANCE = 0.02     # the reached MACs within 2% of the target's
-_NUDGES = 24         # single-step corrections after the bisection, at most
+_NUDGES = 8          # single-step corrections after the bisection, at most
 
 
 @dataclass
@@ -139,7 +139,7 @@ def _nudged(keeps: dict[int, int], by_id: dict, options, share, target: float) -
     closer to the target (the bisection's answer can overshoot by a whole coarse step)."""
     for _ in range(_NUDGES):
         now = abs(share(keeps) - target)
-        if now <= TOLERANCE * target / 4:
+        if now <= TOLERANCE * target / 2:
             break
         best, best_gap = None, now
         for gid, g in by_id.items():
