@@ -6,7 +6,7 @@ import importlib
 
 SUITES = {"backends": "benchmarks.suites.backends", "equalize": "benchmarks.suites.equalize", "fpga": "benchmarks.suites.fpga",
           "lowrank": "benchmarks.suites.lowrank", "passes": "benchmarks.suites.passes",
-          "prune": "benchmarks.suites.prune",
+          "prune": "benchmarks.suites.prune", "prune-recovery": "benchmarks.suites.prune_recovery",
           "prune-zoo": "benchmarks.suites.prune_zoo", "quant": "benchmarks.suites.quant",
           "stages": "benchmarks.suites.stages"}
 
