@@ -5,30 +5,38 @@ Task: scikit-learn's digits upscaled to 32x32x3 (benchmarks/digits32.py), torchv
 resnet18 and mobilenet_v2 (weights=None, 10 classes) trained on the training split and
 cached. Per model and per MACs target (TARGETS: shares of the MACs kept), four rows:
 
-  fxopt-sensitivity  `fxopt.compile(model, x, pipeline="canonicalize,fold-bn,dce,
-                     prune-channels{target-macs=T}", data=<SENSITIVITY_BATCHES training batches>)`:
-                     per-group ratios allocated from the measured Sensitivity.
-  fxopt-uniform      the same pipeline with `prune-channels{ratio=r}` (every group loses r).
+  fxopt-sensitivity  `prune-channels{target-macs=T}` on the BN-folded graph (`fxopt.compile(model,
+                     x, pipeline="canonicalize,fold-bn,dce")`): per-group ratios allocated from the
+                     Sensitivity measured on `sensitivity_batches` training batches. What
+                     `fxopt.compile(model, x, pipeline="canonicalize,fold-bn,dce,prune-channels{
+                     target-macs=T}", data=...)` does, except that the table is measured once per
+                     model (its prune curves only, the kind target-macs reads; through compile
+                     every kind is measured, 4 min on resnet18 here) and given to
+                     fxopt.api.compiler.build for each target; its time is in the row's.
+  fxopt-uniform      `fxopt.compile(model, x, pipeline="canonicalize,fold-bn,dce,prune-channels{
+                     ratio=r}")` (every group loses r).
   tp-local           Torch-Pruning's MetaPruner, MagnitudeImportance(p=1), the classifier in
                      ignored_layers, every layer at `pruning_ratio=r`.
   tp-global          the same with global_pruning=True (one threshold over all groups).
 
-fxopt-sensitivity's measured MACs share is the target of the other three: their r is found
-by bisection until their MACs are within MATCH (2%) of it, the closest r tried being kept
-(and flagged when still outside). MACs and parameters are counted by one counter, fxopt's
-Cost, on BN-folded graphs: Torch-Pruning prunes the model with its BatchNorms (its
+fxopt-sensitivity's measured MACs share is the target of the other three: their r is
+searched (`matched`: at most `tries` prunings) until their MACs are within MATCH (2%) of
+it, the closest r tried being kept (and flagged in the findings when still outside).
+MACs and parameters are counted by one counter, fxopt's Cost, on BN-folded graphs: Torch-Pruning prunes the model with its BatchNorms (its
 importance sees them), then its pruned nn.Module goes through `fxopt.compile(pruned, x,
 pipeline="canonicalize,fold-bn,dce")`, so every row is a BN-folded CompiledModel, counted
 and recovered the same way. The unpruned model's folded graph is the 100% of MACs.
 
 Recovery, the same for every row: `torch.manual_seed(SEED)`, then `fxopt.finetune(row,
-teacher=model, data=<the training batches with labels>, steps=STEPS, lr=LR)` (Adam, cosine
-decay, 0.5 cross-entropy + 0.5 KD at T=4: finetune's defaults).
+teacher=model, data=<the labelled training batches, cut to recovery_batch rows>,
+steps=steps, lr=lr)` (Adam, cosine decay, 0.5 cross-entropy + 0.5 KD at T=4: finetune's
+defaults). The default 60 steps of 32 rows (under 2 epochs) keep the suite within ~30 min
+on 2 shared cores; a longer recovery narrows the gaps between rows.
 
 Scored on the 450 test images, before and after recovery: accuracy, KL(unpruned || row)
 (fxopt.analyses.fidelity.divergence, per image) and top-1 agreement with the unpruned
-model; also the prune time (the chosen configuration's one call; for the matched rows the
-bisection's total too) and the recovery time. Torch runs with THREADS threads.
+model; also `search_s`, the whole search (for fxopt-sensitivity: measuring the sensitivity
+and pruning), `prune_s`, the chosen configuration's one pruning, and the recovery time. Torch runs with THREADS threads.
 """
 from __future__ import annotations
 
@@ -86,7 +94,7 @@ def macs_params(cm) -> tuple[int, int]:
 
 
 def sensitivity(folded, data) -> tuple:
-    """The prune curves of the BN-folded graph on `data`: measured once per model, shared by
+    """(table, seconds): the prune curves of the BN-folded graph on `data`: measured once per model, shared by
     its targets (only the prune kind: the other kinds' rows are not what target-macs reads)."""
     am = fxopt.AnalysisManager(folded, None, list(data))
     return _timed(measure, folded, am, {"prune": SETTINGS["prune"]})
@@ -179,6 +187,22 @@ def _prunings(model, x) -> dict:
             "tp-global": lambda r: torch_pruning(model, x, r, True)}
 
 
+@dataclass(frozen=True)
+class _Scene:
+    """What every row of one model shares: the teacher, the example input, the sensitivity
+    batches, the recovery batches, the test set (x, y, the teacher's logits), the 100% of MACs."""
+
+    model: torch.nn.Module
+    x: torch.Tensor
+    measured_on: list
+    recovery: list
+    test: tuple
+    base_macs: int
+
+    def share(self, cm) -> float:
+        return macs_params(cm)[0] / self.base_macs
+
+
 def bench_model(name: str, setting: Setting, log=print) -> dict:
     """Train (or load) `name`, then every method at every target, pruned, scored, recovered, scored."""
     data = digits32.load()
@@ -186,46 +210,51 @@ def bench_model(name: str, setting: Setting, log=print) -> dict:
     if setting.test_rows:
         x_test, y_test = x_test[:setting.test_rows], y_test[:setting.test_rows]
     model, fresh = digits32.trained(name, data, setting.epochs)
-    x = x_train[:1]
     batches = digits32.batches(x_train, y_train, SEED + 1)
     recovery = [(bx[i:i + setting.recovery_batch], by[i:i + setting.recovery_batch])
                 for bx, by in batches for i in range(0, len(bx), setting.recovery_batch)]
-    reference = digits32.logits(model, x_test)
-    base = fxopt.compile(model, (x,), pipeline=CLEANUP)
-    table, table_s = sensitivity(base.graph_module, batches[:setting.sensitivity_batches])
+    base = fxopt.compile(model, (x_train[:1],), pipeline=CLEANUP)
     base_macs, base_params = macs_params(base)
-    unpruned = {"macs": base_macs, "params": base_params, **score(model, x_test, y_test, reference)}
-    log(f"  unpruned: accuracy {unpruned['accuracy']:.4f}, {base_macs / 1e6:.1f}M MACs ({'trained' if fresh else 'cached'})")
-    share_of = lambda cm: macs_params(cm)[0] / base_macs  # noqa: E731
+    scene = _Scene(model, x_train[:1], batches[:setting.sensitivity_batches], recovery,
+                   (x_test, y_test, digits32.logits(model, x_test)), base_macs)
+    table = sensitivity(base.graph_module, scene.measured_on)
+    unpruned = {"macs": base_macs, "params": base_params, **score(model, *scene.test)}
+    log(f"  unpruned: accuracy {unpruned['accuracy']:.4f}, {base_macs / 1e6:.1f}M MACs "
+        f"({'trained' if fresh else 'cached'}); sensitivity measured in {table[1]:.0f} s")
     rows = []
     for target in setting.targets:
-        first, took = _timed(fxopt_sensitivity, base.graph_module, x, batches[:setting.sensitivity_batches], table,
-                             target)
-        results = {"fxopt-sensitivity": {"cm": first, "share": share_of(first), "prune_s": took,
-                                         "search_s": took + table_s}}
-        for method, prune in _prunings(model, x).items():
-            try:
-                results[method] = matched(prune, share_of, results["fxopt-sensitivity"]["share"], setting.tries)
-            except Exception as exc:  # noqa: BLE001 - a tool's failure is a result
-                results[method] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-        for method in METHODS:
-            rows.append(_row(method, target, results[method], model, recovery, (x_test, y_test, reference),
-                             setting, base_macs, log))
-    return {"name": name, "trained_here": fresh, "sensitivity_s": table_s, "epochs": setting.epochs or digits32.EPOCHS.get(name),
+        results = _pruned(scene, base.graph_module, table, target, setting.tries)
+        rows += [_row(method, target, results[method], scene, setting, log) for method in METHODS]
+    return {"name": name, "trained_here": fresh, "sensitivity_s": table[1],
+            "epochs": setting.epochs if setting.epochs is not None else digits32.EPOCHS.get(name),
             "unpruned": unpruned, "rows": rows}
 
 
-def _row(method, target, result, model, batches, test, setting, base_macs, log) -> dict:
+def _pruned(scene: _Scene, folded, table: tuple, target: float, tries: int) -> dict:
+    """{method: {cm, share, ratio, prune_s, search_s} or {error}}: fxopt-sensitivity at `target`,
+    the others matched to the MACs it reached."""
+    first, took = _timed(fxopt_sensitivity, folded, scene.x, scene.measured_on, table[0], target)
+    results = {"fxopt-sensitivity": {"cm": first, "share": scene.share(first), "prune_s": took,
+                                     "search_s": took + table[1]}}
+    for method, prune in _prunings(scene.model, scene.x).items():
+        try:
+            results[method] = matched(prune, scene.share, results["fxopt-sensitivity"]["share"], tries)
+        except Exception as exc:  # noqa: BLE001 - a tool's failure is a result
+            results[method] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    return results
+
+
+def _row(method: str, target: float, result: dict, scene: _Scene, setting: Setting, log) -> dict:
     row = {"method": method, "target": target}
     if "error" in result:
         log(f"  {target:g} {method}: FAILED {result['error'][:200]}")
         return {**row, "error": result["error"]}
     cm = result["cm"]
     macs, params = macs_params(cm)
-    before = score(cm, *test)
-    recover_s = recover(cm, model, batches, setting)
-    after = score(cm, *test)
-    row.update({"ratio": result.get("ratio"), "macs": macs, "params": params, "macs_share": macs / base_macs,
+    before = score(cm, *scene.test)
+    recover_s = recover(cm, scene.model, scene.recovery, setting)
+    after = score(cm, *scene.test)
+    row.update({"ratio": result.get("ratio"), "macs": macs, "params": params, "macs_share": macs / scene.base_macs,
                 "before": before, "after": after, "prune_s": result["prune_s"], "search_s": result["search_s"],
                 "recover_s": recover_s})
     log(f"  {target:g} {method}: MACs {row['macs_share']:.3f}, accuracy {before['accuracy']:.4f} -> "
