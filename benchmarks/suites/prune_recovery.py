@@ -344,12 +344,16 @@ def to_markdown(result: dict) -> str:
            f"batches, seed {cfg['seed']}. KL = KL(unpruned || row) per test image; agreement = top-1 agreement "
            f"with the unpruned model, after recovery.", ""]
     heads = ["method", "ratio", "MACs kept", "params", "acc before", "acc after", "KL before", "KL after",
-             "agree after", "prune", "recovery"]
+             "agree after", "prune (search)", "recovery"]
     for m in (m for m in result["models"] if "error" not in m):
         u = m["unpruned"]
         out += [f"## {m['name']}", "", f"Unpruned: accuracy {_pct(u['accuracy'])}, {u['macs'] / 1e6:.1f}M MACs, "
                 f"{u['params'] / 1e6:.2f}M params ({m['epochs']} epochs).", ""]
         for target in cfg["targets"]:
             rows = [_cells(r) for r in m["rows"] if r["target"] == target]
+            if not rows:        # a model run at fewer targets than the others
+                continue
             out += [f"### {target:g} of the MACs", "", markdown_table(heads, rows, "llrrrrrrrrr"), ""]
-    return "\n".join(out + closing_lines(NAME, findings(result), result["models"]))
+    closing = closing_lines(NAME, findings(result), result["models"])
+    closing[-1] = closing[-1].replace(f"suites/{NAME}.py", "suites/prune_recovery.py")
+    return "\n".join(out + closing)
