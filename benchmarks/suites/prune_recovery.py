@@ -66,6 +66,7 @@ TRIES = 12           # prunings per matched row, at most
 MAX_RATIO = 0.99
 SEED = 0
 THREADS = 2
+CHANCE = 0.1          # ten classes
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,10 @@ def _cells(r: dict) -> list:
 
 def findings(result: dict) -> list[str]:
     """Per model and target: who kept the most fidelity after recovery (KL, then accuracy)."""
-    notes = []
+    measured = [r for m in result["models"] if "error" not in m for r in m["rows"] if "error" not in r]
+    notes = ["- Before recovery every row is at chance accuracy (it predicts one class): none of the methods "
+             "keeps a usable model without training; KL before recovery still ranks them."] \
+        if measured and all(r["before"]["accuracy"] < 2 * CHANCE for r in measured) else []
     for m in (m for m in result["models"] if "error" not in m):
         for target in result["config"]["targets"]:
             rows = [r for r in m["rows"] if r["target"] == target and "error" not in r]
@@ -329,6 +333,8 @@ def findings(result: dict) -> list[str]:
                 line += (f"; fxopt-sensitivity {fx['after']['kl']:.4f}, accuracy {_pct(fx['after']['accuracy'])}")
             if off:
                 line += f"; MACs not matched within {MATCH:.0%}: {', '.join(off)}"
+            if best["after"]["accuracy"] < 2 * CHANCE:
+                line += " (no row recovered from chance level in these steps: not a ranking)"
             notes.append(line + ".")
     return notes
 
