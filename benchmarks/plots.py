@@ -224,6 +224,33 @@ def _stages_bars(result: dict) -> tuple[dict, str]:
     return panels, "throughput, samples / s"
 
 
+def series(panels: dict, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """One panel per key: one line per series {label: [(x, y), ...]} (sorted by x), e.g. the
+    accuracy each method keeps against the MACs it keeps."""
+    fig, axes = _figure(max(1, len(panels)))
+    for ax, (panel, lines) in zip(axes, panels.items()):
+        for i, (label, points) in enumerate(lines.items()):
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, "o-", color=f"C{i % 10}", label=_clip(label, 28))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(_clip(panel), fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(_clip(title, 90), fontsize=11)
+    return _save(fig, path)
+
+
+def _prune_recovery_series(result: dict) -> dict:
+    """Test accuracy after recovery against the MACs kept, one line per method, one panel per model."""
+    panels = {}
+    for m in (m for m in result["models"] if "error" not in m):
+        lines = panels.setdefault(f"{m['name']} (unpruned {100 * m['unpruned']['accuracy']:.1f}%)", {})
+        for r in (r for r in m["rows"] if "error" not in r):
+            lines.setdefault(r["method"], []).append((r["macs_share"], 100 * r["after"]["accuracy"]))
+    return panels
+
+
 SUITE_BARS = {"stages": _stages_bars, "backends": _backends_bars, "prune": _prune_bars, "passes": _passes_bars,
               "prune-zoo": _prune_zoo_bars}
 
@@ -243,6 +270,10 @@ def plot_suite(name: str, result: dict, out) -> list[Path]:
         panels = {k: v for k, v in panels.items() if v}
         if panels:
             written.append(bars(panels, Path(out) / f"{name}-bars.png", xlabel, f"suite {name}"))
+    if name == "prune-recovery" and _prune_recovery_series(result):
+        written.append(series(_prune_recovery_series(result), Path(out) / f"{name}-accuracy-vs-macs.png",
+                              "MACs kept (share of the unpruned model's)", "test accuracy after recovery, %",
+                              f"suite {name}: accuracy after the same recovery, at equal MACs"))
     return written
 
 

@@ -8,7 +8,7 @@ SUITES = {"backends": "benchmarks.suites.backends", "compress": "benchmarks.suit
           "equalize": "benchmarks.suites.equalize", "fpga": "benchmarks.suites.fpga",
           "gptq": "benchmarks.suites.gptq",
           "lowrank": "benchmarks.suites.lowrank", "passes": "benchmarks.suites.passes",
-          "prune": "benchmarks.suites.prune",
+          "prune": "benchmarks.suites.prune", "prune-recovery": "benchmarks.suites.prune_recovery",
           "prune-zoo": "benchmarks.suites.prune_zoo", "quant": "benchmarks.suites.quant",
           "stages": "benchmarks.suites.stages"}
 
