@@ -35,6 +35,7 @@ __all__ = ["Goal", "Search", "Setup"]
 
 QUANTIZING_BACKENDS = frozenset({"int8", "fpga-int8"})
 PROBES = 6             # structure builds to find the strength
+FAILURES = 3           # probes that fail to build (e.g. an int8 kernel refused), at most
 RECOVERIES = 4         # recovered candidates, the fallbacks included
 SENSITIVE_SHARE = 0.1  # the share of quantized ops sent back to float by the first fallback
 LOWEST_SHARE = 0.02    # the smallest share of MACs a probe keeps
@@ -117,13 +118,13 @@ class Search:
         if goal.kind == "macs":
             return min(goal.value, 1.0)
         tried: dict[float, Candidate] = {}
-        share = 1.0
-        for _ in range(PROBES):
+        share, failures = 1.0, 0
+        while len(tried) < PROBES and failures < FAILURES:
             if time.monotonic() > self.s.deadline:
                 break
             c = self._candidate(share, (), recover=False)
             if c.why.startswith("failed"):
-                share *= 0.97   # another channel count
+                share, failures = share * 0.97, failures + 1   # other channel counts
                 continue
             tried[share] = c
             met = [m for m, t in tried.items() if goal.met(t)]
