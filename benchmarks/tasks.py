@@ -74,6 +74,12 @@ class Task:
         held-out ones the fidelity is measured on."""
         raise NotImplementedError
 
+    def validation(self):
+        """`metric(model) -> float`, the headline measured on a validation set that is neither
+        trained on nor the held-out test set: what compress selects by, so the test figures
+        stay unseen."""
+        raise NotImplementedError
+
     def fidelity(self, run) -> dict[str, float]:
         raise NotImplementedError
 
@@ -144,6 +150,22 @@ class MiniLMTask(Task):
 
         self.model()
         return [(b,) for b in _minilm.batches(self._tokenizer, corpus(sentences), self.batch)]
+
+    def validation(self, sentences: int = 1024, count: int = 192):
+        """Mean cosine to fp32 of the embeddings of `count` corpus sentences after the training ones."""
+        from .corpus import corpus
+
+        self.model()
+        texts = corpus(sentences + count)[sentences:]
+        batches = _minilm.batches(self._tokenizer, texts, self.batch)
+        with torch.no_grad():
+            ref = torch.cat([_minilm.embed(_tensor(self._model(*b)), b[1]) for b in batches])
+
+        def cosine(run) -> float:
+            got = torch.cat([_minilm.embed(h, b[1]) for h, b in zip(_outputs(run, batches), batches)])
+            return torch.nn.functional.cosine_similarity(ref, got, dim=-1).mean().item()
+
+        return cosine
 
     def embeddings(self, run) -> torch.Tensor:
         """Sentence embeddings [held-out sentences, 384] of `run` (mask-weighted mean pooling)."""
@@ -251,6 +273,11 @@ class CrepeTask(Task):
         x, _ = tones(batches * size, self.seed + 2000)
         return [(x[i:i + size],) for i in range(0, len(x), size)]
 
+    def validation(self):
+        """rpa on 128 tones of another seed (not the held-out test tones, not the training ones)."""
+        other = CrepeTask(self.batch, self.n_held, self.n_calib, self.seed + 7)
+        return lambda run: other.fidelity(run)["rpa"]
+
     def pitch(self, run) -> tuple[torch.Tensor, torch.Tensor]:
         """(predicted f0, true f0), Hz, over the held-out tones."""
         held = self._sets()[1]
@@ -328,6 +355,17 @@ class DigitsTask(Task):
         """The training split's labelled batches (the model was trained on them)."""
         x_train, y_train, _, _ = self._dataset()
         return _digits.batches(x_train, y_train, 1)
+
+    def validation(self):
+        """Accuracy on the last 4 training batches (the split has no images the model did not
+        train on besides the test set, which stays unseen)."""
+        batches = self.train_data()[-4:]
+
+        def accuracy(run) -> float:
+            logits = _outputs(run, [(x,) for x, _ in batches])
+            return torch.cat([(l.argmax(1) == y) for l, (_, y) in zip(logits, batches)]).double().mean().item()
+
+        return accuracy
 
     def _test_batches(self):
         _, _, x, y = self._dataset()
