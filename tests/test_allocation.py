@@ -9,7 +9,6 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fxopt
 from fxopt.analyses import divergence
@@ -155,22 +154,9 @@ def test_int8_backend_runs_the_mixed_widths():
 def digits_mlp():
     """An MLP trained for 300 steps on digits (flattened), a few held-out batches to
     measure on, and all held-out rows to compare on."""
-    from tests.digits import batches, load
+    from tests.digits import batches, trained_mlp
 
-    x_train, y_train, x_test, _ = load()
-    x_train, x_test = x_train.flatten(1), x_test.flatten(1)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(),
-                          nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    steps = 0
-    while steps < 300:
-        for x, y in batches(x_train, y_train, steps):
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            steps += 1
+    model, x_test = trained_mlp()
     data = [x for x, _ in batches(x_test, torch.zeros(len(x_test)), 0)][:4]
     return model.eval(), data, x_test
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fxopt
 from fxopt.analyses import Cost, divergence, output_kinds
@@ -14,30 +13,13 @@ from fxopt.ir.graph import light_copy
 from fxopt.analyses.sensitivity import MAX_ROWS, SETTINGS, Sensitivity, SensitivityTable
 
 
-def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(),
-                         nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 10))
-
-
 @pytest.fixture(scope="module")
 def mlp_digits():
     """A small MLP trained for 300 steps on digits (flattened), its train batches and the
     held-out rows."""
-    from tests.digits import batches, load
+    from tests.digits import batches, trained_mlp
 
-    x_train, y_train, x_test, _ = load()
-    x_train, x_test = x_train.flatten(1), x_test.flatten(1)
-    torch.manual_seed(0)
-    model = _mlp()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    steps = 0
-    while steps < 300:
-        for x, y in batches(x_train, y_train, steps):
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            steps += 1
+    model, x_test = trained_mlp()
     data = [x for x, _ in batches(x_test, torch.zeros(len(x_test)), 0)][:4]
     return model.eval(), data
 
