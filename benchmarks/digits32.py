@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import io
 import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ def train(name: str, data: tuple, epochs: int) -> torch.nn.Module:
     return net.eval()
 
 
-def cache_file(name: str, epochs: int, cache) -> "Path":  # noqa: F821 - a pathlib.Path
+def cache_file(name: str, epochs: int, cache: Path) -> Path:
     src = "".join(inspect.getsource(f) for f in (_digits.load, _digits.batches, load, upscale, model, train))
     key = json.dumps({"model": name, "epochs": epochs, "lr": LR, "batch": BATCH, "size": SIZE,
                       "torch": torch.__version__.split("+")[0], "source": src}, sort_keys=True)

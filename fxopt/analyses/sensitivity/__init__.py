@@ -27,7 +27,7 @@ from ..channel_groups import ChannelGroups
 from ..cost import Cost
 from ..fidelity import divergence, output_kinds
 from . import perturb
-from .table import KINDS, SETTINGS, Kind, SensitivityRow, SensitivityTable
+from .table import KINDS, SETTINGS, SensitivityRow, SensitivityTable
 
 __all__ = ["KINDS", "MAX_BATCHES", "MAX_ROWS", "SETTINGS", "Sensitivity", "measure", "SensitivityRow", "SensitivityTable"]
 
