@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import time
 
+import fxopt
+
 from ..harness import choose_models, environment, markdown_table, render_results, save_results
 
 NAME = "compress"
@@ -37,7 +39,12 @@ def run(models=None, repeats=None, quick=False, out_dir=None, log=print) -> dict
     for name in names:
         target, max_drop, steps, compare, goals, speed = PLANS[name]
         log(f"-- {name}: target {target}, max drop {max_drop}")
-        result = compress.run(name, target, max_drop, compare, out_dir, steps=steps, time_budget=540)
+        try:
+            result = compress.run(name, target, max_drop, compare, out_dir, steps=steps, time_budget=540)
+        except fxopt.FxoptError as exc:   # no candidate kept the score: a result, stated
+            log(f"   {name}: {str(exc).splitlines()[0]}")
+            rows.append({"task": name, "error": str(exc), "target": target, "max_drop": max_drop})
+            continue
         rows.append(_summary(name, result, goals, speed))
     out = {"suite": NAME, "environment": environment(), "rows": rows, "wall_s": time.perf_counter() - start}
     return save_results(NAME, out, to_markdown, out_dir)
@@ -60,8 +67,12 @@ def _summary(name: str, result: dict, goals: dict, speed: float) -> dict:
 
 
 def to_markdown(result: dict) -> str:
-    rows = []
+    rows, failed = [], []
     for r in result["rows"]:
+        if "error" in r:
+            failed.append(f"**{r['task']}** (target {r['target']}, max drop {r['max_drop']}): no model found.\n\n"
+                          f"```\n{r['error']}\n```")
+            continue
         fid = ", ".join(f"{k} {v:.4g}" for k, v in r["fidelity"].items())
         fp32 = ", ".join(f"{k} {v:.4g}" for k, v in r["fp32"].items())
         met = ", ".join(f"{k} {'met' if ok else 'MISSED'}" for k, ok in r["met"].items())
@@ -75,6 +86,7 @@ def to_markdown(result: dict) -> str:
         f"{env.get('date', '')} · torch {env.get('torch', '')} · {env.get('cpu_model', '')} "
         f"({env.get('cpu_count', '')} CPUs) · wall {result['wall_s']:.0f} s",
         table,
+        *failed,
         "Speed-up and size against the fp32 nn.Module, measured side by side in the same run (see each "
         "`<task>-compress.md` for every row, the presets beside it and every candidate compress tried).",
         "Method: `python -m benchmarks --suite compress`; one task: `fxopt compress TASK --target speedup=S`.",

@@ -39,6 +39,7 @@ FAILURES = 3           # probes that fail to build (e.g. an int8 kernel refused)
 RECOVERIES = 4         # recovered candidates, the fallbacks included
 SENSITIVE_SHARE = 0.1  # the share of quantized ops sent back to float by the first fallback
 LOWEST_SHARE = 0.02    # the smallest share of MACs a probe keeps
+NEAR_BEST = 0.05       # a target out of reach: the mildest probe this close to the best is recovered
 
 
 @dataclass(frozen=True)
@@ -142,9 +143,14 @@ class Search:
         met = [m for m, t in tried.items() if goal.met(t)]
         if met:
             return max(met)
+        if not tried:
+            return 1.0
+        best = max(goal.gain(t) for t in tried.values())
+        near = max(m for m, t in tried.items() if goal.gain(t) >= best - NEAR_BEST * abs(best))
         self.report.notes.append(f"no probe met the target {goal.kind} {goal.value:g} (kept down to "
-                                 f"{min(tried, default=1.0):.3g} of the MACs); recovering the strongest probe")
-        return min(tried, default=1.0)
+                                 f"{min(tried):.3g} of the MACs); recovering the mildest probe within "
+                                 f"{NEAR_BEST:.0%} of the best one ({near:.3g} of the MACs)")
+        return near
 
     def _flat(self, tried: dict) -> bool:
         """True when cutting stopped paying: each of the last two probes, with fewer MACs than
