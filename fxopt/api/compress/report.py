@@ -14,7 +14,8 @@ class Candidate:
         or "recovered" (trained back by distill, then scored).
     speedup: fp32 latency / this model's, both on the same machine, interleaved.
     size: this model's weight bytes / fp32's. macs: its MACs / fp32's.
-    drop: the fp32 score minus this one (positive: worse); accepted: drop <= max_drop.
+    drop: the fp32 score minus this one (positive: worse); accepted: drop <= max_drop (a
+        structure that keeps the score is accepted as it is).
     """
 
     pipeline: str

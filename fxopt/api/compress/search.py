@@ -11,7 +11,9 @@
    quantized, again after fake-quant (QAT), then scored on held-out batches.
 3. Accuracy-aware fallback: while the drop exceeds max_drop, the most quantization-sensitive
    ops go back to float first (fake-quant skip), then every group keeps more channels
-   (m grows by 1.3x), each rebuilt and recovered; the fastest candidate within max_drop wins.
+   (m grows by 1.3x), each rebuilt and recovered. The candidate within max_drop that went
+   furthest towards the target wins, a probe that kept the score unrecovered included (so
+   quantization alone is returned when no pruned model keeps the score).
 """
 from __future__ import annotations
 
@@ -197,9 +199,9 @@ class Search:
         c = Candidate(pipeline, "recovered" if recover else "structure", base / mine,
                       weight_bytes(cm.graph_module) / self.base_bytes,
                       AnalysisManager(cm.graph_module).get(Cost).macs / self.base_macs, score, drop)
-        c.accepted = recover and drop <= self.s.goal.max_drop
+        c.accepted = drop <= self.s.goal.max_drop   # a probe that keeps the score needs no recovery
         c.seconds = time.perf_counter() - start
-        if recover and not self.s.goal.met(c):
+        if not self.s.goal.met(c):
             c.why = f"misses the target {self.s.goal.kind} {self.s.goal.value:g}"
         if c.accepted:
             self.models[len(self.report.candidates)] = cm
