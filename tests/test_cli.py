@@ -134,3 +134,39 @@ def test_console_entry_point_runs():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("dce")
+
+
+def test_compress_a_model_spec_on_saved_batches(tmp_path, capsys):
+    """`fxopt compress FILE:ATTR --data batches.pt`: the report, its JSON and plot, and a saved
+    model that loads and runs; the batches are read with weights_only (tensors only)."""
+    import json
+
+    import torch
+
+    import fxopt
+
+    source = tmp_path / "net.py"
+    source.write_text(textwrap.dedent("""
+        import torch
+        def build():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
+                                       torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    """))
+    torch.save([torch.randn(16, 8) for _ in range(5)], tmp_path / "batches.pt")
+    code = main(["compress", f"{source}:build", "--input-shape", "16x8", "--data", str(tmp_path / "batches.pt"),
+                 "--target", "macs=0.5", "--max-drop", "1", "--backend", "eager", "--steps", "5",
+                 "--out", str(tmp_path / "out"), "--save", str(tmp_path / "saved")])
+    assert code == 0
+    assert "compress: target macs 0.5" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "compress.json").read_text())
+    assert report["chosen"] is not None and report["candidates"][report["chosen"]]["macs"] <= 0.51
+    assert (tmp_path / "out" / "compress-front.png").is_file()
+    assert fxopt.load(tmp_path / "saved")(torch.randn(3, 8)).shape == (3, 4)
+
+
+def test_compress_refuses_a_bad_target_and_missing_data(capsys):
+    assert main(["compress", "torchvision:resnet18", "--target", "fast=2"]) == 2
+    assert "cannot read --target 'fast=2'" in capsys.readouterr().err
+    assert main(["compress", "torchvision:resnet18", "--input-shape", "1x3x32x32"]) == 2
+    assert "needs --input-shape and --data" in capsys.readouterr().err
