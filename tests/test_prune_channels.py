@@ -13,7 +13,8 @@ import fxopt
 from fxopt.analyses import ChannelGroups, Cost
 from fxopt.ir.graph import fetch_attr, set_attr
 from fxopt.passes.prune_channels import PruneChannels
-from fxopt.passes.prune_channels.importance import Importance, kept_channels
+from fxopt.analyses.channel_groups.scores import kept_channels
+from fxopt.passes.prune_channels.importance import Importance
 
 aten = torch.ops.aten
 

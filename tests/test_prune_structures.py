@@ -11,7 +11,8 @@ import fxopt
 from fxopt.analyses import Cost
 from fxopt.analyses.channel_groups import channel_groups_for
 from fxopt.ir.graph import fetch_attr, set_attr
-from fxopt.passes.prune_channels.importance import Importance, kept_channels
+from fxopt.analyses.channel_groups.scores import kept_channels
+from fxopt.passes.prune_channels.importance import Importance
 
 aten = torch.ops.aten
 

@@ -24,6 +24,7 @@ from ...ir.inputs import inputs_and_target
 from ...ir.meta import INPUT_SHAPES, TensorInfo
 from ...pm.analysis import Analysis, AnalysisManager
 from ..channel_groups import ChannelGroups
+from ..channel_groups.scores import norm_scores, weight_members
 from ..cost import Cost
 from ..fidelity import divergence, output_kinds
 from . import perturb
@@ -75,7 +76,7 @@ class _Runner:
 def _prune_rows(gm, am, cost, runner: _Runner, shares) -> list[SensitivityRow]:
     rows = []
     for group in am.get(ChannelGroups).prunable():
-        scores = perturb.l1_scores(gm, group)
+        scores = norm_scores(gm, group, weight_members(gm, group), 1)
         where = ",".join(group.sources)
         for share in shares:
             if perturb.removed_count(group.size, share) == 0:

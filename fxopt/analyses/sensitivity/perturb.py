@@ -3,8 +3,8 @@
 A change is `{attribute FQN: new tensor}`; the caller swaps them in, runs the graph and
 puts the original tensor objects back, so the graph's own tensors are never written.
 
-- prune: the group's lowest-l1 channels (prune-channels' default importance: the
-  per-channel L1 norm of every weight member's slice, summed over the group) are zeroed
+- prune: the group's lowest-l1 channels (prune-channels' default importance,
+  channel_groups.scores.norm_scores over the group's weight members) are zeroed
   in every tensor member's slice, the consumers' input-channel slices included, so a
   removed channel contributes nothing downstream, as after removal (a norm computed over
   the channel dim, e.g. LayerNorm, still counts the zeros: there it is an estimate).
@@ -23,6 +23,7 @@ from ...ir.graph import fetch_attr
 from ...quant import QSpec, fake_quantize, qparams_from_range
 from ...quant.qparams import as_rows
 from ..channel_groups import ChannelGroup
+from ..channel_groups.scores import kept_channels
 from ..cost import CostTable, op_kind
 
 WEIGHTED = ("conv1d", "conv2d", "conv3d", "convolution", "linear")
@@ -33,25 +34,12 @@ def removed_count(size: int, share: float) -> int:
     return min(int(size * share), size - 1)
 
 
-def l1_scores(gm: fx.GraphModule, group: ChannelGroup) -> torch.Tensor:
-    """float64 [group.size]: per-channel L1 norm of each weight member's slice, summed
-    (Parameter members; every tensor member when the group has none)."""
-    members = [m for m in group.members if m.param]
-    weights = [m for m in members if isinstance(fetch_attr(gm, m.name), torch.nn.Parameter)] or members
-    total = torch.zeros(group.size, dtype=torch.float64)
-    for m in weights:
-        t = fetch_attr(gm, m.name).detach().narrow(m.dim, m.offset, group.size * m.block)
-        rest = [d for d in range(t.dim()) if d != m.dim]
-        norms = torch.linalg.vector_norm(t, 1, dim=rest) if rest else t.abs()
-        total += norms.double().reshape(group.size, m.block).sum(1)
-    return total
-
-
 def pruned(gm: fx.GraphModule, group: ChannelGroup, scores: torch.Tensor, share: float) -> dict:
-    """The group's members with its `share` lowest-scoring channels zeroed."""
+    """The group's members with its `share` lowest-scoring channels zeroed: those
+    prune-channels removes at that share (the complement of the channels it keeps)."""
     count = removed_count(group.size, share)
-    order = sorted(range(group.size), key=lambda c: (float(scores[c]), -c))  # the ones pruning drops
-    gone = torch.tensor(order[:count], dtype=torch.long)
+    kept = set(kept_channels(scores, group.size - count))
+    gone = torch.tensor([c for c in range(group.size) if c not in kept], dtype=torch.long)
     changed = {}
     for m in group.members:
         if not m.param:

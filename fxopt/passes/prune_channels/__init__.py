@@ -24,7 +24,8 @@ from ...errors import PassOptionError
 from ...ir.graph import first_match, first_twelve, fqn_matches, report_unmatched
 from ...pm import Pass, PassResult, format_pipeline, register_pass
 from ...pm.options import Range
-from .importance import Importance, channels_to_keep, global_keep_counts, kept_channels
+from ...analyses.channel_groups.scores import kept_channels
+from .importance import Importance, channels_to_keep, global_keep_counts
 from .apply import apply_choices
 from .budget import allocate, ratios_note
 from .grouped import choose_grouped, has_channels_in_groups

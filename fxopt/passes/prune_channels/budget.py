@@ -25,7 +25,7 @@ from ...ir.graph import light_copy
 from ...pm.analysis import AnalysisManager
 from ...pm.report import short_number
 from .apply import apply_choices
-from .importance import kept_channels
+from ...analyses.channel_groups.scores import kept_channels
 
 TOLERANCE = 0.02     # the reached MACs within 2% of the target's
 _NUDGES = 8          # single-step corrections after the bisection, at most

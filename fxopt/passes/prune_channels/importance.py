@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from ...analyses.channel_groups import ChannelGroup
+from ...analyses.channel_groups.scores import member_norms, norm_scores, weight_members
 from ...errors import PassOptionError
 from ...ir.graph import fetch_attr
 
@@ -46,43 +47,20 @@ class Importance:
         """float64 [group.size]."""
         if self.kind == "random":
             return torch.rand(group.size, generator=self.generator, dtype=torch.float64)
-        members = [m for m in group.members if m.param]
-        weights = [m for m in members if isinstance(fetch_attr(self.gm, m.name), torch.nn.Parameter)]
-        weights = weights or members
+        weights = weight_members(self.gm, group)
         if self.kind == "bn-scale":
             gammas = [m for m in weights if m.name in self.bn_weights]
-            return _norm_sum(self.gm, group, gammas or weights, "l1")
+            return norm_scores(self.gm, group, gammas or weights, 1)
         if self.kind == "taylor":
             return _taylor_sum(self, group, [m for m in weights if m.name in self.grads])
-        return _norm_sum(self.gm, group, weights, self.kind)
-
-
-def _slice(tensor: torch.Tensor, member, group: ChannelGroup) -> torch.Tensor:
-    return tensor.detach().narrow(member.dim, member.offset, group.size * member.block)
-
-
-def _per_index(t: torch.Tensor, dim: int, p: int) -> torch.Tensor:
-    rest = [d for d in range(t.dim()) if d != dim]
-    return torch.linalg.vector_norm(t, p, dim=rest) if rest else t.abs()
-
-
-def _norm_sum(gm: fx.GraphModule, group: ChannelGroup, members: list, kind: str) -> torch.Tensor:
-    total = torch.zeros(group.size, dtype=torch.float64)
-    for m in members:
-        t = _slice(fetch_attr(gm, m.name), m, group)
-        if kind == "l1":
-            total += _per_index(t, m.dim, 1).double().reshape(group.size, m.block).sum(1)
-        else:
-            total += _per_index(t, m.dim, 2).double().pow(2).reshape(group.size, m.block).sum(1).sqrt()
-    return total
+        return norm_scores(self.gm, group, weights, 1 if self.kind == "l1" else 2)
 
 
 def _taylor_sum(imp: Importance, group: ChannelGroup, members: list) -> torch.Tensor:
     total = torch.zeros(group.size, dtype=torch.float64)
     for m in members:
         saliency = (fetch_attr(imp.gm, m.name).detach().double() * imp.grads[m.name]).abs()
-        t = _slice(saliency, m, group)
-        total += _per_index(t, m.dim, 1).reshape(group.size, m.block).sum(1)
+        total += member_norms(saliency, m, group.size, 1)
     return total
 
 
@@ -178,7 +156,3 @@ def global_keep_counts(scored: list[tuple[ChannelGroup, torch.Tensor]], ratio: f
     return [_limits(g.size - r, g.size, round_to, min_channels) for (g, _), r in zip(scored, removed)]
 
 
-def kept_channels(scores: torch.Tensor, keep: int) -> list[int]:
-    """The `keep` highest-scoring channels, sorted (ties broken by the lower index)."""
-    order = sorted(range(len(scores)), key=lambda c: (-float(scores[c]), c))
-    return sorted(order[:keep])
