@@ -20,19 +20,24 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import UnsupportedError
+from ..ir.inputs import tensor_leaves
 from ..ir.nodes import op_name
 
-__all__ = ["OutputKind", "divergence", "output_kind", "output_kinds"]
+__all__ = ["OutputKind", "divergence", "output_kind", "output_kinds", "output_nodes"]
 
 OutputKind = Literal["logits", "features"]
 LOGIT_PRODUCERS = frozenset({"linear", "addmm"})
 
 
+def output_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes whose values the graph returns, in pytree leaf order."""
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    return [v for v in torch.utils._pytree.tree_leaves(output.args[0]) if isinstance(v, fx.Node)]
+
+
 def output_kinds(gm: fx.GraphModule) -> list[OutputKind]:
     """The kind of each tensor the graph returns, in pytree leaf order."""
-    output = next(iter(gm.graph.find_nodes(op="output")))
-    leaves = torch.utils._pytree.tree_leaves(output.args[0])
-    return [_kind_of(v) for v in leaves if isinstance(v, fx.Node)]
+    return [_kind_of(v) for v in output_nodes(gm)]
 
 
 def output_kind(gm: fx.GraphModule) -> OutputKind:
@@ -50,8 +55,7 @@ def _kind_of(value: fx.Node) -> OutputKind:
 def divergence(student, teacher, kinds: OutputKind | list[OutputKind] = "features") -> torch.Tensor:
     """The mean divergence of `student`'s outputs from `teacher`'s (tensors or pytrees of
     them, `kinds` one per leaf, or one for all); a differentiable scalar."""
-    s_leaves = [t for t in torch.utils._pytree.tree_leaves(student) if isinstance(t, torch.Tensor)]
-    t_leaves = [t for t in torch.utils._pytree.tree_leaves(teacher) if isinstance(t, torch.Tensor)]
+    s_leaves, t_leaves = tensor_leaves(student), tensor_leaves(teacher)
     if len(s_leaves) != len(t_leaves) or not s_leaves:
         raise UnsupportedError(f"fidelity: the model returns {len(s_leaves)} tensors where the model it is "
                                f"compared with returns {len(t_leaves)}",

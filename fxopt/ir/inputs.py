@@ -171,6 +171,12 @@ def traced_inputs(gm: fx.GraphModule) -> tuple:
                  for i in gm.meta.get(INPUT_SHAPES, ()))
 
 
+def tensor_leaves(value) -> list[torch.Tensor]:
+    """The tensors of a model's output (a tensor, tuple, dict or ModelOutput), in pytree order:
+    how every loss and fidelity measure reads outputs of any structure the same way."""
+    return [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
 def inputs_and_target(batch, what: str = "a batch") -> tuple[tuple, object]:
     """A training / measuring batch as (inputs tuple, target or None): `x`, `(x, y)`,
     `(x, None)` or `((x1, x2), y)` (the `data=` batches of compile, finetune and distill)."""

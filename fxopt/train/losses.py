@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TrainingError
+from ..ir.inputs import tensor_leaves
 
 __all__ = ["Step", "TeacherOutputs", "kd_loss"]
 
@@ -114,5 +115,5 @@ def kd_loss(student, teacher, temperature: float) -> torch.Tensor:
 
 
 def device_of(value) -> torch.device:
-    leaves = [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+    leaves = tensor_leaves(value)
     return leaves[0].device if leaves else torch.device("cpu")

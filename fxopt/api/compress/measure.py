@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from ...analyses.fidelity import output_kinds
-from ...ir.inputs import inputs_and_target
+from ...ir.inputs import inputs_and_target, tensor_leaves
 from ...quant import FakeQuantize
 
 __all__ = ["Score", "default_score", "speedup", "weight_bytes"]
@@ -77,7 +77,7 @@ def default_score(model: torch.nn.Module, gm: fx.GraphModule, held_out: list) ->
     batches = [inputs_and_target(b, "an evaluation batch") for b in held_out]
     labelled = all(isinstance(t, torch.Tensor) for _, t in batches)
     with torch.no_grad():
-        reference = [_first(model(*x)) for x, _ in batches]
+        reference = [tensor_leaves(model(*x))[0] for x, _ in batches]
     if output_kinds(gm)[:1] == ["logits"]:
         if labelled:
             return Score("accuracy", lambda m: _mean_over(m, batches, lambda out, i: out.argmax(-1) == batches[i][1]))
@@ -91,10 +91,5 @@ def _mean_over(model, batches: list, per_row) -> float:
     values = []
     with torch.no_grad():
         for i, (x, _) in enumerate(batches):
-            values.append(per_row(_first(model(*x)), i).double().reshape(-1))
+            values.append(per_row(tensor_leaves(model(*x))[0], i).double().reshape(-1))
     return torch.cat(values).mean().item()
-
-
-def _first(out) -> torch.Tensor:
-    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-    return leaves[0]

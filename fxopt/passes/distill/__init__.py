@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from ...analyses import Shapes
-from ...analyses.fidelity import output_kinds
+from ...analyses.fidelity import output_kinds, output_nodes
 from ...errors import PassOptionError
 from ...ir.inputs import inputs_and_target, positional, split_batch
 from ...ir.meta import CALIBRATION_SAMPLE, CALIBRATION_SAMPLE_SIZE
@@ -80,7 +80,8 @@ class Distill(Pass):
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
         teacher, data = self._teacher(am), self._data(am)
-        kinds = [AUTO[k] if self.loss == "auto" else self.loss for k in output_kinds(gm)]
+        measures = output_kinds(gm)   # how fidelity is measured per output; `kinds`: the losses trained by
+        kinds = [AUTO[k] if self.loss == "auto" else self.loss for k in measures]
         labelled = any(inputs_and_target(b, "a distill batch")[1] is not None for b in data)
         if labelled and len(kinds) > 1:
             raise PassOptionError(f"distill: labelled batches, and the model has {len(kinds)} outputs: "
@@ -100,12 +101,12 @@ class Distill(Pass):
         pairs, feature_notes = match_features(teacher, gm, self.features)
         report.features, measured = pairs, data[:MEASURED_BATCHES]
         notes += feature_notes
-        report.fidelity_before = measure_fidelity(gm, teacher, measured, output_kinds(gm))
+        report.fidelity_before = measure_fidelity(gm, teacher, measured, measures)
         start = time.perf_counter()
         history = self._train(gm, teacher, data, kinds, pairs)
         report.seconds = time.perf_counter() - start
         report.loss, report.distill, report.task = history.loss, history.distill, history.task
-        report.fidelity_after = measure_fidelity(gm, teacher, measured, output_kinds(gm))
+        report.fidelity_after = measure_fidelity(gm, teacher, measured, measures)
         notes.insert(0, f"trained {self.steps} steps; fidelity {report.fidelity_before:.4g} -> "
                         f"{report.fidelity_after:.4g}")
         return PassResult.changed(preserves=(Shapes,), notes=tuple(notes), sections={"distill": report})
@@ -154,8 +155,7 @@ def _output_value(gm: fx.GraphModule):
 
 
 def _output_names(gm: fx.GraphModule) -> list[str]:
-    output = next(iter(gm.graph.find_nodes(op="output")))
-    return [n.name for n in torch.utils._pytree.tree_leaves(output.args[0]) if isinstance(n, fx.Node)]
+    return [n.name for n in output_nodes(gm)]
 
 
 def _teacher_text(am: AnalysisManager) -> str:

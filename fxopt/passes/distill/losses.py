@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ...analyses.fidelity import divergence
+from ...ir.inputs import tensor_leaves
 from ...ir.inputs import inputs_and_target
 from ...train.finetune import kd_loss
 
@@ -39,7 +40,7 @@ class OutputLoss:
     def __call__(self, student, teacher) -> torch.Tensor:
         if self.feature_weight is not None:
             (student, s_features), (teacher, t_features) = student, teacher
-        s_leaves, t_leaves = _leaves(student), _leaves(teacher)
+        s_leaves, t_leaves = tensor_leaves(student), tensor_leaves(teacher)
         loss = torch.stack([self.by_kind[k](s, t) for s, t, k in zip(s_leaves, t_leaves, self.kinds)]).mean()
         if self.feature_weight:
             matched = torch.stack([relative_mse(s, t) for s, t in zip(s_features, t_features)])
@@ -56,11 +57,7 @@ def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def first_output_task_loss(out, target) -> torch.Tensor:
     """Cross-entropy of the labels and the first output leaf (of a tuple output, or of the
     `(outputs, features)` a feature-returning view gives)."""
-    return F.cross_entropy(_leaves(out)[0], target)
-
-
-def _leaves(value) -> list[torch.Tensor]:
-    return [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+    return F.cross_entropy(tensor_leaves(out)[0], target)
 
 
 @torch.no_grad()
