@@ -44,10 +44,16 @@ def train(data: tuple, epochs: int = 10) -> nn.Module:
     """The CNN after `epochs` of Adam (lr 1e-2, cosine schedule), in eval mode."""
     x_train, y_train, _, _ = data
     torch.manual_seed(0)
-    model = cnn()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return fit(cnn(), x_train, y_train, epochs, 1e-2)
+
+
+def fit(model: nn.Module, x_train, y_train, epochs: int, lr: float) -> nn.Module:
+    """`model` after `epochs` of Adam at `lr` on a cosine schedule, cross-entropy over the
+    shuffled training batches (epoch e shuffled by seed e), in eval mode."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, epochs * len(batches(x_train, y_train, 0)))
+    model.train()
     for epoch in range(epochs):
         for x, y in batches(x_train, y_train, epoch):
             loss = F.cross_entropy(model(x), y)

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import io
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from fxopt.util.files import write_atomically
 
 from . import digits as _digits
 
@@ -57,22 +55,12 @@ def model(name: str) -> torch.nn.Module:
 def train(name: str, data: tuple, epochs: int) -> torch.nn.Module:
     """`name` after `epochs` of Adam (lr LR, cosine schedule) on the training split, in eval mode."""
     x_train, y_train, _, _ = data
-    net = model(name)
-    optimizer = torch.optim.Adam(net.parameters(), lr=LR)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(batches(x_train, y_train, 0)))
-    net.train()
-    for epoch in range(epochs):
-        for x, y in batches(x_train, y_train, epoch):
-            loss = F.cross_entropy(net(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return net.eval()
+    return _digits.fit(model(name), x_train, y_train, epochs, LR)
 
 
 def cache_file(name: str, epochs: int, cache: Path) -> Path:
-    src = "".join(inspect.getsource(f) for f in (_digits.load, _digits.batches, load, upscale, model, train))
+    src = "".join(inspect.getsource(f) for f in (_digits.load, _digits.batches, _digits.fit, load, upscale, model,
+                                                 train))
     key = json.dumps({"model": name, "epochs": epochs, "lr": LR, "batch": BATCH, "size": SIZE,
                       "torch": torch.__version__.split("+")[0], "source": src}, sort_keys=True)
     return cache / f"digits32_{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
@@ -80,22 +68,11 @@ def cache_file(name: str, epochs: int, cache: Path) -> Path:
 
 def trained(name: str, data: tuple, epochs: int | None = None, cache=None) -> tuple[torch.nn.Module, bool]:
     """(`name` trained on `data`, whether this call trained it): from the cache when it is there."""
-    from .tasks import cache_dir
+    from .tasks import cache_dir, load_or_train
 
     epochs = EPOCHS.get(name, 8) if epochs is None else epochs
     path = cache_file(name, epochs, cache_dir() if cache is None else cache)
-    if path.exists():
-        try:
-            net = model(name)
-            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return net.eval(), False
-        except Exception:  # noqa: BLE001 - a corrupt or stale file: train again
-            pass
-    net = train(name, data, epochs)
-    buf = io.BytesIO()
-    torch.save(net.state_dict(), buf)
-    write_atomically(path, buf.getvalue())
-    return net, True
+    return load_or_train(path, lambda: model(name), lambda: train(name, data, epochs))
 
 
 def logits(run, x: torch.Tensor) -> torch.Tensor:

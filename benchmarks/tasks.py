@@ -326,25 +326,15 @@ class DigitsTask(Task):
         return self._data
 
     def cache_file(self) -> Path:
-        src = "".join(inspect.getsource(f) for f in (_digits.load, _digits.batches, _digits.cnn, _digits.train))
+        src = "".join(inspect.getsource(f) for f in (_digits.load, _digits.batches, _digits.cnn, _digits.train,
+                                                     _digits.fit))
         key = json.dumps({"epochs": self.epochs, "batch": _digits.BATCH, "torch": torch.__version__.split("+")[0],
                           "source": src}, sort_keys=True)
         return self.cache / f"digits_cnn-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
     def _load(self):
-        path = self.cache_file()
-        if path.exists():
-            try:
-                model = _digits.cnn()
-                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-                return model
-            except Exception:  # noqa: BLE001 - a corrupt or stale file: train again
-                pass
-        model = _digits.train(self._dataset(), epochs=self.epochs)
-        buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
-        write_atomically(path, buf.getvalue())
-        self.trained = True
+        model, self.trained = load_or_train(self.cache_file(), _digits.cnn,
+                                            lambda: _digits.train(self._dataset(), epochs=self.epochs))
         return model
 
     def calibration(self):
@@ -382,6 +372,24 @@ class DigitsTask(Task):
         return (f"digits: CNN of benchmarks/digits.py ({self.epochs} epochs, cached), batches "
                 f"[{_digits.BATCH}, 1, 8, 8]; accuracy = top-1 on the {len(y)} scikit-learn digits test "
                 f"images, last batch zero-padded (padding not scored)")
+
+
+def load_or_train(path: Path, build, train) -> tuple[torch.nn.Module, bool]:
+    """(the model, whether it was trained now): `build()` with the state dict cached at `path`
+    (read with weights_only), else `train()`, its state written there atomically. A file that
+    does not load (corrupt, or another model's) is trained over."""
+    if path.exists():
+        try:
+            model = build()
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.eval(), False
+        except Exception:  # noqa: BLE001 - a corrupt or stale file: train again, and overwrite it
+            pass
+    model = train()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    write_atomically(path, buf.getvalue())
+    return model, True
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (MiniLMTask, CrepeTask, DigitsTask)}
