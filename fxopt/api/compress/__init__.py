@@ -77,8 +77,10 @@ def compress(model, example_inputs, data, metric=None, target=None, max_drop: fl
     report = CompressReport(dict(target or {"speedup": 4.0}), max_drop, backend, score.name, score.of(model))
     setup = Setup(model, gm, (example_inputs, example_kwargs), train, calibration, score, goal, backend,
                   backend_options, steps, started + time_budget if time_budget else math.inf, progress)
-    setup.known = _measure_once(gm, calibration, train)
-    setup.round_to = _round_to(gm)
+    am = AnalysisManager(gm, calibration, train)   # one cache for the measurements below
+    am.put(Shapes, ShapeTable(gm))
+    setup.known = _measure_once(gm, am)
+    setup.round_to = _round_to(am)
     search = Search(setup, report)
     chosen = search.run()
     report.seconds = time.monotonic() - started
@@ -126,19 +128,17 @@ def _split(data, metric, eval_data) -> tuple[list, list]:
     return batches[:-held], batches[-held:]
 
 
-def _round_to(gm) -> int:
+def _round_to(am: AnalysisManager) -> int:
     """8 when the prunable channel groups are wide (a median of 64 channels or more): SIMD
     kernels run fastest on channel counts in multiples of 8, and such groups still prune in fine
     steps; 1 for narrower groups, whose every channel count is a useful step."""
-    sizes = sorted(g.size for g in AnalysisManager(gm).get(ChannelGroups).prunable())
+    sizes = sorted(g.size for g in am.get(ChannelGroups).prunable())
     return 8 if sizes and sizes[len(sizes) // 2] >= 64 else 1
 
 
-def _measure_once(gm, calibration: list, train: list) -> dict:
+def _measure_once(gm, am: AnalysisManager) -> dict:
     """The Sensitivity table of the prepared graph, shared by every candidate's allocation: the
     prune shares (target-macs spends by them) and 8-bit weights (the fallback sends the worst
     back to float), on SENSITIVITY_ROWS rows, which keeps it to a few dozen forward passes."""
-    am = AnalysisManager(gm, calibration, train)
-    am.put(Shapes, ShapeTable(gm))
     settings = {"prune": SETTINGS["prune"], "quant": (8,)}
     return {Sensitivity: measure_sensitivity(gm, am, settings, SENSITIVITY_ROWS)}
