@@ -1,0 +1,204 @@
+"""The whole design: one module per layer, the top module that wires their streams, and the testbench.
+
+`design(spec, weights, reuse_factor)` returns a `Design`: its files ({name: text}, the
+Verilog, the $readmemh ROM images and the testbench), the stream order of the input and
+the output (plan.stream_perms), and per-layer facts (multipliers, cycles).
+
+The top module `fxopt_top` has one input and one output stream (valid / ready, one element
+per beat, int8 in; int8 or int32 out); a reshape is a wire, and a tensor read by several
+layers goes through a fork of FIFOs (stream.FIFO), each as deep as the tensor.
+
+The testbench `tb.v` (Verilog-2005, for Verilator `--binary --timing` and Icarus alike)
+reads `inputs.hex` (N samples back to back, in stream order), streams them in, writes every
+output element to `outputs.txt` and, per sample, the cycle of its first input and of its
+last output to `cycles.txt`. With STALL=1 both sides stall on a pseudo-random pattern, to
+exercise every handshake. A design that stops moving for `idle_limit` cycles ends the run
+with "STALLED" instead of hanging.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ....errors import UnsupportedError
+from .plan import requant_chunk, stream_perms
+from .stream import FIFO, add_module, clamp_module, concat_module
+from .window import bits, module as window_module
+
+WINDOW_OPS = ("conv2d", "linear", "max_pool2d", "avg_pool2d")
+
+
+@dataclass
+class Design:
+    files: dict[str, str] = field(default_factory=dict)
+    input_perm: np.ndarray | None = None
+    output_perm: np.ndarray | None = None
+    output_width: int = 8
+    input_size: int = 0
+    output_size: int = 0
+    layers: dict[str, dict] = field(default_factory=dict)   # per layer: multipliers, cycles, ...
+
+    @property
+    def multipliers(self) -> int:
+        return sum(f.get("multipliers", 0) for f in self.layers.values())
+
+    @property
+    def cycle_estimate(self) -> int:
+        return sum(f.get("cycles", 0) for f in self.layers.values()) + self.input_size + self.output_size
+
+
+def verilog_name(layer_name: str, used: set) -> str:
+    base = "L_" + re.sub(r"[^A-Za-z0-9_]", "_", layer_name)
+    name, i = base, 1
+    while name in used:
+        name, i = f"{base}_{i}", i + 1
+    used.add(name)
+    return name
+
+
+def design(spec: dict, weights: dict, reuse_factor: int = 1) -> Design:
+    if len(spec["inputs"]) != 1 or len(spec["outputs"]) != 1:
+        raise UnsupportedError(
+            f"fpga-int8 RTL: the design has {len(spec['inputs'])} inputs and {len(spec['outputs'])} outputs; "
+            "the RTL top streams exactly one of each", where="model inputs / outputs",
+            hint="export a model with one input tensor and one output tensor")
+    perms = stream_perms(spec)
+    alias = {}                                   # reshape outputs are their input's stream
+    for layer in spec["layers"]:
+        if layer["op"] == "reshape":
+            alias[layer["output"]] = alias.get(layer["inputs"][0], layer["inputs"][0])
+    stream = lambda t: alias.get(t, t)  # noqa: E731
+    out = Design(input_perm=perms[spec["inputs"][0]["name"]], output_perm=perms[spec["outputs"][0]])
+    out.output_width = 8 if spec["tensors"][spec["outputs"][0]]["dtype"] == "int8" else 32
+    out.input_size = int(np.prod(spec["inputs"][0]["shape"]))
+    out.output_size = int(np.prod(spec["tensors"][spec["outputs"][0]]["shape"]))
+    used, instances, texts = set(), [], [FIFO]
+    readers: dict[str, list[str]] = {}           # stream -> port prefixes reading it
+    for layer in spec["layers"]:
+        if layer["op"] == "reshape":
+            continue
+        name = verilog_name(layer["name"], used)
+        text, mems, facts = _layer(name, spec, layer, weights.get(layer["name"]), perms, reuse_factor)
+        texts.append(text)
+        out.files.update({k: "\n".join(v) + "\n" for k, v in mems.items()})
+        out.layers[layer["name"]] = {"module": name, **facts}
+        ports = [f"{name}_in{i}" if len(layer["inputs"]) > 1 else f"{name}_in" for i in range(len(layer["inputs"]))]
+        for port, tensor in zip(ports, layer["inputs"]):
+            readers.setdefault(stream(tensor), []).append(port)
+        width = 8 if spec["tensors"][layer["output"]]["dtype"] == "int8" else 32
+        instances.append((name, ports, stream(layer["output"]), width, layer))
+    readers.setdefault(stream(spec["outputs"][0]), []).append("top_out")
+    out.files["fxopt_top.v"] = "\n".join(texts) + "\n" + _top(spec, instances, readers, stream, out)
+    out.files["tb.v"] = testbench(out)
+    return out
+
+
+def _layer(name, spec, layer, weight, perms, reuse_factor):
+    op = layer["op"]
+    outputs = int(np.prod(spec["tensors"][layer["output"]]["shape"]))
+    if op in WINDOW_OPS:
+        return window_module(name, spec, layer, weight, perms[layer["inputs"][0]], reuse_factor)
+    if op == "clamp":
+        return clamp_module(name, layer, 8), {}, {"cycles": 0}
+    chunk = requant_chunk(1, reuse_factor)
+    text, mems = (add_module if op == "add" else concat_module)(name, spec, layer, chunk)
+    per = 4 + (31 + chunk - 1) // chunk
+    return text, mems, {"requant_chunk": chunk, "cycles": outputs * per * (3 if op == "add" else 1)}
+
+
+def _wires(prefix: str, width: int) -> str:
+    return f"  wire [{width - 1}:0] {prefix}_data;\n  wire {prefix}_valid, {prefix}_ready;\n"
+
+
+def _top(spec, instances, readers, stream, design_: Design) -> str:
+    widths = {stream(spec["inputs"][0]["name"]): 8}
+    for name, _, produced, width, _ in instances:
+        widths[produced] = width
+    lines = [f"module fxopt_top (input clk, input rst, input [7:0] in_data, input in_valid, output in_ready,",
+             f"    output [{design_.output_width - 1}:0] out_data, output out_valid, input out_ready);"]
+    source = {stream(spec["inputs"][0]["name"]): "in"}
+    for name, _, produced, width, _ in instances:
+        lines.append(_wires(f"s_{name}", width))
+        source[produced] = f"s_{name}"
+    body = []
+    for tensor, ports in readers.items():
+        src, width = source[tensor], widths[tensor]
+        depth = int(np.prod(spec["tensors"][tensor]["shape"])) if tensor in spec["tensors"] else design_.input_size
+        for port in ports:
+            lines.append(_wires(port, width))
+        if len(ports) == 1:
+            body.append(f"  assign {ports[0]}_data = {src}_data; assign {ports[0]}_valid = {src}_valid; "
+                        f"assign {src}_ready = {ports[0]}_ready;")
+            continue
+        readies = " && ".join(f"f_{p}_ready" for p in ports)
+        body.append(f"  wire {', '.join(f'f_{p}_ready' for p in ports)};\n  assign {src}_ready = {readies};")
+        for p in ports:
+            body.append(f"  fxopt_fifo #(.W({width}), .DEPTH({depth}), .AB({bits(depth)})) fork_{p} (.clk(clk), "
+                        f".rst(rst), .in_data({src}_data), .in_valid({src}_valid && {src}_ready), "
+                        f".in_ready(f_{p}_ready), .out_data({p}_data), .out_valid({p}_valid), .out_ready({p}_ready));")
+    for name, ports, _, _, layer in instances:
+        conns = [".clk(clk)", ".rst(rst)"]
+        for i, port in enumerate(ports):
+            p = "in" if len(ports) == 1 else f"in{i}"
+            conns += [f".{p}_data({port}_data)", f".{p}_valid({port}_valid)", f".{p}_ready({port}_ready)"]
+        conns += [f".out_data(s_{name}_data)", f".out_valid(s_{name}_valid)", f".out_ready(s_{name}_ready)"]
+        body.append(f"  {name} u_{name} ({', '.join(conns)});")
+    body.append("  assign out_data = top_out_data; assign out_valid = top_out_valid; "
+                "assign top_out_ready = out_ready;")
+    return "\n".join(lines + body) + "\nendmodule\n"
+
+
+def testbench(d: Design) -> str:
+    idle = 4 * d.cycle_estimate + 2000
+    ow = d.output_width
+    return f"""`timescale 1ns/1ps
+module tb;
+  // streams N samples of {d.input_size} int8 from inputs.hex, writes outputs.txt and cycles.txt
+  parameter N = 1;
+  parameter STALL = 0;
+  reg clk = 1'b0;
+  always #5 clk = ~clk;
+  reg rst = 1'b1;
+  reg [7:0] inputs [0:N * {d.input_size} - 1];
+  integer fo, fc, i_idx, o_idx, sample_in, sample_out, cycle, idle;
+  reg [15:0] lfsr;
+  wire in_ready, out_valid;
+  wire [{ow - 1}:0] out_data;
+  wire in_valid = !rst && i_idx < N * {d.input_size} && (!STALL || lfsr[0]);
+  wire out_ready = !rst && (!STALL || lfsr[3]);
+  wire [7:0] in_data = i_idx < N * {d.input_size} ? inputs[i_idx] : 8'd0;
+  fxopt_top dut (.clk(clk), .rst(rst), .in_data(in_data), .in_valid(in_valid), .in_ready(in_ready),
+      .out_data(out_data), .out_valid(out_valid), .out_ready(out_ready));
+  initial begin
+    $readmemh("inputs.hex", inputs);
+    fo = $fopen("outputs.txt", "w");
+    fc = $fopen("cycles.txt", "w");
+    i_idx = 0; o_idx = 0; cycle = 0; idle = 0; lfsr = 16'hACE1;
+    repeat (3) @(posedge clk);
+    rst = 1'b0;
+  end
+  always @(posedge clk) begin
+    if (!rst) begin
+      cycle <= cycle + 1;
+      lfsr <= {{lfsr[14:0], lfsr[15] ^ lfsr[13] ^ lfsr[12] ^ lfsr[10]}};
+      idle <= (in_valid && in_ready) || (out_valid && out_ready) ? 0 : idle + 1;
+      if (in_valid && in_ready) begin
+        if (i_idx % {d.input_size} == 0) $fwrite(fc, "in %0d %0d\\n", i_idx / {d.input_size}, cycle);
+        i_idx <= i_idx + 1;
+      end
+      if (out_valid && out_ready) begin
+        $fwrite(fo, "%0d\\n", $signed(out_data));
+        o_idx <= o_idx + 1;
+        if ((o_idx + 1) % {d.output_size} == 0) $fwrite(fc, "out %0d %0d\\n", o_idx / {d.output_size}, cycle);
+        if (o_idx + 1 == N * {d.output_size}) begin $fclose(fo); $fclose(fc); $finish; end
+      end
+      if (idle > {idle}) begin
+        $display("STALLED after %0d cycles: %0d inputs taken, %0d outputs given", cycle, i_idx, o_idx);
+        $fclose(fo); $fclose(fc); $finish;
+      end
+    end
+  end
+endmodule
+"""
