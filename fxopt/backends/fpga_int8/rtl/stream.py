@@ -82,10 +82,11 @@ def concat_module(name: str, spec: dict, layer: dict, chunk: int) -> tuple[str, 
     plans = [requant_plan(m, s, spec["rounding"]) for m, s in zip(layer["multipliers"], layer["shifts"])]
     words = [table_word(-z, p, lo, hi) for z, p in zip(layer["input_zero_points"], plans)]
     n = len(parts)
-    ports = "\n".join(f"    input [7:0] in{i}_data, input in{i}_valid, output in{i}_ready," for i in range(n))
-    readies = "\n".join(f"  assign in{i}_ready = es == 0 && part == {i} && !rst;" for i in range(n))
-    takes = "\n".join(f"          {i}: if (in{i}_valid) begin x <= in{i}_data; es <= 1; tq <= tab[{i}]; end"
-                      for i in range(n))
+    pre = ["in"] if n == 1 else [f"in{i}" for i in range(n)]       # the top names a single input `in`
+    ports = "\n".join(f"    input [7:0] {p}_data, input {p}_valid, output {p}_ready," for p in pre)
+    readies = "\n".join(f"  assign {p}_ready = es == 0 && part == {i} && !rst;" for i, p in enumerate(pre))
+    takes = "\n".join(f"          {i}: if ({p}_valid) begin x <= {p}_data; es <= 1; tq <= tab[{i}]; end"
+                      for i, p in enumerate(pre))
     sizes = "\n".join(f"          {i}: last_in_part = cnt == {parts[i] - 1};" for i in range(n))
     field = {k: f"tq[{msb}:{lsb}]" for k, (msb, lsb) in FIELDS.items()}
     text = f"""module {name} (input clk, input rst,
