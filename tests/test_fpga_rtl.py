@@ -18,7 +18,7 @@ import pytest
 
 from fxopt.backends.fpga_int8.fixedpoint import quantize_multiplier, requantize
 from fxopt.backends.fpga_int8.rtl.plan import requant_plan, datapath
-from fxopt.backends.fpga_int8.rtl.requant import unit
+from fxopt.backends.fpga_int8.rtl.requant import result_bits, unit
 from fxopt.backends.fpga_int8.rtl.simulate import SIMULATORS, missing_tool, run_rtl
 from fxopt.backends.fpga_int8.rtl.top import design
 from fxopt.backends.fpga_int8.simulate import run_integer
@@ -193,10 +193,11 @@ M0S = [POW2, POW2 + 1, 2**31 - 1, 1518500250, 1234567890]
 
 HARNESS = """module harness;
   parameter N = 1;
+  parameter RW = 64;
   reg clk = 0; always #5 clk = ~clk;
   reg [63:0] acc; reg [30:0] mult; reg [5:0] pre, post; reg zero, start = 0;
   reg [127:0] cases [0:N - 1];
-  wire done; wire signed [63:0] result;
+  wire done; wire signed [RW - 1:0] result;
   integer i, f;
   rq dut (.clk(clk), .start(start), .acc(acc), .mult(mult), .pre(pre), .post(post), .zero(zero), .done(done),
           .result(result));
@@ -226,10 +227,10 @@ def test_requant_unit_edge_cases(tmp_path, rounding, chunk):
     words = [(a & (2**64 - 1)) << 50 | p.mult << 19 | p.pre << 13 | p.post << 7 | int(p.zero) << 6
              for (a, _, _), p in zip(triples, plans)]
     (tmp_path / "cases.hex").write_text("\n".join(f"{w >> 6:032x}" for w in words) + "\n")
-    (tmp_path / "rq.v").write_text(unit("rq", plans, rounding, chunk))
+    (tmp_path / "rq.v").write_text(unit("rq", plans, rounding, chunk, acc_bits=64))
     (tmp_path / "harness.v").write_text(HARNESS)
     built = subprocess.run(["verilator", "--binary", "--timing", "-Wno-fatal", "-Wno-lint", "-Wno-style",
-                            "--top-module", "harness", f"-GN={len(words)}", "--Mdir", "obj", "-o", "h", "harness.v",
+                            "--top-module", "harness", f"-GN={len(words)}", f"-GRW={result_bits(plans)}", "--Mdir", "obj", "-o", "h", "harness.v",
                             "rq.v"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stdout + built.stderr
     subprocess.run([str(tmp_path / "obj/h")], cwd=tmp_path, check=True, capture_output=True, timeout=300)

@@ -6,6 +6,10 @@
     report = fxopt.backends.fpga_int8.verify("out/", x, cm)        # simulator / C++ / fake-quant
     print(cm.report.fpga)                                          # resources per layer
 
+With rtl=True the export also holds synthesizable Verilog (rtl/), which verify simulates
+bit-exact against the simulator, and synth="ice40" | "generic" (or synth(export_dir, ...))
+runs Yosys (and nextpnr-ice40) on it and puts the real figures into cm.report.fpga.
+
 Integer arithmetic (Jacob et al. 2018, as gemmlowp / TFLite): int8 weights (symmetric,
 per channel, [-127, 127]) and activations (per tensor, zero point), int32 biases at
 scale s_x * s_w[c] and accumulators whose width is proven at export, requantization
@@ -20,13 +24,13 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.fx as fx
 
 from ...util.artefacts import check_destination
-from ...errors import UnsupportedError
+from ...errors import BackendOptionError, UnsupportedError
 from ...pm.options import Range
 from .. import BackendOptions, register_backend, require_frozen_quantizers
 from ..onnx import export_onnx
@@ -38,10 +42,13 @@ from .pow2 import pow2_cost, with_pow2_scales
 from .reference import with_int32_biases
 from .resources import ResourceReport, resource_report
 from .simulate import dequantize_outputs, quantize_inputs, run_floats, run_integer, simulate
+from .rtl import emit_rtl
+from .synth import SynthReport, synth
 from .verify import VerifyReport, verify
 
-__all__ = ["FpgaInt8Backend", "FpgaInt8Model", "ResourceReport", "VerifyReport", "dequantize_outputs", "export",
-           "load", "quantize_inputs", "resource_report", "run_floats", "run_integer", "simulate", "verify"]
+__all__ = ["FpgaInt8Backend", "FpgaInt8Model", "ResourceReport", "SynthReport", "VerifyReport", "dequantize_outputs",
+           "export", "load", "quantize_inputs", "resource_report", "run_floats", "run_integer", "simulate", "synth",
+           "verify"]
 
 
 @dataclass(frozen=True)
@@ -54,13 +61,20 @@ class FpgaInt8Options(BackendOptions):
         codes one above the exact rounding).
     pow2_scales: every scale a power of two, so every requantization of conv / linear / add
         is a shift.
-    reuse_factor: how many MACs share one multiplier, for the DSP and cycle estimates.
+    reuse_factor: how many MACs share one multiplier, for the DSP and cycle estimates and the
+        RTL's folding.
+    rtl: also write rtl/ (needs export_dir): synthesizable Verilog of the integer model, ROM
+        images and a testbench; verify then simulates it against the simulator.
+    synth: none | ice40 (Yosys synth_ice40 and nextpnr-ice40 for an iCE40 UP5K) | generic
+        (Yosys synth, 4-input LUTs): synthesise the RTL and put the figures in report.fpga.
     """
 
     export_dir: str | os.PathLike | None = None
     rounding: Rounding = "single"
     pow2_scales: bool = False
     reuse_factor: Annotated[int, Range(1)] = 1
+    rtl: bool = False
+    synth: Literal["none", "ice40", "generic"] = "none"
 
     owner_name: ClassVar[str] = "backend 'fpga-int8'"
 
@@ -79,11 +93,12 @@ class FpgaInt8Model(torch.nn.Module):
 
 
 def export(gm: fx.GraphModule, example_inputs: tuple, export_dir=None, rounding: str = "single",
-           pow2_scales: bool = False) -> tuple[IntegerModel, fx.GraphModule]:
+           pow2_scales: bool = False, rtl_reuse: int | None = None) -> tuple[IntegerModel, fx.GraphModule]:
     """(integer model, its reference); writes the files if export_dir.
 
     The reference is the fake-quant model the integer model implements: gm, with pow2 scales
-    if asked, and its biases on their int32 grid (reference.py); always a copy."""
+    if asked, and its biases on their int32 grid (reference.py); always a copy. rtl_reuse:
+    also write rtl/ at that reuse factor."""
     if rounding not in ROUNDINGS:
         raise UnsupportedError(f"fpga-int8: rounding must be one of {ROUNDINGS}, got {rounding!r}",
                                hint="rounding='double' (gemmlowp / TFLite) or 'single'")
@@ -93,7 +108,10 @@ def export(gm: fx.GraphModule, example_inputs: tuple, export_dir=None, rounding:
     reference = with_int32_biases(with_pow2_scales(gm) if pow2_scales else gm)
     model = Lowering(reference, rounding, bool(pow2_scales)).run()
     if export_dir is not None:
-        save(model, export_dir, _derived_files(model, reference, example_inputs))
+        files = _derived_files(model, reference, example_inputs)
+        if rtl_reuse is not None:
+            files.update(emit_rtl(model.to_json(), model.weights(), rtl_reuse))
+        save(model, export_dir, files)
     return model, reference
 
 
@@ -116,13 +134,22 @@ class FpgaInt8Backend:
 
     def lower(self, gm: fx.GraphModule, example_inputs: tuple, **options):
         opts = FpgaInt8Options.from_kwargs(options)
-        model, reference = export(gm, example_inputs, opts.export_dir, opts.rounding, opts.pow2_scales)
+        if (opts.rtl or opts.synth != "none") and opts.export_dir is None:
+            raise BackendOptionError("backend 'fpga-int8': rtl and synth write files, and no export_dir was given",
+                                     hint="add export_dir='out/' (a new or empty folder)")
+        if opts.synth != "none" and not opts.rtl:
+            raise BackendOptionError(f"backend 'fpga-int8': synth={opts.synth!r} synthesises the RTL, and rtl is "
+                                     "off", hint="add rtl=True")
+        model, reference = export(gm, example_inputs, opts.export_dir, opts.rounding, opts.pow2_scales,
+                                  opts.reuse_factor if opts.rtl else None)
         spec = model.to_json()
         weights = model.weights()
         lowered = FpgaInt8Model(spec, weights, reference, opts.export_dir)
         report = resource_report(spec, weights, opts.reuse_factor)
         if opts.pow2_scales:
             report.pow2_cost = pow2_cost(gm, reference, example_inputs)
+        if opts.synth != "none":
+            report.synthesis = synth(opts.export_dir, target=opts.synth)
         lowered.report_sections = {"fpga": report}
         return lowered
 

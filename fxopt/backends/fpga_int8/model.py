@@ -7,6 +7,7 @@ On disk (`export_dir`), schema "fxopt-fpga-int8" version 1:
     model.onnx        the fake-quant graph as standard QDQ ONNX (see fxopt.backends.onnx)
     weights.h         the same parameters as C++ arrays
     model.cpp         integer-only reference kernels + a main that runs them on a batch
+    rtl/              with rtl=True: Verilog, ROM images, testbench, rtl.json (see rtl/__init__.py)
     manifest.json     every file's size and sha256 (fxopt.util.artefacts); loaders check it first
 
 model.json:
@@ -127,6 +128,7 @@ def save(model: IntegerModel, export_dir, extra_files: dict[str, bytes] | None =
             np.save(staging / weight_file(name), weight.astype(np.int8))
         (staging / "model.json").write_text(json.dumps(model.to_json(), indent=1))
         for name, data in (extra_files or {}).items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_bytes(data)
     return Path(export_dir)
 

@@ -36,6 +36,7 @@ class ResourceReport:
     layers: list[LayerResources] = field(default_factory=list)
     pow2_cost: dict | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)   # per sample, fixed at export
+    synthesis: object | None = None     # a synth.SynthReport when synthesised (synth= option)
 
     @property
     def total_macs(self) -> int:
@@ -54,7 +55,8 @@ class ResourceReport:
         return max((r.accumulator_bits or 0) for r in self.layers)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "total_macs": self.total_macs, "total_weight_bytes": self.total_weight_bytes,
+        synthesis = asdict(self.synthesis) if self.synthesis is not None else None
+        return {**asdict(self), "synthesis": synthesis, "total_macs": self.total_macs, "total_weight_bytes": self.total_weight_bytes,
                 "total_dsp": self.total_dsp, "max_accumulator_bits": self.max_accumulator_bits}
 
     def __str__(self) -> str:
@@ -70,6 +72,8 @@ class ResourceReport:
             lines.append("fixed shapes: " + ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in
                                                       self.input_shapes.items())
                          + " per sample (only the batch streams; other sizes need another export)")
+        if self.synthesis is not None:
+            lines.append(f"estimate {self.total_dsp} DSP, {self.total_weight_bytes} bytes; {self.synthesis}")
         if self.pow2_cost:
             lines.append("pow2-scales cost at the outputs (vs the fake-quant model): "
                          + ", ".join(f"{k} {v:.4g}" for k, v in self.pow2_cost.items()))

@@ -1,4 +1,4 @@
-"""The three-way check: numpy simulator, compiled C++ and the fake-quant torch model.
+"""The three-way check: numpy simulator, compiled C++ and the fake-quant torch model (and the RTL).
 
 All three run on the same inputs, and every layer of the integer model is compared:
 
@@ -13,6 +13,9 @@ All three run on the same inputs, and every layer of the integer model is compar
   moves later layers by more, so the integer model's final outputs differ from the
   fake-quant model's by a few LSB on some elements; the top-1 agreement says what that
   costs a classifier.
+- the RTL (rtl/, when the export has it or rtl=True), end to end: its outputs in Verilator,
+  and in Icarus for short runs, bit for bit against the simulator's, with the cycles per
+  inference and the initiation interval the simulation measured.
 """
 from __future__ import annotations
 
@@ -25,7 +28,9 @@ import torch
 import torch.fx as fx
 
 from ...quant import quantizer_of
+from ...errors import FxoptError
 from .model import load
+from .rtl import RtlCheck, check_rtl, rtl_settings
 from .kernels import KERNELS
 from .cpp import compile_cpp, emit_cpp, run_cpp
 from .simulate import named_inputs, quantize_inputs, run_integer
@@ -48,6 +53,7 @@ class VerifyReport:
     outputs: list[str] = field(default_factory=list)
     min_within: float = 0.999
     top1_agreement: float | None = None
+    rtl: RtlCheck | None = None
 
     @property
     def cpp_exact(self) -> bool:
@@ -65,7 +71,8 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return self.cpp_exact and self.within_1 >= self.min_within
+        rtl_ok = self.rtl is None or not self.rtl.max_diff or self.rtl.exact
+        return self.cpp_exact and self.within_1 >= self.min_within and rtl_ok
 
     def __str__(self) -> str:
         lines = [f"fpga-int8 verify on {self.inputs} inputs: {'OK' if self.ok else 'FAILED'}",
@@ -74,6 +81,8 @@ class VerifyReport:
                  f"1 LSB (needs {self.min_within:.1%})",
                  f"  end to end: outputs {self.output_drift_within_1:.2%} within 1 LSB of the fake-quant model"
                  + (f", top-1 agreement {self.top1_agreement:.2%}" if self.top1_agreement is not None else "")]
+        if self.rtl is not None:
+            lines.append(str(self.rtl))
         first_cpp = next((c for c in self.checks if c.cpp_max_diff), None)
         if first_cpp:
             lines.append(f"  first layer where simulator and C++ differ: {first_cpp.layer} "
@@ -143,9 +152,15 @@ def reference_values(spec: dict, gm: fx.GraphModule, floats: dict, batch: int) -
             for name, t in spec["tensors"].items()}
 
 
-def verify(export_dir, inputs, reference, min_within: float = 0.999) -> VerifyReport:
-    """Run the three and compare (see module docstring); `inputs`: a float batch (or tuple)."""
+def verify(export_dir, inputs, reference, min_within: float = 0.999, rtl: bool | None = None) -> VerifyReport:
+    """Run the three (four) and compare (see module docstring); `inputs`: a float batch (or tuple).
+
+    rtl: None checks the RTL when the export has it; True requires it (and a simulator)."""
     spec, weights = load(export_dir)
+    settings = rtl_settings(export_dir) if rtl is not False else None
+    if rtl and settings is None:
+        raise FxoptError(f"{export_dir}: the export has no RTL to check", where=str(export_dir),
+                         hint="export with backend='fpga-int8', rtl=True")
     floats = named_inputs(spec, inputs)
     codes = quantize_inputs(spec, floats)
     batch = len(next(iter(codes.values())))
@@ -167,6 +182,11 @@ def verify(export_dir, inputs, reference, min_within: float = 0.999) -> VerifyRe
                                          float(gap.max()), float((gap <= 1 + 1e-9).mean()),
                                          float((drift <= 1 + 1e-9).mean())))
     first = spec["outputs"][0]
+    if settings is not None:
+        report.rtl = check_rtl(spec, weights, codes, sim[first], settings["reuse_factor"])
+        if rtl and not report.rtl.max_diff:
+            raise FxoptError("the RTL could not be simulated: " + "; ".join(report.rtl.skipped.values()),
+                             where=str(export_dir), hint="apt-get install verilator (or iverilog)")
     if sim[first].ndim == 2:
         report.top1_agreement = float((sim[first].argmax(1) == ref[first].argmax(1)).mean())
     return report

@@ -42,8 +42,9 @@ def channel_table(layer: dict, channels: int, rounding: str) -> tuple[list[str],
         return np.broadcast_to(values, (channels,)) if values.size == 1 else values
 
     bias = per_channel("bias", 0)
-    lo = np.broadcast_to(np.atleast_1d(np.asarray(layer["clamp"][0], dtype=np.int64)), (channels,))
-    hi = np.broadcast_to(np.atleast_1d(np.asarray(layer["clamp"][1], dtype=np.int64)), (channels,))
+    clamp = layer.get("clamp", [-128, 127])          # a max pool keeps its input's codes: no clamp
+    lo = np.broadcast_to(np.atleast_1d(np.asarray(clamp[0], dtype=np.int64)), (channels,))
+    hi = np.broadcast_to(np.atleast_1d(np.asarray(clamp[1], dtype=np.int64)), (channels,))
     if "multiplier" in layer:
         m0s, shifts = per_channel("multiplier", 0), per_channel("shift", 0)
         plans = [requant_plan(m, s, rounding) for m, s in zip(m0s, shifts)]
@@ -53,42 +54,68 @@ def channel_table(layer: dict, channels: int, rounding: str) -> tuple[list[str],
     return words, plans
 
 
-def unit(module: str, plans: list[RequantPlan], rounding: str, chunk: int) -> str:
+def result_bits(plans: list[RequantPlan]) -> int:
+    """Signed bits of the unit's result: the 64-bit product (|acc * M0| < 2^63) loses `post` bits
+    to the right shift, and a pre shift, a plan of 0 or no shift keeps all 64."""
+    live = [p for p in plans if not p.zero]
+    if not live or any(p.pre or p.post == 0 for p in live):
+        return 64
+    return 64 - min(p.post for p in live) + 1
+
+
+def unit(module: str, plans: list[RequantPlan], rounding: str, chunk: int, acc_bits: int = 32) -> str:
     """Verilog of one requant unit: `start` (one cycle) loads acc and the plan; `done` pulses
-    with `result` after ceil(31 / chunk) cycles."""
+    with `result` after ceil(31 / chunk) cycles. The multiplier's chunks are taken from the most
+    significant end, so the product shifts left and acc stays as it came; `pre` and `post` are
+    cases over the values the layer's channels use (no barrel shifters), and the result is as
+    wide as the largest rounded value can be (result_bits)."""
     steps = math.ceil(31 / chunk)
+    padded = steps * chunk
+    width = result_bits(plans)
+    pres = sorted({p.pre for p in plans} | {0})
     posts = sorted({p.post for p in plans} | {0})
+    if chunk <= 4:      # a few bits: shifted copies of acc, added (no multiplier cell, no DSP)
+        term = " + ".join(f"(m[{padded - chunk + i}] ? a <<< {i} : 64'sd0)" for i in range(chunk))
+    else:
+        term = f"a * $signed({{1'b0, m[{padded - 1}:{padded - chunk}]}})"
+    pre_cases = "\n".join(f"      6'd{v}: shifted = prod_next <<< {v};" for v in pres)
     cases = []
     for p in posts:
         if p == 0:
-            cases.append("      6'd0: rounded = x;")
+            cases.append(f"      6'd0: rounded = x[{width - 1}:0];")
             continue
         sticky = f"|x[{p - 2}:0]" if p > 1 else "1'b0"
-        up = "g && (s || q[0])" if rounding == "single" else "g && (!x[63] || s)"
-        cases.append(f"      6'd{p}: begin q = x >>> {p}; g = x[{p - 1}]; s = {sticky}; rounded = q + {{63'd0, {up}}}; end")
-    srdhm = ("    if (m_is_one) begin x = shifted; end else begin\n"
+        up = "x[{0}] && ({1} || x[{2}])".format(p - 1, sticky, p) if rounding == "single" else \
+            "x[{0}] && (!x[63] || {1})".format(p - 1, sticky)
+        cases.append(f"      6'd{p}: begin up = {up}; rounded = $signed(x[63:{p}]) + (up ? 1 : 0); end")
+    srdhm = ("    if (m_is_one) x = shifted; else begin\n"
              "      num = shifted + (shifted[63] ? 64'sd1 - 64'sd1073741824 : 64'sd1073741824);\n"
              "      x = num[63] ? -((-num) >>> 31) : num >>> 31;\n    end"
              if rounding == "double" else "    x = shifted;")
-    return f"""module {module} (input clk, input start, input signed [63:0] acc, input [30:0] mult,
-    input [5:0] pre, input [5:0] post, input zero, output reg done, output reg signed [63:0] result);
+    return f"""module {module} (input clk, input start, input signed [{acc_bits - 1}:0] acc, input [30:0] mult,
+    input [5:0] pre, input [5:0] post, input zero, output reg done, output reg signed [{width - 1}:0] result);
   // requantisation ({rounding} rounding), {chunk} multiplier bit(s) per cycle, {steps} cycle(s)
-  reg signed [63:0] a, prod;
-  reg [30:0] m;
+  reg signed [{acc_bits - 1}:0] a;
+  reg signed [63:0] prod;
+  reg [{padded - 1}:0] m;
   reg [5:0] r_pre, r_post;
   reg r_zero, m_is_one, busy;
   reg [5:0] step;
-  wire signed [63:0] term = a * $signed({{1'b0, m[{chunk - 1}:0]}});
-  wire signed [63:0] sum = prod + term;
-  reg signed [63:0] shifted, num, x, q, rounded;
-  reg g, s;
+  wire signed [63:0] term = {term};
+  wire signed [63:0] prod_next = (prod <<< {chunk}) + term;
+  reg signed [63:0] shifted, num, x;
+  reg signed [{width - 1}:0] rounded;
+  reg up;
   always @* begin
-    shifted = sum <<< r_pre;
-    num = 64'sd0; q = 64'sd0; g = 1'b0; s = 1'b0;
+    num = 64'sd0; up = 1'b0;
+    case (r_pre)
+{pre_cases}
+      default: shifted = 64'sd0;
+    endcase
 {srdhm}
     case (r_post)
 {chr(10).join(cases)}
-      default: rounded = 64'sd0;
+      default: rounded = 0;
     endcase
   end
   always @(posedge clk) begin
@@ -97,9 +124,9 @@ def unit(module: str, plans: list[RequantPlan], rounding: str, chunk: int) -> st
       a <= acc; prod <= 64'sd0; m <= mult; r_pre <= pre; r_post <= post; r_zero <= zero;
       m_is_one <= (mult == 31'd1); busy <= 1'b1; step <= 6'd0;
     end else if (busy) begin
-      prod <= sum; a <= a <<< {chunk}; m <= m >> {chunk}; step <= step + 6'd1;
+      prod <= prod_next; m <= m << {chunk}; step <= step + 6'd1;
       if (step == 6'd{steps - 1}) begin
-        busy <= 1'b0; done <= 1'b1; result <= r_zero ? 64'sd0 : rounded;
+        busy <= 1'b0; done <= 1'b1; result <= r_zero ? 0 : rounded;
       end
     end
   end

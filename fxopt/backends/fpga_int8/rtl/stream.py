@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .plan import refuse, requant_plan
-from .requant import FIELDS, TABLE_BITS, table_word, unit
+from .requant import FIELDS, TABLE_BITS, result_bits, table_word, unit
 from .window import bits
 
 FIFO = """module fxopt_fifo #(parameter W = 8, parameter DEPTH = 2, parameter AB = 1) (input clk, input rst,
@@ -102,7 +102,7 @@ def concat_module(name: str, spec: dict, layer: dict, chunk: int) -> tuple[str, 
   reg [7:0] x;
   reg rq_start, last_in_part;
   wire rq_done;
-  wire signed [63:0] rq_result;
+  wire signed [{result_bits(plans) - 1}:0] rq_result;
   wire signed [63:0] y = 64'sd0 + {int(layer['output_zero_point'])} + rq_result;
   {name}_rq rq (.clk(clk), .start(rq_start), .acc($signed(x) + $signed({field['bias']})), .mult({field['mult']}),
       .pre({field['pre']}), .post({field['post']}), .zero({field['zero']}), .done(rq_done), .result(rq_result));
@@ -175,7 +175,7 @@ endmodule
   reg signed [63:0] c0, c1, total;
   reg rq_start;
   wire rq_done;
-  wire signed [63:0] rq_result;
+  wire signed [{result_bits(plans) - 1}:0] rq_result;
   wire signed [63:0] operand = phase == 0 ? c0 : phase == 1 ? c1 : total;
   wire signed [63:0] y = 64'sd0 + {int(layer['output_zero_point'])} + rq_result;
   {name}_rq rq (.clk(clk), .start(rq_start), .acc(operand), .mult({field['mult']}), .pre({field['pre']}),
@@ -201,4 +201,4 @@ endmodule
   end
 endmodule
 """
-    return text + "\n" + unit(f"{name}_rq", plans, rounding, chunk), {f"{name}_tab.mem": words}
+    return text + "\n" + unit(f"{name}_rq", plans, rounding, chunk, acc_bits=64), {f"{name}_tab.mem": words}

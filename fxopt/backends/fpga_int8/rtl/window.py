@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from .plan import Fold, fold, requant_chunk
-from .requant import FIELDS, TABLE_BITS, channel_table, unit
+from .requant import FIELDS, TABLE_BITS, channel_table, result_bits, unit
 
 
 def bits(n: int) -> int:
@@ -99,6 +99,7 @@ def module(name: str, spec: dict, layer: dict, weight, perm_in, reuse_factor: in
     mems = {f"{name}_tab.mem": table}
     if f:
         mems[f"{name}_w.mem"] = weight_words(g, f)
+    g["RW"] = result_bits(plans)
     text = _verilog(name, g, f, chunk, spec["rounding"])
     if requants:
         text += "\n" + unit(f"{name}_rq", plans, spec["rounding"], chunk)
@@ -106,6 +107,21 @@ def module(name: str, spec: dict, layer: dict, weight, perm_in, reuse_factor: in
              "width": f.width if f else 0, "requant_chunk": chunk,
              "cycles": cycles_per_frame(g, f, chunk), "line_buffer_bytes": g["R"] * g["W"] * g["C"] * g["IW"] // 8}
     return text, mems, facts
+
+
+def _addressing(g: dict) -> str:
+    """The line-buffer address of window element (ci, ky, kx) of group grp, and whether it lies
+    inside the image (else it is padding). A layer reading whole rows in order (a linear) needs
+    no arithmetic: the element is ci."""
+    C, H, W, R = g["C"], g["H"], g["W"], g["R"]
+    if g["KH"] == g["KW"] == g["W"] == g["SH"] == 1 and g["PH"] == g["PW"] == 0 and g["G"] == 1:
+        return f"  wire in_win = 1'b1;\n  wire [{bits(R * W * C)}:0] rd_addr = ci;"
+    return f"""  wire signed [31:0] iy = iy0 + ky * {g['DH']};
+  wire signed [31:0] ix = ix0 + kx * {g['DW']};
+  wire in_win = iy >= 0 && iy < {H} && ix >= 0 && ix < {W};
+  wire signed [31:0] back = $signed({{1'b0, in_y}}) - iy;
+  wire signed [31:0] slot = $signed({{1'b0, in_slot}}) - back + ($signed({{1'b0, in_slot}}) < back ? {R} : 0);
+  wire [31:0] rd_addr = slot * {W * C} + ix * {C} + grp * {g['Cg']} + ci;"""
 
 
 def _verilog(name: str, g: dict, f: Fold | None, chunk: int, rounding: str) -> str:
@@ -151,7 +167,7 @@ def _verilog(name: str, g: dict, f: Fold | None, chunk: int, rounding: str) -> s
         emit_value = "red"
     requants = chunk > 0
     field = {k: f"tq[{msb}:{lsb}]" for k, (msb, lsb) in FIELDS.items()}
-    total = f"($signed({emit_value}) + $signed({field['bias']}))"
+    total = f"($signed({emit_value}) + $signed({field['bias']}))"       # int32 by the proven bounds
     if requants:
         emit_steps = f"""          1: begin rq_start <= 1'b1; es <= 2; end
           2: if (rq_done) begin out_data <= clampv(64'sd0 + {g['OZP']} + rq_result); out_valid <= 1'b1; es <= 3; end"""
@@ -159,7 +175,7 @@ def _verilog(name: str, g: dict, f: Fold | None, chunk: int, rounding: str) -> s
         emit_steps = f"          1: begin out_data <= red[{OWD - 1}:0]; out_valid <= 1'b1; es <= 3; end"
     else:
         emit_steps = f"          1: begin out_data <= clampv({total}); out_valid <= 1'b1; es <= 3; end"
-    rq_inst = (f"  reg rq_start;\n  wire rq_done;\n  wire signed [63:0] rq_result;\n"
+    rq_inst = (f"  reg rq_start;\n  wire rq_done;\n  wire signed [{g['RW'] - 1}:0] rq_result;\n"
                f"  {name}_rq rq (.clk(clk), .start(rq_start), .acc({total}), .mult({field['mult']}), "
                f".pre({field['pre']}), .post({field['post']}), .zero({field['zero']}), .done(rq_done), "
                f".result(rq_result));" if requants else "  reg rq_start;")
@@ -184,7 +200,7 @@ module {name} (input clk, input rst,
   reg [{bits(blocks)}:0] ob;
   reg [{bits(lanes)}:0] eq;
   reg [{bits(max(depth, 1) + 1)}:0] mi;
-  reg [31:0] wbase;
+  reg [{bits(g['G'] * blocks * max(depth, 1))}:0] wbase;
   reg mv;
   // gather: issue counters (ci, ky, kx) and bank position (wj, wa); the read lands a cycle later
   reg [{bits(Cg)}:0] ci;
@@ -207,14 +223,9 @@ module {name} (input clk, input rst,
   wire frame_done = oy == {OH};
   wire rows_ready = !frame_done && ($signed({{1'b0, in_y}}) > need || in_y == {H});
   assign in_ready = state == LOAD && !rows_ready && in_y != {H} && !rst;
-  wire signed [31:0] iy = iy0 + ky * {g['DH']};
-  wire signed [31:0] ix = ix0 + kx * {g['DW']};
-  wire in_win = iy >= 0 && iy < {H} && ix >= 0 && ix < {W};
-  wire signed [31:0] back = $signed({{1'b0, in_y}}) - iy;
-  wire signed [31:0] slot = $signed({{1'b0, in_slot}}) - back + ($signed({{1'b0, in_slot}}) < back ? {R} : 0);
-  wire [31:0] rd_addr = slot * {WC} + ix * {C} + grp * {Cg} + ci;
+{_addressing(g)}
   wire signed [63:0] v = {centered};
-  wire [31:0] o_cur = grp * {Og} + ob * {lanes} + eq;
+  wire [{bits(O)}:0] o_cur = {"grp * " + str(Og) + " + " if g["G"] > 1 else ""}{"ob * " + str(lanes) + " + " if blocks > 1 else ""}eq;
   always @(posedge clk) begin
     rq_start <= 1'b0;
     if (rst) begin
