@@ -93,7 +93,7 @@ def concat_module(name: str, spec: dict, layer: dict, chunk: int) -> tuple[str, 
 {ports}
     output reg [7:0] out_data, output reg out_valid, input out_ready);
   // {layer['op']}: {outer} time(s) per inference, {parts} element(s) of each input, requantised
-  reg [{TABLE_BITS - 1}:0] tab [0:{n - 1}];
+  (* rom_style = "logic" *) reg [{TABLE_BITS - 1}:0] tab [0:{n - 1}];
   initial $readmemh("{name}_tab.mem", tab);
   reg [{TABLE_BITS - 1}:0] tq;
   reg [1:0] es;
@@ -167,7 +167,7 @@ endmodule
     text = header + f"""
     output reg [7:0] out_data, output reg out_valid, input out_ready);
   // add: requant((x0 - {z0}) << {ls}) + requant((x1 - {z1}) << {ls}), requantised to the output grid
-  reg [{TABLE_BITS - 1}:0] tab [0:2];
+  (* rom_style = "logic" *) reg [{TABLE_BITS - 1}:0] tab [0:2];
   initial $readmemh("{name}_tab.mem", tab);
   reg [{TABLE_BITS - 1}:0] tq;
   reg [2:0] es;

@@ -109,6 +109,13 @@ def module(name: str, spec: dict, layer: dict, weight, perm_in, reuse_factor: in
     return text, mems, facts
 
 
+def _style(bits_: int, kind: str = "ram") -> str:
+    """A ROM of at most 256 bits is kept in logic: a 4 Kbit block RAM for it is mostly empty,
+    and small FPGAs have few of them. (Small RAMs stay in block RAM: in logic, their write and
+    read multiplexers cost more LUTs than the block saves.)"""
+    return f'(* {kind}_style = "logic" *) ' if bits_ <= 256 else ""
+
+
 def _addressing(g: dict) -> str:
     """The line-buffer address of window element (ci, ky, kx) of group grp, and whether it lies
     inside the image (else it is padding). A layer reading whole rows in order (a linear) needs
@@ -138,7 +145,8 @@ def _verilog(name: str, g: dict, f: Fold | None, chunk: int, rounding: str) -> s
             decl.append(f"  reg signed [9:0] bank{j} [0:{depth - 1}];\n  reg signed [9:0] bq{j};\n"
                         f"  initial for (b = 0; b < {depth}; b = b + 1) bank{j}[b] = 10'sd0;  // past K: 0")
             gather_store.append(f"          {j}: bank{j}[wa] <= v[9:0];")
-        decl.append(f"  reg [{lanes * width * 8 - 1}:0] wrom [0:{g['G'] * blocks * depth - 1}];\n"
+        decl.append(f"  {_style(lanes * width * 8 * g['G'] * blocks * depth, 'rom')}"
+                    f"reg [{lanes * width * 8 - 1}:0] wrom [0:{g['G'] * blocks * depth - 1}];\n"
                     f"  initial $readmemh(\"{name}_w.mem\", wrom);\n  reg [{lanes * width * 8 - 1}:0] wq;")
         for q in range(lanes):
             decl.append(f"  reg signed [31:0] acc{q};")
@@ -211,7 +219,7 @@ module {name} (input clk, input rst,
   reg issuing, wv, pad_d;
   reg [{IW - 1}:0] rd;
   reg [2:0] es;
-  reg [{TABLE_BITS - 1}:0] tab [0:{O - 1}];
+  (* rom_style = "logic" *) reg [{TABLE_BITS - 1}:0] tab [0:{O - 1}];   // few words, too wide for a BRAM
   initial $readmemh("{name}_tab.mem", tab);
   reg [{TABLE_BITS - 1}:0] tq;
 {chr(10).join(decl)}
