@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fxopt-installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup rtl-tools test demo bench clean
 
 setup: $(STAMP)
 
@@ -16,9 +16,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The open hardware tools the RTL tests use (Verilator, Icarus Verilog, Yosys, nextpnr-ice40), from
+# Debian's packages when missing and this is root (as in CI); elsewhere those tests skip and say why.
+RTL_TOOLS := verilator iverilog yosys nextpnr-ice40
+rtl-tools:
+	@missing=""; for t in $(RTL_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(RTL_TOOLS) >/dev/null; \
+	else echo "note:$$missing not installed (apt-get install $(RTL_TOOLS)): the RTL tests will skip"; fi
+
 # The zoo (every torchvision model, the largest holding gigabytes) runs apart, in two worker
 # processes of one torch thread each: its time is single-threaded graph work.
-test: setup
+test: setup rtl-tools
 	FXOPT_VERIFY=1 $(BIN)/python -m pytest -q -p no:cacheprovider --ignore=tests/test_zoo.py
 	FXOPT_VERIFY=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 tests/test_zoo.py
 

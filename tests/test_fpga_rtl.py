@@ -148,8 +148,7 @@ def model_d(rounding):
     return b
 
 
-CASES = [(model_a, "single", 1), (model_a, "double", 16), (model_b, "double", 4), (model_b, "single", 64),
-         (model_c, "single", 1), (model_d, "double", 8)]
+CASES = [(model_a, "double", 16), (model_b, "single", 4), (model_c, "single", 1), (model_d, "double", 8)]
 
 
 @pytest.mark.parametrize("simulator", SIMS)
@@ -216,7 +215,7 @@ endmodule
 """
 
 
-@pytest.mark.parametrize("rounding,chunk", [("single", 31), ("double", 31), ("single", 4), ("double", 1)])
+@pytest.mark.parametrize("rounding,chunk", [("single", 31), ("double", 1)])   # both rules, both product forms
 def test_requant_unit_edge_cases(tmp_path, rounding, chunk):
     if missing_tool("verilator"):
         pytest.skip(missing_tool("verilator"))

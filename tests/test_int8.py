@@ -73,7 +73,8 @@ def test_vision_int8_agrees_with_fake_quant(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2"])
 def test_vision_int8_agrees_on_256_inputs(name):
-    model, data = _vision(name, batches=36, size=96)  # 4 calibration batches, 256 inputs checked
+    size = 64 if name == "resnet50" else 96            # resnet50's bottlenecks, at a size CI affords
+    model, data = _vision(name, batches=36, size=size)  # 4 calibration batches, 256 inputs checked
     fake, cm = _both(model, data[0], data[:4])
     top1, cosine = _agreement(fake, cm, data[4:])
     assert top1 >= 0.99 and cosine >= 0.999, (top1, cosine)

@@ -16,6 +16,9 @@ Per model and variant (rounding single, the default; rounding double; pow2-scale
   share within 1 LSB of the fake-quant model on its own inputs; the share of output
   elements within 1 LSB end to end, where early 1-LSB flips have propagated);
 - accuracy: fp32, the fake-quant model and the integer model (simulator).
+
+The RTL table (benchmarks/fpga_rtl.py): the export with rtl=True, its Verilator
+simulation against the simulator and its synthesis, per model and reuse factor.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import fxopt
 from fxopt.backends.fpga_int8 import simulate, verify
 from fxopt.backends.fpga_int8.cpp import compile_cpp
 
-from .. import digits
+from .. import digits, fpga_rtl
 from ..fpga_models import ResidualMLP
 from ..harness import choose_models, environment, markdown_table, measure, render_results, save_results
 from ..models import with_realistic_statistics
@@ -102,7 +105,8 @@ def bench_variant(model, calib, x, labels, options: dict, workdir: Path) -> dict
             "max_accumulator_bits": cm.report.fpga.max_accumulator_bits}
 
 
-def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=None, log=print) -> dict:
+def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=None, log=print,
+        rtl: bool = True) -> dict:
     """Run the suite; writes fpga.json and fpga.md into `out_dir` (default results/)."""
     start = time.perf_counter()
     names = choose_models(models, quick, MODELS, MODELS[:2], MODELS)
@@ -122,7 +126,8 @@ def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=No
     result = {"suite": NAME, "environment": environment(),
               "config": {"models": list(names), "pipeline": PIPELINE, "variants": VARIANTS, "quick": quick,
                          "threads": torch.get_num_threads()},
-              "models": records, "wall_s": time.perf_counter() - start}
+              "models": records, "rtl": fpga_rtl.run(quick, log) if rtl else [],
+              "wall_s": time.perf_counter() - start}
     return save_results(NAME, result, to_markdown, out_dir)
 
 
@@ -146,7 +151,14 @@ def to_markdown(result: dict) -> str:
     return (f"# Suite fpga\n\n{__doc__.split(chr(10), 1)[1]}\nPipeline `{result['config']['pipeline']}`; "
             f"torch {env.get('torch')}, {env.get('cpu_model')}, {env.get('torch_threads')} threads; "
             f"wall {result['wall_s']:.0f} s. Random models' accuracy = agreement with fp32's top-1.\n\n"
-            + markdown_table(headers, rows) + "\n")
+            + markdown_table(headers, rows) + "\n" + _rtl_markdown(result.get("rtl", [])))
+
+
+def _rtl_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    return (f"\n## RTL\n\n{fpga_rtl.__doc__.split(chr(10), 1)[1]}\n"
+            + markdown_table(fpga_rtl.HEADERS, fpga_rtl.table_rows(rows)) + "\n")
 
 
 def render(out_dir=None):

@@ -74,6 +74,7 @@ class RtlCheck:
     latency: int | None = None                                  # cycles, first input to last output
     interval: float | None = None                               # cycles between inferences, streaming
     seconds: dict[str, float] = field(default_factory=dict)    # simulator -> build + run
+    outputs: np.ndarray | None = field(default=None, repr=False)   # the RTL's output codes, [N, *shape]
 
     @property
     def exact(self) -> bool:
@@ -108,5 +109,5 @@ def check_rtl(spec: dict, weights: dict, codes: dict, expected: np.ndarray, reus
         got = run.outputs.reshape(expected.shape)
         check.max_diff[simulator] = int(np.abs(got - expected.astype(np.int64)).max())
         check.seconds[simulator] = run.build_seconds + run.run_seconds
-        check.latency, check.interval = run.latency, run.interval
+        check.latency, check.interval, check.outputs = run.latency, run.interval, got
     return check
