@@ -50,11 +50,13 @@ class Design:
 
 
 def verilog_name(layer_name: str, used: set) -> str:
+    """A Verilog identifier for a layer, distinct from every other module name of the design
+    (each layer may also define `<name>_rq`, its requant unit)."""
     base = "L_" + re.sub(r"[^A-Za-z0-9_]", "_", layer_name)
     name, i = base, 1
-    while name in used:
+    while name in used or f"{name}_rq" in used:
         name, i = f"{base}_{i}", i + 1
-    used.add(name)
+    used.update((name, f"{name}_rq"))
     return name
 
 

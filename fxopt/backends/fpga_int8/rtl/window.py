@@ -12,7 +12,8 @@ T rows of a [T, F] input):
   the fly (max / sum, pools);
 - MAC (per block of Q output channels): D cycles of Q x L multiplies from the banks and
   the weight ROM (one word of Q x L int8 weights per cycle, initialised by $readmemh);
-- EMIT: each channel's accumulator plus bias goes through the layer's requant unit
+- then the block's accumulators are handed to the emitter, which, while the next block or
+  pixel computes, sends each channel's accumulator plus bias through the layer's requant unit
   (requant.py), the zero point and the clamp, and out; an int32 output is clamped only.
 """
 from __future__ import annotations
@@ -160,19 +161,23 @@ def _verilog(name: str, g: dict, f: Fold | None, chunk: int, rounding: str) -> s
         if (mv) begin
 {accs}
         end
-        if (mi == {depth}) begin state <= EMIT; es <= 0; eq <= 0; end
+        if (mi == {depth}) state <= HAND;
         mi <= mi + 1;
       end"""
-        sel = " : ".join(f"eq == {q} ? acc{q}" for q in range(lanes - 1))
-        emit_value = f"({sel} : acc{lanes - 1})" if lanes > 1 else "acc0"
+        for q in range(lanes):
+            decl.append(f"  reg signed [31:0] hold{q};")
+        sel = " : ".join(f"eq == {q} ? hold{q}" for q in range(lanes - 1))
+        emit_value = f"({sel} : hold{lanes - 1})" if lanes > 1 else "hold0"
+        handed = " ".join(f"hold{q} <= acc{q};" for q in range(lanes))
         after_gather = "state <= MAC; mi <= 0; mv <= 0;"
         reduce = "          case (wj)\n" + "\n".join(gather_store) + "\n          endcase"
     else:
-        decl.append("  reg signed [63:0] red;\n  reg first;")
+        decl.append("  reg signed [63:0] red, hold0;\n  reg first;")
+        handed = "hold0 <= red;"
         reduce = ("          if (!pad_d) begin red <= (first || v > red) ? v : red; first <= 1'b0; end"
                   if g["kind"] == "max" else "          red <= red + v;")
-        after_gather = "state <= EMIT; es <= 0; eq <= 0;"
-        emit_value = "red"
+        after_gather = "state <= HAND;"
+        emit_value = "hold0"
     requants = chunk > 0
     field = {k: f"tq[{msb}:{lsb}]" for k, (msb, lsb) in FIELDS.items()}
     total = f"($signed({emit_value}) + $signed({field['bias']}))"       # int32 by the proven bounds
@@ -180,21 +185,23 @@ def _verilog(name: str, g: dict, f: Fold | None, chunk: int, rounding: str) -> s
         emit_steps = f"""          1: begin rq_start <= 1'b1; es <= 2; end
           2: if (rq_done) begin out_data <= clampv(64'sd0 + {g['OZP']} + rq_result); out_valid <= 1'b1; es <= 3; end"""
     elif g["kind"] == "max":
-        emit_steps = f"          1: begin out_data <= red[{OWD - 1}:0]; out_valid <= 1'b1; es <= 3; end"
+        emit_steps = f"          1: begin out_data <= hold0[{OWD - 1}:0]; out_valid <= 1'b1; es <= 3; end"
     else:
         emit_steps = f"          1: begin out_data <= clampv({total}); out_valid <= 1'b1; es <= 3; end"
     rq_inst = (f"  reg rq_start;\n  wire rq_done;\n  wire signed [{g['RW'] - 1}:0] rq_result;\n"
                f"  {name}_rq rq (.clk(clk), .start(rq_start), .acc({total}), .mult({field['mult']}), "
                f".pre({field['pre']}), .post({field['post']}), .zero({field['zero']}), .done(rq_done), "
                f".result(rq_result));" if requants else "  reg rq_start;")
-    last_lane = f"(eq == {lanes - 1} || ob * {lanes} + eq + 1 >= {Og})"
+    first_channel = (f"grp * {Og} + " if g["G"] > 1 else "") + (f"ob * {lanes}" if blocks > 1 else "0")
+    last_lane = f"(ob * {lanes} + {lanes} > {Og} ? {Og - 1} - ob * {lanes} : {lanes - 1})" if blocks > 1 \
+        else str(min(lanes, Og) - 1)
     return f"""// {name}: {g['kind']} window layer, input {C}x{H}x{W} (C x H x W), output {O}x{OH}x{OW},
 // kernel {g['KH']}x{g['KW']} stride {g['SH']},{g['SW']} padding {g['PH']},{g['PW']} dilation {g['DH']},{g['DW']} groups {g['G']};
 // line buffer {R} rows; {lanes} lane(s) x {width} multiplier(s), {depth} MAC cycle(s) per block of {lanes} channel(s)
 module {name} (input clk, input rst,
     input [{IW - 1}:0] in_data, input in_valid, output in_ready,
     output reg [{OWD - 1}:0] out_data, output reg out_valid, input out_ready);
-  localparam LOAD = 2'd0, GATHER = 2'd1, MAC = 2'd2, EMIT = 2'd3;
+  localparam LOAD = 2'd0, GATHER = 2'd1, MAC = 2'd2, HAND = 2'd3;
   reg [1:0] state;
   reg [{IW - 1}:0] lb [0:{R * WC - 1}];
   reg [{bits(R * WC)}:0] wr_addr;
@@ -233,13 +240,17 @@ module {name} (input clk, input rst,
   assign in_ready = state == LOAD && !rows_ready && in_y != {H} && !rst;
 {_addressing(g)}
   wire signed [63:0] v = {centered};
-  wire [{bits(O)}:0] o_cur = {"grp * " + str(Og) + " + " if g["G"] > 1 else ""}{"ob * " + str(lanes) + " + " if blocks > 1 else ""}eq;
+  // the emitter: requantises and sends the channels handed to it while the next block computes
+  reg ebusy;
+  reg [{bits(O)}:0] e_o;
+  reg [{bits(lanes)}:0] e_last;
   always @(posedge clk) begin
     rq_start <= 1'b0;
     if (rst) begin
       state <= LOAD; wr_addr <= 0; row_pos <= 0; in_y <= 0; in_slot <= 0; need <= {need0};
-      oy <= 0; ox <= 0; iy0 <= -{g['PH']}; ix0 <= -{g['PW']}; out_valid <= 1'b0; wbase <= 0;
-    end else case (state)
+      oy <= 0; ox <= 0; iy0 <= -{g['PH']}; ix0 <= -{g['PW']}; out_valid <= 1'b0; wbase <= 0; ebusy <= 1'b0;
+    end else begin
+    case (state)
       LOAD: begin
         if (in_valid && in_ready) begin
           lb[wr_addr] <= in_data;
@@ -274,28 +285,30 @@ module {name} (input clk, input rst,
         if (!issuing && !wv) begin {after_gather} end
       end
 {mac}
-      EMIT: begin
-        case (es)
-          0: begin tq <= tab[o_cur]; es <= 1; end
-{emit_steps}
-          3: if (out_ready) begin
-            out_valid <= 1'b0; es <= 0;
-            if (!{last_lane}) eq <= eq + 1;
-            else if (ob != {blocks - 1}) begin ob <= ob + 1; wbase <= wbase + {depth}; state <= MAC; mi <= 0; mv <= 0; end
-            else if (grp != {g['G'] - 1}) begin
-              grp <= grp + 1; ob <= 0; wbase <= wbase + {depth}; state <= GATHER; ci <= 0; ky <= 0; kx <= 0;
-              gj <= 0; ga <= 0; issuing <= 1'b1; wv <= 1'b0;{' red <= 0; first <= 1;' if g['kind'] != 'mac' else ''}
-            end else begin
-              state <= LOAD;
-              if (ox == {OW - 1}) begin
-                ox <= 0; oy <= oy + 1; need <= need + {g['SH']}; iy0 <= iy0 + {g['SH']}; ix0 <= -{g['PW']};
-              end else begin ox <= ox + 1; ix0 <= ix0 + {g['SW']}; end
-            end
-          end
-          default: es <= 0;
-        endcase
+      HAND: if (!ebusy) begin
+        ebusy <= 1'b1; es <= 0; eq <= 0; e_o <= {first_channel}; e_last <= {last_lane}; {handed}
+        if (ob != {blocks - 1}) begin ob <= ob + 1; wbase <= wbase + {depth}; state <= MAC; mi <= 0; mv <= 0; end
+        else if (grp != {g['G'] - 1}) begin
+          grp <= grp + 1; ob <= 0; wbase <= wbase + {depth}; state <= GATHER; ci <= 0; ky <= 0; kx <= 0;
+          gj <= 0; ga <= 0; issuing <= 1'b1; wv <= 1'b0;{' red <= 0; first <= 1;' if g['kind'] != 'mac' else ''}
+        end else begin
+          state <= LOAD;
+          if (ox == {OW - 1}) begin
+            ox <= 0; oy <= oy + 1; need <= need + {g['SH']}; iy0 <= iy0 + {g['SH']}; ix0 <= -{g['PW']};
+          end else begin ox <= ox + 1; ix0 <= ix0 + {g['SW']}; end
+        end
       end
     endcase
+    if (ebusy) case (es)
+      0: begin tq <= tab[e_o]; es <= 1; end
+{emit_steps}
+      3: if (out_ready) begin
+        out_valid <= 1'b0; es <= 0;
+        if (eq == e_last) ebusy <= 1'b0; else begin eq <= eq + 1; e_o <= e_o + 1; end
+      end
+      default: es <= 0;
+    endcase
+    end
   end
 endmodule
 """
