@@ -9,7 +9,8 @@ factor, one run:
   numpy simulator's (bit for bit), cycles per inference (latency of the first) and the
   initiation interval (spacing of the later ones, streaming back to back);
 - synthesis: Yosys synth_ice40 + nextpnr-ice40 for an iCE40 UP5K (5,280 LUT4, 8 DSP, 30
-  BRAM), or Yosys' generic synth (4-input LUTs) where the design is far too big for it.
+  BRAM), or Yosys' generic synth (4-input LUTs; without block RAMs, the weight ROMs and line
+  buffers become logic too) where the design is far too big for it.
 """
 from __future__ import annotations
 

@@ -6,8 +6,9 @@
 target "ice40": `synth_ice40 -dsp` (multipliers into SB_MAC16 DSP blocks, memories into
 SB_RAM40_4K) and, when the cell counts fit the device, place and route with nextpnr-ice40,
 which reports the utilisation and the maximum clock. target "generic": Yosys `synth` and
-4-input LUT mapping, no device: LUTs, flip-flops, memory bits and the multipliers Yosys
-found before mapping them to logic. A design too big for the device is reported with its
+4-input LUT mapping, no device: LUTs, flip-flops and the multipliers Yosys found before
+mapping them to logic (with no block RAM to map to, the line buffers and weight ROMs become
+logic too, so these figures bound a device without memory blocks). A design too big for the device is reported with its
 numbers (`fits` False, `problem` says what overflows), not raised.
 
 The Verilog is generated again from the checked model.json, weights and rtl.json in a
