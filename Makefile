@@ -23,7 +23,7 @@ rtl-tools:
 	@missing=""; for t in $(RTL_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(RTL_TOOLS) >/dev/null; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(RTL_TOOLS) >/dev/null; \
 	else echo "note:$$missing not installed (apt-get install $(RTL_TOOLS)): the RTL tests will skip"; fi
 
 # The zoo (every torchvision model, the largest holding gigabytes) runs apart, in two worker
