@@ -65,7 +65,8 @@ def result_bits(plans: list[RequantPlan]) -> int:
 
 def unit(module: str, plans: list[RequantPlan], rounding: str, chunk: int, acc_bits: int = 32) -> str:
     """Verilog of one requant unit: `start` (one cycle) loads acc and the plan; `done` pulses
-    with `result` after ceil(31 / chunk) cycles. The multiplier's chunks are taken from the most
+    with `result` after ceil(31 / chunk) + 1 cycles (the product, then the rounding from the
+    registered product: the multiplier's adder and the rounding's are not one path). The multiplier's chunks are taken from the most
     significant end, so the product shifts left and acc stays as it came; `pre` and `post` are
     cases over the values the layer's channels use (no barrel shifters), and the result is as
     wide as the largest rounded value can be (result_bits)."""
@@ -78,7 +79,7 @@ def unit(module: str, plans: list[RequantPlan], rounding: str, chunk: int, acc_b
         term = " + ".join(f"(m[{padded - chunk + i}] ? a <<< {i} : 64'sd0)" for i in range(chunk))
     else:
         term = f"a * $signed({{1'b0, m[{padded - 1}:{padded - chunk}]}})"
-    pre_cases = "\n".join(f"      6'd{v}: shifted = prod_next <<< {v};" for v in pres)
+    pre_cases = "\n".join(f"      6'd{v}: shifted = prod <<< {v};" for v in pres)
     cases = []
     for p in posts:
         if p == 0:
@@ -94,7 +95,7 @@ def unit(module: str, plans: list[RequantPlan], rounding: str, chunk: int, acc_b
              if rounding == "double" else "    x = shifted;")
     return f"""module {module} (input clk, input start, input signed [{acc_bits - 1}:0] acc, input [30:0] mult,
     input [5:0] pre, input [5:0] post, input zero, output reg done, output reg signed [{width - 1}:0] result);
-  // requantisation ({rounding} rounding), {chunk} multiplier bit(s) per cycle, {steps} cycle(s)
+  // requantisation ({rounding} rounding), {chunk} multiplier bit(s) per cycle, {steps} + 1 cycle(s)
   reg signed [{acc_bits - 1}:0] a;
   reg signed [63:0] prod;
   reg [{padded - 1}:0] m;
@@ -124,10 +125,8 @@ def unit(module: str, plans: list[RequantPlan], rounding: str, chunk: int, acc_b
       a <= acc; prod <= 64'sd0; m <= mult; r_pre <= pre; r_post <= post; r_zero <= zero;
       m_is_one <= (mult == 31'd1); busy <= 1'b1; step <= 6'd0;
     end else if (busy) begin
-      prod <= prod_next; m <= m << {chunk}; step <= step + 6'd1;
-      if (step == 6'd{steps - 1}) begin
-        busy <= 1'b0; done <= 1'b1; result <= r_zero ? 0 : rounded;
-      end
+      if (step != 6'd{steps}) begin prod <= prod_next; m <= m << {chunk}; step <= step + 6'd1; end
+      else begin busy <= 1'b0; done <= 1'b1; result <= r_zero ? 0 : rounded; end   // from the registered product
     end
   end
 endmodule

@@ -106,7 +106,7 @@ def _layer(name, spec, layer, weight, perms, reuse_factor):
         return clamp_module(name, layer, 8), {}, {"cycles": 0}
     chunk = requant_chunk(1, reuse_factor)
     text, mems = (add_module if op == "add" else concat_module)(name, spec, layer, chunk)
-    per = 4 + (31 + chunk - 1) // chunk
+    per = 5 + (31 + chunk - 1) // chunk
     return text, mems, {"requant_chunk": chunk, "cycles": outputs * per * (3 if op == "add" else 1)}
 
 

@@ -85,7 +85,7 @@ def weight_words(g: dict, f: Fold) -> list[str]:
 
 def cycles_per_frame(g: dict, f: Fold | None, chunk: int) -> int:
     """MAC-side cycles of one inference (gather, MAC and emit; loading overlaps with upstream)."""
-    emit = 4 + (math.ceil(31 / chunk) + 1 if chunk else 0)
+    emit = 4 + (math.ceil(31 / chunk) + 2 if chunk else 0)
     per_group = g["K"] + 2 + ((f.depth + 1) * f.blocks if f else 0)
     return g["OH"] * g["OW"] * (g["G"] * per_group + g["O"] * emit)
 
