@@ -183,6 +183,11 @@ def test_unsupported_layout_is_refused_by_name():
     b.spec["outputs"] = ["y"]
     with pytest.raises(UnsupportedError, match=r"'l1'.*conv2d.*order"):
         design(b.spec, b.weights, 1)
+    b = Builder(np.random.default_rng(0), "single", [2, 3, 4])        # a linear over an image's rows
+    b.linear("x", "y", 5)
+    b.spec["outputs"] = ["y"]
+    with pytest.raises(UnsupportedError, match=r"'l0'.*linear.*\[2, 3, 4\]"):
+        design(b.spec, b.weights, 1)
 
 
 # ---- the requantisation unit alone, on the C++'s edge cases --------------------------------------

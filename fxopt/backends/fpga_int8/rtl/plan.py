@@ -73,7 +73,8 @@ def stream_perms(spec: dict) -> dict[str, np.ndarray]:
         if layer["op"] == "linear" and len(in_shape) == 1:
             perms[layer["output"]] = canonical_perm(shape)      # the weights take the input's order
             continue
-        if not all(canonical_in) or (layer["op"] != "linear" and len(in_shape) != 3) or len(in_shape) > 3:
+        rank_ok = len(in_shape) in (1, 2) if layer["op"] == "linear" else len(in_shape) == 3
+        if not all(canonical_in) or not rank_ok:
             raise refuse(layer, f"reads a tensor of shape {in_shape} in an order it cannot stream",
                          "convolutions and pools read images [C, H, W]; a linear reads a vector or rows")
         perms[layer["output"]] = canonical_perm(shape)
