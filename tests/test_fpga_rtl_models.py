@@ -8,6 +8,7 @@ them); a test whose tool is missing skips and says which.
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -34,9 +35,12 @@ def _export(model, x, calib, path, **options):
 
 
 @pytest.mark.slow
-def test_digits_cnn_rtl_is_bit_exact_on_every_test_image(trained, digits, tmp_path):
+def test_digits_cnn_rtl_is_bit_exact_on_every_test_image(digits, tmp_path):
     _skip_without(missing_tool("verilator"))
+    from benchmarks.digits import train
+
     x_train, _, x_test, y_test = digits
+    trained = train(digits, epochs=4)                  # in this worker alone: a shorter training
     n = len(x_test) - len(x_test) % 64                 # calibration as the fpga suite's: 2 x 448 images
     cm = _export(copy.deepcopy(trained), x_test, [x_train[:n], x_train[n:2 * n]], tmp_path / "e", reuse_factor=256)
     report = verify(tmp_path / "e", x_test, cm)
@@ -58,14 +62,15 @@ def _jets():
 
 
 @pytest.mark.slow
-def test_jet_mlp_fits_an_ice40_up5k_and_routes(tmp_path):
-    _skip_without(missing_tools("ice40") or missing_tool("verilator"))
+def test_jet_mlp_rtl_is_bit_exact_in_both_simulators(tmp_path):
+    """The MLP of hls4ml's benchmark at the reuse factor that fits an iCE40 UP5K (the fpga suite
+    places and routes it: 5 DSPs, 18 block RAMs; the place-and-route path runs there, as it
+    costs ~25 s of CI time)."""
+    _skip_without(missing_tool("verilator"))
     model, data = _jets()
-    cm = _export(model, data[2], [data[0][:512]], tmp_path / "e", reuse_factor=1024, synth="ice40")
-    figures = cm.report.fpga.synthesis
-    assert figures.fits, str(figures)
-    assert 0 < figures.dsps <= 8 and 0 < figures.luts <= 5280 and figures.brams <= 30 and figures.fmax_mhz > 5
-    assert "synthesised (ice40 up5k" in str(cm.report.fpga)
+    cm = _export(model, data[2], [data[0][:512]], tmp_path / "e", reuse_factor=1024)
+    assert cm.report.fpga.synthesis is None and json.loads((tmp_path / "e/rtl/rtl.json").read_text())[
+        "multipliers"] == 5
     report = verify(tmp_path / "e", data[2][:100], cm)
     assert report.ok and report.rtl.exact, str(report)
     assert set(report.rtl.max_diff) == {"verilator", "icarus"} or "icarus" in report.rtl.skipped
@@ -84,8 +89,9 @@ def test_a_design_too_big_for_the_device_says_so_with_numbers(tmp_path):
     _skip_without(missing_tools("ice40"))
     torch.manual_seed(0)
     x = torch.randn(64, 4)
-    _export(Small().eval(), x, [x], tmp_path / "e", reuse_factor=2)      # 28 multipliers side by side
-    figures = synth(tmp_path / "e", target="ice40")
+    cm = _export(Small().eval(), x, [x], tmp_path / "e", reuse_factor=2, synth="ice40")  # 28 multipliers
+    figures = cm.report.fpga.synthesis
+    assert "synthesised (ice40 up5k" in str(cm.report.fpga)
     assert figures.fits is False and figures.dsps > 8
     assert f"DSP {figures.dsps} > 8" in figures.problem and "DOES NOT FIT" in str(figures)
     _export(Small().eval(), x, [x], tmp_path / "g", reuse_factor=64)     # generic: a small design, quickly
