@@ -78,6 +78,14 @@ class FpgaInt8Options(BackendOptions):
 
     owner_name: ClassVar[str] = "backend 'fpga-int8'"
 
+    def validate(self) -> None:
+        if (self.rtl or self.synth != "none") and self.export_dir is None:
+            raise BackendOptionError("backend 'fpga-int8': rtl and synth write files, and no export_dir was given",
+                                     hint="add export_dir='out/' (a new or empty folder)")
+        if self.synth != "none" and not self.rtl:
+            raise BackendOptionError(f"backend 'fpga-int8': synth={self.synth!r} synthesises the RTL, and rtl is "
+                                     "off", hint="add rtl=True")
+
 
 class FpgaInt8Model(torch.nn.Module):
     """Runs the integer model in the numpy simulator; `reference` is the fake-quant model exported."""
@@ -134,12 +142,6 @@ class FpgaInt8Backend:
 
     def lower(self, gm: fx.GraphModule, example_inputs: tuple, **options):
         opts = FpgaInt8Options.from_kwargs(options)
-        if (opts.rtl or opts.synth != "none") and opts.export_dir is None:
-            raise BackendOptionError("backend 'fpga-int8': rtl and synth write files, and no export_dir was given",
-                                     hint="add export_dir='out/' (a new or empty folder)")
-        if opts.synth != "none" and not opts.rtl:
-            raise BackendOptionError(f"backend 'fpga-int8': synth={opts.synth!r} synthesises the RTL, and rtl is "
-                                     "off", hint="add rtl=True")
         model, reference = export(gm, example_inputs, opts.export_dir, opts.rounding, opts.pow2_scales,
                                   opts.reuse_factor if opts.rtl else None)
         spec = model.to_json()

@@ -55,8 +55,7 @@ class ResourceReport:
         return max((r.accumulator_bits or 0) for r in self.layers)
 
     def to_dict(self) -> dict:
-        synthesis = asdict(self.synthesis) if self.synthesis is not None else None
-        return {**asdict(self), "synthesis": synthesis, "total_macs": self.total_macs, "total_weight_bytes": self.total_weight_bytes,
+        return {**asdict(self), "total_macs": self.total_macs, "total_weight_bytes": self.total_weight_bytes,
                 "total_dsp": self.total_dsp, "max_accumulator_bits": self.max_accumulator_bits}
 
     def __str__(self) -> str:
