@@ -137,15 +137,27 @@ def load(export_dir) -> tuple[dict, dict[str, np.ndarray]]:
     """(model.json as a dict, {layer name: int8 weight}) from an export directory, after
     checking its manifest (every file whole, every path inside the folder) and every
     field and weight against the contract (checks.py)."""
+    spec, weights, _ = load_export(export_dir)
+    return spec, weights
+
+
+def read_json(path, source: str):
+    """A JSON file of an export (a path from its checked manifest); invalid JSON is an FxoptError."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise FxoptError(f"{source} is not valid JSON: {exc}", where=source, hint="export the model again") from exc
+
+
+def load_export(export_dir) -> tuple[dict, dict[str, np.ndarray], dict[str, str]]:
+    """load(), and the manifest's {relative name: path} of every file (checked once), for a
+    caller that reads more of the export (the RTL's rtl.json)."""
     files = check_manifest(export_dir, ARTEFACT)
     source = os.path.join(os.fspath(export_dir), "model.json")
     if "model.json" not in files:
         raise FxoptError(f"{source} is not in the export's manifest", where=source,
                          hint="export with backend='fpga-int8', export_dir=...")
-    try:
-        spec = json.loads(Path(files["model.json"]).read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise FxoptError(f"{source} is not valid JSON: {exc}", where=source, hint="export the model again") from exc
+    spec = read_json(files["model.json"], source)
     if not isinstance(spec, dict) or spec.get("format") != FORMAT or spec.get("version") != VERSION:
         said = (spec.get("format"), spec.get("version")) if isinstance(spec, dict) else spec
         raise FxoptError(f"{source} is not a {FORMAT} v{VERSION} model ({said!r})", where=source,
@@ -160,4 +172,4 @@ def load(export_dir) -> tuple[dict, dict[str, np.ndarray]]:
                                  hint="the export folder is damaged or was edited; export the model again")
             weights[layer.get("name")] = np.load(path, allow_pickle=False)
     check_model(spec, weights, source)
-    return spec, weights
+    return spec, weights, files

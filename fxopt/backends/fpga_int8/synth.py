@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import FxoptError
-from .model import load
+from .model import load_export
 from .rtl import design, rtl_settings
 from .rtl.simulate import write_design
 
@@ -131,8 +131,8 @@ def synth(export_dir, target: str = "ice40", device: str = "up5k", timeout: floa
     why = missing_tools(target)
     if why:
         raise FxoptError(f"cannot synthesise for {target}: {why}", where=target, hint="install the tools first")
-    spec, weights = load(export_dir)
-    settings = rtl_settings(export_dir)
+    spec, weights, files = load_export(export_dir)
+    settings = rtl_settings(files)
     if settings is None:
         raise FxoptError(f"{export_dir}: the export has no RTL to synthesise", where=str(export_dir),
                          hint="export with backend='fpga-int8', rtl=True")

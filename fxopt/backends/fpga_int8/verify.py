@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from ...quant import quantizer_of
 from ...errors import FxoptError
-from .model import load
+from .model import load_export
 from .rtl import RtlCheck, check_rtl, rtl_settings
 from .kernels import KERNELS
 from .cpp import compile_cpp, emit_cpp, run_cpp
@@ -156,8 +156,8 @@ def verify(export_dir, inputs, reference, min_within: float = 0.999, rtl: bool |
     """Run the three (four) and compare (see module docstring); `inputs`: a float batch (or tuple).
 
     rtl: None checks the RTL when the export has it; True requires it (and a simulator)."""
-    spec, weights = load(export_dir)
-    settings = rtl_settings(export_dir) if rtl is not False else None
+    spec, weights, files = load_export(export_dir)
+    settings = rtl_settings(files) if rtl is not False else None
     if rtl and settings is None:
         raise FxoptError(f"{export_dir}: the export has no RTL to check", where=str(export_dir),
                          hint="export with backend='fpga-int8', rtl=True")

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from ....errors import FxoptError
-from ....util.artefacts import check_manifest
-from ..model import ARTEFACT
+from ..model import read_json
 from .simulate import SIMULATORS, RtlRun, missing_tool, run_rtl
 from .top import Design, design
 
@@ -47,16 +45,13 @@ def emit_rtl(spec: dict, weights: dict, reuse_factor: int = 1) -> dict[str, byte
     return files
 
 
-def rtl_settings(export_dir) -> dict | None:
-    """rtl.json of an export (manifest checked), or None when it was exported without rtl."""
-    files = check_manifest(export_dir, ARTEFACT)
+def rtl_settings(files: dict[str, str]) -> dict | None:
+    """rtl.json of an export, from its checked manifest's files (model.load_export), or None
+    when it was exported without rtl."""
     if RTL_JSON not in files:
         return None
     source = files[RTL_JSON]
-    try:
-        facts = json.loads(Path(source).read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise FxoptError(f"{source} is not valid JSON: {exc}", where=source, hint="export the model again") from exc
+    facts = read_json(source, source)
     rf = facts.get("reuse_factor") if isinstance(facts, dict) else None
     if isinstance(rf, bool) or not isinstance(rf, int) or rf < 1:
         raise FxoptError(f"{source}: reuse_factor must be a positive integer, got {rf!r}", where=source,
