@@ -10,7 +10,6 @@ fixedpoint.requantize on the edge cases the C++ is checked on.
 """
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import numpy as np

@@ -17,7 +17,6 @@ private folder (nothing from the export folder is read as code).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 from ...errors import FxoptError
 from .model import load_export
 from .rtl import design, rtl_settings
-from .rtl.simulate import write_design
+from .rtl.simulate import absent, write_design
 
 DEVICES = {"up5k": {"flag": "--up5k", "package": "sg48", "LUT": 5280, "DSP": 8, "BRAM": 30}}
 TARGETS = ("ice40", "generic")
@@ -64,9 +63,7 @@ class SynthReport:
 
 
 def missing_tools(target: str) -> str | None:
-    tools = ["yosys"] + (["nextpnr-ice40"] if target == "ice40" else [])
-    absent = [t for t in tools if shutil.which(t) is None]
-    return f"{', '.join(absent)} not installed (apt-get install {' '.join(absent)})" if absent else None
+    return absent("yosys", *(["nextpnr-ice40"] if target == "ice40" else []))
 
 
 def _run(argv, cwd, what, timeout):

@@ -63,6 +63,11 @@ def result_bits(plans: list[RequantPlan]) -> int:
     return 64 - min(p.post for p in live) + 1
 
 
+def requant_cycles(chunk: int) -> int:
+    """Cycles of the unit from `start` to `done`: the product's steps, then the rounding."""
+    return math.ceil(31 / chunk) + 1
+
+
 def unit(module: str, plans: list[RequantPlan], rounding: str, chunk: int, acc_bits: int = 32) -> str:
     """Verilog of one requant unit: `start` (one cycle) loads acc and the plan; `done` pulses
     with `result` after ceil(31 / chunk) + 1 cycles (the product, then the rounding from the
@@ -70,7 +75,7 @@ def unit(module: str, plans: list[RequantPlan], rounding: str, chunk: int, acc_b
     significant end, so the product shifts left and acc stays as it came; `pre` and `post` are
     cases over the values the layer's channels use (no barrel shifters), and the result is as
     wide as the largest rounded value can be (result_bits)."""
-    steps = math.ceil(31 / chunk)
+    steps = requant_cycles(chunk) - 1
     padded = steps * chunk
     width = result_bits(plans)
     pres = sorted({p.pre for p in plans} | {0})

@@ -41,12 +41,15 @@ class RtlRun:
     run_seconds: float
 
 
+def absent(*tools: str) -> str | None:
+    """Which of the Debian-packaged `tools` are not on PATH, as a reason to show, or None."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    return f"{', '.join(missing)} not installed (apt-get install {' '.join(missing)})" if missing else None
+
+
 def missing_tool(simulator: str) -> str | None:
     """Why `simulator` cannot run here, or None."""
-    tool = TOOLS[simulator]
-    if shutil.which(tool) is None:
-        return f"{tool} is not installed (apt-get install {'iverilog' if simulator == 'icarus' else tool})"
-    return None
+    return absent(TOOLS[simulator])
 
 
 def write_design(d: Design, folder) -> None:

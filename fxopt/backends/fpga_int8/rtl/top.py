@@ -24,6 +24,7 @@ import numpy as np
 
 from ....errors import UnsupportedError
 from .plan import requant_chunk, stream_perms
+from .requant import requant_cycles
 from .stream import FIFO, add_module, clamp_module, concat_module
 from .window import bits, module as window_module
 
@@ -106,7 +107,7 @@ def _layer(name, spec, layer, weight, perms, reuse_factor):
         return clamp_module(name, layer, 8), {}, {"cycles": 0}
     chunk = requant_chunk(1, reuse_factor)
     text, mems = (add_module if op == "add" else concat_module)(name, spec, layer, chunk)
-    per = 5 + (31 + chunk - 1) // chunk
+    per = 4 + requant_cycles(chunk)
     return text, mems, {"requant_chunk": chunk, "cycles": outputs * per * (3 if op == "add" else 1)}
 
 
@@ -118,7 +119,7 @@ def _top(spec, instances, readers, stream, design_: Design) -> str:
     widths = {stream(spec["inputs"][0]["name"]): 8}
     for name, _, produced, width, _ in instances:
         widths[produced] = width
-    lines = [f"module fxopt_top (input clk, input rst, input [7:0] in_data, input in_valid, output in_ready,",
+    lines = ["module fxopt_top (input clk, input rst, input [7:0] in_data, input in_valid, output in_ready,",
              f"    output [{design_.output_width - 1}:0] out_data, output out_valid, input out_ready);"]
     source = {stream(spec["inputs"][0]["name"]): "in"}
     for name, _, produced, width, _ in instances:

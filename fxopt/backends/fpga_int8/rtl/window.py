@@ -18,12 +18,11 @@ T rows of a [T, F] input):
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from .plan import Fold, fold, requant_chunk
-from .requant import FIELDS, TABLE_BITS, channel_table, result_bits, unit
+from .requant import FIELDS, TABLE_BITS, channel_table, requant_cycles, result_bits, unit
 
 
 def bits(n: int) -> int:
@@ -85,7 +84,7 @@ def weight_words(g: dict, f: Fold) -> list[str]:
 
 def cycles_per_frame(g: dict, f: Fold | None, chunk: int) -> int:
     """MAC-side cycles of one inference (gather, MAC and emit; loading overlaps with upstream)."""
-    emit = 4 + (math.ceil(31 / chunk) + 2 if chunk else 0)
+    emit = 4 + (requant_cycles(chunk) + 1 if chunk else 0)
     per_group = g["K"] + 2 + ((f.depth + 1) * f.blocks if f else 0)
     return g["OH"] * g["OW"] * (g["G"] * per_group + g["O"] * emit)
 
@@ -135,7 +134,7 @@ def _addressing(g: dict) -> str:
 def _verilog(name: str, g: dict, f: Fold | None, chunk: int, rounding: str) -> str:
     C, H, W, R, WC = g["C"], g["H"], g["W"], g["R"], g["W"] * g["C"]
     O, OH, OW, Og, Cg = g["O"], g["OH"], g["OW"], g["Og"], g["Cg"]
-    IW, OWD, K = g["IW"], g["OWD"], g["K"]
+    IW, OWD = g["IW"], g["OWD"]
     lanes, width, depth, blocks = (f.lanes, f.width, f.depth, f.blocks) if f else (1, 0, 0, 1)
     need0 = -g["PH"] + (g["KH"] - 1) * g["DH"]
     centered = f"(pad_d ? 64'sd0 : $signed(rd) - {g['ZP']})" if g["kind"] != "max" else "$signed(rd)"
