@@ -22,6 +22,22 @@ TABLE_BITS = 32 + 31 + 6 + 6 + 1 + 32 + 32
 # (name, msb, lsb) of each field in a table word
 FIELDS = {"bias": (139, 108), "mult": (107, 77), "pre": (76, 71), "post": (70, 65), "zero": (64, 64),
           "lo": (63, 32), "hi": (31, 0)}
+FIELD = {k: f"tq[{msb}:{lsb}]" for k, (msb, lsb) in FIELDS.items()}   # the fields of the word read, `tq`
+
+
+def table(module: str, words: int) -> str:
+    """Verilog of a layer's constant table (`<module>_tab.mem`, `words` words) and the word read, tq."""
+    return (f'  (* rom_style = "logic" *) reg [{TABLE_BITS - 1}:0] tab [0:{words - 1}];   // few words, too wide '
+            f'for a BRAM\n  initial $readmemh("{module}_tab.mem", tab);\n  reg [{TABLE_BITS - 1}:0] tq;')
+
+
+def instance(module: str, acc: str, plans: list[RequantPlan]) -> str:
+    """Verilog wiring a layer's unit `<module>_rq` to `acc` and the fields of tq: `rq_start` (a
+    one-cycle pulse), `rq_done`, `rq_result`."""
+    return (f"  reg rq_start;\n  wire rq_done;\n  wire signed [{result_bits(plans) - 1}:0] rq_result;\n"
+            f"  {module}_rq rq (.clk(clk), .start(rq_start), .acc({acc}), .mult({FIELD['mult']}), "
+            f".pre({FIELD['pre']}), .post({FIELD['post']}), .zero({FIELD['zero']}), .done(rq_done), "
+            f".result(rq_result));")
 
 
 def table_word(bias: int, plan: RequantPlan, lo: int, hi: int) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .plan import refuse, requant_plan
-from .requant import FIELDS, TABLE_BITS, result_bits, table_word, unit
+from .requant import FIELD, instance, table, table_word, unit
 from .window import bits
 
 FIFO = """module fxopt_fifo #(parameter W = 8, parameter DEPTH = 2, parameter AB = 1) (input clk, input rst,
@@ -88,24 +88,18 @@ def concat_module(name: str, spec: dict, layer: dict, chunk: int) -> tuple[str, 
     takes = "\n".join(f"          {i}: if ({p}_valid) begin x <= {p}_data; es <= 1; tq <= tab[{i}]; end"
                       for i, p in enumerate(pre))
     sizes = "\n".join(f"          {i}: last_in_part = cnt == {parts[i] - 1};" for i in range(n))
-    field = {k: f"tq[{msb}:{lsb}]" for k, (msb, lsb) in FIELDS.items()}
     text = f"""module {name} (input clk, input rst,
 {ports}
     output reg [7:0] out_data, output reg out_valid, input out_ready);
   // {layer['op']}: {outer} time(s) per inference, {parts} element(s) of each input, requantised
-  (* rom_style = "logic" *) reg [{TABLE_BITS - 1}:0] tab [0:{n - 1}];
-  initial $readmemh("{name}_tab.mem", tab);
-  reg [{TABLE_BITS - 1}:0] tq;
+{table(name, n)}
   reg [1:0] es;
   reg [{bits(n)}:0] part;
   reg [31:0] cnt, rep;
   reg [7:0] x;
-  reg rq_start, last_in_part;
-  wire rq_done;
-  wire signed [{result_bits(plans) - 1}:0] rq_result;
+  reg last_in_part;
+{instance(name, f"$signed(x) + $signed({FIELD['bias']})", plans)}
   wire signed [63:0] y = 64'sd0 + {int(layer['output_zero_point'])} + rq_result;
-  {name}_rq rq (.clk(clk), .start(rq_start), .acc($signed(x) + $signed({field['bias']})), .mult({field['mult']}),
-      .pre({field['pre']}), .post({field['post']}), .zero({field['zero']}), .done(rq_done), .result(rq_result));
 {readies}
   always @* begin
     case (part)
@@ -162,24 +156,17 @@ endmodule
     plans = [requant_plan(m, s, rounding) for m, s in zip(layer["multipliers"], layer["shifts"])]
     plans.append(requant_plan(layer["multiplier"], layer["shift"], rounding))
     words = [table_word(0, p, lo, hi) for p in plans]
-    field = {k: f"tq[{msb}:{lsb}]" for k, (msb, lsb) in FIELDS.items()}
     ls = int(layer["left_shift"])
     text = header + f"""
     output reg [7:0] out_data, output reg out_valid, input out_ready);
   // add: requant((x0 - {z0}) << {ls}) + requant((x1 - {z1}) << {ls}), requantised to the output grid
-  (* rom_style = "logic" *) reg [{TABLE_BITS - 1}:0] tab [0:2];
-  initial $readmemh("{name}_tab.mem", tab);
-  reg [{TABLE_BITS - 1}:0] tq;
+{table(name, 3)}
   reg [2:0] es;
   reg [1:0] phase;
   reg signed [63:0] c0, c1, total;
-  reg rq_start;
-  wire rq_done;
-  wire signed [{result_bits(plans) - 1}:0] rq_result;
   wire signed [63:0] operand = phase == 0 ? c0 : phase == 1 ? c1 : total;
+{instance(name, "operand", plans)}
   wire signed [63:0] y = 64'sd0 + {int(layer['output_zero_point'])} + rq_result;
-  {name}_rq rq (.clk(clk), .start(rq_start), .acc(operand), .mult({field['mult']}), .pre({field['pre']}),
-      .post({field['post']}), .zero({field['zero']}), .done(rq_done), .result(rq_result));
   assign in0_ready = es == 0 && in1_valid && !rst;
   assign in1_ready = es == 0 && in0_valid && !rst;
   always @(posedge clk) begin

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from .plan import Fold, fold, requant_chunk
-from .requant import FIELDS, TABLE_BITS, channel_table, requant_cycles, result_bits, unit
+from .requant import FIELD, FIELDS, channel_table, instance, requant_cycles, table, unit
 
 
 def bits(n: int) -> int:
@@ -95,12 +95,11 @@ def module(name: str, spec: dict, layer: dict, weight, perm_in, reuse_factor: in
     f = fold(g["K"], g["Og"], reuse_factor) if g["kind"] == "mac" else None
     requants = "multiplier" in layer
     chunk = requant_chunk(g["O"], reuse_factor) if requants else 0
-    table, plans = channel_table(layer, g["O"], spec["rounding"])
-    mems = {f"{name}_tab.mem": table}
+    words, plans = channel_table(layer, g["O"], spec["rounding"])
+    mems = {f"{name}_tab.mem": words}
     if f:
         mems[f"{name}_w.mem"] = weight_words(g, f)
-    g["RW"] = result_bits(plans)
-    text = _verilog(name, g, f, chunk, spec["rounding"])
+    text = _verilog(name, g, f, chunk, plans)
     if requants:
         text += "\n" + unit(f"{name}_rq", plans, spec["rounding"], chunk)
     facts = {"multipliers": f.multipliers if f else 0, "lanes": f.lanes if f else 1,
@@ -131,7 +130,7 @@ def _addressing(g: dict) -> str:
   wire [31:0] rd_addr = slot * {W * C} + ix * {C} + grp * {g['Cg']} + ci;"""
 
 
-def _verilog(name: str, g: dict, f: Fold | None, chunk: int, rounding: str) -> str:
+def _verilog(name: str, g: dict, f: Fold | None, chunk: int, plans: list) -> str:
     C, H, W, R, WC = g["C"], g["H"], g["W"], g["R"], g["W"] * g["C"]
     O, OH, OW, Og, Cg = g["O"], g["OH"], g["OW"], g["Og"], g["Cg"]
     IW, OWD = g["IW"], g["OWD"]
@@ -178,8 +177,7 @@ def _verilog(name: str, g: dict, f: Fold | None, chunk: int, rounding: str) -> s
         after_gather = "state <= HAND;"
         emit_value = "hold0"
     requants = chunk > 0
-    field = {k: f"tq[{msb}:{lsb}]" for k, (msb, lsb) in FIELDS.items()}
-    total = f"($signed({emit_value}) + $signed({field['bias']}))"       # int32 by the proven bounds
+    total = f"($signed({emit_value}) + $signed({FIELD['bias']}))"       # int32 by the proven bounds
     if requants:
         emit_steps = f"""          1: begin rq_start <= 1'b1; es <= 2; end
           2: if (rq_done) begin out_data <= clampv(64'sd0 + {g['OZP']} + rq_result); out_valid <= 1'b1; es <= 3; end"""
@@ -187,10 +185,7 @@ def _verilog(name: str, g: dict, f: Fold | None, chunk: int, rounding: str) -> s
         emit_steps = f"          1: begin out_data <= hold0[{OWD - 1}:0]; out_valid <= 1'b1; es <= 3; end"
     else:
         emit_steps = f"          1: begin out_data <= clampv({total}); out_valid <= 1'b1; es <= 3; end"
-    rq_inst = (f"  reg rq_start;\n  wire rq_done;\n  wire signed [{g['RW'] - 1}:0] rq_result;\n"
-               f"  {name}_rq rq (.clk(clk), .start(rq_start), .acc({total}), .mult({field['mult']}), "
-               f".pre({field['pre']}), .post({field['post']}), .zero({field['zero']}), .done(rq_done), "
-               f".result(rq_result));" if requants else "  reg rq_start;")
+    rq_inst = instance(name, total, plans) if requants else "  reg rq_start;"
     first_channel = (f"grp * {Og} + " if g["G"] > 1 else "") + (f"ob * {lanes}" if blocks > 1 else "0")
     last_lane = f"(ob * {lanes} + {lanes} > {Og} ? {Og - 1} - ob * {lanes} : {lanes - 1})" if blocks > 1 \
         else str(min(lanes, Og) - 1)
@@ -225,9 +220,7 @@ module {name} (input clk, input rst,
   reg issuing, wv, pad_d;
   reg [{IW - 1}:0] rd;
   reg [2:0] es;
-  (* rom_style = "logic" *) reg [{TABLE_BITS - 1}:0] tab [0:{O - 1}];   // few words, too wide for a BRAM
-  initial $readmemh("{name}_tab.mem", tab);
-  reg [{TABLE_BITS - 1}:0] tq;
+{table(name, O)}
 {chr(10).join(decl)}
 {rq_inst}
   function [{OWD - 1}:0] clampv(input signed [63:0] v);
