@@ -51,33 +51,24 @@ def stream_perms(spec: dict) -> dict[str, np.ndarray]:
     read is refused by name."""
     perms = {e["name"]: canonical_perm(e["shape"]) for e in spec["inputs"]}
     for layer in spec["layers"]:
-        shape = spec["tensors"][layer["output"]]["shape"]
-        ins = [perms[name] for name in layer["inputs"]]
-        canonical_in = [np.array_equal(p, canonical_perm(spec["tensors"][n]["shape"]))
-                        for p, n in zip(ins, layer["inputs"])]
-        if layer["op"] not in SUPPORTED:
+        op, ins = layer["op"], [perms[name] for name in layer["inputs"]]
+        if op not in SUPPORTED:
             raise refuse(layer, "has no RTL form", "export without rtl=True, or change the model")
-        if layer["op"] == "reshape":
-            perms[layer["output"]] = ins[0]
-            continue
-        if layer["op"] in ("clamp", "requantize"):
-            perms[layer["output"]] = ins[0]
-            continue
-        if layer["op"] == "add":
-            if not np.array_equal(ins[0], ins[1]):
-                raise refuse(layer, "its two inputs stream in different orders",
-                             "add tensors of the same layout (not a reshaped one to an image)")
+        if op == "add" and not np.array_equal(ins[0], ins[1]):
+            raise refuse(layer, "its two inputs stream in different orders",
+                         "add tensors of the same layout (not a reshaped one to an image)")
+        if op in ("reshape", "clamp", "requantize", "add"):        # element-wise: the order passes through
             perms[layer["output"]] = ins[0]
             continue
         in_shape = spec["tensors"][layer["inputs"][0]]["shape"]
-        if layer["op"] == "linear" and len(in_shape) == 1:
-            perms[layer["output"]] = canonical_perm(shape)      # the weights take the input's order
-            continue
-        rank_ok = len(in_shape) in (1, 2) if layer["op"] == "linear" else len(in_shape) == 3
-        if not all(canonical_in) or not rank_ok:
+        vector = op == "linear" and len(in_shape) == 1             # the weights take the input's order
+        canonical_in = all(np.array_equal(p, canonical_perm(spec["tensors"][n]["shape"]))
+                           for p, n in zip(ins, layer["inputs"]))
+        rank_ok = len(in_shape) in (1, 2) if op == "linear" else len(in_shape) == 3
+        if not vector and not (canonical_in and rank_ok):
             raise refuse(layer, f"reads a tensor of shape {in_shape} in an order it cannot stream",
                          "convolutions and pools read images [C, H, W]; a linear reads a vector or rows")
-        perms[layer["output"]] = canonical_perm(shape)
+        perms[layer["output"]] = canonical_perm(spec["tensors"][layer["output"]]["shape"])
     return perms
 
 
