@@ -2,8 +2,9 @@
 
 Models: the digits CNN (real data: the RTL's accuracy on the 448 held-out images it
 simulates) and the jet-tagging-style MLP 16 -> 64 -> 32 -> 32 -> 5 of hls4ml's reference
-benchmark (benchmarks.jets, synthetic data with a known answer). Per model and reuse
-factor, one run:
+benchmark (benchmarks.jets, synthetic data with a known answer). Per model, reuse factor
+and io (stream: one element per beat between layers; parallel: a whole vector per beat,
+hls4ml's io_parallel, fully connected models only), one run:
 - generation: the export with rtl=True (model.json, C++ and the RTL), seconds;
 - simulation: Verilator build and run on every evaluation input, its outputs against the
   numpy simulator's (bit for bit), cycles per inference (latency of the first) and the
@@ -31,10 +32,13 @@ from fxopt.backends.fpga_int8.simulate import quantize_inputs, named_inputs, run
 from . import digits, jets
 
 PIPELINE = "fold-bn,fake-quant{outputs=true}"
-# (model, reuse factor, synthesis target or None)
-CONFIGS = [("jet_mlp", 1, None), ("jet_mlp", 64, "generic"), ("jet_mlp", 256, "ice40"),
-           ("jet_mlp", 1024, "ice40"), ("digits_cnn", 32, None), ("digits_cnn", 4096, "ice40")]
-QUICK = [("jet_mlp", 1024, "ice40"), ("digits_cnn", 4096, None)]
+# (model, reuse factor, synthesis target or None, io)
+CONFIGS = [("jet_mlp", 1, None, "stream"), ("jet_mlp", 64, "generic", "stream"), ("jet_mlp", 256, "ice40", "stream"),
+           ("jet_mlp", 1024, "ice40", "stream"), ("jet_mlp", 1, None, "parallel"), ("jet_mlp", 4, None, "parallel"),
+           ("jet_mlp", 16, None, "parallel"), ("jet_mlp", 64, "generic", "parallel"),
+           ("jet_mlp", 256, "ice40", "parallel"), ("jet_mlp", 1024, "ice40", "parallel"),
+           ("digits_cnn", 32, None, "stream"), ("digits_cnn", 4096, "ice40", "stream")]
+QUICK = [("jet_mlp", 1024, "ice40", "stream"), ("jet_mlp", 1024, None, "parallel"), ("digits_cnn", 4096, None, "stream")]
 
 
 def _task(name: str, quick: bool):
@@ -49,18 +53,19 @@ def _task(name: str, quick: bool):
         data[3][:512 if quick else 2000]
 
 
-def bench(name: str, reuse: int, target: str | None, task, workdir: Path) -> dict:
+def bench(name: str, reuse: int, target: str | None, io: str, task, workdir: Path) -> dict:
     model, calib, x, labels = task
-    out = workdir / f"{name}-{reuse}"
+    out = workdir / f"{name}-{reuse}-{io}"
     start = time.perf_counter()
     fxopt.compile(model, (x[:64],), pipeline=PIPELINE, backend="fpga-int8", calibration=[(c,) for c in calib],
-                  export_dir=out, rtl=True, reuse_factor=reuse, verify=False, instruments=())
-    row = {"model": name, "reuse_factor": reuse, "export_s": time.perf_counter() - start}
+                  export_dir=out, rtl=True, rtl_io=io, reuse_factor=reuse, verify=False, instruments=())
+    row = {"model": name, "reuse_factor": reuse, "io": io, "export_s": time.perf_counter() - start}
     spec, weights = load(out)
     codes = quantize_inputs(spec, named_inputs(spec, x))
     expected = run_integer(spec, weights, codes)[spec["outputs"][0]]
-    d = design(spec, weights, reuse)
+    d = design(spec, weights, reuse, io)
     row["multipliers"] = d.multipliers
+    row["requant_units"] = sum(f.get("requant_units", 0) for f in d.layers.values())
     row["rtl_files_bytes"] = sum(len(t) for t in d.files.values())
     if missing_tool("verilator") is None:
         run = run_rtl(d, next(iter(codes.values())), "verilator")
@@ -81,20 +86,20 @@ def bench(name: str, reuse: int, target: str | None, task, workdir: Path) -> dic
 
 def run(quick: bool, log=print) -> list[dict]:
     rows, tasks = [], {}
-    for name, reuse, target in QUICK if quick else CONFIGS:
+    for name, reuse, target, io in QUICK if quick else CONFIGS:
         if name not in tasks:
             tasks[name] = _task(name, quick)
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                row = bench(name, reuse, target, tasks[name], Path(tmp))
+                row = bench(name, reuse, target, io, tasks[name], Path(tmp))
             except Exception as exc:  # noqa: BLE001 — a failing run is a result
-                row = {"model": name, "reuse_factor": reuse, "error": f"{type(exc).__name__}: {exc}"}
+                row = {"model": name, "reuse_factor": reuse, "io": io, "error": f"{type(exc).__name__}: {exc}"}
         rows.append(row)
-        log(f"  rtl {name} reuse {reuse}: {row.get('error') or row.get('latency_cycles')} cycles")
+        log(f"  rtl {name} reuse {reuse} {io}: {row.get('error') or row.get('latency_cycles')} cycles")
     return rows
 
 
-HEADERS = ["model", "reuse factor", "multipliers", "export + RTL s", "Verilator build s", "run s", "inputs",
+HEADERS = ["model", "reuse factor", "io", "multipliers", "requant units", "export + RTL s", "Verilator build s", "run s", "inputs",
            "RTL = sim", "acc fp32", "acc RTL", "latency cycles", "interval cycles", "synthesis"]
 
 
@@ -102,7 +107,8 @@ def table_rows(rows: list[dict]) -> list[list]:
     out = []
     for r in rows:
         if "error" in r:
-            out.append([r["model"], r["reuse_factor"], r["error"][:100]] + [""] * (len(HEADERS) - 3))
+            out.append([r["model"], r["reuse_factor"], r.get("io", "stream"), r["error"][:100]]
+                       + [""] * (len(HEADERS) - 4))
             continue
         s = r.get("synth")
         if s is None:
@@ -114,7 +120,8 @@ def table_rows(rows: list[dict]) -> list[list]:
         else:
             synth_text = (f"generic: {s['luts']} LUT4, {s['ffs']} FF, {s['dsps']} multipliers, "
                           f"{s['memory_bits']} memory bits ({s['seconds']:.0f} s)")
-        out.append([r["model"], r["reuse_factor"], r["multipliers"], f"{r['export_s']:.1f}",
+        out.append([r["model"], r["reuse_factor"], r.get("io", "stream"), r["multipliers"], r.get("requant_units", "-"),
+                    f"{r['export_s']:.1f}",
                     f"{r.get('verilator_build_s', float('nan')):.1f}", f"{r.get('verilator_run_s', float('nan')):.1f}",
                     r.get("inputs", "-"), "yes" if r.get("rtl_equals_sim") else "NO",
                     f"{r.get('acc_fp32', float('nan')):.4f}", f"{r.get('acc_rtl', float('nan')):.4f}",

@@ -17,7 +17,7 @@ import pytest
 
 from fxopt.backends.fpga_int8.fixedpoint import quantize_multiplier, requantize
 from fxopt.backends.fpga_int8.rtl.plan import requant_plan, datapath
-from fxopt.backends.fpga_int8.rtl.requant import result_bits, unit
+from fxopt.backends.fpga_int8.rtl.requant import pipelined_unit, result_bits, unit
 from fxopt.backends.fpga_int8.rtl.simulate import SIMULATORS, missing_tool, run_rtl
 from fxopt.backends.fpga_int8.rtl.top import design
 from fxopt.backends.fpga_int8.simulate import run_integer
@@ -219,18 +219,20 @@ endmodule
 """
 
 
-@pytest.mark.parametrize("rounding,chunk", [("single", 31), ("double", 1)])   # both rules, both product forms
+# both rules, both product forms of the serial unit, and the pipelined unit (chunk None)
+@pytest.mark.parametrize("rounding,chunk", [("single", 31), ("double", 1), ("double", None)])
 def test_requant_unit_edge_cases(tmp_path, rounding, chunk):
     if missing_tool("verilator"):
         pytest.skip(missing_tool("verilator"))
     shifts = range(-70, 33) if chunk == 31 else range(-40, 33, 3)
-    accs = EDGE_ACCS if chunk == 31 else EDGE_ACCS[::4]
+    accs = EDGE_ACCS if chunk == 31 else EDGE_ACCS[::4] if chunk else EDGE_ACCS[::2]
     triples = [(a, m, s) for a in accs for m in M0S for s in shifts]
     plans = [requant_plan(m, s, rounding) for _, m, s in triples]
     words = [(a & (2**64 - 1)) << 50 | p.mult << 19 | p.pre << 13 | p.post << 7 | int(p.zero) << 6
              for (a, _, _), p in zip(triples, plans)]
     (tmp_path / "cases.hex").write_text("\n".join(f"{w >> 6:032x}" for w in words) + "\n")
-    (tmp_path / "rq.v").write_text(unit("rq", plans, rounding, chunk, acc_bits=64))
+    (tmp_path / "rq.v").write_text(unit("rq", plans, rounding, chunk, acc_bits=64) if chunk else
+                                   pipelined_unit("rq", plans, rounding, acc_bits=64))
     (tmp_path / "harness.v").write_text(HARNESS)
     built = subprocess.run(["verilator", "--binary", "--timing", "-Wno-fatal", "-Wno-lint", "-Wno-style",
                             "--top-module", "harness", f"-GN={len(words)}", f"-GRW={result_bits(plans)}", "--Mdir", "obj", "-o", "h", "harness.v",

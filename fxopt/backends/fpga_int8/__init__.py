@@ -65,6 +65,9 @@ class FpgaInt8Options(BackendOptions):
         RTL's folding.
     rtl: also write rtl/ (needs export_dir): synthesizable Verilog of the integer model, ROM
         images and a testbench; verify then simulates it against the simulator.
+    rtl_io: stream (one element per beat between layers: every op the RTL has) | parallel
+        (a whole vector per beat, hls4ml's io_parallel: fully connected models only, a few
+        cycles per layer at a low reuse factor).
     synth: none | ice40 (Yosys synth_ice40 and nextpnr-ice40 for an iCE40 UP5K) | generic
         (Yosys synth, 4-input LUTs): synthesise the RTL and put the figures in report.fpga.
     """
@@ -74,6 +77,7 @@ class FpgaInt8Options(BackendOptions):
     pow2_scales: bool = False
     reuse_factor: Annotated[int, Range(1)] = 1
     rtl: bool = False
+    rtl_io: Literal["stream", "parallel"] = "stream"
     synth: Literal["none", "ice40", "generic"] = "none"
 
     owner_name: ClassVar[str] = "backend 'fpga-int8'"
@@ -82,6 +86,9 @@ class FpgaInt8Options(BackendOptions):
         if (self.rtl or self.synth != "none") and self.export_dir is None:
             raise BackendOptionError("backend 'fpga-int8': rtl and synth write files, and no export_dir was given",
                                      hint="add export_dir='out/' (a new or empty folder)")
+        if self.rtl_io != "stream" and not self.rtl:
+            raise BackendOptionError(f"backend 'fpga-int8': rtl_io={self.rtl_io!r} shapes the RTL, and rtl is off",
+                                     hint="add rtl=True")
         if self.synth != "none" and not self.rtl:
             raise BackendOptionError(f"backend 'fpga-int8': synth={self.synth!r} synthesises the RTL, and rtl is "
                                      "off", hint="add rtl=True")
@@ -101,12 +108,13 @@ class FpgaInt8Model(torch.nn.Module):
 
 
 def export(gm: fx.GraphModule, example_inputs: tuple, export_dir=None, rounding: str = "single",
-           pow2_scales: bool = False, rtl_reuse: int | None = None) -> tuple[IntegerModel, fx.GraphModule]:
+           pow2_scales: bool = False, rtl_reuse: int | None = None,
+           rtl_io: str = "stream") -> tuple[IntegerModel, fx.GraphModule]:
     """(integer model, its reference); writes the files if export_dir.
 
     The reference is the fake-quant model the integer model implements: gm, with pow2 scales
     if asked, and its biases on their int32 grid (reference.py); always a copy. rtl_reuse:
-    also write rtl/ at that reuse factor."""
+    also write rtl/ at that reuse factor, with rtl_io's interfaces."""
     if rounding not in ROUNDINGS:
         raise UnsupportedError(f"fpga-int8: rounding must be one of {ROUNDINGS}, got {rounding!r}",
                                hint="rounding='double' (gemmlowp / TFLite) or 'single'")
@@ -118,7 +126,7 @@ def export(gm: fx.GraphModule, example_inputs: tuple, export_dir=None, rounding:
     if export_dir is not None:
         files = _derived_files(model, reference, example_inputs)
         if rtl_reuse is not None:
-            files.update(emit_rtl(model.to_json(), model.weights(), rtl_reuse))
+            files.update(emit_rtl(model.to_json(), model.weights(), rtl_reuse, rtl_io))
         save(model, export_dir, files)
     return model, reference
 
@@ -143,7 +151,7 @@ class FpgaInt8Backend:
     def lower(self, gm: fx.GraphModule, example_inputs: tuple, **options):
         opts = FpgaInt8Options.from_kwargs(options)
         model, reference = export(gm, example_inputs, opts.export_dir, opts.rounding, opts.pow2_scales,
-                                  opts.reuse_factor if opts.rtl else None)
+                                  opts.reuse_factor if opts.rtl else None, opts.rtl_io)
         spec = model.to_json()
         weights = model.weights()
         lowered = FpgaInt8Model(spec, weights, reference, opts.export_dir)

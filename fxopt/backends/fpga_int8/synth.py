@@ -137,7 +137,7 @@ def synth(export_dir, target: str = "ice40", device: str = "up5k", timeout: floa
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fxopt-synth-") as tmp:
         cwd = Path(tmp)
-        write_design(design(spec, weights, settings["reuse_factor"]), cwd)
+        write_design(design(spec, weights, settings["reuse_factor"], settings["io"]), cwd)
         pre, post, report.memory_bits = _yosys(cwd, target, timeout)
         report.cells = post
         report.flip_flops = sum(n for cell, n in post.items() if "DFF" in cell.upper())

@@ -183,7 +183,7 @@ def verify(export_dir, inputs, reference, min_within: float = 0.999, rtl: bool |
                                          float((drift <= 1 + 1e-9).mean())))
     first = spec["outputs"][0]
     if settings is not None:
-        report.rtl = check_rtl(spec, weights, codes, sim[first], settings["reuse_factor"])
+        report.rtl = check_rtl(spec, weights, codes, sim[first], settings["reuse_factor"], io=settings["io"])
         if rtl and not report.rtl.max_diff:
             raise FxoptError("the RTL could not be simulated: " + "; ".join(report.rtl.skipped.values()),
                              where=str(export_dir), hint="apt-get install verilator (or iverilog)")

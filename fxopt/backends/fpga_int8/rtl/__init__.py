@@ -24,22 +24,35 @@ import numpy as np
 
 from ....errors import FxoptError
 from ..model import read_json
+from .dense import parallel_design
 from .simulate import SIMULATORS, RtlRun, missing_tool, run_rtl
-from .top import Design, design
+from .top import Design, design as stream_design
 
 RTL_JSON = "rtl/rtl.json"
+IO = ("stream", "parallel")
 ICARUS_CYCLE_LIMIT = 3_000_000      # Icarus interprets: ~1M cycles of a small design take seconds
 
-__all__ = ["Design", "RtlCheck", "RtlRun", "SIMULATORS", "check_rtl", "design", "emit_rtl", "rtl_settings",
+__all__ = ["Design", "IO", "RtlCheck", "RtlRun", "SIMULATORS", "check_rtl", "design", "emit_rtl", "rtl_settings",
            "run_rtl"]
 
 
-def emit_rtl(spec: dict, weights: dict, reuse_factor: int = 1) -> dict[str, bytes]:
+def design(spec: dict, weights: dict, reuse_factor: int = 1, io: str = "stream") -> Design:
+    """The RTL of the integer model: `io="stream"` moves one element per beat and covers every
+    op (top.py); `io="parallel"` moves whole vectors, for fully connected models (dense.py)."""
+    if io not in IO:
+        raise FxoptError(f"fpga-int8 RTL: io must be one of {IO}, got {io!r}", where="rtl_io",
+                         hint="rtl_io='stream' (any model) or 'parallel' (linears over vectors)")
+    return parallel_design(spec, weights, reuse_factor) if io == "parallel" else \
+        stream_design(spec, weights, reuse_factor)
+
+
+def emit_rtl(spec: dict, weights: dict, reuse_factor: int = 1, io: str = "stream") -> dict[str, bytes]:
     """{"rtl/<file>": bytes} for the export (generated before anything is written: a layer the
     RTL cannot express is refused by name and no artefact is left half written)."""
-    d = design(spec, weights, reuse_factor)
+    d = design(spec, weights, reuse_factor, io)
     files = {f"rtl/{name}": text.encode() for name, text in d.files.items()}
-    facts = {"format": "fxopt-fpga-int8-rtl", "version": 1, "reuse_factor": reuse_factor, "top": "fxopt_top",
+    facts = {"format": "fxopt-fpga-int8-rtl", "version": 1, "reuse_factor": reuse_factor, "io": io,
+             "top": "fxopt_top",
              "multipliers": d.multipliers, "cycle_estimate": d.cycle_estimate, "layers": d.layers}
     files[RTL_JSON] = json.dumps(facts, indent=1).encode()
     return files
@@ -55,6 +68,10 @@ def rtl_settings(files: dict[str, str]) -> dict | None:
     rf = facts.get("reuse_factor") if isinstance(facts, dict) else None
     if isinstance(rf, bool) or not isinstance(rf, int) or rf < 1:
         raise FxoptError(f"{source}: reuse_factor must be a positive integer, got {rf!r}", where=source,
+                         hint="the export folder is damaged or was edited; export the model again")
+    io = facts.setdefault("io", "stream")
+    if io not in IO:
+        raise FxoptError(f"{source}: io must be one of {IO}, got {io!r}", where=source,
                          hint="the export folder is damaged or was edited; export the model again")
     return facts
 
@@ -86,10 +103,10 @@ class RtlCheck:
 
 
 def check_rtl(spec: dict, weights: dict, codes: dict, expected: np.ndarray, reuse_factor: int,
-              simulators=SIMULATORS) -> RtlCheck:
+              simulators=SIMULATORS, io: str = "stream") -> RtlCheck:
     """Run the RTL on the input codes in each simulator installed; Icarus only where the run is
     short (it interprets), which the check reports."""
-    d = design(spec, weights, reuse_factor)
+    d = design(spec, weights, reuse_factor, io)
     batch = next(iter(codes.values()))
     check = RtlCheck(reuse_factor, d.multipliers)
     for simulator in simulators:

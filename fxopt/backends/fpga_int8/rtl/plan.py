@@ -10,7 +10,7 @@ permutation into its weight columns instead of reordering the data.
 
 Folding. A conv / linear computes one output pixel (one vector for a linear) per group of
 channels from a window of K = I/groups * kh * kw inputs. `Fold` spreads its MACs over Q
-output lanes x L multipliers, so each output pixel costs about `reuse_factor` MAC cycles
+output lanes x L multipliers, so each output pixel costs at most `reuse_factor` MAC cycles
 per group with about MACs / reuse_factor multipliers, as hls4ml's reuse factor does.
 
 Requant plan. fixedpoint.requantize (and the C++ `requant`) branch on the multiplier and
@@ -86,15 +86,20 @@ class Fold:
 
 
 def fold(window: int, outputs_per_group: int, reuse_factor: int) -> Fold:
-    """Q x L multipliers for a window of K inputs and Og outputs per group, so that one group
-    costs about reuse_factor MAC cycles: all of the window at once for Og / rf channels when
-    rf <= Og, else one channel at a time over rf / Og cycles."""
-    if reuse_factor <= outputs_per_group:
-        lanes = math.ceil(outputs_per_group / reuse_factor)
-        return Fold(lanes, window, 1, math.ceil(outputs_per_group / lanes))
-    cycles = max(1, min(window, reuse_factor // outputs_per_group))
-    width = math.ceil(window / cycles)
-    return Fold(1, width, math.ceil(window / width), outputs_per_group)
+    """The fewest Q x L multipliers for a window of K inputs and Og outputs per group such that
+    one group takes at most reuse_factor MAC cycles (B blocks of D cycles), as hls4ml's
+    ceil(K * Og / reuse_factor) does where the factor divides evenly; ties go to fewer cycles,
+    then fewer lanes (each lane has a requant unit in parallel io)."""
+    best = None
+    for cycles in range(1, min(window, reuse_factor) + 1):
+        width = math.ceil(window / cycles)
+        depth = math.ceil(window / width)
+        lanes = math.ceil(outputs_per_group / max(1, min(reuse_factor // depth, outputs_per_group)))
+        blocks = math.ceil(outputs_per_group / lanes)
+        key = (lanes * width, blocks * depth, lanes)
+        if best is None or key < best[0]:
+            best = (key, Fold(lanes, width, depth, blocks))
+    return best[1]
 
 
 def requant_chunk(outputs: int, reuse_factor: int) -> int:

@@ -94,12 +94,43 @@ def unit(module: str, plans: list[RequantPlan], rounding: str, chunk: int, acc_b
     steps = requant_cycles(chunk) - 1
     padded = steps * chunk
     width = result_bits(plans)
-    pres = sorted({p.pre for p in plans} | {0})
-    posts = sorted({p.post for p in plans} | {0})
     if chunk <= 4:      # a few bits: shifted copies of acc, added (no multiplier cell, no DSP)
         term = " + ".join(f"(m[{padded - chunk + i}] ? a <<< {i} : 64'sd0)" for i in range(chunk))
     else:
         term = f"a * $signed({{1'b0, m[{padded - 1}:{padded - chunk}]}})"
+    return f"""module {module} (input clk, input start, input signed [{acc_bits - 1}:0] acc, input [30:0] mult,
+    input [5:0] pre, input [5:0] post, input zero, output reg done, output reg signed [{width - 1}:0] result);
+  // requantisation ({rounding} rounding), {chunk} multiplier bit(s) per cycle, {steps} + 1 cycle(s)
+  reg signed [{acc_bits - 1}:0] a;
+  reg signed [63:0] prod;
+  reg [{padded - 1}:0] m;
+  reg [5:0] r_pre, r_post;
+  reg r_zero, m_is_one, busy;
+  reg [5:0] step;
+  wire signed [63:0] term = {term};
+  wire signed [63:0] prod_next = (prod <<< {chunk}) + term;
+{rounding_logic(plans, rounding)}
+  always @(posedge clk) begin
+    done <= 1'b0;
+    if (start) begin
+      a <= acc; prod <= 64'sd0; m <= mult; r_pre <= pre; r_post <= post; r_zero <= zero;
+      m_is_one <= (mult == 31'd1); busy <= 1'b1; step <= 6'd0;
+    end else if (busy) begin
+      if (step != 6'd{steps}) begin prod <= prod_next; m <= m << {chunk}; step <= step + 6'd1; end
+      else begin busy <= 1'b0; done <= 1'b1; result <= r_zero ? 0 : rounded; end   // from the registered product
+    end
+  end
+endmodule
+"""
+
+
+def rounding_logic(plans: list[RequantPlan], rounding: str) -> str:
+    """The combinational half of a unit: from the registered product `prod` and the registered
+    plan (`r_pre`, `r_post`, `m_is_one`) to `rounded`: the pre shift, the SRDHM high half in
+    "double" mode, then the rounded right shift, each a case over the values the layer uses."""
+    width = result_bits(plans)
+    pres = sorted({p.pre for p in plans} | {0})
+    posts = sorted({p.post for p in plans} | {0})
     pre_cases = "\n".join(f"      6'd{v}: shifted = prod <<< {v};" for v in pres)
     cases = []
     for p in posts:
@@ -114,18 +145,7 @@ def unit(module: str, plans: list[RequantPlan], rounding: str, chunk: int, acc_b
              "      num = shifted + (shifted[63] ? 64'sd1 - 64'sd1073741824 : 64'sd1073741824);\n"
              "      x = num[63] ? -((-num) >>> 31) : num >>> 31;\n    end"
              if rounding == "double" else "    x = shifted;")
-    return f"""module {module} (input clk, input start, input signed [{acc_bits - 1}:0] acc, input [30:0] mult,
-    input [5:0] pre, input [5:0] post, input zero, output reg done, output reg signed [{width - 1}:0] result);
-  // requantisation ({rounding} rounding), {chunk} multiplier bit(s) per cycle, {steps} + 1 cycle(s)
-  reg signed [{acc_bits - 1}:0] a;
-  reg signed [63:0] prod;
-  reg [{padded - 1}:0] m;
-  reg [5:0] r_pre, r_post;
-  reg r_zero, m_is_one, busy;
-  reg [5:0] step;
-  wire signed [63:0] term = {term};
-  wire signed [63:0] prod_next = (prod <<< {chunk}) + term;
-  reg signed [63:0] shifted, num, x;
+    return f"""  reg signed [63:0] shifted, num, x;
   reg signed [{width - 1}:0] rounded;
   reg up;
   always @* begin
@@ -139,16 +159,36 @@ def unit(module: str, plans: list[RequantPlan], rounding: str, chunk: int, acc_b
 {chr(10).join(cases)}
       default: rounded = 0;
     endcase
-  end
+  end"""
+
+
+PIPELINED_CYCLES = 3      # a pipelined unit's result comes 3 edges after its start
+
+
+def pipelined_unit(module: str, plans: list[RequantPlan], rounding: str, acc_bits: int = 32) -> str:
+    """Verilog of a unit that takes one accumulator every cycle, for a layer whose lanes finish
+    a block of channels every cycle or two: `start` latches acc and the plan, the next edge
+    multiplies all 31 bits at once (or passes acc on, when every multiplier is 1), the one after rounds; `done` pulses with `result`
+    PIPELINED_CYCLES edges after `start`, in the order the accumulators came."""
+    width = result_bits(plans)
+    # a layer whose every multiplier is 1 (pow2_scales: shifts only) needs no multiplier cell
+    product = "a" if all(p.mult == 1 for p in plans) else "a * $signed({1'b0, m})"
+    return f"""module {module} (input clk, input start, input signed [{acc_bits - 1}:0] acc, input [30:0] mult,
+    input [5:0] pre, input [5:0] post, input zero, output reg done, output reg signed [{width - 1}:0] result);
+  // requantisation ({rounding} rounding), pipelined: one accumulator per cycle, {PIPELINED_CYCLES} cycles each
+  reg signed [{acc_bits - 1}:0] a;
+  reg [30:0] m;
+  reg [5:0] pre1, post1, r_pre, r_post;
+  reg zero1, r_zero, m_is_one, v1, v2;
+  reg signed [63:0] prod;
+{rounding_logic(plans, rounding)}
   always @(posedge clk) begin
-    done <= 1'b0;
-    if (start) begin
-      a <= acc; prod <= 64'sd0; m <= mult; r_pre <= pre; r_post <= post; r_zero <= zero;
-      m_is_one <= (mult == 31'd1); busy <= 1'b1; step <= 6'd0;
-    end else if (busy) begin
-      if (step != 6'd{steps}) begin prod <= prod_next; m <= m << {chunk}; step <= step + 6'd1; end
-      else begin busy <= 1'b0; done <= 1'b1; result <= r_zero ? 0 : rounded; end   // from the registered product
+    v1 <= start; v2 <= v1; done <= v2;
+    if (start) begin a <= acc; m <= mult; pre1 <= pre; post1 <= post; zero1 <= zero; end
+    if (v1) begin
+      prod <= {product}; r_pre <= pre1; r_post <= post1; r_zero <= zero1; m_is_one <= m == 31'd1;
     end
+    if (v2) result <= r_zero ? 0 : rounded;
   end
 endmodule
 """

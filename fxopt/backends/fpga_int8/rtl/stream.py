@@ -43,7 +43,7 @@ def _clamp_text(width: int, lo: int, hi: int, expr: str) -> str:
     return f"({expr} < {lo} ? {width}'d{lo & ((1 << width) - 1)} : {expr} > {hi} ? {width}'d{hi & ((1 << width) - 1)} : {expr}[{width - 1}:0])"
 
 
-def _scalar_clamp(layer: dict) -> tuple[int, int]:
+def scalar_clamp(layer: dict) -> tuple[int, int]:
     lo, hi = layer["clamp"]
     if np.ndim(lo) or np.ndim(hi):
         raise refuse(layer, "clamps each channel of an element-wise int32 result differently",
@@ -52,7 +52,7 @@ def _scalar_clamp(layer: dict) -> tuple[int, int]:
 
 
 def clamp_module(name: str, layer: dict, width: int) -> str:
-    lo, hi = _scalar_clamp(layer)
+    lo, hi = scalar_clamp(layer)
     return f"""module {name} (input clk, input rst, input [{width - 1}:0] in_data, input in_valid, output in_ready,
     output [{width - 1}:0] out_data, output out_valid, input out_ready);
   // clamp to [{lo}, {hi}], combinational
@@ -78,7 +78,7 @@ def concat_module(name: str, spec: dict, layer: dict, chunk: int) -> tuple[str, 
     """A concat (or a requantize: one input) with its requant table of one word per input."""
     outer, parts = concat_parts(spec, layer) if layer["op"] == "concat" else (1, [
         int(np.prod(spec["tensors"][layer["inputs"][0]]["shape"]))])
-    lo, hi = _scalar_clamp(layer)
+    lo, hi = scalar_clamp(layer)
     plans = [requant_plan(m, s, spec["rounding"]) for m, s in zip(layer["multipliers"], layer["shifts"])]
     words = [table_word(-z, p, lo, hi) for z, p in zip(layer["input_zero_points"], plans)]
     n = len(parts)
@@ -140,7 +140,7 @@ def add_module(name: str, spec: dict, layer: dict, chunk: int) -> tuple[str, dic
     input [7:0] in0_data, input in0_valid, output in0_ready,
     input [7:0] in1_data, input in1_valid, output in1_ready,"""
     if "multiplier" not in layer:
-        lo, hi = _scalar_clamp(layer)
+        lo, hi = scalar_clamp(layer)
         return header + f"""
     output [31:0] out_data, output out_valid, input out_ready);
   // add on one grid: int32 sum of the centred inputs
@@ -151,7 +151,7 @@ def add_module(name: str, spec: dict, layer: dict, chunk: int) -> tuple[str, dic
   assign in1_ready = out_ready && in0_valid;
 endmodule
 """, {}
-    lo, hi = _scalar_clamp(layer)
+    lo, hi = scalar_clamp(layer)
     rounding = spec["rounding"]
     plans = [requant_plan(m, s, rounding) for m, s in zip(layer["multipliers"], layer["shifts"])]
     plans.append(requant_plan(layer["multiplier"], layer["shift"], rounding))

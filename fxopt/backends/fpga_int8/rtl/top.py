@@ -40,6 +40,7 @@ class Design:
     input_size: int = 0
     output_size: int = 0
     layers: dict[str, dict] = field(default_factory=dict)   # per layer: multipliers, cycles, ...
+    io: str = "stream"                                        # or "parallel": a whole tensor per beat (dense.py)
 
     @property
     def multipliers(self) -> int:
@@ -47,7 +48,8 @@ class Design:
 
     @property
     def cycle_estimate(self) -> int:
-        return sum(f.get("cycles", 0) for f in self.layers.values()) + self.input_size + self.output_size
+        beats = 2 if self.io == "parallel" else self.input_size + self.output_size
+        return sum(f.get("cycles", 0) for f in self.layers.values()) + beats
 
 
 def verilog_name(layer_name: str, used: set) -> str:
@@ -108,7 +110,7 @@ def _layer(name, spec, layer, weight, perms, reuse_factor):
     chunk = requant_chunk(1, reuse_factor)
     text, mems = (add_module if op == "add" else concat_module)(name, spec, layer, chunk)
     per = 4 + requant_cycles(chunk)
-    return text, mems, {"requant_chunk": chunk, "cycles": outputs * per * (3 if op == "add" else 1)}
+    return text, mems, {"requant_chunk": chunk, "requant_units": 1, "cycles": outputs * per * (3 if op == "add" else 1)}
 
 
 def _wires(prefix: str, width: int) -> str:

@@ -103,7 +103,7 @@ def module(name: str, spec: dict, layer: dict, weight, perm_in, reuse_factor: in
     if requants:
         text += "\n" + unit(f"{name}_rq", plans, spec["rounding"], chunk)
     facts = {"multipliers": f.multipliers if f else 0, "lanes": f.lanes if f else 1,
-             "width": f.width if f else 0, "requant_chunk": chunk,
+             "width": f.width if f else 0, "requant_chunk": chunk, "requant_units": int(requants),
              "cycles": cycles_per_frame(g, f, chunk), "line_buffer_bytes": g["R"] * g["W"] * g["C"] * g["IW"] // 8}
     return text, mems, facts
 
