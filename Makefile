@@ -26,12 +26,13 @@ rtl-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(RTL_TOOLS) >/dev/null; \
 	else echo "note:$$missing not installed (apt-get install $(RTL_TOOLS)): the RTL tests will skip"; fi
 
-# The zoo (every torchvision model, the largest holding gigabytes) and the RTL tests run apart,
-# in two worker processes of one torch thread each: their time is single-threaded graph work
-# and single-threaded hardware tools (Verilator, Yosys, nextpnr).
-APART := tests/test_zoo.py tests/test_fpga_rtl.py tests/test_fpga_rtl_models.py
+# Both runs use two worker processes of one torch thread each: most of the time is
+# single-threaded graph work, subprocesses and hardware tools (Verilator, Yosys, nextpnr).
+# The zoo (every torchvision model, the largest holding gigabytes) and the RTL tests run
+# apart, so the zoo's memory never meets the heaviest of the rest.
+APART := tests/test_zoo.py tests/test_fpga_rtl.py tests/test_fpga_rtl_models.py tests/test_fpga_rtl_parallel.py
 test: setup rtl-tools
-	FXOPT_VERIFY=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(addprefix --ignore=,$(APART))
+	FXOPT_VERIFY=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 $(addprefix --ignore=,$(APART))
 	FXOPT_VERIFY=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 $(APART)
 
 demo: setup

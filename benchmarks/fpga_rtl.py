@@ -18,6 +18,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,13 +33,24 @@ from fxopt.backends.fpga_int8.simulate import quantize_inputs, named_inputs, run
 from . import digits, jets
 
 PIPELINE = "fold-bn,fake-quant{outputs=true}"
-# (model, reuse factor, synthesis target or None, io)
-CONFIGS = [("jet_mlp", 1, None, "stream"), ("jet_mlp", 64, "generic", "stream"), ("jet_mlp", 256, "ice40", "stream"),
-           ("jet_mlp", 1024, "ice40", "stream"), ("jet_mlp", 1, None, "parallel"), ("jet_mlp", 4, None, "parallel"),
-           ("jet_mlp", 16, None, "parallel"), ("jet_mlp", 64, "generic", "parallel"),
-           ("jet_mlp", 256, "ice40", "parallel"), ("jet_mlp", 1024, "ice40", "parallel"),
-           ("digits_cnn", 32, None, "stream"), ("digits_cnn", 4096, "ice40", "stream")]
-QUICK = [("jet_mlp", 1024, "ice40", "stream"), ("jet_mlp", 1024, None, "parallel"), ("digits_cnn", 4096, None, "stream")]
+class Config(NamedTuple):
+    model: str
+    reuse: int
+    target: str | None         # synthesis target, or None
+    io: str = "stream"
+    pow2: bool = False         # pow2_scales: every requantisation a shift (no requant multipliers)
+
+
+CONFIGS = [Config("jet_mlp", 1, None), Config("jet_mlp", 64, "generic"), Config("jet_mlp", 256, "ice40"),
+           Config("jet_mlp", 1024, "ice40"), Config("jet_mlp", 1, None, "parallel"),
+           Config("jet_mlp", 1, None, "parallel", pow2=True), Config("jet_mlp", 4, None, "parallel"),
+           Config("jet_mlp", 16, None, "parallel"), Config("jet_mlp", 64, "generic", "parallel"),
+           Config("jet_mlp", 256, None, "parallel"), Config("jet_mlp", 1024, "ice40", "parallel"),
+           Config("digits_cnn", 32, None), Config("digits_cnn", 4096, "ice40")]
+QUICK = [Config("jet_mlp", 1024, "ice40"), Config("jet_mlp", 1024, None, "parallel"), Config("digits_cnn", 4096, None)]
+
+def _io_text(config: Config) -> str:
+    return config.io + (" + pow2 scales" if config.pow2 else "")
 
 
 def _task(name: str, quick: bool):
@@ -53,19 +65,21 @@ def _task(name: str, quick: bool):
         data[3][:512 if quick else 2000]
 
 
-def bench(name: str, reuse: int, target: str | None, io: str, task, workdir: Path) -> dict:
+def bench(config: Config, task, workdir: Path) -> dict:
     model, calib, x, labels = task
-    out = workdir / f"{name}-{reuse}-{io}"
+    name, reuse, target, io, _ = config
+    out = workdir / "export"
     start = time.perf_counter()
     fxopt.compile(model, (x[:64],), pipeline=PIPELINE, backend="fpga-int8", calibration=[(c,) for c in calib],
-                  export_dir=out, rtl=True, rtl_io=io, reuse_factor=reuse, verify=False, instruments=())
-    row = {"model": name, "reuse_factor": reuse, "io": io, "export_s": time.perf_counter() - start}
+                  export_dir=out, rtl=True, rtl_io=io, reuse_factor=reuse, pow2_scales=config.pow2, verify=False,
+                  instruments=())
+    row = {"model": name, "reuse_factor": reuse, "io": _io_text(config), "export_s": time.perf_counter() - start}
     spec, weights = load(out)
     codes = quantize_inputs(spec, named_inputs(spec, x))
     expected = run_integer(spec, weights, codes)[spec["outputs"][0]]
     d = design(spec, weights, reuse, io)
     row["multipliers"] = d.multipliers
-    row["requant_units"] = sum(f.get("requant_units", 0) for f in d.layers.values())
+    row["requant_multipliers"] = sum(f.get("requant_multipliers", 0) for f in d.layers.values())
     row["rtl_files_bytes"] = sum(len(t) for t in d.files.values())
     if missing_tool("verilator") is None:
         run = run_rtl(d, next(iter(codes.values())), "verilator")
@@ -86,20 +100,22 @@ def bench(name: str, reuse: int, target: str | None, io: str, task, workdir: Pat
 
 def run(quick: bool, log=print) -> list[dict]:
     rows, tasks = [], {}
-    for name, reuse, target, io in QUICK if quick else CONFIGS:
-        if name not in tasks:
-            tasks[name] = _task(name, quick)
+    for config in QUICK if quick else CONFIGS:
+        if config.model not in tasks:
+            tasks[config.model] = _task(config.model, quick)
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                row = bench(name, reuse, target, io, tasks[name], Path(tmp))
+                row = bench(config, tasks[config.model], Path(tmp))
             except Exception as exc:  # noqa: BLE001 — a failing run is a result
-                row = {"model": name, "reuse_factor": reuse, "io": io, "error": f"{type(exc).__name__}: {exc}"}
+                row = {"model": config.model, "reuse_factor": config.reuse, "io": _io_text(config),
+                       "error": f"{type(exc).__name__}: {exc}"}
         rows.append(row)
-        log(f"  rtl {name} reuse {reuse} {io}: {row.get('error') or row.get('latency_cycles')} cycles")
+        log(f"  rtl {config.model} reuse {config.reuse} {row['io']}: "
+            f"{row.get('error') or row.get('latency_cycles')} cycles")
     return rows
 
 
-HEADERS = ["model", "reuse factor", "io", "multipliers", "requant units", "export + RTL s", "Verilator build s", "run s", "inputs",
+HEADERS = ["model", "reuse factor", "io", "multipliers", "requant multipliers", "export + RTL s", "Verilator build s", "run s", "inputs",
            "RTL = sim", "acc fp32", "acc RTL", "latency cycles", "interval cycles", "synthesis"]
 
 
@@ -120,7 +136,7 @@ def table_rows(rows: list[dict]) -> list[list]:
         else:
             synth_text = (f"generic: {s['luts']} LUT4, {s['ffs']} FF, {s['dsps']} multipliers, "
                           f"{s['memory_bits']} memory bits ({s['seconds']:.0f} s)")
-        out.append([r["model"], r["reuse_factor"], r.get("io", "stream"), r["multipliers"], r.get("requant_units", "-"),
+        out.append([r["model"], r["reuse_factor"], r.get("io", "stream"), r["multipliers"], r.get("requant_multipliers", "-"),
                     f"{r['export_s']:.1f}",
                     f"{r.get('verilator_build_s', float('nan')):.1f}", f"{r.get('verilator_run_s', float('nan')):.1f}",
                     r.get("inputs", "-"), "yes" if r.get("rtl_equals_sim") else "NO",

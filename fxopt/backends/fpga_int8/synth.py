@@ -28,7 +28,7 @@ from .model import load_export
 from .rtl import design, rtl_settings
 from .rtl.simulate import absent, write_design
 
-DEVICES = {"up5k": {"flag": "--up5k", "package": "sg48", "LUT": 5280, "DSP": 8, "BRAM": 30}}
+DEVICES = {"up5k": {"flag": "--up5k", "package": "sg48", "LUT": 5280, "DSP": 8, "BRAM": 30, "IO": 39}}
 TARGETS = ("ice40", "generic")
 
 
@@ -45,6 +45,7 @@ class SynthReport:
     fmax_mhz: float | None = None
     fits: bool | None = None
     problem: str | None = None
+    port_bits: int = 0         # the top's pins (a parallel-io top takes whole tensors)
     seconds: float = 0.0
     cells: dict = field(default_factory=dict)
 
@@ -101,9 +102,11 @@ def _yosys(cwd: Path, target: str, timeout: float) -> tuple[dict, dict, int]:
 def _place_and_route(cwd: Path, report: SynthReport, timeout: float) -> None:
     caps = DEVICES[report.device]
     over = [f"{kind} {used} > {caps[kind]}" for kind, used in
-            (("LUT", report.luts), ("DSP", report.dsps), ("BRAM", report.brams)) if used > caps[kind]]
+            (("LUT", report.luts), ("DSP", report.dsps), ("BRAM", report.brams), ("IO", report.port_bits))
+            if used > caps[kind]]
     if over:
-        report.fits, report.problem = False, f"the {report.device} has too few cells: " + ", ".join(over)
+        report.fits = False
+        report.problem = f"the {report.device} ({caps['package']}) has too few cells or pins: " + ", ".join(over)
         return
     done = _run(["nextpnr-ice40", caps["flag"], "--package", caps["package"], "--json", "net.json",
                  "--pcf-allow-unconstrained", "--report", "report.json", "--asc", "design.asc", "--seed", "1",
@@ -137,7 +140,9 @@ def synth(export_dir, target: str = "ice40", device: str = "up5k", timeout: floa
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fxopt-synth-") as tmp:
         cwd = Path(tmp)
-        write_design(design(spec, weights, settings["reuse_factor"], settings["io"]), cwd)
+        rtl = design(spec, weights, settings["reuse_factor"], settings["io"])
+        report.port_bits = rtl.port_bits
+        write_design(rtl, cwd)
         pre, post, report.memory_bits = _yosys(cwd, target, timeout)
         report.cells = post
         report.flip_flops = sum(n for cell, n in post.items() if "DFF" in cell.upper())

@@ -31,7 +31,8 @@ import numpy as np
 
 from ....errors import UnsupportedError
 from .plan import fold, refuse
-from .requant import FIELDS, TABLE_BITS, channel_table, pipelined_unit, requant_cycles, result_bits, table, unit
+from .requant import (FIELDS, PIPELINED_CYCLES, TABLE_BITS, channel_table, has_multiplier, pipelined_unit,
+                      requant_cycles, result_bits, table, unit)
 from .stream import scalar_clamp
 from .top import Design, verilog_name
 from .window import bits, weight_words
@@ -113,7 +114,7 @@ def dense_module(name: str, spec: dict, layer: dict, weight, reuse_factor: int) 
 {chr(10).join(writes)}
         if (rb == {B - 1}) begin pending <= 1'b1; tail <= 1'b0; end
     end"""
-        cycles_rq = 3 if pipelined else requant_cycles(chunk) + 1
+        cycles_rq = PIPELINED_CYCLES if pipelined else requant_cycles(chunk) + 1
     else:
         rq_text, rb, cycles_rq = "", "", 0
         for q in range(Q):
@@ -181,7 +182,8 @@ endmodule
 """
     if rq_text:
         text += "\n" + rq_text
-    facts = {"multipliers": Q * L, "lanes": Q, "width": L, "requant_units": Q if requants else 0,
+    multiplies = requants and has_multiplier(plans, None if pipelined else chunk)
+    facts = {"multipliers": Q * L, "lanes": Q, "width": L, "requant_multipliers": Q if multiplies else 0,
              "requant_chunk": chunk if requants else 0, "cycles": B * D + (0 if direct else 1) + cycles_rq + 1}
     return text, mems, facts
 

@@ -79,6 +79,12 @@ def result_bits(plans: list[RequantPlan]) -> int:
     return 64 - min(p.post for p in live) + 1
 
 
+def has_multiplier(plans: list[RequantPlan], chunk: int | None) -> bool:
+    """Whether a unit has a multiplier cell: a serial one (`chunk` bits per cycle) above 4 bits,
+    a pipelined one (chunk None) unless every multiplier is 1."""
+    return chunk > 4 if chunk else any(p.mult != 1 for p in plans)
+
+
 def requant_cycles(chunk: int) -> int:
     """Cycles of the unit from `start` to `done`: the product's steps, then the rounding."""
     return math.ceil(31 / chunk) + 1
@@ -172,7 +178,7 @@ def pipelined_unit(module: str, plans: list[RequantPlan], rounding: str, acc_bit
     PIPELINED_CYCLES edges after `start`, in the order the accumulators came."""
     width = result_bits(plans)
     # a layer whose every multiplier is 1 (pow2_scales: shifts only) needs no multiplier cell
-    product = "a" if all(p.mult == 1 for p in plans) else "a * $signed({1'b0, m})"
+    product = "a * $signed({1'b0, m})" if has_multiplier(plans, None) else "a"
     return f"""module {module} (input clk, input start, input signed [{acc_bits - 1}:0] acc, input [30:0] mult,
     input [5:0] pre, input [5:0] post, input zero, output reg done, output reg signed [{width - 1}:0] result);
   // requantisation ({rounding} rounding), pipelined: one accumulator per cycle, {PIPELINED_CYCLES} cycles each

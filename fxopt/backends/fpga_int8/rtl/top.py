@@ -47,6 +47,14 @@ class Design:
         return sum(f.get("multipliers", 0) for f in self.layers.values())
 
     @property
+    def port_bits(self) -> int:
+        """Pins the top needs: data in and out (a whole tensor in parallel io) and clk, rst and the
+        two valid / ready pairs."""
+        if self.io == "parallel":
+            return self.input_size * 8 + self.output_size * self.output_width + 6
+        return 8 + self.output_width + 6
+
+    @property
     def cycle_estimate(self) -> int:
         beats = 2 if self.io == "parallel" else self.input_size + self.output_size
         return sum(f.get("cycles", 0) for f in self.layers.values()) + beats
@@ -110,7 +118,7 @@ def _layer(name, spec, layer, weight, perms, reuse_factor):
     chunk = requant_chunk(1, reuse_factor)
     text, mems = (add_module if op == "add" else concat_module)(name, spec, layer, chunk)
     per = 4 + requant_cycles(chunk)
-    return text, mems, {"requant_chunk": chunk, "requant_units": 1, "cycles": outputs * per * (3 if op == "add" else 1)}
+    return text, mems, {"requant_chunk": chunk, "requant_multipliers": int(chunk > 4), "cycles": outputs * per * (3 if op == "add" else 1)}
 
 
 def _wires(prefix: str, width: int) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from .plan import Fold, fold, requant_chunk
-from .requant import FIELD, FIELDS, channel_table, instance, requant_cycles, table, unit
+from .requant import FIELD, FIELDS, channel_table, has_multiplier, instance, requant_cycles, table, unit
 
 
 def bits(n: int) -> int:
@@ -103,7 +103,8 @@ def module(name: str, spec: dict, layer: dict, weight, perm_in, reuse_factor: in
     if requants:
         text += "\n" + unit(f"{name}_rq", plans, spec["rounding"], chunk)
     facts = {"multipliers": f.multipliers if f else 0, "lanes": f.lanes if f else 1,
-             "width": f.width if f else 0, "requant_chunk": chunk, "requant_units": int(requants),
+             "width": f.width if f else 0, "requant_chunk": chunk,
+             "requant_multipliers": int(requants and has_multiplier(plans, chunk)),
              "cycles": cycles_per_frame(g, f, chunk), "line_buffer_bytes": g["R"] * g["W"] * g["C"] * g["IW"] // 8}
     return text, mems, facts
 
