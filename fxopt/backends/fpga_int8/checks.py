@@ -16,6 +16,7 @@ import numpy as np
 
 from ...errors import FxoptError
 from .fixedpoint import INT32_MAX, INT32_MIN, Q31, ROUNDINGS
+from .checks_attention import ATTENTION_OPS, check_attention
 from .kernels import KERNELS
 
 _MAX_ELEMENTS = 1 << 28        # per tensor: 256M values is far beyond any on-chip design
@@ -82,6 +83,8 @@ def check_model(spec, weights: dict, source: str = "model.json") -> None:
     known = set(tensors) | {e["name"] for e in spec["inputs"]}
     for i, layer in enumerate(_list(c, spec, "layers")):
         _check_layer(c, f"layers[{i}]", layer, known, weights)
+        if layer["op"] in ATTENTION_OPS:
+            check_attention(c, f"layers[{i}]", layer, tensors)
 
 
 def _list(c: _Checker, spec: dict, key: str) -> list:

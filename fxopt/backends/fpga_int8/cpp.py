@@ -31,6 +31,8 @@ import numpy as np
 from ...errors import FxoptError, UnsupportedError
 from ...ir.graph import fresh_name
 from .fixedpoint import MAX_SHIFT, ROUNDINGS
+from .checks_attention import ATTENTION_OPS
+from .intmath import LN_FRACTION
 
 CTYPES = {"int8": "int8_t", "int32": "int32_t"}
 NP_DTYPES = {"int8": np.dtype("<i1"), "int32": np.dtype("<i4")}     # the .bin files: little-endian
@@ -88,8 +90,9 @@ def _int8_array(name: str, values: np.ndarray) -> str:
 
 
 _LIST_FIELDS = {"bias": "int32_t", "multiplier": "int32_t", "shift": "int", "multipliers": "int32_t",
-                "shifts": "int", "input_zero_points": "int"}
+                "shifts": "int", "input_zero_points": "int", "gamma": "int32_t", "beta": "int32_t", "table": "int"}
 _SCALAR_FIELDS = ("input_zero_point", "output_zero_point", "left_shift")
+_WIDE_FIELDS = ("eps", "ln2", "exp_b", "exp_c", "gelu_b", "gelu_one")      # int64 constants of intmath
 
 
 def _layer_params(L: str, layer: dict, weight, out_dtype: str) -> str:
@@ -104,6 +107,7 @@ def _layer_params(L: str, layer: dict, weight, out_dtype: str) -> str:
         if key in layer:
             parts.append(_int_array(ctype, f"{L}_{key}", np.atleast_1d(layer[key])))
     parts += [f"static const int {L}_{key} = {_c_int(layer[key])};\n" for key in _SCALAR_FIELDS if key in layer]
+    parts += [f"static const int64_t {L}_{key} = {int(layer[key])}LL;\n" for key in _WIDE_FIELDS if key in layer]
     lo, hi = layer.get("clamp", DTYPE_RANGE[out_dtype])      # no clamp: the output type's range
     parts += [_int_array("int", f"{L}_clamp_lo", np.atleast_1d(lo)),
               _int_array("int", f"{L}_clamp_hi", np.atleast_1d(hi))]
@@ -115,7 +119,7 @@ def _text(name: str) -> str:
     return (Path(__file__).with_name(name)).read_text()
 
 
-_KERNELS = _text("kernels.inc")
+_KERNELS = _text("kernels.inc") + _text("kernels_attention.inc")
 
 _MAIN = _text("main.inc")
 
@@ -199,7 +203,40 @@ def _call(layer: dict, L: str, T: dict[str, _Tensor]) -> str:
     if op == "clamp":
         req = _requant(L, layer, y.shape[0] if y.shape else 1)
         return f"clamp({x.ident}, {y.ident}, {y.size}, {max(inner, 1)}, {req});"
+    if op in ATTENTION_OPS:
+        return _attention_call(layer, L, xs, y)
     raise UnsupportedError(f"layer {layer['name']!r}: op {op!r} has no C++ kernel")
+
+
+def _attention_call(layer: dict, L: str, xs: list[_Tensor], y: _Tensor) -> str:
+    """The C++ statement of an attention op (kernels_attention.inc)."""
+    op, x = layer["op"], xs[0]
+    if op == "matmul":
+        *batch, m, k = x.shape
+        n = xs[1].shape[-2] if layer.get("transpose_b") else xs[1].shape[-1]
+        geo = f"MatMul{{{math.prod(batch)}, {m}, {k}, {n}, {int(bool(layer.get('transpose_b')))}}}"
+        return (f"matmul({x.ident}, {xs[1].ident}, {y.ident}, {L}_input_zero_points, {geo}, "
+                f"{_requant(L, layer, 1)});")
+    if op == "softmax":
+        keep = xs[1].ident if len(xs) > 1 else "nullptr"
+        geo = f"Softmax{{{x.size // x.shape[-1]}, {x.shape[-1]}, {L}_ln2, {L}_exp_b, {L}_exp_c}}"
+        return f"softmax({x.ident}, {y.ident}, {keep}, {L}_output_zero_point, {geo});"
+    if op == "gelu":
+        return (f"gelu({x.ident}, {y.ident}, {y.size}, {L}_input_zero_point, {L}_gelu_b, {L}_gelu_one, "
+                f"{_requant(L, layer, 1)});")
+    if op == "lut":
+        return f"lut({x.ident}, {y.ident}, {y.size}, {L}_table);"
+    if op == "layernorm":
+        geo = f"LayerNorm{{{x.size // x.shape[-1]}, {x.shape[-1]}, {L}_eps, {LN_FRACTION}}}"
+        return f"layernorm({x.ident}, {y.ident}, {L}_gamma, {L}_beta, {geo}, {_requant(L, layer, 1)});"
+    perm = [int(p) for p in layer["perm"]]
+    if len(perm) > 4 or sorted(perm) != list(range(len(x.shape))):
+        raise UnsupportedError(f"transpose {layer['name']!r}: perm {perm} of a {len(x.shape)}-axis tensor "
+                               "(at most 4 axes)")
+    shape = list(x.shape) + [1] * (4 - len(x.shape))
+    perm += list(range(len(perm), 4))
+    return (f"transpose({x.ident}, {y.ident}, Transpose{{{{{', '.join(map(str, shape))}}}, "
+            f"{{{', '.join(map(str, perm))}}}}});")
 
 
 def _comment(text: str) -> str:

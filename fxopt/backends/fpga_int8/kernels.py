@@ -109,3 +109,7 @@ def requantize_layer(layer, args, weight, rounding):
 
 KERNELS = {"conv2d": conv2d, "linear": linear, "add": add, "concat": concat, "max_pool2d": max_pool2d,
            "avg_pool2d": avg_pool2d, "reshape": reshape, "clamp": clamp, "requantize": requantize_layer}
+
+from .kernels_attention import ATTENTION_KERNELS  # noqa: E402  (they reuse _finish above)
+
+KERNELS.update(ATTENTION_KERNELS)

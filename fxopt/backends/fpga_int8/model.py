@@ -57,6 +57,21 @@ fixedpoint.requantize with the model's "rounding". "clamp": [lo, hi] bounds the 
              y = clamp(zp_out + requant(sum, M, s), clamp), M/s per channel for an int32 input.
     reshape  "shape": the output shape; the data (row-major) is unchanged.
     clamp    "clamp": [lo, hi] on an int8 tensor.
+
+The attention ops (kernels_attention.py, intmath.py; fields checked by checks_attention.py):
+
+    matmul     two int8 inputs a [.., M, K], b [.., K, N] ("transpose_b": b is [.., N, K]),
+               "input_zero_points"; acc = (a - za) @ (b - zb), then the two output forms
+               (int32 out on a grid: with "multiplier", "shift", "output_zero_point" 0).
+    softmax    int32 logits (grid S), optional int8 mask [T] (keys coded 0 drop out);
+               "ln2", "exp_b", "exp_c" = intmath.softmax_constants(S); over the last axis,
+               y = round(e * 256 / sum e) clamped to 255, plus "output_zero_point" -128.
+    gelu       int8: "input_zero_point", "gelu_b", "gelu_one", "multiplier", "shift",
+               "output_zero_point", "clamp" (intmath.i_gelu).
+    lut        int8: "table", 256 codes; y = table[x + 128].
+    layernorm  int8, or int32 within +-2^15, over the last axis: "eps", "gamma", "beta",
+               "multiplier", "shift", "output_zero_point", "clamp" (intmath.i_layernorm).
+    transpose  "perm" of the per-sample axes (at most 4).
 """
 from __future__ import annotations
 

@@ -1,0 +1,81 @@
+"""The contract of the attention ops' fields (kernels_attention.py), checked before anything runs them.
+
+The C++ indexes buffers by the shapes model.json records and computes in int64 on the
+constants it records, so an edited or damaged export must not reach it with shapes that
+disagree (reads out of bounds) or constants that overflow: each op's shapes are checked
+against its inputs, and each constant against the bound its kernel's arithmetic needs.
+"""
+from __future__ import annotations
+
+import math
+
+from .fixedpoint import INT32_MAX
+from .intmath import LN_FRACTION
+
+ATTENTION_OPS = ("matmul", "softmax", "gelu", "lut", "layernorm", "transpose")
+
+
+def check_attention(c, where: str, layer: dict, tensors: dict) -> None:
+    """Raise through the checker `c` (checks._Checker) at the first field of an attention layer
+    outside its contract."""
+    op = layer["op"]
+
+    def need(ok: bool, what: str):
+        if not ok:
+            c.fail(where, what)
+
+    need(all(n in tensors for n in [*layer["inputs"], layer["output"]]), f"{op} reads or writes a tensor "
+                                                                        "without a record in tensors")
+    ins = [tensors[n] for n in layer["inputs"]]
+    out = tensors[layer["output"]]
+    shapes = [t["shape"] for t in ins]
+
+    def dtypes(*want: str):
+        need(all(t["dtype"] == w for t, w in zip(ins, want)), f"{op} reads {[t['dtype'] for t in ins]}, "
+                                                              f"needs {list(want)}")
+
+    if op == "matmul":
+        need(len(ins) == 2, "matmul takes two inputs")
+        dtypes("int8", "int8")
+        (*batch, m, k), b = shapes[0], shapes[1]
+        kb, n = (b[-1], b[-2]) if layer.get("transpose_b") else (b[-2], b[-1])
+        need(len(b) == len(shapes[0]) and b[:-2] == batch and kb == k and out["shape"] == [*batch, m, n],
+             f"matmul of {shapes[0]} and {b} (transpose_b={bool(layer.get('transpose_b'))}) cannot give "
+             f"{out['shape']}")
+        need(k < 33000, f"matmul over {k} terms could overflow its int32 sum")
+    elif op == "softmax":
+        need(len(ins) in (1, 2) and ins[0]["dtype"] == "int32" and out["shape"] == shapes[0],
+             "softmax reads int32 logits (and an int8 mask) and keeps their shape")
+        need(len(ins) == 1 or (ins[1]["dtype"] == "int8" and shapes[1] == shapes[0][-1:]),
+             f"the softmax mask must be int8 of shape {shapes[0][-1:]}")
+        ln2 = c.int_in(f"{where}.ln2", layer.get("ln2"), 1, 1 << 20)
+        b = c.int_in(f"{where}.exp_b", layer.get("exp_b"), 0, 1 << 20)
+        c.int_in(f"{where}.exp_c", layer.get("exp_c"), 0, INT32_MAX - (ln2 + b) ** 2)
+        c.int_in(f"{where}.output_zero_point", layer.get("output_zero_point"), -128, -128)
+    elif op == "gelu":
+        dtypes("int8")
+        c.int_in(f"{where}.gelu_b", layer.get("gelu_b"), 0, 1 << 15)
+        c.int_in(f"{where}.gelu_one", layer.get("gelu_one"), 0, (1 << 22) - 1)   # 256 * 2 one < 2^31
+    elif op == "lut":
+        dtypes("int8")
+        table = layer.get("table")
+        need(isinstance(table, list) and len(table) == 256, "a lut's table holds 256 codes")
+        c.ints_in(f"{where}.table", table, -128, 127)
+    elif op == "layernorm":
+        width = shapes[0][-1]
+        need(ins[0]["dtype"] == "int8" or ins[0].get("bound", INT32_MAX) <= 1 << 15,
+             "layernorm reads int8, or int32 within +-2^15")
+        need(width <= 1024 and out["shape"] == shapes[0], "layernorm keeps its input's shape, of at most 1024 "
+                                                          "channels")
+        c.int_in(f"{where}.eps", layer.get("eps"), 0, 1 << 40)
+        gamma = c.ints_in(f"{where}.gamma", layer.get("gamma"), -(1 << 15), 1 << 15)
+        beta = c.ints_in(f"{where}.beta", layer.get("beta"), -INT32_MAX, INT32_MAX)
+        need(len(gamma) == len(beta) == width, f"gamma and beta need {width} entries")
+        reach = math.sqrt(width) * (1 << LN_FRACTION) * (max(map(abs, gamma)) + 1) + max(map(abs, beta))
+        need(reach < 2 ** 31, "gamma and beta would overflow the int32 sum y gamma + beta")
+    elif op == "transpose":
+        perm = layer.get("perm")
+        need(isinstance(perm, list) and sorted(perm) == list(range(len(shapes[0]))) and len(perm) <= 4,
+             f"perm {perm!r} is not a permutation of the {len(shapes[0])} axes (at most 4)")
+        need(out["shape"] == [shapes[0][p] for p in perm] and out["dtype"] == ins[0]["dtype"],
+             f"transpose of {shapes[0]} by {perm} cannot give {out['shape']}")
