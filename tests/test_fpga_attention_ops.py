@@ -168,3 +168,14 @@ def test_damaged_attention_fields_are_refused_by_name(layer, field, value, messa
     next(entry for entry in b.spec["layers"] if entry["name"] == layer)[field] = value
     with pytest.raises(FxoptError, match=message):
         check_model(b.spec, b.weights)
+
+
+def test_resource_report_counts_the_attention_ops():
+    from fxopt.backends.fpga_int8.resources import resource_report
+    b = attention_block("single")
+    rows = {r.name: r for r in resource_report(b.spec, b.weights, reuse_factor=4).layers}
+    assert rows["qk"].macs == HEADS * T * T * D and rows["qk"].dsp == math.ceil(D * T / 4)
+    assert rows["tanh"].table_bytes == 256 and rows["tanh"].dsp == 0
+    assert rows["sm"].dividers == math.ceil(HEADS * T * T / 4) and rows["ln"].dsp == 3 * math.ceil(T * F / 4)
+    assert all(r.cycles > 0 for n, r in rows.items() if n not in ("qr", "kr", "vr", "flat"))
+    assert "div" in str(resource_report(b.spec, b.weights, reuse_factor=4))
