@@ -21,8 +21,8 @@ import pytest
 
 from fxopt.backends.fpga_int8.checks import check_model
 from fxopt.backends.fpga_int8.cpp import compile_cpp, emit_cpp, run_cpp
-from fxopt.backends.fpga_int8.fixedpoint import quantize_multiplier
-from fxopt.backends.fpga_int8.intmath import gelu_constants, layernorm_constants, lut, softmax_constants
+from fxopt.quant.fixedpoint import quantize_multiplier
+from fxopt.quant.intmath import gelu_constants, layernorm_constants, lut, softmax_constants
 from fxopt.backends.fpga_int8.simulate import run_integer
 from test_fpga_rtl import Builder
 

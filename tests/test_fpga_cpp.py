@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fxopt.backends.fpga_int8 import cpp
-from fxopt.backends.fpga_int8.fixedpoint import _srdhm, quantize_multiplier, requantize
+from fxopt.quant.fixedpoint import _srdhm, quantize_multiplier, requantize
 from fxopt.backends.fpga_int8.model import IntegerModel, Layer, load, save
 from fxopt.errors import FxoptError
 

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fxopt.backends.fpga_int8.fixedpoint import (
+from fxopt.quant.fixedpoint import (
     INT32_MAX, INT32_MIN, POW2_MULTIPLIER, Q31, bits_for, quantize_multiplier,
     quantize_multipliers, requantize)
 
@@ -209,7 +209,7 @@ def test_double_within_one_of_exact(acc_and_shift, m0):
 @example(-1, 1 << 30)                              # -0.5: a tie, rounds to 0
 @example(-3, 1 << 30)                              # -1.5: a tie, rounds to -1
 def test_srdhm_kernel_matches_gemmlowp(a, b):
-    from fxopt.backends.fpga_int8.fixedpoint import _srdhm
+    from fxopt.quant.fixedpoint import _srdhm
 
     got = int(_srdhm(np.int64(a), np.int64(b)))
     assert got == srdhm_ref(a, b)
@@ -234,7 +234,7 @@ def pot_cases(draw):
 @given(pot_cases())
 def test_rounding_divide_by_pot_kernel(case):
     x, exponent = case
-    from fxopt.backends.fpga_int8.fixedpoint import _rounding_divide_by_pot
+    from fxopt.quant.fixedpoint import _rounding_divide_by_pot
 
     got = int(_rounding_divide_by_pot(np.int64(x), np.int64(exponent)))
     assert got == rdbpot_ref(x, exponent) == half_away(Fraction(x, 1 << exponent))

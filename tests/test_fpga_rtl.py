@@ -15,7 +15,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from fxopt.backends.fpga_int8.fixedpoint import quantize_multiplier, requantize
+from fxopt.quant.fixedpoint import quantize_multiplier, requantize
 from fxopt.backends.fpga_int8.rtl.plan import requant_plan, datapath
 from fxopt.backends.fpga_int8.rtl.requant import pipelined_unit, result_bits, unit
 from fxopt.backends.fpga_int8.rtl.simulate import SIMULATORS, missing_tool, run_rtl

@@ -13,8 +13,8 @@ from fractions import Fraction
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from fxopt.backends.fpga_int8.fixedpoint import quantize_multiplier, requantize
-from fxopt.backends.fpga_int8.intmath import (EXP_A, ERF_A, ERF_B, LN_FRACTION, SOFTMAX_BITS, gelu_constants,
+from fxopt.quant.fixedpoint import quantize_multiplier, requantize
+from fxopt.quant.intmath import (EXP_A, ERF_A, ERF_B, LN_FRACTION, SOFTMAX_BITS, gelu_constants,
                                               i_exp, i_gelu, i_layernorm, i_matmul, i_softmax, isqrt,
                                               layernorm_constants, lut, newton_isqrt, softmax_constants)
 

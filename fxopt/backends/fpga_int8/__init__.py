@@ -35,7 +35,7 @@ from ...pm.options import Range
 from .. import BackendOptions, register_backend, require_frozen_quantizers
 from ..onnx import export_onnx
 from .cpp import emit_cpp
-from .fixedpoint import ROUNDINGS, Rounding
+from ...quant.fixedpoint import ROUNDINGS, Rounding
 from .lowering import Lowering
 from .model import ARTEFACT, IntegerModel, load, save
 from .pow2 import pow2_cost, with_pow2_scales

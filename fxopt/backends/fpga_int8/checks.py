@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from ...errors import FxoptError
-from .fixedpoint import INT32_MAX, INT32_MIN, Q31, ROUNDINGS
+from ...quant.fixedpoint import INT32_MAX, INT32_MIN, Q31, ROUNDINGS
 from .checks_attention import ATTENTION_OPS, check_attention
 from .kernels import KERNELS
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 
-from .fixedpoint import INT32_MAX
-from .intmath import LN_FRACTION
+from ...quant.fixedpoint import INT32_MAX
+from ...quant.intmath import LN_FRACTION
 
 ATTENTION_OPS = ("matmul", "softmax", "gelu", "lut", "layernorm", "transpose")
 

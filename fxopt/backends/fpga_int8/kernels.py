@@ -11,26 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fixedpoint import requantize
-
-
-def _channel(values, ndim: int, axis: int = 1) -> np.ndarray:
-    """A per-channel list as an array broadcasting along `axis` of a batch of rank ndim."""
-    arr = np.asarray(values, dtype=np.int64)
-    if arr.ndim == 0:
-        return arr
-    shape = [1] * ndim
-    shape[axis] = -1
-    return arr.reshape(shape)
-
-
-def _finish(layer: dict, acc: np.ndarray, rounding: str, axis: int = 1) -> np.ndarray:
-    """Requantize + zero point + clamp for int8 outputs; clamp alone for int32 outputs."""
-    lo, hi = layer["clamp"]
-    if "multiplier" not in layer:           # int32 output
-        return np.clip(acc, _channel(lo, acc.ndim, axis), _channel(hi, acc.ndim, axis))
-    m0, shift = _channel(layer["multiplier"], acc.ndim, axis), _channel(layer["shift"], acc.ndim, axis)
-    return np.clip(layer["output_zero_point"] + requantize(acc, m0, shift, rounding), lo, hi)
+from ...quant.fixedpoint import requantize
+from .kernels_attention import ATTENTION_KERNELS
+from .stage import per_channel, output_stage
 
 
 def _pad(x: np.ndarray, padding, value) -> np.ndarray:
@@ -55,24 +38,24 @@ def conv2d(layer, args, weight, rounding):
     win = win.reshape(n, groups, c // groups, oh, ow, kh, kw)
     w = weight.astype(np.float64).reshape(groups, out_c // groups, in_per_group, kh, kw)
     acc = np.einsum("ngchwij,gocij->ngohw", win, w, optimize=True).reshape(n, out_c, oh, ow)
-    acc = np.rint(acc).astype(np.int64) + _channel(layer["bias"], 4)
-    return _finish(layer, acc, rounding)
+    acc = np.rint(acc).astype(np.int64) + per_channel(layer["bias"], 4)
+    return output_stage(layer, acc, rounding)
 
 
 def linear(layer, args, weight, rounding):
     x = args[0].astype(np.float64) - layer["input_zero_point"]
     acc = np.rint(x @ weight.astype(np.float64).T).astype(np.int64) + np.asarray(layer["bias"], dtype=np.int64)
-    return _finish(layer, acc, rounding, axis=acc.ndim - 1)
+    return output_stage(layer, acc, rounding, axis=acc.ndim - 1)
 
 
 def add(layer, args, weight, rounding):
     centered = [a.astype(np.int64) - z for a, z in zip(args, layer["input_zero_points"])]
     if "multiplier" not in layer:           # int32 output: the inputs share one grid
-        return _finish(layer, centered[0] + centered[1], rounding)
+        return output_stage(layer, centered[0] + centered[1], rounding)
     shift = layer["left_shift"]
     total = sum(requantize(c << shift, m, s, rounding)
                 for c, m, s in zip(centered, layer["multipliers"], layer["shifts"]))
-    return _finish(layer, total, rounding)
+    return output_stage(layer, total, rounding)
 
 
 def concat(layer, args, weight, rounding):
@@ -92,7 +75,7 @@ def avg_pool2d(layer, args, weight, rounding):
         x = x - layer["input_zero_point"]
     x = _pad(x, layer["padding"], 0)
     total = _windows(x, layer["kernel"], layer["stride"], (1, 1)).sum(axis=(-2, -1))
-    return _finish(layer, total, rounding)
+    return output_stage(layer, total, rounding)
 
 
 def reshape(layer, args, weight, rounding):
@@ -109,7 +92,4 @@ def requantize_layer(layer, args, weight, rounding):
 
 KERNELS = {"conv2d": conv2d, "linear": linear, "add": add, "concat": concat, "max_pool2d": max_pool2d,
            "avg_pool2d": avg_pool2d, "reshape": reshape, "clamp": clamp, "requantize": requantize_layer}
-
-from .kernels_attention import ATTENTION_KERNELS  # noqa: E402  (they reuse _finish above)
-
 KERNELS.update(ATTENTION_KERNELS)

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .intmath import GeluConstants, LayerNormConstants, SoftmaxConstants, i_gelu, i_layernorm, i_softmax
-from .kernels import _finish
+from ...quant.intmath import (GeluConstants, LayerNormConstants, SoftmaxConstants, i_gelu, i_layernorm,
+                              i_softmax)
+from .stage import output_stage
 
 
 def matmul(layer, args, weight, rounding):
     a, b = (x.astype(np.int64) - z for x, z in zip(args, layer["input_zero_points"]))
     if layer.get("transpose_b"):
         b = np.swapaxes(b, -1, -2)
-    return _finish(layer, np.matmul(a, b), rounding)
+    return output_stage(layer, np.matmul(a, b), rounding)
 
 
 def softmax(layer, args, weight, rounding):

@@ -14,7 +14,7 @@ import torch.fx as fx
 from ...errors import UnsupportedError
 from ...ir.graph import node_location
 from .context import LoweringContext
-from .fixedpoint import bits_for, quantize_multipliers
+from ...quant.fixedpoint import bits_for, quantize_multipliers
 from .grid import OutputForm, code_bounds, int32_bounds
 
 

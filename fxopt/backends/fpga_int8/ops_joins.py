@@ -15,7 +15,7 @@ from ...errors import UnsupportedError
 from ...ir.graph import node_location
 from ...ir.nodes import arg
 from .context import LoweringContext
-from .fixedpoint import multiplier_value, quantize_multiplier
+from ...quant.fixedpoint import multiplier_value, quantize_multiplier
 from .grid import code_bounds, spread
 from .layer_io import check_bound, int8_inputs, int8_out, int32_out, need_grid
 from .targets import ADDS, CATS, LOWERINGS

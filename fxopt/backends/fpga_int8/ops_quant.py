@@ -12,7 +12,7 @@ import torch.fx as fx
 from ...errors import UnsupportedError
 from ...ir.graph import node_location
 from .context import LoweringContext
-from .fixedpoint import quantize_multiplier
+from ...quant.fixedpoint import quantize_multiplier
 from .grid import Grid
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from ...quant import FakeQuantize
-from .fixedpoint import pow2_ceil
+from ...quant.fixedpoint import pow2_ceil
 
 
 def with_pow2_scales(gm: fx.GraphModule) -> fx.GraphModule:

@@ -34,7 +34,7 @@ from .plan import fold, refuse
 from .requant import (FIELDS, PIPELINED_CYCLES, TABLE_BITS, channel_table, has_multiplier, pipelined_unit,
                       requant_cycles, result_bits, table, unit)
 from .stream import scalar_clamp
-from .top import Design, verilog_name
+from .top import Design, testbench, verilog_name
 from .window import bits, weight_words
 
 PARALLEL_OPS = ("linear", "clamp", "reshape")
@@ -260,64 +260,6 @@ def parallel_design(spec: dict, weights: dict, reuse_factor: int = 1) -> Design:
            f"\n  assign out_data = {end}_data; assign out_valid = {end}_valid; assign {end}_ready = out_ready;\n"
            "endmodule\n")
     out.files["fxopt_top.v"] = "\n".join(texts) + "\n" + top
-    out.files["tb.v"] = parallel_testbench(out)
+    out.files["tb.v"] = testbench(out)
     return out
 
-
-def parallel_testbench(d: Design) -> str:
-    """tb.v of a parallel-io design: as top.testbench, but one whole sample per input beat and
-    one whole output per output beat (written to outputs.txt element by element)."""
-    S, OW = d.input_size, d.output_width
-    word = ", ".join(f"inputs[s_in * {S} + {k}]" for k in reversed(range(S)))
-    return f"""`timescale 1ns/1ps
-module tb;
-  // N samples of {S} int8 from inputs.hex, one sample per beat; writes outputs.txt and cycles.txt
-  parameter N = 1;
-  parameter STALL = 0;
-  reg clk = 1'b0;
-  always #5 clk = ~clk;
-  reg rst = 1'b1;
-  reg [7:0] inputs [0:N * {S} - 1];
-  integer fo, fc, s_in, s_out, k, cycle, idle;
-  reg [15:0] lfsr;
-  reg offered = 1'b0;
-  wire in_ready, out_valid;
-  wire [{d.output_size * OW - 1}:0] out_data;
-  wire in_valid = !rst && s_in < N && (!STALL || lfsr[0]);
-  wire out_ready = !rst && (!STALL || lfsr[3]);
-  wire [{S * 8 - 1}:0] in_data = s_in < N ? {{{word}}} : {S * 8}'d0;
-  fxopt_top dut (.clk(clk), .rst(rst), .in_data(in_data), .in_valid(in_valid), .in_ready(in_ready),
-      .out_data(out_data), .out_valid(out_valid), .out_ready(out_ready));
-  initial begin
-    $readmemh("inputs.hex", inputs);
-    fo = $fopen("outputs.txt", "w");
-    fc = $fopen("cycles.txt", "w");
-    s_in = 0; s_out = 0; cycle = 0; idle = 0; lfsr = 16'hACE1;
-    repeat (3) @(posedge clk);
-    rst = 1'b0;
-  end
-  always @(posedge clk) begin
-    if (!rst) begin
-      cycle <= cycle + 1;
-      lfsr <= {{lfsr[14:0], lfsr[15] ^ lfsr[13] ^ lfsr[12] ^ lfsr[10]}};
-      idle <= (in_valid && in_ready) || (out_valid && out_ready) ? 0 : idle + 1;
-      // a sample's latency counts from the cycle it is first offered: a layer reads its input
-      // in place and takes it (the handshake) only after its last MAC cycle
-      if (in_valid && !offered) begin $fwrite(fc, "in %0d %0d\\n", s_in, cycle); offered <= 1'b1; end
-      if (in_valid && in_ready) begin
-        s_in <= s_in + 1; offered <= 1'b0;
-      end
-      if (out_valid && out_ready) begin
-        for (k = 0; k < {d.output_size}; k = k + 1) $fwrite(fo, "%0d\\n", $signed(out_data[k * {OW} +: {OW}]));
-        $fwrite(fc, "out %0d %0d\\n", s_out, cycle);
-        s_out <= s_out + 1;
-        if (s_out + 1 == N) begin $fclose(fo); $fclose(fc); $finish; end
-      end
-      if (idle > {4 * d.cycle_estimate + 2000}) begin
-        $display("STALLED after %0d cycles: %0d inputs taken, %0d outputs given", cycle, s_in, s_out);
-        $fclose(fo); $fclose(fc); $finish;
-      end
-    end
-  end
-endmodule
-"""

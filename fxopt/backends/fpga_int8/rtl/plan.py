@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ....errors import UnsupportedError
-from ..fixedpoint import MAX_SHIFT, POW2_MULTIPLIER
+from ....quant.fixedpoint import MAX_SHIFT, POW2_MULTIPLIER
 
 MASK64 = (1 << 64) - 1
 SUPPORTED = ("conv2d", "linear", "max_pool2d", "avg_pool2d", "add", "concat", "requantize", "clamp", "reshape")

@@ -163,25 +163,54 @@ def _top(spec, instances, readers, stream, design_: Design) -> str:
     return "\n".join(lines + body) + "\nendmodule\n"
 
 
+def _io_parts(d: Design) -> dict[str, str]:
+    """The parts of tb.v that differ between the io modes: the input word, what an accepted
+    input and a given output do, and how the inputs are counted (elements or samples)."""
+    S, OW = d.input_size, d.output_width
+    if d.io == "parallel":      # one sample per beat, its latency counted from when it is first offered
+        word = ", ".join(f"inputs[i_idx * {S} + {k}]" for k in reversed(range(S)))
+        return {"total": "N", "width": f"{S * 8}", "out_width": f"{d.output_size * OW}",
+                "data": f"{{{word}}}", "comment": f"one sample of {S} int8 per beat",
+                "take": "// a layer reads its input in place and takes it after its last MAC cycle\n"
+                        "      if (in_valid && !offered) begin $fwrite(fc, \"in %0d %0d\\n\", i_idx, cycle); "
+                        "offered <= 1'b1; end\n      if (in_valid && in_ready) begin i_idx <= i_idx + 1; "
+                        "offered <= 1'b0; end",
+                "give": f"for (k = 0; k < {d.output_size}; k = k + 1) $fwrite(fo, \"%0d\\n\", "
+                        f"$signed(out_data[k * {OW} +: {OW}]));\n        $fwrite(fc, \"out %0d %0d\\n\", o_idx, cycle);\n"
+                        "        o_idx <= o_idx + 1;\n        if (o_idx + 1 == N) begin $fclose(fo); $fclose(fc); $finish; end"}
+    return {"total": f"N * {S}", "width": "8", "out_width": f"{OW}", "data": "inputs[i_idx]",
+            "comment": f"{S} int8 per sample, one per beat",
+            "take": "if (in_valid && in_ready) begin\n"
+                    f"        if (i_idx % {S} == 0) $fwrite(fc, \"in %0d %0d\\n\", i_idx / {S}, cycle);\n"
+                    "        i_idx <= i_idx + 1;\n      end",
+            "give": "$fwrite(fo, \"%0d\\n\", $signed(out_data));\n        o_idx <= o_idx + 1;\n"
+                    f"        if ((o_idx + 1) % {d.output_size} == 0) $fwrite(fc, \"out %0d %0d\\n\", "
+                    f"o_idx / {d.output_size}, cycle);\n"
+                    f"        if (o_idx + 1 == N * {d.output_size}) begin $fclose(fo); $fclose(fc); $finish; end"}
+
+
 def testbench(d: Design) -> str:
-    idle = 4 * d.cycle_estimate + 2000
-    ow = d.output_width
+    """tb.v: reads N samples from inputs.hex and streams them in (one element per beat, or one
+    sample per beat in parallel io), writes every output element to outputs.txt and each
+    sample's first-input and last-output cycles to cycles.txt."""
+    p = _io_parts(d)
     return f"""`timescale 1ns/1ps
 module tb;
-  // streams N samples of {d.input_size} int8 from inputs.hex, writes outputs.txt and cycles.txt
+  // N samples from inputs.hex ({p['comment']}); writes outputs.txt and cycles.txt
   parameter N = 1;
   parameter STALL = 0;
   reg clk = 1'b0;
   always #5 clk = ~clk;
   reg rst = 1'b1;
   reg [7:0] inputs [0:N * {d.input_size} - 1];
-  integer fo, fc, i_idx, o_idx, sample_in, sample_out, cycle, idle;
+  integer fo, fc, i_idx, o_idx, k, cycle, idle;
   reg [15:0] lfsr;
+  reg offered = 1'b0;
   wire in_ready, out_valid;
-  wire [{ow - 1}:0] out_data;
-  wire in_valid = !rst && i_idx < N * {d.input_size} && (!STALL || lfsr[0]);
+  wire [{p['out_width']} - 1:0] out_data;
+  wire in_valid = !rst && i_idx < {p['total']} && (!STALL || lfsr[0]);
   wire out_ready = !rst && (!STALL || lfsr[3]);
-  wire [7:0] in_data = i_idx < N * {d.input_size} ? inputs[i_idx] : 8'd0;
+  wire [{p['width']} - 1:0] in_data = i_idx < {p['total']} ? {p['data']} : 0;
   fxopt_top dut (.clk(clk), .rst(rst), .in_data(in_data), .in_valid(in_valid), .in_ready(in_ready),
       .out_data(out_data), .out_valid(out_valid), .out_ready(out_ready));
   initial begin
@@ -197,17 +226,11 @@ module tb;
       cycle <= cycle + 1;
       lfsr <= {{lfsr[14:0], lfsr[15] ^ lfsr[13] ^ lfsr[12] ^ lfsr[10]}};
       idle <= (in_valid && in_ready) || (out_valid && out_ready) ? 0 : idle + 1;
-      if (in_valid && in_ready) begin
-        if (i_idx % {d.input_size} == 0) $fwrite(fc, "in %0d %0d\\n", i_idx / {d.input_size}, cycle);
-        i_idx <= i_idx + 1;
-      end
+      {p['take']}
       if (out_valid && out_ready) begin
-        $fwrite(fo, "%0d\\n", $signed(out_data));
-        o_idx <= o_idx + 1;
-        if ((o_idx + 1) % {d.output_size} == 0) $fwrite(fc, "out %0d %0d\\n", o_idx / {d.output_size}, cycle);
-        if (o_idx + 1 == N * {d.output_size}) begin $fclose(fo); $fclose(fc); $finish; end
+        {p['give']}
       end
-      if (idle > {idle}) begin
+      if (idle > {4 * d.cycle_estimate + 2000}) begin
         $display("STALLED after %0d cycles: %0d inputs taken, %0d outputs given", cycle, i_idx, o_idx);
         $fclose(fo); $fclose(fc); $finish;
       end
