@@ -1,4 +1,4 @@
-"""Property tests for the FPGA int8 fixed-point requantization (fpga_int8/fixedpoint.py).
+"""Property tests for the FPGA int8 fixed-point requantization (fxopt/quant/fixedpoint.py).
 
 The oracle is exact rational arithmetic (fractions.Fraction), never floats: a
 requantization that is off by one on a tie, or only for negative accumulators, is

@@ -1,4 +1,4 @@
-"""The integer kernels for attention models (fpga_int8.intmath) against exact arithmetic.
+"""The integer kernels for attention models (fxopt.quant.intmath) against exact arithmetic.
 
 Each test states the kernel's error bound and checks it on generated inputs: the integer
 chain against the exact rational value of the same formula (Python integers and Fractions),

@@ -3,7 +3,7 @@
 The reference an fpga-int8 export is checked against is the fake-quant model. For conv and
 linear that is float arithmetic between quantizers, which the integer kernels match to the
 rounding. Softmax, GELU and LayerNorm have no exact integer form: the export runs I-BERT's
-approximations (fpga_int8.intmath). So the fake-quant model runs the same integer arithmetic
+approximations (quant.intmath). So the fake-quant model runs the same integer arithmetic
 here, in torch int64 on the codes of its input grid, and returns the dequantized result.
 The reference then *is* the integer-aware model, and a network calibrated and evaluated with
 these modules shows the approximations' real cost before any export.

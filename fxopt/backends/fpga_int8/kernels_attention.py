@@ -1,6 +1,6 @@
 """The numpy kernels of the attention ops of model.json: matmul, softmax, gelu, lut, layernorm, transpose.
 
-Each is the integer contract of intmath.py applied to a layer's recorded constants; the
+Each is the integer contract of fxopt/quant/intmath.py applied to a layer's recorded constants; the
 simulator runs them like every other kernel (`KERNELS[op](layer, args, weight, rounding)`,
 args [N, *shape]), and the C++ kernels of the same names compute the same integers.
 

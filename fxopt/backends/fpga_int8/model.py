@@ -58,7 +58,7 @@ fixedpoint.requantize with the model's "rounding". "clamp": [lo, hi] bounds the 
     reshape  "shape": the output shape; the data (row-major) is unchanged.
     clamp    "clamp": [lo, hi] on an int8 tensor.
 
-The attention ops (kernels_attention.py, intmath.py; fields checked by checks_attention.py):
+The attention ops (kernels_attention.py, fxopt/quant/intmath.py; fields checked by checks_attention.py):
 
     matmul     two int8 inputs a [.., M, K], b [.., K, N] ("transpose_b": b is [.., N, K]),
                "input_zero_points"; acc = (a - za) @ (b - zb), then the two output forms
