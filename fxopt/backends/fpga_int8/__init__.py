@@ -32,10 +32,10 @@ import torch.fx as fx
 from ...util.artefacts import check_destination
 from ...errors import BackendOptionError, UnsupportedError
 from ...pm.options import Range
+from ...quant.fixedpoint import ROUNDINGS, Rounding
 from .. import BackendOptions, register_backend, require_frozen_quantizers
 from ..onnx import export_onnx
 from .cpp import emit_cpp
-from ...quant.fixedpoint import ROUNDINGS, Rounding
 from .lowering import Lowering
 from .model import ARTEFACT, IntegerModel, load, save
 from .pow2 import pow2_cost, with_pow2_scales

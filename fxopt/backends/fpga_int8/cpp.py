@@ -31,8 +31,8 @@ import numpy as np
 from ...errors import FxoptError, UnsupportedError
 from ...ir.graph import fresh_name
 from ...quant.fixedpoint import MAX_SHIFT, ROUNDINGS
-from .checks_attention import ATTENTION_OPS
 from ...quant.intmath import LN_FRACTION
+from .checks_attention import ATTENTION_OPS
 
 CTYPES = {"int8": "int8_t", "int32": "int32_t"}
 NP_DTYPES = {"int8": np.dtype("<i1"), "int32": np.dtype("<i4")}     # the .bin files: little-endian

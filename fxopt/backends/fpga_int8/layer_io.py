@@ -13,8 +13,8 @@ import torch.fx as fx
 
 from ...errors import UnsupportedError
 from ...ir.graph import node_location
-from .context import LoweringContext
 from ...quant.fixedpoint import bits_for, quantize_multipliers
+from .context import LoweringContext
 from .grid import OutputForm, code_bounds, int32_bounds
 
 

@@ -14,8 +14,8 @@ import torch.fx as fx
 from ...errors import UnsupportedError
 from ...ir.graph import node_location
 from ...ir.nodes import arg
-from .context import LoweringContext
 from ...quant.fixedpoint import multiplier_value, quantize_multiplier
+from .context import LoweringContext
 from .grid import code_bounds, spread
 from .layer_io import check_bound, int8_inputs, int8_out, int32_out, need_grid
 from .targets import ADDS, CATS, LOWERINGS

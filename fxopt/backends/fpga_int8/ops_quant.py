@@ -11,8 +11,8 @@ import torch.fx as fx
 
 from ...errors import UnsupportedError
 from ...ir.graph import node_location
-from .context import LoweringContext
 from ...quant.fixedpoint import quantize_multiplier
+from .context import LoweringContext
 from .grid import Grid
 
 
