@@ -220,7 +220,7 @@ def test_random_net_generator_covers_what_it_claims():
     """A guard on the generator itself: every kind of layer shows up."""
     seen = set()
 
-    @settings(max_examples=60, deadline=None, database=None)
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True)   # the same 60 every run
     @given(spec=net_specs())
     def collect(spec):
         seen.update(layer["kind"] for layer in spec["layers"])
