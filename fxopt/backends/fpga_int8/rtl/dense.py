@@ -34,7 +34,7 @@ from .plan import fold, refuse
 from .requant import (FIELDS, PIPELINED_CYCLES, TABLE_BITS, channel_table, has_multiplier, pipelined_unit,
                       requant_cycles, result_bits, table, unit)
 from .stream import scalar_clamp
-from .top import Design, testbench, verilog_name
+from .top import Design, one_input_one_output, testbench, verilog_name
 from .window import bits, weight_words
 
 PARALLEL_OPS = ("linear", "clamp", "reshape")
@@ -206,11 +206,7 @@ endmodule
 
 def parallel_design(spec: dict, weights: dict, reuse_factor: int = 1) -> Design:
     """The Design of a fully connected model in parallel io; any other layer is refused by name."""
-    if len(spec["inputs"]) != 1 or len(spec["outputs"]) != 1:
-        raise UnsupportedError(
-            f"fpga-int8 RTL: the design has {len(spec['inputs'])} inputs and {len(spec['outputs'])} outputs; "
-            "the RTL top takes exactly one of each", where="model inputs / outputs",
-            hint="export a model with one input tensor and one output tensor")
+    one_input_one_output(spec)
     alias, readers = {}, {}
     for layer in spec["layers"]:
         if layer["op"] not in PARALLEL_OPS:

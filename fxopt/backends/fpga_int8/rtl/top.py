@@ -71,12 +71,17 @@ def verilog_name(layer_name: str, used: set) -> str:
     return name
 
 
-def design(spec: dict, weights: dict, reuse_factor: int = 1) -> Design:
+def one_input_one_output(spec: dict) -> None:
+    """The top has one input and one output port: refuse any other model."""
     if len(spec["inputs"]) != 1 or len(spec["outputs"]) != 1:
         raise UnsupportedError(
             f"fpga-int8 RTL: the design has {len(spec['inputs'])} inputs and {len(spec['outputs'])} outputs; "
-            "the RTL top streams exactly one of each", where="model inputs / outputs",
+            "the RTL top takes exactly one of each", where="model inputs / outputs",
             hint="export a model with one input tensor and one output tensor")
+
+
+def design(spec: dict, weights: dict, reuse_factor: int = 1) -> Design:
+    one_input_one_output(spec)
     perms = stream_perms(spec)
     alias = {}                                   # reshape outputs are their input's stream
     for layer in spec["layers"]:
