@@ -16,8 +16,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import json
+
 import numpy as np
 import pytest
+import torch
+import torch.nn as nn
 
 from fxopt.backends.fpga_int8.checks import check_model
 from fxopt.backends.fpga_int8.cpp import compile_cpp, emit_cpp, run_cpp
@@ -179,3 +183,48 @@ def test_resource_report_counts_the_attention_ops():
     assert rows["sm"].dividers == math.ceil(HEADS * T * T / 4) and rows["ln"].dsp == 3 * math.ceil(T * F / 4)
     assert all(r.cycles > 0 for n, r in rows.items() if n not in ("qr", "kr", "vr", "flat"))
     assert "div" in str(resource_report(b.spec, b.weights, reuse_factor=4))
+
+
+class Heads(nn.Module):
+    """Q, K, V projections split into heads (reshape + transpose / permute), Q Kt with a fused
+    ReLU, times V, heads merged: the activation matmul and the axis moves of attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(F, F), nn.Linear(F, F), nn.Linear(F, F)
+
+    def forward(self, x):
+        qh = self.q(x).reshape(-1, T, HEADS, D).transpose(1, 2)
+        kh = self.k(x).reshape(-1, T, HEADS, D).permute(0, 2, 3, 1)
+        vh = self.v(x).reshape(-1, T, HEADS, D).transpose(1, 2)
+        return (torch.relu(qh @ kh) @ vh).transpose(1, 2).reshape(-1, T, F)
+
+
+def test_activation_matmuls_and_axis_moves_export_and_verify(tmp_path):
+    import fxopt
+    from fxopt.backends.fpga_int8 import verify
+    torch.manual_seed(0)
+    x = torch.randn(64, T, F)
+    cm = fxopt.compile(Heads().eval(), (x[:16],), pipeline="fake-quant{outputs=true}", backend="fpga-int8",
+                       calibration=[(x[:32],), (x[32:],)], export_dir=tmp_path / "e")
+    ops = [layer["op"] for layer in json.loads((tmp_path / "e/model.json").read_text())["layers"]]
+    assert ops.count("matmul") == 2 and ops.count("transpose") == 4
+    report = verify(tmp_path / "e", x, cm)
+    assert report.ok, str(report)
+
+
+def test_moving_the_batch_axis_is_refused_by_name():
+    import fxopt
+    from fxopt.errors import UnsupportedError
+
+    class Swap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x).transpose(0, 1)
+
+    x = torch.randn(8, 4)
+    with pytest.raises(UnsupportedError, match="batch axis"):
+        fxopt.compile(Swap().eval(), (x,), pipeline="fake-quant{outputs=true}", backend="fpga-int8", calibration=[(x,)])

@@ -15,7 +15,7 @@ One walk over the graph in order. Each value becomes a tensor of int8 codes on a
   model input it defines the input's quantization (the host-side float step).
 
 The walk (here) dispatches each node by its target through LOWERINGS, the OpRegistry the
-op-family modules (ops_linear, ops_joins, ops_pool, ops_shape) register their handlers in
+op-family modules (ops_linear, ops_joins, ops_pool, ops_shape, ops_attention) register their handlers in
 (activation quantizers go to ops_quant); the handlers read and build through a
 LoweringContext (context.py).
 
@@ -29,7 +29,7 @@ import torch.fx as fx
 from ...errors import UnsupportedError
 from ...ir.graph import node_location
 from ...ir.nodes import target_name
-from . import ops_joins, ops_linear, ops_pool  # noqa: F401  (they register their handlers in LOWERINGS)
+from . import ops_attention, ops_joins, ops_linear, ops_pool  # noqa: F401  (they register their handlers in LOWERINGS)
 from .context import LoweringContext
 from .model import IntegerModel
 from .ops_quant import quantizer
@@ -62,9 +62,10 @@ class Lowering:
                 raise UnsupportedError(
                     f"fpga-int8: {target_name(node)} has no integer form in "
                     "this export", where=node_location(node),
-                    hint="supported: conv2d (incl. grouped / depthwise), linear, add, cat, max / avg / "
-                         "adaptive-avg pooling, mean over H, W, flatten / reshape, ReLU / ReLU6 / hardtanh "
-                         "/ clamp; replace the op or keep it out of the exported model")
+                    hint="supported: conv2d (incl. grouped / depthwise), linear, matmul of two activations, "
+                         "add, cat, max / avg / adaptive-avg pooling, mean over H, W, flatten / reshape, "
+                         "transpose / permute, ReLU / ReLU6 / hardtanh / clamp; replace the op or keep it out "
+                         "of the exported model")
         return ctx.model
 
 
