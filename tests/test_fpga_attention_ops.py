@@ -6,17 +6,17 @@ A hand-made attention block (random int8 weights, constants from intmath's *_con
 chosen scales) runs on random codes and a random key mask: Q, K, V projections over rows,
 heads split by reshape + transpose, Q Kt onto an int32 logits grid, softmax under the mask,
 P V, heads merged, the output projection, LayerNorm (int8 input, and int32 input from the
-logits), GELU and a table.
+logits), GELU and a table. A traced heads model (reshape + transpose / permute, Q Kt, P V)
+goes through compile and verify.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
 import subprocess
 from pathlib import Path
-
-import json
 
 import numpy as np
 import pytest
@@ -25,9 +25,9 @@ import torch.nn as nn
 
 from fxopt.backends.fpga_int8.checks import check_model
 from fxopt.backends.fpga_int8.cpp import compile_cpp, emit_cpp, run_cpp
+from fxopt.backends.fpga_int8.simulate import run_integer
 from fxopt.quant.fixedpoint import quantize_multiplier
 from fxopt.quant.intmath import gelu_constants, layernorm_constants, lut, softmax_constants
-from fxopt.backends.fpga_int8.simulate import run_integer
 from test_fpga_rtl import Builder
 
 T, HEADS, D = 6, 2, 4
