@@ -47,7 +47,8 @@ CONFIGS = [Config("jet_mlp", 1, None), Config("jet_mlp", 64, "generic"), Config(
            Config("jet_mlp", 16, None, "parallel"), Config("jet_mlp", 64, "generic", "parallel"),
            Config("jet_mlp", 256, None, "parallel"), Config("jet_mlp", 1024, "ice40", "parallel"),
            Config("digits_cnn", 32, None), Config("digits_cnn", 4096, "ice40")]
-QUICK = [Config("jet_mlp", 1024, "ice40"), Config("jet_mlp", 1024, None, "parallel"), Config("digits_cnn", 4096, None)]
+QUICK = [Config("jet_mlp", 1024, "ice40"), Config("jet_mlp", 1024, None, "parallel"),
+         Config("digits_cnn", 4096, None)]
 
 def _io_text(config: Config) -> str:
     return config.io + (" + pow2 scales" if config.pow2 else "")
@@ -115,8 +116,8 @@ def run(quick: bool, log=print) -> list[dict]:
     return rows
 
 
-HEADERS = ["model", "reuse factor", "io", "multipliers", "requant multipliers", "export + RTL s", "Verilator build s", "run s", "inputs",
-           "RTL = sim", "acc fp32", "acc RTL", "latency cycles", "interval cycles", "synthesis"]
+HEADERS = ["model", "reuse factor", "io", "multipliers", "requant multipliers", "export + RTL s", "Verilator build s",
+           "run s", "inputs", "RTL = sim", "acc fp32", "acc RTL", "latency cycles", "interval cycles", "synthesis"]
 
 
 def table_rows(rows: list[dict]) -> list[list]:
@@ -136,8 +137,8 @@ def table_rows(rows: list[dict]) -> list[list]:
         else:
             synth_text = (f"generic: {s['luts']} LUT4, {s['ffs']} FF, {s['dsps']} multipliers, "
                           f"{s['memory_bits']} memory bits ({s['seconds']:.0f} s)")
-        out.append([r["model"], r["reuse_factor"], r.get("io", "stream"), r["multipliers"], r.get("requant_multipliers", "-"),
-                    f"{r['export_s']:.1f}",
+        out.append([r["model"], r["reuse_factor"], r.get("io", "stream"), r["multipliers"],
+                    r.get("requant_multipliers", "-"), f"{r['export_s']:.1f}",
                     f"{r.get('verilator_build_s', float('nan')):.1f}", f"{r.get('verilator_run_s', float('nan')):.1f}",
                     r.get("inputs", "-"), "yes" if r.get("rtl_equals_sim") else "NO",
                     f"{r.get('acc_fp32', float('nan')):.4f}", f"{r.get('acc_rtl', float('nan')):.4f}",

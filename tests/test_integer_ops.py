@@ -11,7 +11,7 @@ import torch
 
 from fxopt.quant.fixedpoint import quantize_multiplier, requantize
 from fxopt.quant.intmath import (gelu_constants, i_gelu, i_layernorm, i_softmax, layernorm_constants,
-                                              softmax_constants)
+                                 softmax_constants)
 from fxopt.quant.integer_ops import IntGELU, IntLayerNorm, IntSoftmax, requantize_single, softmax_grid
 
 

@@ -13,10 +13,11 @@ from fractions import Fraction
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
+from fxopt.backends.fpga_int8.kernels_attention import matmul
 from fxopt.quant.fixedpoint import quantize_multiplier, requantize
-from fxopt.quant.intmath import (EXP_A, ERF_A, ERF_B, LN_FRACTION, SOFTMAX_BITS, gelu_constants,
-                                              i_exp, i_gelu, i_layernorm, i_matmul, i_softmax, isqrt,
-                                              layernorm_constants, lut, newton_isqrt, softmax_constants)
+from fxopt.quant.intmath import (EXP_A, ERF_A, ERF_B, LN_FRACTION, SOFTMAX_BITS, gelu_constants, i_exp, i_gelu,
+                                 i_layernorm, i_softmax, isqrt, layernorm_constants, lut, newton_isqrt,
+                                 softmax_constants)
 
 POLY_EXP = 3.1e-3           # max |(A (p + B)^2 + C) / exp(p) - 1| on (-ln 2, 0] (I-BERT's polynomial)
 POLY_GELU = 0.01816         # max |x/2 (1 + erf_poly(x / sqrt 2)) - GELU(x)| over the reals
@@ -175,11 +176,13 @@ def test_layernorm_stays_in_int32():
 @settings(max_examples=60)
 @given(st.integers(1, 6), st.integers(1, 70), st.integers(1, 6), st.integers(-128, 127), st.integers(-128, 127),
        st.floats(1e-6, 1e-2), st.data())
-def test_i_matmul_is_the_exact_rounding(m, kdim, n, za, zb, scale, data):
+def test_matmul_is_the_exact_rounding(m, kdim, n, za, zb, scale, data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 31)))
     a, b = rng.integers(-128, 128, (2, m, kdim)), rng.integers(-128, 128, (2, kdim, n))
     m0, shift = quantize_multiplier(scale / math.sqrt(kdim))        # the attention scale folded in
-    got = i_matmul(a, b, za, zb, m0, shift)
+    layer = {"input_zero_points": [za, zb], "multiplier": m0, "shift": shift, "output_zero_point": 0,
+             "clamp": [-2 ** 31, 2 ** 31 - 1]}
+    got = matmul(layer, [a, b], None, "single")                     # the integer model's kernel
     for h in range(2):
         for i in range(m):
             for j in range(n):

@@ -20,8 +20,8 @@ import math
 import torch
 import torch.nn as nn
 
-from .intmath import (LN_FRACTION, MAX_SHIFT, SOFTMAX_BITS, gelu_constants, layernorm_constants,
-                                          softmax_constants)
+from .fixedpoint import MAX_SHIFT
+from .intmath import LN_FRACTION, SOFTMAX_BITS, gelu_constants, layernorm_constants, softmax_constants
 
 
 def requantize_single(acc: torch.Tensor, m0: int, shift: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ...errors import BackendOptionError
+from .checks_attention import ATTENTION_OPS
 
 BIAS_BYTES, MULTIPLIER_BYTES, SHIFT_BYTES = 4, 4, 1
 
@@ -120,7 +121,7 @@ def resource_report(spec: dict, weights: dict, reuse_factor: int = 1) -> Resourc
                                  f"{reuse_factor!r}", hint="reuse_factor=1 (one multiplier per MAC) or more (fewer, reused)")
     report = ResourceReport(reuse_factor, input_shapes={e["name"]: list(e["shape"]) for e in spec["inputs"]})
     for layer in spec["layers"]:
-        if layer["op"] in ATTENTION_COSTS or layer["op"] == "matmul":
+        if layer["op"] in ATTENTION_OPS:
             report.layers.append(_attention(layer, spec, reuse_factor))
             continue
         out = spec["tensors"][layer["output"]]

@@ -174,8 +174,9 @@ PIPELINED_CYCLES = 3      # a pipelined unit's result comes 3 edges after its st
 def pipelined_unit(module: str, plans: list[RequantPlan], rounding: str, acc_bits: int = 32) -> str:
     """Verilog of a unit that takes one accumulator every cycle, for a layer whose lanes finish
     a block of channels every cycle or two: `start` latches acc and the plan, the next edge
-    multiplies all 31 bits at once (or passes acc on, when every multiplier is 1), the one after rounds; `done` pulses with `result`
-    PIPELINED_CYCLES edges after `start`, in the order the accumulators came."""
+    multiplies all 31 bits at once (or passes acc on, when every multiplier is 1), the one
+    after rounds; `done` pulses with `result` PIPELINED_CYCLES edges after `start`, in the
+    order the accumulators came."""
     width = result_bits(plans)
     # a layer whose every multiplier is 1 (pow2_scales: shifts only) needs no multiplier cell
     product = "a * $signed({1'b0, m})" if has_multiplier(plans, None) else "a"

@@ -24,7 +24,7 @@ import numpy as np
 
 from ....errors import UnsupportedError
 from .plan import requant_chunk, stream_perms
-from .requant import requant_cycles
+from .requant import has_multiplier, requant_cycles
 from .stream import FIFO, add_module, clamp_module, concat_module
 from .window import bits, module as window_module
 
@@ -123,7 +123,8 @@ def _layer(name, spec, layer, weight, perms, reuse_factor):
     chunk = requant_chunk(1, reuse_factor)
     text, mems = (add_module if op == "add" else concat_module)(name, spec, layer, chunk)
     per = 4 + requant_cycles(chunk)
-    return text, mems, {"requant_chunk": chunk, "requant_multipliers": int(chunk > 4), "cycles": outputs * per * (3 if op == "add" else 1)}
+    return text, mems, {"requant_chunk": chunk, "requant_multipliers": int(has_multiplier([], chunk)),
+                        "cycles": outputs * per * (3 if op == "add" else 1)}
 
 
 def _wires(prefix: str, width: int) -> str:
