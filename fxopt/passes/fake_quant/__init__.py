@@ -62,10 +62,12 @@ from ...ir.nodes import target_name
 from ...pm import Pass, PassResult, register_pass
 from ...pm.options import Range
 from ...quant import quantizers_in
+from ...quant.integer_modules import integer_op_of
 from ...quant.observers import ObserverKind
 from .allocate import allot_bits
 from .report import FloatOp, QuantizedOp, QuantReport
 from .insert import QuantConfig, ValueGroups, quantize_values, quantize_weight
+from .integer import install_integer_ops
 from .rules import classify, skip_match
 from .gptq import GptqRounding
 from ...pm.analysis import AnalysisManager
@@ -105,6 +107,11 @@ class FakeQuant(Pass):
         measured on the calibration batches; report.gptq compares both; fxopt.passes.fake_quant.gptq).
     group_size: per-channel weight scales split into groups of this many input values (in x kh x kw
         for convs); none: one scale per output channel. The int8 and fpga-int8 backends refuse groups.
+    integer: integer-only transformer ops, for backend fpga-int8 (fxopt.passes.fake_quant.integer):
+        attention splits into two activation matmuls around an integer softmax; softmax, GELU,
+        LayerNorm, tanh and sigmoid run I-BERT's integer kernels on their own calibrated grids
+        (fxopt.quant.integer_modules), the residual stream into each LayerNorm on a 16-bit grid;
+        embedding tables are quantized like weights.
     """
 
     weight_bits: Annotated[int, Range(1, 16)] = 8
@@ -122,6 +129,7 @@ class FakeQuant(Pass):
     avg_bits: Annotated[float, Range(1, 16)] | None = None
     rounding: Literal["nearest", "gptq"] = "nearest"
     group_size: Annotated[int, Range(1)] | None = None
+    integer: bool = False
 
     tolerance: ClassVar[float | None] = None  # quantization changes what the model computes
     sees_into_leaves: ClassVar[bool] = False   # layers inside a leaf module are not seen
@@ -139,7 +147,9 @@ class FakeQuant(Pass):
         report = QuantReport()
         self._check_skip(gm, report)
         self._check_rounding()
-        decisions = classify(gm, self.skip, self.joins)
+        if self.integer:
+            install_integer_ops(gm, self.observer, self.act_symmetric)
+        decisions = classify(gm, self.skip, self.joins, self.integer)
         quant = [d for d in decisions if d.kind == "quant"]
         edges = {quant[0].node, quant[-1].node} if quant and self.first_last_bits is not None else set()
         allocation = None
@@ -200,6 +210,8 @@ class FakeQuant(Pass):
             node, op = d.node, target_name(d.node)
             if d.kind == "bookkeeping":
                 report.bookkeeping += 1
+            elif d.kind == "integer":
+                report.integer_ops[node.name] = node.graph.owning_module.get_submodule(node.target).kind
             elif d.kind == "float":
                 report.float_ops.append(FloatOp(node.name, op, module_path(node), d.reason))
             elif d.kind == "join":
@@ -241,4 +253,5 @@ def _weight_bits(node: fx.Node, weight_paths: dict) -> int | None:
 def _act_bits(node: fx.Node, decision, act_paths: dict) -> int:
     root = node.graph.owning_module
     bits = [root.get_submodule(act_paths[v]).bits for v in decision.acts]
+    bits += [8 for v in node.all_input_nodes if integer_op_of(root, v) is not None]   # their own int8 grids
     return max(bits) if bits else 0

@@ -38,13 +38,15 @@ class QuantReport:
 
     quantized: every quantized conv/linear/matmul. joins: add/sub/cat/stack nodes
     whose inputs share one quantizer (node -> quantizer). float_ops: every other
-    op node and why it is float. bookkeeping: nodes with no tensor data (shape
+    op node and why it is float. integer_ops: with integer=true, the softmax / GELU /
+    LayerNorm / table nodes that run integer kernels on their own grids. bookkeeping: nodes with no tensor data (shape
     reads, asserts), counted, not listed. notes: option warnings and hints.
     """
 
     quantized: list[QuantizedOp] = field(default_factory=list)
     joins: dict[str, str] = field(default_factory=dict)
     float_ops: list[FloatOp] = field(default_factory=list)
+    integer_ops: dict[str, str] = field(default_factory=dict)    # node -> kind (integer=true)
     quantizers: int = 0
     bookkeeping: int = 0
     notes: list[str] = field(default_factory=list)
@@ -59,7 +61,8 @@ class QuantReport:
 
     def to_dict(self) -> dict:
         return {"quantized": [asdict(q) for q in self.quantized], "joins": dict(self.joins),
-                "float_ops": [asdict(f) for f in self.float_ops], "quantizers": self.quantizers,
+                "float_ops": [asdict(f) for f in self.float_ops],
+                "integer_ops": dict(self.integer_ops), "quantizers": self.quantizers,
                 "bookkeeping": self.bookkeeping, "notes": list(self.notes)}
 
     def __str__(self) -> str:
@@ -70,6 +73,8 @@ class QuantReport:
             lines.append(f"  quantized  {q.node:<24} {w}/a{q.act_bits} {q.granularity:<11} {q.module}")
         for node, quantizer in self.joins.items():
             lines.append(f"  join       {node:<24} inputs share {quantizer}")
+        for node, kind in self.integer_ops.items():
+            lines.append(f"  integer    {node:<24} {kind} on its own calibrated grids")
         for reason, nodes in self.float_reasons().items():
             shown = ", ".join(nodes[:8]) + (f", ... ({len(nodes)} in all)" if len(nodes) > 8 else "")
             lines.append(f"  float      {reason}: {shown}")

@@ -17,6 +17,7 @@ import torch.fx as fx
 from ...ir.graph import first_match, module_path
 from ...ir.meta import TENSOR
 from ...ir.nodes import target_name
+from ...quant.integer_modules import IntegerLayerNorm, integer_op_of
 
 aten = torch.ops.aten
 
@@ -47,7 +48,8 @@ _LAYER_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, torch.n
 if hasattr(aten, "rms_norm"):
     _LAYER_NORMS.add(aten.rms_norm.default)
 
-_NORM_MODULES = (torch.nn.LayerNorm, getattr(torch.nn, "RMSNorm", torch.nn.LayerNorm))
+_NORM_MODULES = (torch.nn.LayerNorm, getattr(torch.nn, "RMSNorm", torch.nn.LayerNorm), IntegerLayerNorm)
+_EMBEDDINGS = {aten.embedding.default}
 
 PASSTHROUGH_REASON = "value-preserving op: an int8 backend runs it on its input's grid"
 RESIDUAL_REASON = "residual stream into LayerNorm: float by joins=auto"
@@ -57,7 +59,7 @@ RESIDUAL_REASON = "residual stream into LayerNorm: float by joins=auto"
 class Decision:
     """What fake-quant does with one op node.
 
-    kind: quant | join | float | bookkeeping. weights: (constant operand node,
+    kind: quant | join | float | integer | bookkeeping. weights: (constant operand node,
     per-channel axis) per weight operand; acts: the activation operand values.
     """
 
@@ -78,11 +80,13 @@ def is_tensor_op(node: fx.Node) -> bool:
     return info is not None
 
 
-def _operands(node: fx.Node) -> tuple[int, ...] | None:
+def _operands(node: fx.Node, integer: bool = False) -> tuple[int, ...] | None:
     if node.op != "call_function":
         return None
     if node.target in _CONVS or node.target == aten.linear.default:
         return (0, 1)
+    if integer and node.target in _EMBEDDINGS:
+        return (0,)         # the table, a weight; the indices stay integers
     return _MATMULS.get(node.target)
 
 
@@ -91,6 +95,8 @@ def _weight_axis(node: fx.Node, index: int, const: fx.Node) -> int:
     for matmul, the columns of a right operand or the rows of a left one."""
     if node.target in _CONVS or node.target == aten.linear.default:
         return 0
+    if node.target in _EMBEDDINGS:
+        return 1            # a table's columns are the output channels
     rank = len(const.meta[TENSOR].shape)
     right = index == _MATMULS[node.target][1]
     return rank - 1 if right else max(rank - 2, 0)
@@ -128,12 +134,15 @@ def _quant_decision(node: fx.Node, operands: tuple[int, ...]) -> Decision:
     if _is_transposed(node):
         return Decision(node, "float", "unsupported: transposed convolution has no int8 form here")
     decision = Decision(node, "quant")
+    root = node.graph.owning_module
     for index in operands:
         arg = node.args[index]
         if not isinstance(arg, fx.Node):
             continue
         if arg.op == "get_attr" and arg.meta.get(TENSOR) is not None:
             decision.weights.append((arg, _weight_axis(node, index, arg)))
+        elif integer_op_of(root, arg) is not None:
+            continue        # an integer op's output is already on its own int8 grid
         elif arg not in decision.acts:
             decision.acts.append(arg)
     return decision
@@ -191,11 +200,13 @@ def _join_decision(node: fx.Node, joins: str) -> Decision:
     return Decision(node, "join", acts=join_inputs(node))
 
 
-def classify(gm: fx.GraphModule, skip: tuple[str, ...], joins: str = "auto") -> list[Decision]:
+def classify(gm: fx.GraphModule, skip: tuple[str, ...], joins: str = "auto",
+             integer: bool = False) -> list[Decision]:
     """One Decision per op node, in graph order. joins="float" keeps every join in
     float: its inputs are the float (dequantized) values, so none arrives half-float;
     joins="auto" does so for the joins on a residual stream into a LayerNorm and
-    shares one scale on the others (CNN residual adds, concats)."""
+    shares one scale on the others (CNN residual adds, concats). integer: embedding
+    tables are quantized like weights, and the integer ops (integer.py) are listed as such."""
     decisions = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr", "output"):
@@ -203,7 +214,10 @@ def classify(gm: fx.GraphModule, skip: tuple[str, ...], joins: str = "auto") -> 
         if not is_tensor_op(node):
             decisions.append(Decision(node, "bookkeeping"))
             continue
-        operands = _operands(node)
+        if integer_op_of(gm, node) is not None:
+            decisions.append(Decision(node, "integer"))
+            continue
+        operands = _operands(node, integer)
         is_join = _is_join(node)
         hit = skip_match(node, skip) if (operands or is_join) else None
         if hit:
