@@ -18,6 +18,7 @@ from ...errors import UnsupportedError
 from ...ir.graph import fetch_attr, node_location
 from ...ir.meta import TENSOR
 from ...quant import FakeQuantize, quantizer_of
+from ...quant.integer_modules import IntegerOp, integer_op_of
 from .grid import Grid, OutputForm, clamp_range
 from .model import IntegerModel, Layer
 from .targets import CLAMPS, MOVES
@@ -31,6 +32,8 @@ class LoweringContext:
         self.model = IntegerModel(rounding=rounding, pow2_scales=pow2_scales)
         self.values: dict[fx.Node, str] = {}       # node -> tensor name holding its value
         self.fused: set[fx.Node] = set()            # clamps folded into their producer
+        self.constants: dict[fx.Node, np.ndarray] = {}   # per-sample real values known at export
+        self.deferred: set[fx.Node] = set()         # adds that the add reading them absorbs
 
     # ---- queries --------------------------------------------------------------------------
     def act_fq(self, node) -> FakeQuantize | None:
@@ -41,8 +44,25 @@ class LoweringContext:
         """The weight quantizer `node` runs, if any."""
         return quantizer_of(self.gm, node, "weight")
 
+    def integer_op(self, node) -> IntegerOp | None:
+        """The integer op (softmax, GELU, LayerNorm, table) `node` runs, if any."""
+        return integer_op_of(self.gm, node)
+
+    def reads_grid(self, user: fx.Node, value: fx.Node) -> bool:
+        """Whether `user` is an integer op reading `value` as its first operand (on its input grid)."""
+        return self.integer_op(user) is not None and bool(user.args) and user.args[0] is value
+
+    def reader_grid(self, user: fx.Node) -> Grid:
+        """The grid a quantizer or an integer op reads its operand on."""
+        op = self.integer_op(user)
+        return Grid.of(self.act_fq(user), user) if op is None else Grid.of_integer_op(op.in_grid())
+
     def tensor(self, node: fx.Node, reader: fx.Node) -> tuple[str, dict]:
         """(name, tensor record) of a value an op reads; an error if it has no integer form."""
+        if node in self.constants or node in self.deferred:
+            raise UnsupportedError(
+                f"fpga-int8: {reader.name} reads {node.name}, a constant or a partial sum that only an add "
+                "can take", where=node_location(reader), hint="add the value to a model value first")
         if node not in self.values:
             raise UnsupportedError(
                 f"fpga-int8: {reader.name} reads {node.name}, which has no integer form "
@@ -56,9 +76,9 @@ class LoweringContext:
         """Follow single users from a producer to the activation quantizer that reads it."""
         lo, hi, cur, last, fusing = -math.inf, math.inf, node, node, True
         while True:
-            quantizers = [u for u in cur.users if self.act_fq(u) is not None]
+            quantizers = [u for u in cur.users if self.act_fq(u) is not None or self.reads_grid(u, cur)]
             if quantizers:
-                grids = {Grid.of(self.act_fq(q), q) for q in quantizers}
+                grids = {self.reader_grid(q) for q in quantizers}
                 if len(grids) == 1:
                     return OutputForm(grids.pop(), lo, hi, last)
                 return OutputForm(None, lo, hi, last)

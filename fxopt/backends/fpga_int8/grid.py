@@ -50,10 +50,23 @@ class Grid:
         """The grid of an int8 tensor record of the model."""
         return cls(tensor["scale"], tensor["zero_point"], tensor["qmin"], tensor["qmax"])
 
+    @classmethod
+    def of_integer_op(cls, grid: tuple[float, int, int, int]) -> "Grid":
+        """A grid an integer op (quant.integer_modules) reads or writes: (scale, zp, qmin, qmax)."""
+        return cls(float(grid[0]), int(grid[1]), int(grid[2]), int(grid[3]))
+
+    @property
+    def wide(self) -> bool:
+        """Codes beyond int8 (a 16-bit residual stream, int32 logits): held in int32, zero point 0."""
+        return self.qmin < -128 or self.qmax > 127
+
     def code(self, real: float) -> int:
         return int(min(max(self.zero_point + round(real / self.scale), self.qmin), self.qmax))
 
     def tensor(self, shape, source: str) -> dict:
+        if self.wide:
+            return {"dtype": "int32", "shape": list(shape), "source": source, "scale": [self.scale],
+                    "scale_shape": [1], "bound": max(-self.qmin, self.qmax)}
         return {"dtype": "int8", "shape": list(shape), "source": source, "scale": self.scale,
                 "zero_point": self.zero_point, "qmin": self.qmin, "qmax": self.qmax}
 

@@ -16,6 +16,11 @@ args [N, *shape]), and the C++ kernels of the same names compute the same intege
 - layernorm: over the last axis of int8 or int32 (within +-2^15) codes: `eps`, `gamma`,
   `beta` (per channel), one (multiplier, shift), `output_zero_point`, `clamp`.
 - transpose: `perm` of the per-sample axes.
+- embedding: int32 ids [.., T] (clamped to the table) gather rows of the int8 weight [V, C] as int32.
+- sum: terms (int8 with `input_zero_points`, or int32) each requantized per channel of the last
+  axis (`multipliers` / `shifts`: `channels` entries per term, flat) onto a fine grid, plus an
+  optional constant `offset` (flat, one sample), then the output stage (multiplier, shift, zero
+  point, clamp) rounds the total once.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import numpy as np
 
 from ...quant.intmath import (GeluConstants, LayerNormConstants, SoftmaxConstants, i_gelu, i_layernorm,
                               i_softmax)
+from ...quant.fixedpoint import requantize
 from .stage import output_stage
 
 
@@ -63,5 +69,22 @@ def transpose(layer, args, weight, rounding):
     return np.transpose(args[0], (0, *[p + 1 for p in layer["perm"]]))
 
 
-ATTENTION_KERNELS = {"matmul": matmul, "softmax": softmax, "gelu": gelu, "lut": lut, "layernorm": layernorm,
+def embedding(layer, args, weight, rounding):
+    ids = np.clip(args[0].astype(np.int64), 0, weight.shape[0] - 1)
+    return weight.astype(np.int64)[ids]
+
+
+def sum_terms(layer, args, weight, rounding):
+    channels = layer["channels"]
+    m0 = np.asarray(layer["multipliers"], dtype=np.int64).reshape(len(args), channels)
+    shift = np.asarray(layer["shifts"], dtype=np.int64).reshape(len(args), channels)
+    total = 0
+    for j, (x, zp) in enumerate(zip(args, layer["input_zero_points"])):
+        total = total + requantize(x.astype(np.int64) - zp, m0[j], shift[j], rounding)
+    if "offset" in layer:
+        total = total + np.asarray(layer["offset"], dtype=np.int64).reshape(args[0].shape[1:])
+    return output_stage(layer, total, rounding)
+
+
+ATTENTION_KERNELS = {"embedding": embedding, "sum": sum_terms, "matmul": matmul, "softmax": softmax, "gelu": gelu, "lut": lut, "layernorm": layernorm,
                      "transpose": transpose}

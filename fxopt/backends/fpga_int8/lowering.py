@@ -28,10 +28,12 @@ import torch.fx as fx
 
 from ...errors import UnsupportedError
 from ...ir.graph import node_location
+from ...ir.meta import TENSOR
 from ...ir.nodes import target_name
-from . import ops_attention, ops_joins, ops_linear, ops_pool  # noqa: F401  (they register their handlers in LOWERINGS)
+from . import ops_attention, ops_embedding, ops_joins, ops_linear, ops_pool  # noqa: F401  (they register handlers)
 from .context import LoweringContext
 from .model import IntegerModel
+from .ops_integer import integer_op
 from .ops_quant import quantizer
 from .ops_shape import alias
 from .targets import LOWERINGS
@@ -56,6 +58,10 @@ class Lowering:
                 alias(ctx, node)
             elif ctx.act_fq(node) is not None:
                 quantizer(ctx, node)
+            elif ctx.integer_op(node) is not None:
+                integer_op(ctx, node)
+            elif not _holds_floats(node):
+                continue          # ids, masks and sizes: read (and checked) by the ops that take them
             elif (lower := LOWERINGS.lookup(node.target)) is not None:
                 lower(ctx, node)
             else:
@@ -64,9 +70,17 @@ class Lowering:
                     "this export", where=node_location(node),
                     hint="supported: conv2d (incl. grouped / depthwise), linear, matmul of two activations, "
                          "add, cat, max / avg / adaptive-avg pooling, mean over H, W, flatten / reshape, "
-                         "transpose / permute, ReLU / ReLU6 / hardtanh / clamp; replace the op or keep it out "
+                         "transpose / permute, embedding, the integer ops of fake-quant{integer=true} "
+                         "(softmax, GELU, LayerNorm, tanh / sigmoid), ReLU / ReLU6 / hardtanh / clamp; replace the op or keep it out "
                          "of the exported model")
         return ctx.model
+
+
+def _holds_floats(node: fx.Node) -> bool:
+    """Whether a node's value is float data (not integer ids, a boolean mask or a size)."""
+    info = node.meta.get(TENSOR)
+    infos = info if isinstance(info, (tuple, list)) else [info]
+    return any(i is not None and i.dtype.is_floating_point for i in infos)
 
 
 def _outputs(ctx: LoweringContext, node: fx.Node) -> None:

@@ -18,7 +18,8 @@ from .model import load
 
 
 def quantize_inputs(spec: dict, inputs: dict) -> dict[str, np.ndarray]:
-    """int8 codes of float inputs: clamp(round_half_even(x / scale) + zero_point)."""
+    """Codes of float inputs: clamp(round_half_even(x / scale) + zero_point); int8, or int32 for
+    an integer input such as token ids (scale 1)."""
     codes = {}
     for entry in spec["inputs"]:
         x = np.asarray(inputs[entry["name"]], dtype=np.float32)
@@ -30,8 +31,13 @@ def quantize_inputs(spec: dict, inputs: dict) -> dict[str, np.ndarray]:
                 hint="the hardware's sizes are fixed at export (only the batch streams): pass "
                      "inputs of that shape, or compile again with an example of the new shape")
         q = np.round(x / np.float32(entry["scale"])) + entry["zero_point"]
-        codes[entry["name"]] = np.clip(q, entry["qmin"], entry["qmax"]).astype(np.int8)
+        codes[entry["name"]] = np.clip(q, entry["qmin"], entry["qmax"]).astype(input_dtype(entry))
     return codes
+
+
+def input_dtype(entry: dict):
+    """The numpy type of a model input's codes: int8, or int32 for token ids."""
+    return np.int32 if entry.get("dtype") == "int32" else np.int8
 
 
 def dequantize(tensor: dict, values: np.ndarray) -> np.ndarray:
@@ -48,7 +54,8 @@ def dequantize_outputs(spec: dict, values: dict) -> list[np.ndarray]:
 
 def run_integer(spec: dict, weights: dict, inputs: dict) -> dict[str, np.ndarray]:
     """Every tensor of the model for a batch of int8 input codes ({name: [N, *shape]})."""
-    values = {name: np.asarray(codes, dtype=np.int8) for name, codes in inputs.items()}
+    dtypes = {entry["name"]: input_dtype(entry) for entry in spec["inputs"]}
+    values = {name: np.asarray(codes, dtype=dtypes.get(name, np.int8)) for name, codes in inputs.items()}
     rounding = spec["rounding"]
     for layer in spec["layers"]:
         args = [values[name] for name in layer["inputs"]]

@@ -27,6 +27,7 @@ LINEARS = {aten.linear.default}
 MATMULS = {aten.matmul.default, aten.bmm.default, torch.matmul}
 ADDS = {aten.add.Tensor, aten.add_.Tensor, operator.add, operator.iadd, torch.add}
 CATS = {aten.cat.default, torch.cat}
+EMBEDDINGS = {aten.embedding.default}
 MAX_POOLS = {aten.max_pool2d.default}
 AVG_POOLS = {aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default, aten.mean.dim}
 RESHAPES = {aten.flatten.using_ints, aten.reshape.default, aten.view.default, aten._unsafe_view.default,
