@@ -32,7 +32,7 @@ from .integer_ops import IntGELU, IntLayerNorm, IntSoftmax, softmax_grid
 from .intmath import SOFTMAX_BITS, lut
 from .qparams import QSpec
 
-__all__ = ["IntegerGELU", "IntegerLayerNorm", "IntegerLut", "IntegerOp", "IntegerSoftmax", "integer_op_of"]
+__all__ = ["IntegerGELU", "IntegerLayerNorm", "IntegerLut", "IntegerOp", "IntegerSoftmax", "has_integer_ops", "integer_op_of"]
 
 RESIDUAL_BITS = 16       # LayerNorm inputs: the residual stream's outliers need more than 8 bits
 
@@ -206,6 +206,11 @@ class _TableKernel(nn.Module):
         (s_in, z_in), (s_out, z_out) = self.grids
         codes = (torch.round(x.double() / s_in) + z_in).clamp(-128, 127).to(torch.int64)
         return ((self.table.to(x.device)[codes + 128] - z_out).double() * s_out).to(x.dtype)
+
+
+def has_integer_ops(module: torch.nn.Module) -> bool:
+    """Whether a graph module holds integer ops (fake-quant{integer=true})."""
+    return any(isinstance(m, IntegerOp) for m in module.modules())
 
 
 def integer_op_of(gm: torch.nn.Module, node) -> IntegerOp | None:

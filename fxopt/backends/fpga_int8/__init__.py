@@ -15,7 +15,7 @@ per channel, [-127, 127]) and activations (per tensor, zero point), int32 biases
 scale s_x * s_w[c] and accumulators whose width is proven at export, requantization
 by an int32 multiplier and a shift (fixedpoint). The layers are listed in model.py,
 the lowering walk in lowering.py and its rules in ops_*.py. Files under export_dir: model.json, weights/*.npy,
-model.onnx (the fake-quant model as QDQ ONNX), weights.h and model.cpp.
+model.onnx (the fake-quant model as QDQ ONNX; none for integer transformers), weights.h and model.cpp.
 
 Options: `FpgaInt8Options` (`fxopt backends` lists them).
 """
@@ -33,6 +33,7 @@ from ...util.artefacts import check_destination
 from ...errors import BackendOptionError, UnsupportedError
 from ...pm.options import Range
 from ...quant.fixedpoint import ROUNDINGS, Rounding
+from ...quant.integer_modules import has_integer_ops
 from .. import BackendOptions, register_backend, require_frozen_quantizers
 from ..onnx import export_onnx
 from .cpp import emit_cpp
@@ -132,9 +133,14 @@ def export(gm: fx.GraphModule, example_inputs: tuple, export_dir=None, rounding:
 
 
 def _derived_files(model: IntegerModel, reference: fx.GraphModule, example_inputs: tuple) -> dict:
-    """weights.h, model.cpp and model.onnx as bytes (made before anything is written)."""
+    """weights.h, model.cpp and model.onnx as bytes (made before anything is written). A model
+    with integer ops (fake-quant{integer=true}) has no model.onnx: standard QDQ ONNX has no op
+    for I-BERT's integer softmax, GELU and LayerNorm, and a float stand-in would not be the
+    model exported (the resource report says so)."""
 
     files = emit_cpp(model.to_json(), model.weights())
+    if has_integer_ops(reference):
+        return files
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         export_onnx(reference, path, example_inputs)
@@ -156,6 +162,8 @@ class FpgaInt8Backend:
         weights = model.weights()
         lowered = FpgaInt8Model(spec, weights, reference, opts.export_dir)
         report = resource_report(spec, weights, opts.reuse_factor)
+        if opts.export_dir is not None and has_integer_ops(reference):
+            report.notes.append("no model.onnx: QDQ ONNX has no form of the integer softmax / GELU / LayerNorm")
         if opts.pow2_scales:
             report.pow2_cost = pow2_cost(gm, reference, example_inputs)
         if opts.synth != "none":

@@ -76,7 +76,14 @@ def check_model(spec, weights: dict, source: str = "model.json") -> None:
             c.fail(where, "is not an object with a name")
         c.shape(f"{where}.shape", entry.get("shape"))
         c.scale(f"{where}.scale", entry.get("scale"))
-        _grid(c, where, entry)
+        if entry.get("dtype", "int8") == "int32":       # token ids: scale 1, clamped to a table
+            c.int_in(f"{where}.zero_point", entry.get("zero_point"), 0, 0)
+            low = c.int_in(f"{where}.qmin", entry.get("qmin"), 0, INT32_MAX)
+            c.int_in(f"{where}.qmax", entry.get("qmax"), low, INT32_MAX)
+        elif entry.get("dtype", "int8") != "int8":
+            c.fail(f"{where}.dtype", f"{entry.get('dtype')!r} is not int8 or int32")
+        else:
+            _grid(c, where, entry)
     for i, name in enumerate(_list(c, spec, "outputs")):
         if name not in tensors:
             c.fail(f"outputs[{i}]", f"{name!r} is not a tensor of the model")

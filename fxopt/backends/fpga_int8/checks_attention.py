@@ -12,7 +12,7 @@ import math
 from ...quant.fixedpoint import INT32_MAX
 from ...quant.intmath import LN_FRACTION
 
-ATTENTION_OPS = ("matmul", "softmax", "gelu", "lut", "layernorm", "transpose")
+ATTENTION_OPS = ("matmul", "softmax", "gelu", "lut", "layernorm", "transpose", "embedding", "sum")
 
 
 def check_attention(c, where: str, layer: dict, tensors: dict) -> None:
@@ -73,6 +73,22 @@ def check_attention(c, where: str, layer: dict, tensors: dict) -> None:
         need(len(gamma) == len(beta) == width, f"gamma and beta need {width} entries")
         reach = math.sqrt(width) * (1 << LN_FRACTION) * (max(map(abs, gamma)) + 1) + max(map(abs, beta))
         need(reach < 2 ** 31, "gamma and beta would overflow the int32 sum y gamma + beta")
+    elif op == "embedding":
+        dtypes("int32")
+        width = (layer.get("weight_shape") or [0, 0])[-1]
+        need(len(ins) == 1 and out["dtype"] == "int32" and out["shape"] == [*shapes[0], width],
+             f"embedding of ids {shapes[0]} cannot give {out['shape']}")
+    elif op == "sum":
+        width = c.int_in(f"{where}.channels", layer.get("channels"), 1, 1 << 20)
+        need(len(ins) >= 1 and all(sh == out["shape"] for sh in shapes) and out["shape"][-1:] == [width],
+             f"sum of {shapes} cannot give {out['shape']} over {width} channels")
+        terms = len(ins) * width
+        need(len(layer.get("multipliers", [])) == terms and len(layer.get("shifts", [])) == terms
+             and len(layer.get("input_zero_points", [])) == len(ins),
+             f"sum needs {terms} multipliers and shifts and {len(ins)} zero points")
+        if "offset" in layer:
+            offset = c.ints_in(f"{where}.offset", layer["offset"], -INT32_MAX, INT32_MAX)
+            need(len(offset) == math.prod(out["shape"]), "sum's offset holds one value per element of a sample")
     elif op == "transpose":
         perm = layer.get("perm")
         need(isinstance(perm, list) and sorted(perm) == list(range(len(shapes[0]))) and len(perm) <= 4,

@@ -10,7 +10,8 @@ The attention ops have no weights; their multipliers are per lane, with ceil(ele
 reuse_factor) lanes (ATTENTION_COSTS: softmax squares p + b and divides each share, GELU
 squares and multiplies, LayerNorm squares D, scales by gamma and divides by the root, a
 matmul of activations has K x N / reuse_factor multipliers like a linear); a lut is a
-256-byte table and no multiplier. Every layer's cycle estimate is its MACs (or elements)
+256-byte table and no multiplier, an embedding its int8 table; a sum has one requantization
+multiplier per term and one for the total, per lane. Every layer's cycle estimate is its MACs (or elements)
 over its multipliers (or lanes).
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ class ResourceReport:
     pow2_cost: dict | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)   # per sample, fixed at export
     synthesis: object | None = None     # a synth.SynthReport when synthesised (synth= option)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total_macs(self) -> int:
@@ -85,6 +87,7 @@ class ResourceReport:
                          + " per sample (only the batch streams; other sizes need another export)")
         if self.synthesis is not None:
             lines.append(f"estimate {self.total_dsp} DSP, {self.total_weight_bytes} bytes; {self.synthesis}")
+        lines.extend(f"note: {n}" for n in self.notes)
         if self.pow2_cost:
             lines.append("pow2-scales cost at the outputs (vs the fake-quant model): "
                          + ", ".join(f"{k} {v:.4g}" for k, v in self.pow2_cost.items()))
@@ -92,7 +95,8 @@ class ResourceReport:
 
 
 # op -> (multipliers, dividers) per lane of an element-wise attention op
-ATTENTION_COSTS = {"softmax": (1, 1), "gelu": (3, 0), "layernorm": (3, 1), "lut": (0, 0), "transpose": (0, 0)}
+ATTENTION_COSTS = {"softmax": (1, 1), "gelu": (3, 0), "layernorm": (3, 1), "lut": (0, 0), "transpose": (0, 0),
+                   "embedding": (0, 0)}
 
 
 def _attention(layer: dict, spec: dict, reuse_factor: int) -> LayerResources:
@@ -107,9 +111,12 @@ def _attention(layer: dict, spec: dict, reuse_factor: int) -> LayerResources:
         macs = elements * k
         dsp = math.ceil(k * n / reuse_factor)
         return LayerResources(layer["name"], "matmul", macs, None, 8, params, 32, dsp, 0, 0, math.ceil(macs / dsp))
-    mults, divs = ATTENTION_COSTS[layer["op"]]
+    mults, divs = ATTENTION_COSTS.get(layer["op"], (len(ins) + 1, 0))        # sum: one requant per term
     lanes = math.ceil(elements / reuse_factor)
     on_chip = elements if layer["op"] == "transpose" else 0       # a transpose buffers its whole input
+    if layer["op"] == "embedding":
+        table = int(np.prod(layer["weight_shape"]))               # the int8 table itself
+    params += 4 * len(layer.get("offset", [])) + 5 * len(layer.get("multipliers", []))
     return LayerResources(layer["name"], layer["op"], 0, None, 8 if out["dtype"] == "int8" else 32,
                           params + table + on_chip, None, lanes * mults, table, lanes * divs,
                           math.ceil(elements / lanes))

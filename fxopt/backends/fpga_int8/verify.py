@@ -122,7 +122,9 @@ def reference_lsb(tensor: dict, value: np.ndarray) -> np.ndarray:
     """A float value of the fake-quant model in the tensor's integer units."""
     if tensor["dtype"] == "int8":
         return np.clip(np.round(value / tensor["scale"]) + tensor["zero_point"], tensor["qmin"], tensor["qmax"])
-    return value / np.asarray(tensor["scale"]).reshape(tensor["scale_shape"])
+    # int32 values never leave their proven bound: a layer onto a 16-bit grid clamps there, as
+    # the quantizer that reads the fake-quant value does
+    return np.clip(value / np.asarray(tensor["scale"]).reshape(tensor["scale_shape"]), -tensor["bound"], tensor["bound"])
 
 
 def _quantized_sources(spec: dict, gm: fx.GraphModule) -> dict[str, str]:
