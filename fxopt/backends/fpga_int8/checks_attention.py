@@ -12,7 +12,7 @@ import math
 from ...quant.fixedpoint import INT32_MAX
 from ...quant.intmath import LN_FRACTION
 
-ATTENTION_OPS = ("matmul", "softmax", "gelu", "lut", "layernorm", "transpose", "embedding", "sum")
+ATTENTION_OPS = ("matmul", "softmax", "gelu", "lut", "layernorm", "transpose", "embedding", "sum", "constant")
 
 
 def check_attention(c, where: str, layer: dict, tensors: dict) -> None:
@@ -73,6 +73,9 @@ def check_attention(c, where: str, layer: dict, tensors: dict) -> None:
         need(len(gamma) == len(beta) == width, f"gamma and beta need {width} entries")
         reach = math.sqrt(width) * (1 << LN_FRACTION) * (max(map(abs, gamma)) + 1) + max(map(abs, beta))
         need(reach < 2 ** 31, "gamma and beta would overflow the int32 sum y gamma + beta")
+    elif op == "constant":
+        need(not ins and out["dtype"] == "int8" and layer.get("weight_shape") == out["shape"],
+             "a constant has no input and its int8 weight has its output's shape")
     elif op == "embedding":
         dtypes("int32")
         width = (layer.get("weight_shape") or [0, 0])[-1]

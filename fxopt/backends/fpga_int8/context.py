@@ -34,6 +34,7 @@ class LoweringContext:
         self.fused: set[fx.Node] = set()            # clamps folded into their producer
         self.constants: dict[fx.Node, np.ndarray] = {}   # per-sample real values known at export
         self.deferred: set[fx.Node] = set()         # adds that the add reading them absorbs
+        self.varying = _input_dependent(gm)         # nodes whose value depends on an input's values
 
     # ---- queries --------------------------------------------------------------------------
     def act_fq(self, node) -> FakeQuantize | None:
@@ -123,3 +124,16 @@ class LoweringContext:
         self.model.layers.append(Layer(name, op, inputs, name, fields, weight))
         self.values[node] = name
         return name
+
+
+_SIZE_READS = {torch.ops.aten.sym_size.int, torch.ops.aten.size.default}
+
+
+def _input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes whose values depend on a model input's values (not only on its sizes)."""
+    varying: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or (node.target not in _SIZE_READS
+                                        and any(a in varying for a in node.all_input_nodes)):
+            varying.add(node)
+    return varying

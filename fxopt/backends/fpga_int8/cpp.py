@@ -166,7 +166,7 @@ def _pool(x: _Tensor, y: _Tensor, layer: dict, dilation) -> str:
 def _call(layer: dict, L: str, T: dict[str, _Tensor]) -> str:
     """The C++ statement running one layer."""
     op, xs, y = layer["op"], [T[n] for n in layer["inputs"]], T[layer["output"]]
-    x = xs[0]
+    x = xs[0] if xs else None
     inner = math.prod(y.shape[1:])
     if op == "conv2d":
         o, _, kh, kw = layer["weight_shape"]
@@ -211,13 +211,15 @@ def _call(layer: dict, L: str, T: dict[str, _Tensor]) -> str:
 
 def _attention_call(layer: dict, L: str, xs: list[_Tensor], y: _Tensor) -> str:
     """The C++ statement of an attention op (kernels_attention.inc)."""
-    op, x = layer["op"], xs[0]
+    op, x = layer["op"], (xs[0] if xs else None)
     if op == "matmul":
         *batch, m, k = x.shape
         n = xs[1].shape[-2] if layer.get("transpose_b") else xs[1].shape[-1]
         geo = f"MatMul{{{math.prod(batch)}, {m}, {k}, {n}, {int(bool(layer.get('transpose_b')))}}}"
         return (f"matmul({x.ident}, {xs[1].ident}, {y.ident}, {L}_input_zero_points, {geo}, "
                 f"{_requant(L, layer, 1)});")
+    if op == "constant":
+        return f"std::memcpy({y.ident}, {L}_weight, {y.size});"
     if op == "embedding":
         vocab, width = layer["weight_shape"]
         return f"embedding({x.ident}, {y.ident}, {L}_weight, {x.size}, {width}, {vocab});"

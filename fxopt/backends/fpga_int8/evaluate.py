@@ -5,16 +5,20 @@ and a key mask. They enter the integer model as they are (scale 1, zero point 0)
 clamped to the table, a mask as int8. What a traced graph computes from them (the mask's
 broadcasting, position ids from a buffer) is not lowered op by op; it is evaluated here, on
 the host at export, so the lowering can check what it means (ops_integer) or fold it into a
-constant (ops_embedding).
+constant. A float value computed from parameters alone (a class token expanded over the batch,
+position rows looked up by constant ids) is a constant too: `constant_value` evaluates it once,
+for one sample, and the ops that read it fold it in (an add's offset, a constant layer).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.fx as fx
 
 from ...errors import UnsupportedError
 from ...ir.graph import fetch_attr, node_location
 from ...ir.meta import TENSOR
+from ...quant import quantizer_of
 from .context import LoweringContext
 
 _SIZES = {torch.ops.aten.sym_size.int, torch.ops.aten.size.default}
@@ -22,7 +26,7 @@ _SIZES = {torch.ops.aten.sym_size.int, torch.ops.aten.size.default}
 
 def evaluate(gm: fx.GraphModule, target: fx.Node, feeds: dict) -> torch.Tensor:
     """The value of `target` computed from `feeds` ({placeholder: tensor}) and the graph's
-    constants; only plain function calls are run."""
+    constants; only plain function calls and fxopt's quantizers are run."""
     env = dict(feeds)
 
     def run(node: fx.Node):
@@ -32,6 +36,8 @@ def evaluate(gm: fx.GraphModule, target: fx.Node, feeds: dict) -> torch.Tensor:
             value = fetch_attr(gm, node.target)
         elif node.op == "call_function":
             value = node.target(*fx.node.map_arg(node.args, run), **fx.node.map_arg(node.kwargs, run))
+        elif quantizer_of(gm, node) is not None:          # fxopt's own quantizers (frozen)
+            value = gm.get_submodule(node.target)(run(node.args[0]))
         else:
             raise UnsupportedError(f"fpga-int8: {target.name} depends on {node.name} ({node.op}), which the "
                                    "export cannot evaluate", where=node_location(target))
@@ -95,3 +101,15 @@ def integer_input(ctx: LoweringContext, value: fx.Node, reader: fx.Node, shape: 
         raise UnsupportedError(f"fpga-int8: input {source.name} is read both as a mask and as ids",
                                where=node_location(reader))
     return source
+
+
+def constant_value(gm: fx.GraphModule, node: fx.Node) -> np.ndarray:
+    """The value of a node that depends on no input's values, evaluated at batch 1 (float64;
+    its leading axis of size 1 broadcasts over the batch)."""
+    value = evaluate(gm, node, feeds_for(node, 1)) if node.op != "get_attr" else fetch_attr(gm, node.target)
+    return value.detach().double().numpy()
+
+
+def per_sample(value: np.ndarray, shape: list[int]) -> np.ndarray:
+    """A constant (batch-1 or broadcastable) as one sample of `shape`."""
+    return np.broadcast_to(value, (1, *shape))[0]

@@ -16,6 +16,7 @@ args [N, *shape]), and the C++ kernels of the same names compute the same intege
 - layernorm: over the last axis of int8 or int32 (within +-2^15) codes: `eps`, `gamma`,
   `beta` (per channel), one (multiplier, shift), `output_zero_point`, `clamp`.
 - transpose: `perm` of the per-sample axes.
+- constant: no input; the int8 weight is the per-sample value (a class token's codes).
 - embedding: int32 ids [.., T] (clamped to the table) gather rows of the int8 weight [V, C] as int32.
 - sum: terms (int8 with `input_zero_points`, or int32) each requantized per channel of the last
   axis (`multipliers` / `shifts`: `channels` entries per term, flat) onto a fine grid, plus an
@@ -86,5 +87,9 @@ def sum_terms(layer, args, weight, rounding):
     return output_stage(layer, total, rounding)
 
 
-ATTENTION_KERNELS = {"embedding": embedding, "sum": sum_terms, "matmul": matmul, "softmax": softmax, "gelu": gelu, "lut": lut, "layernorm": layernorm,
+def constant(layer, args, weight, rounding):
+    return weight.astype(np.int64)[None]        # one sample; the simulator broadcasts it over the batch
+
+
+ATTENTION_KERNELS = {"constant": constant, "embedding": embedding, "sum": sum_terms, "matmul": matmul, "softmax": softmax, "gelu": gelu, "lut": lut, "layernorm": layernorm,
                      "transpose": transpose}

@@ -32,6 +32,7 @@ from ...ir.meta import TENSOR
 from ...ir.nodes import target_name
 from . import ops_attention, ops_embedding, ops_joins, ops_linear, ops_pool  # noqa: F401  (they register handlers)
 from .context import LoweringContext
+from .evaluate import constant_value
 from .model import IntegerModel
 from .ops_integer import integer_op
 from .ops_quant import quantizer
@@ -56,6 +57,8 @@ class Lowering:
                 continue
             elif node in ctx.fused:
                 alias(ctx, node)
+            elif node not in ctx.varying and node.op == "call_function" and _holds_floats(node):
+                ctx.constants[node] = constant_value(ctx.gm, node)   # read by the ops that fold it
             elif ctx.act_fq(node) is not None:
                 quantizer(ctx, node)
             elif ctx.integer_op(node) is not None:

@@ -1,12 +1,11 @@
-"""Embedding lookups: int8 tables gathered by token ids, or folded to constants.
+"""Embedding lookups: int8 tables gathered by token ids.
 
 fake-quant{integer=true} quantizes a table like a weight (symmetric int8, one scale per
 column). Indexed by a model input (token ids), the lookup is a layer: the ids enter as int32
-clamped to the table and the rows are gathered as int32 codes with per-column scales. Indexed
-by a constant (position ids, token type ids from a buffer), the rows are the same for every
-sample: they are gathered at export and kept as the real values of their codes, which the add
-that reads them folds into its constant term (ops_joins.add_terms). A constant read by any other
-op is refused.
+clamped to the table and the rows are gathered as int32 codes with per-column scales. A lookup
+by constant ids (position ids, token type ids from a buffer) never reaches this handler: its
+value is a constant (evaluate.constant_value), which the add that reads it folds into its
+constant term (ops_joins.add_terms); a constant read by any other op is refused.
 """
 from __future__ import annotations
 
@@ -16,9 +15,8 @@ import torch.fx as fx
 
 from ...errors import UnsupportedError
 from ...ir.graph import node_location
-from ...ir.meta import TENSOR
 from .context import LoweringContext
-from .evaluate import evaluate, integer_input, placeholders_of
+from .evaluate import integer_input
 from .targets import EMBEDDINGS, LOWERINGS
 
 
@@ -28,14 +26,14 @@ def embedding(ctx: LoweringContext, node: fx.Node) -> None:
     codes, scale = _table_codes(ctx, node)
     index = node.args[1]
     shape = ctx.shape(node)
-    if index.op == "placeholder":
-        integer_input(ctx, index, node, shape[:-1], (0, codes.shape[0] - 1))
-        tensor = {"dtype": "int32", "shape": shape, "source": node.name, "scale": scale.tolist(),
-                  "scale_shape": [len(scale)], "bound": int(np.abs(codes).max())}
-        ctx.emit(node, "embedding", [index.name], tensor, {}, codes)
-        return
-    rows = _constant_index(ctx, index, node)
-    ctx.constants[node] = codes[rows].astype(np.float64) * scale
+    if index.op != "placeholder":
+        raise UnsupportedError(f"fpga-int8: the index of {node.name} is computed from the inputs' values; an "
+                               "embedding takes an integer model input (token ids) or constants",
+                               where=node_location(node), hint="pass the ids the table is indexed by as an input")
+    integer_input(ctx, index, node, shape[:-1], (0, codes.shape[0] - 1))
+    tensor = {"dtype": "int32", "shape": shape, "source": node.name, "scale": scale.tolist(),
+              "scale_shape": [len(scale)], "bound": int(np.abs(codes).max())}
+    ctx.emit(node, "embedding", [index.name], tensor, {}, codes)
 
 
 def _table_codes(ctx: LoweringContext, node: fx.Node) -> tuple[np.ndarray, np.ndarray]:
@@ -52,19 +50,3 @@ def _table_codes(ctx: LoweringContext, node: fx.Node) -> tuple[np.ndarray, np.nd
     scale = fq.scale.double().reshape(-1).expand(table.shape[1])
     codes = torch.round(dequant / scale).clamp(-127, 127).to(torch.int8)
     return codes.numpy(), scale.numpy()
-
-
-def _constant_index(ctx: LoweringContext, index: fx.Node, node: fx.Node) -> np.ndarray:
-    """The per-sample indices of a lookup whose index does not depend on the inputs' values."""
-    results = []
-    for batch, fill in ((1, 0), (2, 1)):
-        feeds = {p: torch.full((batch, *p.meta[TENSOR].shape[1:]), fill, dtype=p.meta[TENSOR].dtype)
-                 for p in placeholders_of(index)}
-        results.append(evaluate(ctx.gm, index, feeds))
-    one, two = results
-    same = one.dim() >= 1 and one.shape[0] == 1 and two.shape[0] in (1, 2) and two.shape[1:] == one.shape[1:]
-    if not same or not bool((two == one.expand_as(two)).all()):        # [1, ..] broadcasts over the batch
-        raise UnsupportedError(f"fpga-int8: the index of {node.name} depends on the inputs' values and is not "
-                               "an input itself", where=node_location(node),
-                               hint="index embeddings by an integer model input or by constants")
-    return one[0].numpy().astype(np.int64)

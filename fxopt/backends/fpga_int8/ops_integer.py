@@ -16,7 +16,7 @@ from ...errors import UnsupportedError
 from ...ir.graph import node_location
 from ...quant.intmath import gelu_constants, layernorm_constants, softmax_constants
 from .context import LoweringContext
-from .evaluate import evaluate, feeds_for, integer_input
+from .evaluate import constant_value, evaluate, feeds_for, integer_input
 from .grid import Grid
 
 
@@ -31,8 +31,9 @@ def integer_op(ctx: LoweringContext, node: fx.Node) -> None:
         k = softmax_constants(op.logit_scale())
         fields.update(ln2=k.ln2, exp_b=k.b, exp_c=k.c)
         del fields["clamp"]
-        if len(node.args) > 1:
-            inputs.append(_key_mask(ctx, node, tensor["shape"][-1]))
+        mask = _key_mask(ctx, node, tensor["shape"][-1]) if len(node.args) > 1 else None
+        if mask is not None:
+            inputs.append(mask)
     elif op.kind == "gelu":
         k = gelu_constants(op.in_grid()[0], out.scale)
         fields.update(input_zero_point=tensor["zero_point"], gelu_b=k.b, gelu_one=k.one, multiplier=k.multiplier,
@@ -62,10 +63,16 @@ def _input_on_grid(ctx: LoweringContext, node: fx.Node, grid: Grid) -> tuple[str
     return name, tensor
 
 
-def _key_mask(ctx: LoweringContext, node: fx.Node, keys: int) -> str:
+def _key_mask(ctx: LoweringContext, node: fx.Node, keys: int) -> str | None:
     """The model input that masks the softmax's keys, checked on test masks to keep key j of
-    sample b exactly where mask[b, j] != 0."""
+    sample b exactly where mask[b, j] != 0; None for a constant mask that keeps every key."""
     keep = node.args[1]
+    if keep not in ctx.varying:
+        if bool(torch.as_tensor(constant_value(ctx.gm, keep)).all()):
+            return None
+        raise UnsupportedError(f"fpga-int8: the mask of {node.name} is a constant that drops keys (e.g. a "
+                               "causal mask); the integer softmax takes a key mask from an input",
+                               where=node_location(node), hint="export an encoder with a [batch, keys] mask")
     placeholder = integer_input(ctx, keep, node, [keys], (-128, 127))
     info = placeholder.meta["fxopt.tensor"]
     generator = torch.Generator().manual_seed(0)

@@ -24,7 +24,8 @@ from ...ir.graph import node_location
 from ...ir.nodes import arg
 from ...quant.fixedpoint import multiplier_value, quantize_multiplier, quantize_multipliers
 from .context import LoweringContext
-from .grid import code_bounds, spread
+from .evaluate import constant_value, per_sample
+from .grid import Grid, OutputForm, code_bounds, spread
 from .layer_io import check_bound, int8_inputs, int8_out, int32_out, need_grid
 from .targets import ADDS, CATS, LOWERINGS
 
@@ -79,6 +80,8 @@ def concat(ctx: LoweringContext, node: fx.Node) -> None:
         raise UnsupportedError(f"fpga-int8: {node.name} concatenates along the batch dimension",
                                where=node_location(node))
     form = ctx.output_form(node)
+    if form.grid is None and len({Grid.of_tensor(t) for t in ins}) == 1:
+        form = OutputForm(Grid.of_tensor(ins[0]), form.lo, form.hi, form.last)   # a shared join: exact
     need_grid(node, form)
     pairs = [quantize_multiplier(t["scale"] / form.grid.scale) for t in ins]
     fields = {"axis": dim - 1, "input_zero_points": [t["zero_point"] for t in ins],
@@ -92,11 +95,15 @@ def _needs_sum(ctx: LoweringContext, node: fx.Node, form) -> bool:
     if form.grid is not None and form.grid.wide:
         return True
     for value in node.args[:2]:
-        if value in ctx.constants or value in ctx.deferred:
+        if _is_constant(ctx, value) or value in ctx.deferred:
             return True
         if value in ctx.values and ctx.model.tensors[ctx.values[value]]["dtype"] == "int32":
             return form.grid is not None
     return False
+
+
+def _is_constant(ctx: LoweringContext, value) -> bool:
+    return isinstance(value, fx.Node) and (value in ctx.constants or value.op == "get_attr")
 
 
 def _terms(ctx: LoweringContext, node: fx.Node) -> list[fx.Node]:
@@ -115,8 +122,9 @@ def add_terms(ctx: LoweringContext, node: fx.Node, form) -> None:
     constant = np.zeros(shape)
     names, zero_points, terms = [], [], []
     for value in _terms(ctx, node):
-        if value in ctx.constants:
-            constant = constant + np.broadcast_to(ctx.constants[value], shape)
+        if _is_constant(ctx, value):
+            constant = constant + per_sample(ctx.constants.get(value, None) if value in ctx.constants
+                                             else constant_value(ctx.gm, value), shape)
             continue
         name, tensor = ctx.tensor(value, node)
         if tensor["shape"] != shape:
@@ -142,7 +150,7 @@ def add_terms(ctx: LoweringContext, node: fx.Node, form) -> None:
               "channels": channels, "multiplier": 1 << 30, "shift": 1 - fraction,
               "output_zero_point": form.grid.zero_point, "clamp": code_bounds(form.grid, form.lo, form.hi),
               "acc_bits": check_bound(node, int(bound))}
-    if ctx.constants.keys() & set(_terms(ctx, node)):
+    if any(_is_constant(ctx, v) for v in _terms(ctx, node)):
         fields["offset"] = offset.astype(np.int64).reshape(-1).tolist()
     ctx.emit(node, "sum", names, form.grid.tensor(shape, form.last.name), fields)
 

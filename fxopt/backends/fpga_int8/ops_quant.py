@@ -2,17 +2,19 @@
 
 A quantizer on a model input defines the input's quantization (the host-side float
 step); on codes already on its grid it is the identity; on codes of another grid it
-becomes a requantize layer. Quantizers are call_module nodes, so the walk sends them
+becomes a requantize layer; on a constant (a class token) it is a constant layer of its codes. Quantizers are call_module nodes, so the walk sends them
 here by what they run, not by an aten target.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch.fx as fx
 
 from ...errors import UnsupportedError
 from ...ir.graph import node_location
 from ...quant.fixedpoint import quantize_multiplier
 from .context import LoweringContext
+from .evaluate import constant_value, per_sample
 from .grid import Grid
 
 
@@ -25,6 +27,12 @@ def quantizer(ctx: LoweringContext, node: fx.Node) -> None:
                                  "zero_point": grid.zero_point, "qmin": grid.qmin, "qmax": grid.qmax})
         ctx.model.tensors[src.name] = grid.tensor(ctx.shape(src), node.name)
         ctx.values[src] = ctx.values[node] = src.name
+        return
+    if src in ctx.constants or (isinstance(src, fx.Node) and src.op == "get_attr"):
+        values = ctx.constants[src] if src in ctx.constants else constant_value(ctx.gm, src)
+        shape = ctx.shape(node)
+        codes = np.clip(np.rint(per_sample(values, shape) / grid.scale) + grid.zero_point, grid.qmin, grid.qmax)
+        ctx.emit(node, "constant", [], grid.tensor(shape, node.name), {}, codes.astype(np.int8))
         return
     name, tensor = ctx.tensor(src, node)
     if tensor["dtype"] == "int8" and Grid.of_tensor(tensor) == grid:

@@ -96,7 +96,7 @@ class ResourceReport:
 
 # op -> (multipliers, dividers) per lane of an element-wise attention op
 ATTENTION_COSTS = {"softmax": (1, 1), "gelu": (3, 0), "layernorm": (3, 1), "lut": (0, 0), "transpose": (0, 0),
-                   "embedding": (0, 0)}
+                   "embedding": (0, 0), "constant": (0, 0)}
 
 
 def _attention(layer: dict, spec: dict, reuse_factor: int) -> LayerResources:
@@ -114,7 +114,7 @@ def _attention(layer: dict, spec: dict, reuse_factor: int) -> LayerResources:
     mults, divs = ATTENTION_COSTS.get(layer["op"], (len(ins) + 1, 0))        # sum: one requant per term
     lanes = math.ceil(elements / reuse_factor)
     on_chip = elements if layer["op"] == "transpose" else 0       # a transpose buffers its whole input
-    if layer["op"] == "embedding":
+    if layer["op"] in ("embedding", "constant"):
         table = int(np.prod(layer["weight_shape"]))               # the int8 table itself
     params += 4 * len(layer.get("offset", [])) + 5 * len(layer.get("multipliers", []))
     return LayerResources(layer["name"], layer["op"], 0, None, 8 if out["dtype"] == "int8" else 32,

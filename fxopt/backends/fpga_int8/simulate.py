@@ -57,9 +57,12 @@ def run_integer(spec: dict, weights: dict, inputs: dict) -> dict[str, np.ndarray
     dtypes = {entry["name"]: input_dtype(entry) for entry in spec["inputs"]}
     values = {name: np.asarray(codes, dtype=dtypes.get(name, np.int8)) for name, codes in inputs.items()}
     rounding = spec["rounding"]
+    batch = len(next(iter(values.values()))) if values else 1
     for layer in spec["layers"]:
         args = [values[name] for name in layer["inputs"]]
         out = KERNELS[layer["op"]](layer, args, weights.get(layer["name"]), rounding)
+        if layer["op"] == "constant":
+            out = np.broadcast_to(out, (batch, *out.shape[1:]))
         dtype = np.int8 if spec["tensors"][layer["output"]]["dtype"] == "int8" else np.int32
         values[layer["output"]] = out.astype(dtype)
     return values
