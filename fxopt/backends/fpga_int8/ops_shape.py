@@ -8,13 +8,14 @@ input's own grid.
 from __future__ import annotations
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from ...errors import UnsupportedError
 from ...ir.graph import node_location
 from .context import LoweringContext
 from .grid import Grid, clamp_range, code_bounds
-from .targets import ALIASES, CLAMPS, RESHAPES, LOWERINGS
+from .targets import ALIASES, CLAMPS, RESHAPES, SQUEEZES, LOWERINGS
 
 
 @LOWERINGS.register(*ALIASES)
@@ -27,12 +28,21 @@ def alias(ctx: LoweringContext, node: fx.Node) -> None:
 def reshape(ctx: LoweringContext, node: fx.Node) -> None:
     """Lower a flatten / reshape / view to a reshape layer."""
     name, tensor = ctx.tensor(node.args[0], node)
+    if node.target in SQUEEZES and _axis(node, len(tensor["shape"]) + 1) == 0:
+        raise UnsupportedError(f"fpga-int8: {node.name} adds or removes the batch axis", where=node_location(node),
+                               hint="keep the batch axis first; the export runs one sample at a time")
     shape = ctx.shape(node)
     out = {**tensor, "shape": shape, "source": node.name}
     if tensor["dtype"] == "int32":
         full = np.broadcast_to(np.asarray(tensor["scale"]).reshape(tensor["scale_shape"]), tensor["shape"])
         out.update(scale=full.reshape(shape).reshape(-1).tolist(), scale_shape=shape)
     ctx.emit(node, "reshape", [name], out, {"shape": shape})
+
+
+def _axis(node: fx.Node, rank: int) -> int:
+    """The axis an unsqueeze inserts (of rank + 1) or a squeeze removes (of `rank`), from 0."""
+    grows = node.target == torch.ops.aten.unsqueeze.default
+    return int(node.args[1]) % (rank + 1 if grows else rank)
 
 
 @LOWERINGS.register(*CLAMPS)

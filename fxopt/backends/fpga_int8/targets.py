@@ -21,7 +21,8 @@ CLAMPS = {aten.relu.default, aten.relu_.default, aten.relu6.default, aten.hardta
 PERMUTES = {aten.transpose.int, aten.permute.default}
 MOVES = {aten.max_pool2d.default, aten.flatten.using_ints, aten.reshape.default, aten.view.default,
          aten._unsafe_view.default, aten.dropout.default, aten.clone.default, aten.contiguous.default,
-         aten.alias.default, aten.detach.default, torch.flatten, *PERMUTES}
+         aten.alias.default, aten.detach.default, torch.flatten, aten.unsqueeze.default, aten.squeeze.dim,
+         *PERMUTES}
 CONVS = {aten.conv2d.default, aten.convolution.default}
 LINEARS = {aten.linear.default}
 MATMULS = {aten.matmul.default, aten.bmm.default, torch.matmul}
@@ -30,7 +31,8 @@ CATS = {aten.cat.default, torch.cat}
 EMBEDDINGS = {aten.embedding.default}
 MAX_POOLS = {aten.max_pool2d.default}
 AVG_POOLS = {aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default, aten.mean.dim}
+SQUEEZES = {aten.unsqueeze.default, aten.squeeze.dim}
 RESHAPES = {aten.flatten.using_ints, aten.reshape.default, aten.view.default, aten._unsafe_view.default,
-            torch.flatten}
+            torch.flatten, *SQUEEZES}
 ALIASES = {aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
            aten.detach.default}

