@@ -17,6 +17,9 @@ Per model and variant (rounding single, the default; rounding double; pow2-scale
   elements within 1 LSB end to end, where early 1-LSB flips have propagated);
 - accuracy: fp32, the fake-quant model and the integer model (simulator).
 
+The MiniLM table (benchmarks/fpga_transformer.py, not in --quick): the sentence encoder
+exported integer-only (fake-quant{integer=true}), with its sentence-embedding fidelity.
+
 The RTL table (benchmarks/fpga_rtl.py): the export with rtl=True, its Verilator
 simulation against the simulator and its synthesis, per model and reuse factor.
 """
@@ -33,7 +36,7 @@ import fxopt
 from fxopt.backends.fpga_int8 import simulate, verify
 from fxopt.backends.fpga_int8.cpp import compile_cpp
 
-from .. import digits, fpga_rtl
+from .. import digits, fpga_rtl, fpga_transformer
 from ..fpga_models import ResidualMLP
 from ..harness import choose_models, environment, markdown_table, measure, render_results, save_results
 from ..models import with_realistic_statistics
@@ -127,6 +130,7 @@ def run(models=None, repeats: int | None = None, quick: bool = False, out_dir=No
               "config": {"models": list(names), "pipeline": PIPELINE, "variants": VARIANTS, "quick": quick,
                          "threads": torch.get_num_threads()},
               "models": records, "rtl": fpga_rtl.run(quick, log) if rtl else [],
+              "transformer": fpga_transformer.run(log) if not quick else [],
               "wall_s": time.perf_counter() - start}
     return save_results(NAME, result, to_markdown, out_dir)
 
@@ -151,7 +155,8 @@ def to_markdown(result: dict) -> str:
     return (f"# Suite fpga\n\n{__doc__.split(chr(10), 1)[1]}\nPipeline `{result['config']['pipeline']}`; "
             f"torch {env.get('torch')}, {env.get('cpu_model')}, {env.get('torch_threads')} threads; "
             f"wall {result['wall_s']:.0f} s. Random models' accuracy = agreement with fp32's top-1.\n\n"
-            + markdown_table(headers, rows) + "\n" + _rtl_markdown(result.get("rtl", [])))
+            + markdown_table(headers, rows) + "\n" + fpga_transformer.markdown(result.get("transformer", []))
+            + _rtl_markdown(result.get("rtl", [])))
 
 
 def _rtl_markdown(rows: list[dict]) -> str:
