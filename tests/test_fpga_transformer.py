@@ -25,7 +25,7 @@ def _bert():
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=128, max_position_embeddings=TOKENS)
-    return transformers.BertModel(config, add_pooling_layer=False).eval()
+    return transformers.BertModel(config).eval()              # with its pooler: select, linear, tanh
 
 
 def _token_batch(seed: int, size: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,10 +35,6 @@ def _token_batch(seed: int, size: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.randint(3, TOKENS + 1, (size,), generator=g)
     mask = (torch.arange(TOKENS)[None, :] < lengths[:, None]).long()
     return ids * mask, mask
-
-
-def _hidden(out) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -52,26 +48,28 @@ def test_bert_encoder_from_config_exports_integer_only_and_verifies(tmp_path):
     cm = fxopt.compile(model, batches[0], pipeline="fake-quant{integer=true}", calibration=batches[:3],
                        backend="fpga-int8", export_dir=out)
     kinds = sorted(set(cm.report.quant.integer_ops.values()))
-    assert kinds == ["gelu", "layernorm", "softmax"]
+    assert kinds == ["gelu", "layernorm", "lut", "softmax"]
     report = verify(out, batches[3], cm)
     assert report.ok, str(report)
     assert all(c.cpp_max_diff == 0 for c in report.checks)
     assert min(c.ref_within_1 for c in report.checks) >= 0.999
     spec = json.loads((out / "model.json").read_text())
     ops = {layer["op"] for layer in spec["layers"]}
-    assert {"embedding", "sum", "softmax", "layernorm", "gelu", "matmul", "linear"} <= ops
+    assert {"embedding", "sum", "softmax", "layernorm", "gelu", "matmul", "linear", "slice", "lut"} <= ops
     assert [(e["name"], e.get("dtype", "int8")) for e in spec["inputs"]] == [("input_ids", "int32"),
                                                                             ("attention_mask", "int8")]
     assert all(len(layer["inputs"]) == 2 for layer in spec["layers"] if layer["op"] == "softmax")  # the mask
     assert not (out / "model.onnx").exists() and "no model.onnx" in str(cm.report.fpga)
     ids, mask = batches[3]
     with torch.no_grad():
-        fp32 = _hidden(model(ids, mask))
+        fp32 = model(ids, mask)
+    hidden, pooled = cm(ids, mask)
     kept = mask.bool()
-    assert _cosine(cm(ids, mask)[kept], fp32[kept]).mean() > 0.98
+    assert _cosine(hidden[kept], fp32.last_hidden_state[kept]).mean() > 0.98
+    assert _cosine(pooled, fp32.pooler_output).mean() > 0.98
     # padding is masked in the integer model too: other ids at padded positions change no kept token
     other = torch.where(kept, ids, (ids + 7) % 120)
-    assert torch.equal(cm(ids, mask)[kept], cm(other, mask)[kept])
+    assert torch.equal(hidden[kept], cm(other, mask)[0][kept])
 
 
 def test_vit_encoder_from_config_exports_integer_only_and_verifies(tmp_path):

@@ -12,7 +12,7 @@ import math
 from ...quant.fixedpoint import INT32_MAX
 from ...quant.intmath import LN_FRACTION
 
-ATTENTION_OPS = ("matmul", "softmax", "gelu", "lut", "layernorm", "transpose", "embedding", "sum", "constant")
+ATTENTION_OPS = ("matmul", "softmax", "gelu", "lut", "layernorm", "transpose", "embedding", "sum", "constant", "slice")
 
 
 def check_attention(c, where: str, layer: dict, tensors: dict) -> None:
@@ -73,6 +73,17 @@ def check_attention(c, where: str, layer: dict, tensors: dict) -> None:
         need(len(gamma) == len(beta) == width, f"gamma and beta need {width} entries")
         reach = math.sqrt(width) * (1 << LN_FRACTION) * (max(map(abs, gamma)) + 1) + max(map(abs, beta))
         need(reach < 2 ** 31, "gamma and beta would overflow the int32 sum y gamma + beta")
+    elif op == "slice":
+        rank = len(shapes[0]) if len(ins) == 1 else 0
+        axis = c.int_in(f"{where}.axis", layer.get("axis"), 0, max(rank - 1, 0))
+        size = shapes[0][axis] if rank else 0
+        start = c.int_in(f"{where}.start", layer.get("start"), 0, max(size - 1, 0))
+        step = c.int_in(f"{where}.step", layer.get("step"), 1, 1 << 20)
+        count = c.int_in(f"{where}.count", layer.get("count"), 1, 1 << 20)
+        need(rank > 0 and start + (count - 1) * step < size, f"slice of {count} from {start} by {step} leaves "
+                                                              f"an axis of {size}")
+        need(math.prod(out["shape"]) == math.prod(shapes[0]) // size * count and out["dtype"] == ins[0]["dtype"]
+             and layer.get("shape") == out["shape"], f"slice of {shapes[0]} cannot give {out['shape']}")
     elif op == "constant":
         need(not ins and out["dtype"] == "int8" and layer.get("weight_shape") == out["shape"],
              "a constant has no input and its int8 weight has its output's shape")

@@ -218,6 +218,11 @@ def _attention_call(layer: dict, L: str, xs: list[_Tensor], y: _Tensor) -> str:
         geo = f"MatMul{{{math.prod(batch)}, {m}, {k}, {n}, {int(bool(layer.get('transpose_b')))}}}"
         return (f"matmul({x.ident}, {xs[1].ident}, {y.ident}, {L}_input_zero_points, {geo}, "
                 f"{_requant(L, layer, 1)});")
+    if op == "slice":
+        axis = int(layer["axis"])
+        outer, inner = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1:])
+        return (f"slice_axis({x.ident}, {y.ident}, {outer}, {x.shape[axis]}, {inner}, {int(layer['start'])}, "
+                f"{int(layer['step'])}, {int(layer['count'])});")
     if op == "constant":
         return f"std::memcpy({y.ident}, {L}_weight, {y.size});"
     if op == "embedding":

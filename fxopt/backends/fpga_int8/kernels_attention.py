@@ -16,6 +16,8 @@ args [N, *shape]), and the C++ kernels of the same names compute the same intege
 - layernorm: over the last axis of int8 or int32 (within +-2^15) codes: `eps`, `gamma`,
   `beta` (per channel), one (multiplier, shift), `output_zero_point`, `clamp`.
 - transpose: `perm` of the per-sample axes.
+- slice: `count` entries from `start` by `step` along per-sample `axis`, as `shape` (a select: count 1,
+  the axis dropped).
 - constant: no input; the int8 weight is the per-sample value (a class token's codes).
 - embedding: int32 ids [.., T] (clamped to the table) gather rows of the int8 weight [V, C] as int32.
 - sum: terms (int8 with `input_zero_points`, or int32) each requantized per channel of the last
@@ -87,9 +89,16 @@ def sum_terms(layer, args, weight, rounding):
     return output_stage(layer, total, rounding)
 
 
+def slice_axis(layer, args, weight, rounding):
+    x = args[0]
+    picked = np.take(x, range(layer["start"], layer["start"] + layer["count"] * layer["step"], layer["step"]),
+                     axis=layer["axis"] + 1)
+    return picked.reshape(len(x), *layer["shape"])
+
+
 def constant(layer, args, weight, rounding):
     return weight.astype(np.int64)[None]        # one sample; the simulator broadcasts it over the batch
 
 
-ATTENTION_KERNELS = {"constant": constant, "embedding": embedding, "sum": sum_terms, "matmul": matmul, "softmax": softmax, "gelu": gelu, "lut": lut, "layernorm": layernorm,
+ATTENTION_KERNELS = {"slice": slice_axis, "constant": constant, "embedding": embedding, "sum": sum_terms, "matmul": matmul, "softmax": softmax, "gelu": gelu, "lut": lut, "layernorm": layernorm,
                      "transpose": transpose}

@@ -1,7 +1,8 @@
-"""Ops that keep a value's codes on its grid: reshapes, aliases, and clamps left unfused.
+"""Ops that keep a value's codes on its grid: reshapes, slices, aliases, and clamps left unfused.
 
 A reshape relabels the shape (an int32 value's per-channel scales follow its elements);
-an alias (dropout, clone, detach...) names the same tensor; a clamp the output-form
+a slice or select of a per-sample axis copies a strided run of it (a full slice of the
+batch axis is an alias); an alias (dropout, clone, detach...) names the same tensor; a clamp the output-form
 search could not fuse into its producer (one after a move) bounds int8 codes on the
 input's own grid.
 """
@@ -15,7 +16,7 @@ from ...errors import UnsupportedError
 from ...ir.graph import node_location
 from .context import LoweringContext
 from .grid import Grid, clamp_range, code_bounds
-from .targets import ALIASES, CLAMPS, RESHAPES, SQUEEZES, LOWERINGS
+from .targets import ALIASES, CLAMPS, RESHAPES, SLICES, SQUEEZES, LOWERINGS
 
 
 @LOWERINGS.register(*ALIASES)
@@ -54,3 +55,32 @@ def clamp(ctx: LoweringContext, node: fx.Node) -> None:
                                where=node_location(node), hint="put the clamp right after its producer")
     ctx.emit(node, "clamp", [name], {**tensor, "source": node.name},
              {"clamp": code_bounds(Grid.of_tensor(tensor), *clamp_range(node))})
+
+
+@LOWERINGS.register(*SLICES)
+def slice_or_select(ctx: LoweringContext, node: fx.Node) -> None:
+    """Lower x[.., start:stop:step, ..] or x.select(axis, i) of a per-sample axis to a slice layer."""
+    name, tensor = ctx.tensor(node.args[0], node)
+    in_shape = tensor["shape"]
+    axis = int(node.args[1]) % (len(in_shape) + 1)
+    size = ([1] + in_shape)[axis]
+    if node.target == torch.ops.aten.select.int:
+        start, step, count = int(node.args[2]) % size if axis else 0, 1, 1
+    else:
+        start, stop, step = (list(node.args[2:5]) + [None, None, None])[:3]
+        start, stop, step = slice(start, stop, step).indices(size) if axis else (0, size, 1)
+        count = len(range(start, stop, step))
+    if axis == 0:
+        if node.target == torch.ops.aten.select.int or (start, count, step) != (0, size, 1):
+            raise UnsupportedError(f"fpga-int8: {node.name} slices the batch axis", where=node_location(node),
+                                   hint="keep the batch axis whole; the export runs one sample at a time")
+        ctx.values[node] = name
+        return
+    shape = ctx.shape(node)
+    out = {**tensor, "shape": shape, "source": node.name}
+    if tensor["dtype"] == "int32":
+        full = np.broadcast_to(np.asarray(tensor["scale"]).reshape(tensor["scale_shape"]), in_shape)
+        picked = np.take(full, range(start, start + count * step, step), axis=axis - 1)
+        out.update(scale=picked.reshape(shape).reshape(-1).tolist(), scale_shape=shape)
+    ctx.emit(node, "slice", [name], out, {"axis": axis - 1, "start": start, "step": step, "count": count,
+                                                      "shape": shape})

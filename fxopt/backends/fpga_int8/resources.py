@@ -96,7 +96,7 @@ class ResourceReport:
 
 # op -> (multipliers, dividers) per lane of an element-wise attention op
 ATTENTION_COSTS = {"softmax": (1, 1), "gelu": (3, 0), "layernorm": (3, 1), "lut": (0, 0), "transpose": (0, 0),
-                   "embedding": (0, 0), "constant": (0, 0)}
+                   "embedding": (0, 0), "constant": (0, 0), "slice": (0, 0)}
 
 
 def _attention(layer: dict, spec: dict, reuse_factor: int) -> LayerResources:

@@ -19,10 +19,11 @@ LOWERINGS = OpRegistry("fpga-int8 lowering")   # each op family registers its ha
 CLAMPS = {aten.relu.default, aten.relu_.default, aten.relu6.default, aten.hardtanh.default,
           aten.hardtanh_.default, aten.clamp.default, aten.clamp_.default, torch.relu}
 PERMUTES = {aten.transpose.int, aten.permute.default}
+SLICES = {aten.slice.Tensor, aten.select.int}
 MOVES = {aten.max_pool2d.default, aten.flatten.using_ints, aten.reshape.default, aten.view.default,
          aten._unsafe_view.default, aten.dropout.default, aten.clone.default, aten.contiguous.default,
          aten.alias.default, aten.detach.default, torch.flatten, aten.unsqueeze.default, aten.squeeze.dim,
-         *PERMUTES}
+         *PERMUTES, *SLICES}
 CONVS = {aten.conv2d.default, aten.convolution.default}
 LINEARS = {aten.linear.default}
 MATMULS = {aten.matmul.default, aten.bmm.default, torch.matmul}
