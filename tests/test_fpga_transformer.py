@@ -159,3 +159,16 @@ def test_minilm_exports_integer_only_with_its_sentence_embeddings(tmp_path):
     assert (fp32 * ours).sum(-1).mean() >= 0.98
     pairs = list(itertools.combinations(range(len(fp32)), 2))
     assert spearman([float(fp32[i] @ fp32[j]) for i, j in pairs], [float(ours[i] @ ours[j]) for i, j in pairs]) >= 0.97
+
+
+def test_an_integer_fake_quant_model_saves_and_loads(tmp_path):
+    model = _bert()
+    batches = [_token_batch(seed) for seed in range(4)]
+    cm = fxopt.compile(model, batches[0], pipeline="fake-quant{integer=true}", calibration=batches[:3])
+    fxopt.save(cm, tmp_path / "bert.fxopt")
+    loaded = fxopt.load(tmp_path / "bert.fxopt")
+    with torch.no_grad():
+        want, got = cm(*batches[3]), loaded(*batches[3])
+    assert torch.equal(want.last_hidden_state, got.last_hidden_state)
+    assert torch.equal(want.pooler_output, got.pooler_output)
+    assert loaded.graph_module.get_submodule("integer_ops.layernorm").frozen

@@ -20,6 +20,8 @@ from torch.utils._pytree import treespec_dumps, treespec_loads
 from ..errors import UnsupportedError
 from ..ir.meta import INPUT_NAMES, INPUT_RANGES, INPUT_SHAPES, INPUT_SYMBOLS, TensorInfo
 from ..quant import FakeQuantize
+from ..quant.integer_modules import (LUT_FUNCTIONS, IntegerGELU, IntegerLayerNorm, IntegerLut, IntegerOp,
+                                     IntegerSoftmax)
 from ..quant.qparams import QSpec
 
 FORMAT = "fxopt.graph/1"
@@ -42,9 +44,11 @@ def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _inside_rebuilt(path: str, modules: dict) -> bool:
-    """A submodule that its parent's constructor makes (a quantizer's observer)."""
+    """A submodule that its parent's constructor makes (a quantizer's observer) or that its
+    parent rebuilds (an integer op's kernel)."""
     parts = path.split(".")
     return any(modules.get(".".join(parts[:i]), {}).get("kind") == "fake_quantize"
+               or (modules.get(".".join(parts[:i]), {}).get("kind") == "integer_op" and parts[i] == "kernel")
                for i in range(1, len(parts)))
 
 
@@ -58,6 +62,10 @@ def _module_record(path: str, module: torch.nn.Module, tensors: dict) -> dict:
                 "role": module.role,
                 "channels": int(module.scale.numel()), "learnable": module.learnable,
                 "observing": module.observing, "label": module.label}
+    if isinstance(module, IntegerOp):
+        return {"kind": "integer_op", "op": module.kind, "scale": getattr(module, "scale", None),
+                "eps": getattr(module, "eps", None), "function": getattr(module, "function", None),
+                "frozen": module.frozen, "tensors": _own_tensors(path, module, tensors)}
     if type(module).__name__ == "GuardsFn":
         return {"kind": "guards"}   # input checks; fxopt's own call checks replace them
     if isinstance(module, fx.GraphModule):
@@ -199,6 +207,8 @@ def _build(path: str, record: dict, tensors: dict, built: dict) -> torch.nn.Modu
         return _fake_quantize(path, record, tensors)
     if kind == "guards":
         return torch.nn.Module()
+    if kind == "integer_op":
+        return _integer_op(path, record, tensors, built)
     if kind not in ("graph", "container"):
         raise UnsupportedError(f"saved module '{path}' has an unknown kind {kind!r}",
                                hint="load it with the fxopt version that saved it")
@@ -233,6 +243,31 @@ def _fake_quantize(path: str, record: dict, tensors: dict) -> torch.nn.Module:
     fq.load_state_dict(state, strict=False)
     fq.observing, fq.label = bool(record["observing"]), str(record.get("label", ""))
     return fq
+
+
+def _integer_op(path: str, record: dict, tensors: dict, built: dict) -> torch.nn.Module:
+    """An integer op (quant.integer_modules) with its saved quantizers; its kernel is rebuilt."""
+    op, own = record.get("op"), {name: _tensor(tensors, _join(path, name)) for name in record.get("tensors", {})}
+    if op == "softmax":
+        module = IntegerSoftmax(float(record["scale"]))
+    elif op == "gelu":
+        module = IntegerGELU()
+    elif op == "layernorm":
+        module = IntegerLayerNorm(own["weight"], own["bias"], float(record["eps"]))
+    elif op == "lut" and record.get("function") in LUT_FUNCTIONS:
+        module = IntegerLut(str(record["function"]))
+    else:
+        raise UnsupportedError(f"saved module '{path}' is an unknown integer op {op!r}",
+                               hint="load it with the fxopt version that saved it")
+    for name, value in own.items():
+        if name in module._buffers:
+            setattr(module, name, value)
+    for name in ("input_fq", "output_fq"):
+        if getattr(module, name) is not None:
+            setattr(module, name, built[_join(path, name)])
+    if record.get("frozen"):
+        module.freeze()
+    return module
 
 
 def _tensor(tensors: dict, key: str) -> torch.Tensor:
