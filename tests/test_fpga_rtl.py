@@ -243,3 +243,28 @@ def test_requant_unit_edge_cases(tmp_path, rounding, chunk):
     a, m, s = (np.array(v) for v in zip(*triples))
     np.testing.assert_array_equal(got, requantize(a, m, s, rounding))
     assert [datapath(int(x), p, rounding) for x, p in zip(a[:500], plans[:500])] == got[:500].tolist()
+
+
+@pytest.mark.parametrize("simulator", SIMS)
+def test_table_lookups_run_bit_exact_in_the_rtl(tmp_path, simulator):
+    """tanh and sigmoid of fake-quant{integer=true} are 256-entry tables: ROMs in the RTL."""
+    import torch
+
+    import fxopt
+    from fxopt.backends.fpga_int8 import load, quantize_inputs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8),
+                                torch.nn.Sigmoid(), torch.nn.Linear(8, 4)).eval()
+    batches = [torch.randn(16, 12) * 2 for _ in range(3)]
+    out = tmp_path / "mlp"
+    fxopt.compile(model, batches[0], pipeline="fake-quant{integer=true outputs=true}", calibration=batches[:2],
+                  backend="fpga-int8", export_dir=out, rtl=True)
+    spec, weights = load(out)
+    assert [layer["op"] for layer in spec["layers"]].count("lut") == 2
+    name = spec["inputs"][0]["name"]
+    codes = quantize_inputs(spec, {name: batches[2].numpy()})
+    want = run_integer(spec, weights, codes)[spec["outputs"][0]]
+    run = run_rtl(design(spec, weights, 4), codes[name], simulator, stall=True)
+    np.testing.assert_array_equal(run.outputs.reshape(want.shape), want)
+    assert len(np.unique(want)) > 5

@@ -1,4 +1,4 @@
-"""Verilog of the element-wise layers (add, concat, requantize, clamp) and of the stream FIFO.
+"""Verilog of the element-wise layers (add, concat, requantize, clamp, lut) and of the stream FIFO.
 
 They work on the streams as they come (plan.py's order), one element at a time. An add
 waits for both inputs, requantises each ((x - zp) << left_shift, then its multiplier) and
@@ -6,7 +6,8 @@ the sum with the layer's requant unit, one after the other; a concat takes `chun
 elements of input i in turn, `outer` times per inference, each requantised to the output
 grid; a requantize layer is a concat of one input. A tensor read by several layers goes
 through a fork of FIFOs, each as deep as the tensor, so a residual path never stalls the
-other.
+other. A lut (tanh, sigmoid, tanh-approximate GELU: fake-quant{integer=true}) is its 256-entry
+table as a ROM, read combinationally at the code's unsigned index (its sign bit flipped).
 """
 from __future__ import annotations
 
@@ -62,6 +63,21 @@ def clamp_module(name: str, layer: dict, width: int) -> str:
   assign in_ready = out_ready;
 endmodule
 """
+
+
+def lut_module(name: str, layer: dict) -> tuple[str, dict]:
+    """A table lookup: out = table[in + 128], combinational; the ROM image `<name>_lut.mem`."""
+    words = [f"{int(v) & 0xFF:02x}" for v in layer["table"]]
+    return f"""module {name} (input clk, input rst, input [7:0] in_data, input in_valid, output in_ready,
+    output [7:0] out_data, output out_valid, input out_ready);
+  // lut: 256 codes, entry c + 128 for input code c
+  reg [7:0] rom [0:255];
+  initial $readmemh("{name}_lut.mem", rom);
+  assign out_data = rom[in_data ^ 8'h80];
+  assign out_valid = in_valid;
+  assign in_ready = out_ready;
+endmodule
+""", {f"{name}_lut.mem": words}
 
 
 def concat_parts(spec: dict, layer: dict) -> tuple[int, list[int]]:

@@ -25,7 +25,7 @@ import numpy as np
 from ....errors import UnsupportedError
 from .plan import requant_chunk, stream_perms
 from .requant import has_multiplier, requant_cycles
-from .stream import FIFO, add_module, clamp_module, concat_module
+from .stream import FIFO, add_module, clamp_module, concat_module, lut_module
 from .window import bits, module as window_module
 
 WINDOW_OPS = ("conv2d", "linear", "max_pool2d", "avg_pool2d")
@@ -120,6 +120,8 @@ def _layer(name, spec, layer, weight, perms, reuse_factor):
         return window_module(name, spec, layer, weight, perms[layer["inputs"][0]], reuse_factor)
     if op == "clamp":
         return clamp_module(name, layer, 8), {}, {"cycles": 0}
+    if op == "lut":
+        return (*lut_module(name, layer), {"cycles": 0})
     chunk = requant_chunk(1, reuse_factor)
     text, mems = (add_module if op == "add" else concat_module)(name, spec, layer, chunk)
     per = 4 + requant_cycles(chunk)
