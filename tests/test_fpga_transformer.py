@@ -172,3 +172,15 @@ def test_an_integer_fake_quant_model_saves_and_loads(tmp_path):
     assert torch.equal(want.last_hidden_state, got.last_hidden_state)
     assert torch.equal(want.pooler_output, got.pooler_output)
     assert loaded.graph_module.get_submodule("integer_ops.layernorm").frozen
+
+
+@pytest.mark.parametrize("options", [{"rounding": "double"}, {"pow2_scales": True}], ids=["double", "pow2"])
+def test_bert_encoder_exports_in_every_rounding_and_with_pow2_scales(tmp_path, options):
+    model = _bert()
+    batches = [_token_batch(seed) for seed in range(4)]
+    cm = fxopt.compile(model, batches[0], pipeline="fake-quant{integer=true}", calibration=batches[:3],
+                       backend="fpga-int8", export_dir=tmp_path / "bert", **options)
+    report = verify(tmp_path / "bert", batches[3], cm)
+    assert report.ok and all(c.cpp_max_diff == 0 for c in report.checks), str(report)
+    if "pow2_scales" in options:          # the integer ops run on the adjusted grids: the cost is measured
+        assert cm.report.fpga.pow2_cost["output_cosine"] > 0.9

@@ -4,7 +4,9 @@ With every scale a power of two, each requantization ratio s_x * s_w / s_y is on
 too, and the hardware rescales with a shift alone (no multiplier). Rounding a scale
 up keeps the calibrated range on the grid but coarsens it by up to 2x: the model
 that is exported (and checked against) is this adjusted fake-quant model, and
-`pow2_cost` says what the change costs at the model's outputs.
+`pow2_cost` says what the change costs at the model's outputs. Integer ops (softmax, GELU,
+LayerNorm, tables) rebuild their kernels on their adjusted grids; the softmax's logits grid is
+its own and stays.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch.fx as fx
 
 from ...quant import FakeQuantize
 from ...quant.fixedpoint import pow2_ceil
+from ...quant.integer_modules import IntegerOp
 
 
 def with_pow2_scales(gm: fx.GraphModule) -> fx.GraphModule:
@@ -31,6 +34,9 @@ def with_pow2_scales(gm: fx.GraphModule) -> fx.GraphModule:
                 new_zero = (fq.qmin - torch.round(lo / new_scale)).clamp(fq.qmin, fq.qmax)
                 fq.zero_point.copy_(new_zero.to(torch.int32))
             fq.scale.copy_(new_scale.to(fq.scale.dtype))
+        for op in adjusted.modules():        # integer ops rebuild their kernels on the new grids
+            if isinstance(op, IntegerOp) and op.frozen:
+                op.kernel = op.build()
     return adjusted
 
 
@@ -44,5 +50,9 @@ def pow2_cost(original: fx.GraphModule, adjusted: fx.GraphModule, example_inputs
     return {"output_cosine": cosine, "output_relative_error": rel}
 
 
-def _flat(out):
-    return list(out) if isinstance(out, (tuple, list)) else [out]
+def _flat(out) -> list[torch.Tensor]:
+    """The output tensors of a model (a tensor, a tuple, a dict or a ModelOutput, a dict too)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    return [t for item in items for t in _flat(item)]
