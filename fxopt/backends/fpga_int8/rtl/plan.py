@@ -32,7 +32,7 @@ from ....quant.fixedpoint import MAX_SHIFT, POW2_MULTIPLIER
 
 MASK64 = (1 << 64) - 1
 SUPPORTED = ("conv2d", "linear", "max_pool2d", "avg_pool2d", "add", "concat", "requantize", "clamp", "reshape",
-             "lut")
+             "lut", "gelu")
 
 
 def refuse(layer: dict, why: str, hint: str) -> UnsupportedError:
@@ -58,7 +58,7 @@ def stream_perms(spec: dict) -> dict[str, np.ndarray]:
         if op == "add" and not np.array_equal(ins[0], ins[1]):
             raise refuse(layer, "its two inputs stream in different orders",
                          "add tensors of the same layout (not a reshaped one to an image)")
-        if op in ("reshape", "clamp", "requantize", "add", "lut"):    # element-wise: the order passes through
+        if op in ("reshape", "clamp", "requantize", "add", "lut", "gelu"):  # element-wise: the order passes
             perms[layer["output"]] = ins[0]
             continue
         in_shape = spec["tensors"][layer["inputs"][0]]["shape"]

@@ -1,4 +1,4 @@
-"""Verilog of the element-wise layers (add, concat, requantize, clamp, lut) and of the stream FIFO.
+"""Verilog of the element-wise layers (add, concat, requantize, clamp, lut, gelu) and of the stream FIFO.
 
 They work on the streams as they come (plan.py's order), one element at a time. An add
 waits for both inputs, requantises each ((x - zp) << left_shift, then its multiplier) and
@@ -7,7 +7,8 @@ elements of input i in turn, `outer` times per inference, each requantised to th
 grid; a requantize layer is a concat of one input. A tensor read by several layers goes
 through a fork of FIFOs, each as deep as the tensor, so a residual path never stalls the
 other. A lut (tanh, sigmoid, tanh-approximate GELU: fake-quant{integer=true}) is its 256-entry
-table as a ROM, read combinationally at the code's unsigned index (its sign bit flipped).
+table as a ROM, read combinationally at the code's unsigned index (its sign bit flipped); a
+gelu computes I-BERT's erf polynomial on the centred code and requantises it like a concat.
 """
 from __future__ import annotations
 
@@ -78,6 +79,44 @@ def lut_module(name: str, layer: dict) -> tuple[str, dict]:
   assign in_ready = out_ready;
 endmodule
 """, {f"{name}_lut.mem": words}
+
+
+def gelu_module(name: str, spec: dict, layer: dict, chunk: int) -> tuple[str, dict]:
+    """i-GELU on one element at a time: v (one + sign(v) (one - (min(|v|, b) - b)^2)) from the
+    centred code v, then the layer's requantisation, zero point and clamp (intmath.i_gelu)."""
+    lo, hi = scalar_clamp(layer)
+    plans = [requant_plan(layer["multiplier"], layer["shift"], spec["rounding"])]
+    b, one, izp = int(layer["gelu_b"]), int(layer["gelu_one"]), int(layer["input_zero_point"])
+    text = f"""module {name} (input clk, input rst, input [7:0] in_data, input in_valid, output in_ready,
+    output reg [7:0] out_data, output reg out_valid, input out_ready);
+  // gelu: requant(v (one + sign(v) (one - (min(|v|, b) - b)^2))), v = x - {izp}, b = {b}, one = {one}
+{table(name, 1)}
+  localparam signed [63:0] B = 64'sd{b}, ONE = 64'sd{one};
+  reg [1:0] es;
+  reg signed [31:0] acc;
+  wire signed [63:0] v = $signed(in_data) - 64'sd{izp};
+  wire signed [63:0] mag = v < 0 ? -v : v;
+  wire signed [63:0] t = mag < B ? mag : B;
+  wire signed [63:0] part = ONE - (t - B) * (t - B);
+  wire signed [63:0] erf = v > 0 ? part : v < 0 ? -part : 64'sd0;
+  wire signed [63:0] product = v * (ONE + erf);
+{instance(name, "acc", plans)}
+  wire signed [63:0] y = 64'sd0 + {int(layer['output_zero_point'])} + rq_result;
+  assign in_ready = es == 0 && !rst;
+  always @(posedge clk) begin
+    rq_start <= 1'b0;
+    if (rst) begin es <= 0; out_valid <= 1'b0; end
+    else case (es)
+      0: if (in_valid) begin acc <= product[31:0]; tq <= tab[0]; es <= 1; end
+      1: begin rq_start <= 1'b1; es <= 2; end
+      2: if (rq_done) begin out_data <= {_clamp_text(8, lo, hi, "y")}; out_valid <= 1'b1; es <= 3; end
+      3: if (out_ready) begin out_valid <= 1'b0; es <= 0; end
+    endcase
+  end
+endmodule
+"""
+    return text + "\n" + unit(f"{name}_rq", plans, spec["rounding"], chunk), {f"{name}_tab.mem": [
+        table_word(0, plans[0], lo, hi)]}
 
 
 def concat_parts(spec: dict, layer: dict) -> tuple[int, list[int]]:

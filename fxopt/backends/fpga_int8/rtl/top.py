@@ -25,7 +25,7 @@ import numpy as np
 from ....errors import UnsupportedError
 from .plan import requant_chunk, stream_perms
 from .requant import has_multiplier, requant_cycles
-from .stream import FIFO, add_module, clamp_module, concat_module, lut_module
+from .stream import FIFO, add_module, clamp_module, concat_module, gelu_module, lut_module
 from .window import bits, module as window_module
 
 WINDOW_OPS = ("conv2d", "linear", "max_pool2d", "avg_pool2d")
@@ -123,7 +123,8 @@ def _layer(name, spec, layer, weight, perms, reuse_factor):
     if op == "lut":
         return (*lut_module(name, layer), {"cycles": 0})
     chunk = requant_chunk(1, reuse_factor)
-    text, mems = (add_module if op == "add" else concat_module)(name, spec, layer, chunk)
+    module = {"add": add_module, "gelu": gelu_module}.get(op, concat_module)
+    text, mems = module(name, spec, layer, chunk)
     per = 4 + requant_cycles(chunk)
     return text, mems, {"requant_chunk": chunk, "requant_multipliers": int(has_multiplier([], chunk)),
                         "cycles": outputs * per * (3 if op == "add" else 1)}
