@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -60,6 +62,10 @@ def test_bert_encoder_from_config_exports_integer_only_and_verifies(tmp_path):
                                                                             ("attention_mask", "int8")]
     assert all(len(layer["inputs"]) == 2 for layer in spec["layers"] if layer["op"] == "softmax")  # the mask
     assert not (out / "model.onnx").exists() and "no model.onnx" in str(cm.report.fpga)
+    if shutil.which("g++"):                 # the layer kernels need no exceptions and no RTTI
+        done = subprocess.run(["g++", "-std=c++17", "-O1", "-fno-exceptions", "-fno-rtti", "-c", "model.cpp", "-o",
+                               str(tmp_path / "model.o")], cwd=out, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
     ids, mask = batches[3]
     with torch.no_grad():
         fp32 = model(ids, mask)
