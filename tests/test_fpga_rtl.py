@@ -247,7 +247,8 @@ def test_requant_unit_edge_cases(tmp_path, rounding, chunk):
 
 @pytest.mark.parametrize("simulator", SIMS)
 def test_integer_activations_run_bit_exact_in_the_rtl(tmp_path, simulator):
-    """GELU, tanh and sigmoid of fake-quant{integer=true}: i-GELU and 256-entry ROMs in the RTL."""
+    """GELU, tanh, sigmoid and tanh-approximate GELU of fake-quant{integer=true}: i-GELU and
+    256-entry ROMs in the RTL."""
     import torch
 
     import fxopt
@@ -255,14 +256,15 @@ def test_integer_activations_run_bit_exact_in_the_rtl(tmp_path, simulator):
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.GELU(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
-                                torch.nn.Linear(16, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 4)).eval()
+                                torch.nn.Linear(16, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 8),
+                                torch.nn.GELU(approximate="tanh"), torch.nn.Linear(8, 4)).eval()
     batches = [torch.randn(16, 12) * 2 for _ in range(3)]
     out = tmp_path / "mlp"
     fxopt.compile(model, batches[0], pipeline="fake-quant{integer=true outputs=true}", calibration=batches[:2],
                   backend="fpga-int8", export_dir=out, rtl=True)
     spec, weights = load(out)
     ops = [layer["op"] for layer in spec["layers"]]
-    assert ops.count("lut") == 2 and ops.count("gelu") == 1
+    assert ops.count("lut") == 3 and ops.count("gelu") == 1          # tanh, sigmoid, tanh-GELU: tables
     name = spec["inputs"][0]["name"]
     codes = quantize_inputs(spec, {name: batches[2].numpy()})
     want = run_integer(spec, weights, codes)[spec["outputs"][0]]
