@@ -85,8 +85,8 @@ def run(log=print) -> list[dict]:
            "worst_layer_within_1lsb": report.within_1, "verify_ok": report.ok,
            "integer": _agreement(_embeddings(cm, held_out), fp32),
            "fake_quant": _agreement(_embeddings(lambda i, a: _hidden(reference(i, a)), held_out), fp32)}
-    log(f"  MiniLM integer-only: cosine {row['integer']['cosine_mean']:.4f}, Spearman {row['integer']['spearman']:.4f}, "
-        f"verify ok {row['verify_ok']}")
+    log(f"  MiniLM integer-only: cosine {row['integer']['cosine_mean']:.4f}, "
+        f"Spearman {row['integer']['spearman']:.4f}, verify ok {row['verify_ok']}")
     return [row]
 
 
@@ -105,4 +105,5 @@ def table_rows(rows: list[dict]) -> list[list]:
 def markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
-    return f"\n## MiniLM, integer-only\n\n{__doc__.split(chr(10), 1)[1]}\n" + markdown_table(HEADERS, table_rows(rows)) + "\n"
+    return (f"\n## MiniLM, integer-only\n\n{__doc__.split(chr(10), 1)[1]}\n"
+            + markdown_table(HEADERS, table_rows(rows)) + "\n")

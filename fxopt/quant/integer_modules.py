@@ -32,7 +32,8 @@ from .integer_ops import IntGELU, IntLayerNorm, IntSoftmax, softmax_grid
 from .intmath import SOFTMAX_BITS, lut
 from .qparams import QSpec
 
-__all__ = ["IntegerGELU", "IntegerLayerNorm", "IntegerLut", "IntegerOp", "IntegerSoftmax", "has_integer_ops", "integer_op_of"]
+__all__ = ["IntegerGELU", "IntegerLayerNorm", "IntegerLut", "IntegerOp", "IntegerSoftmax", "has_integer_ops",
+           "integer_op_of"]
 
 RESIDUAL_BITS = 16       # LayerNorm inputs: the residual stream's outliers need more than 8 bits
 

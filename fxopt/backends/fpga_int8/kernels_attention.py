@@ -100,5 +100,6 @@ def constant(layer, args, weight, rounding):
     return weight.astype(np.int64)[None]        # one sample; the simulator broadcasts it over the batch
 
 
-ATTENTION_KERNELS = {"slice": slice_axis, "constant": constant, "embedding": embedding, "sum": sum_terms, "matmul": matmul, "softmax": softmax, "gelu": gelu, "lut": lut, "layernorm": layernorm,
-                     "transpose": transpose}
+ATTENTION_KERNELS = {"matmul": matmul, "softmax": softmax, "gelu": gelu, "lut": lut, "layernorm": layernorm,
+                     "transpose": transpose, "embedding": embedding, "sum": sum_terms, "constant": constant,
+                     "slice": slice_axis}

@@ -73,8 +73,9 @@ class Lowering:
                     "this export", where=node_location(node),
                     hint="supported: conv2d (incl. grouped / depthwise), linear, matmul of two activations, "
                          "add, cat, max / avg / adaptive-avg pooling, mean over H, W, flatten / reshape, "
-                         "transpose / permute, embedding, the integer ops of fake-quant{integer=true} "
-                         "(softmax, GELU, LayerNorm, tanh / sigmoid), ReLU / ReLU6 / hardtanh / clamp; replace the op or keep it out "
+                         "transpose / permute, slice / select, embedding, the integer ops of "
+                         "fake-quant{integer=true} (softmax, GELU, LayerNorm, tanh / sigmoid), "
+                         "ReLU / ReLU6 / hardtanh / clamp; replace the op or keep it out "
                          "of the exported model")
         return ctx.model
 

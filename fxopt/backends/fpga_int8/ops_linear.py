@@ -26,7 +26,7 @@ aten = torch.ops.aten
 def conv_or_linear(ctx: LoweringContext, node: fx.Node) -> None:
     """Lower a conv2d / linear node to one layer with its int8 weight."""
     [x_name], [xt] = int8_inputs(ctx, node, node.args[:1])
-    codes, w_scale = _weight_codes(ctx, node)
+    codes, w_scale = weight_codes(ctx, node)
     fields = _conv_fields(node) if codes.ndim == 4 else {}
     if codes.ndim not in (2, 4):
         raise UnsupportedError(f"fpga-int8: {node.name} is a {codes.ndim - 2}-d convolution; the export "
@@ -47,9 +47,11 @@ def conv_or_linear(ctx: LoweringContext, node: fx.Node) -> None:
     ctx.emit(node, "conv2d" if codes.ndim == 4 else "linear", [x_name], tensor, fields, codes)
 
 
-def _weight_codes(ctx: LoweringContext, node: fx.Node) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 codes, per-output-channel float64 scales) of a conv / linear weight."""
-    w_node = node.args[1]
+def weight_codes(ctx: LoweringContext, node: fx.Node, index: int = 1,
+                 axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes, float64 scales per channel of `axis`) of the weight `node` reads as its
+    argument `index`: a conv / linear weight (channels on axis 0), an embedding table (axis 1)."""
+    w_node = node.args[index]
     fq = ctx.weight_fq(w_node)
     if fq is None:
         raise UnsupportedError(f"fpga-int8: the weight of {node.name} is not quantized",
@@ -63,13 +65,16 @@ def _weight_codes(ctx: LoweringContext, node: fx.Node) -> tuple[np.ndarray, np.n
         raise UnsupportedError(f"fpga-int8: the weight of {node.name} has per-group scales; the export "
                                "takes one scale per output channel", where=node_location(node),
                                hint="fake-quant without group-size")
+    if fq.axis not in (axis, None):
+        raise UnsupportedError(f"fpga-int8: the weight of {node.name} has scales along axis {fq.axis}, the "
+                               f"export takes them along axis {axis}", where=node_location(node))
     weight = ctx.constant(w_node.args[0])
     with torch.no_grad():
         dequant = fq(weight).double()
-    out_channels = weight.shape[0]
-    scale = fq.scale.double().reshape(-1).expand(out_channels) if fq.scale.numel() == 1 \
+    channels = weight.shape[axis]
+    scale = fq.scale.double().reshape(-1).expand(channels) if fq.scale.numel() == 1 \
         else fq.scale.double().reshape(-1)
-    codes = torch.round(dequant / scale.reshape([-1] + [1] * (weight.dim() - 1)))
+    codes = torch.round(dequant / scale.reshape([-1 if d == axis else 1 for d in range(weight.dim())]))
     return codes.clamp(-127, 127).to(torch.int8).numpy(), scale.numpy()
 
 

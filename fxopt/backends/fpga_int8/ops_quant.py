@@ -2,8 +2,9 @@
 
 A quantizer on a model input defines the input's quantization (the host-side float
 step); on codes already on its grid it is the identity; on codes of another grid it
-becomes a requantize layer; on a constant (a class token) it is a constant layer of its codes. Quantizers are call_module nodes, so the walk sends them
-here by what they run, not by an aten target.
+becomes a requantize layer; on a constant (a class token) it is a constant layer of its
+codes. Quantizers are call_module nodes, so the walk sends them here by what they run, not
+by an aten target.
 """
 from __future__ import annotations
 

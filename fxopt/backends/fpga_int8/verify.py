@@ -124,7 +124,8 @@ def reference_lsb(tensor: dict, value: np.ndarray) -> np.ndarray:
         return np.clip(np.round(value / tensor["scale"]) + tensor["zero_point"], tensor["qmin"], tensor["qmax"])
     # int32 values never leave their proven bound: a layer onto a 16-bit grid clamps there, as
     # the quantizer that reads the fake-quant value does
-    return np.clip(value / np.asarray(tensor["scale"]).reshape(tensor["scale_shape"]), -tensor["bound"], tensor["bound"])
+    lsb = value / np.asarray(tensor["scale"]).reshape(tensor["scale_shape"])
+    return np.clip(lsb, -tensor["bound"], tensor["bound"])
 
 
 def _quantized_sources(spec: dict, gm: fx.GraphModule) -> dict[str, str]:
