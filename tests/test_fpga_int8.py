@@ -199,3 +199,23 @@ def test_proven_accumulator_widths_hold_on_worst_inputs(hidden, gain, seed, tmp_
     for codes in worst:
         acc = ((codes - layer["input_zero_point"]) * w).sum(1) + np.array(layer["bias"])
         assert np.abs(acc).max() < 2 ** (layer["acc_bits"] - 1) <= 2 ** 31
+
+
+def test_an_add_of_a_number_or_a_parameter_folds_into_a_sum(tmp_path):
+    class Offsets(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+            self.shift = nn.Parameter(torch.linspace(-1, 1, 8))
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)) + 0.5 + self.shift)
+
+    torch.manual_seed(0)
+    x = [torch.randn(16, 8) for _ in range(3)]
+    cm = fxopt.compile(Offsets().eval(), x[0], pipeline="fake-quant{outputs=true}", calibration=x[:2],
+                       backend="fpga-int8", export_dir=tmp_path / "out")
+    spec, _ = load(tmp_path / "out")
+    sums = [layer for layer in spec["layers"] if layer["op"] == "sum"]
+    assert len(sums) == 1 and len(sums[0]["inputs"]) == 1 and len(set(sums[0]["offset"])) == 8
+    assert verify(tmp_path / "out", x[2], cm).ok

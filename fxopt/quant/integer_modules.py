@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fake_quantize import FakeQuantize
+from ..errors import FxoptError
+from .fake_quantize import FakeQuantize, _is_fake
 from .integer_ops import IntGELU, IntLayerNorm, IntSoftmax, softmax_grid
 from .intmath import SOFTMAX_BITS, lut
 from .qparams import QSpec
@@ -97,7 +98,8 @@ class IntegerSoftmax(IntegerOp):
         logits = scores * self.scale
         if self.kernel is not None:
             return self.kernel(logits, keep)
-        self.amax = torch.maximum(self.amax, logits.detach().abs().amax().float())
+        if not _is_fake(logits):        # shape propagation runs on fake tensors: nothing is observed
+            self.amax = torch.maximum(self.amax, logits.detach().abs().amax().float())
         if keep is not None:
             logits = logits.masked_fill(~keep, float("-inf"))
         return torch.nan_to_num(torch.softmax(logits, -1), nan=0.0)      # a fully masked row: zeros
@@ -115,7 +117,6 @@ class IntegerSoftmax(IntegerOp):
 
     def freeze(self) -> None:
         if self.kernel is None and float(self.amax) == 0.0:
-            from ..errors import FxoptError
             raise FxoptError("integer softmax saw no data (or only zero logits), so it has no logits grid",
                              hint="calibrate with real batches: compile(..., calibration=batches)")
         super().freeze()

@@ -103,7 +103,16 @@ def _needs_sum(ctx: LoweringContext, node: fx.Node, form) -> bool:
 
 
 def _is_constant(ctx: LoweringContext, value) -> bool:
+    """A number, a parameter, or a value computed from parameters alone."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
     return isinstance(value, fx.Node) and (value in ctx.constants or value.op == "get_attr")
+
+
+def _constant(ctx: LoweringContext, value) -> np.ndarray:
+    if not isinstance(value, fx.Node):
+        return np.asarray(float(value))
+    return ctx.constants[value] if value in ctx.constants else constant_value(ctx.gm, value)
 
 
 def _terms(ctx: LoweringContext, node: fx.Node) -> list[fx.Node]:
@@ -123,8 +132,7 @@ def add_terms(ctx: LoweringContext, node: fx.Node, form) -> None:
     names, zero_points, terms = [], [], []
     for value in _terms(ctx, node):
         if _is_constant(ctx, value):
-            constant = constant + per_sample(ctx.constants.get(value, None) if value in ctx.constants
-                                             else constant_value(ctx.gm, value), shape)
+            constant = constant + per_sample(_constant(ctx, value), shape)
             continue
         name, tensor = ctx.tensor(value, node)
         if tensor["shape"] != shape:
