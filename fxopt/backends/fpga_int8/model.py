@@ -3,7 +3,7 @@
 On disk (`export_dir`), schema "fxopt-fpga-int8" version 1:
 
     model.json        topology, shapes and every integer parameter except weight tensors
-    weights/*.npy     one int8 array per conv / linear weight (file named in model.json)
+    weights/*.npy     one int8 array per weight: conv / linear, embedding table, constant
     model.onnx        the fake-quant graph as standard QDQ ONNX (see fxopt.backends.onnx)
     weights.h         the same parameters as C++ arrays
     model.cpp         integer-only reference kernels + a main that runs them on a batch
@@ -14,7 +14,7 @@ model.json:
 
     {"format": "fxopt-fpga-int8", "version": 1, "rounding": "double" | "single",
      "pow2_scales": bool,
-     "inputs":  [{"name", "shape", "scale", "zero_point", "qmin", "qmax"}],   # host: quantize float
+     "inputs":  [{"name", "shape", "scale", "zero_point", "qmin", "qmax"[, "dtype"]}],  # host: quantize
      "outputs": [tensor name, ...],                                           # host: dequantize
      "tensors": {name: TENSOR},
      "layers":  [LAYER, ...]}                                                  # in execution order
@@ -72,6 +72,18 @@ The attention ops (kernels_attention.py, fxopt/quant/intmath.py; fields checked 
     layernorm  int8, or int32 within +-2^15, over the last axis: "eps", "gamma", "beta",
                "multiplier", "shift", "output_zero_point", "clamp" (intmath.i_layernorm).
     transpose  "perm" of the per-sample axes (at most 4).
+    embedding  int32 ids [T] (clamped to the table) gather rows of the int8 weight [V, C] as int32
+               codes (the output's per-column scales).
+    sum        k int8 or int32 terms of the output's shape, each less its zero point requantized per
+               channel of the last axis ("multipliers" / "shifts": "channels" entries per term, flat)
+               onto a fine grid, plus an optional constant "offset" (one sample, flat); then the
+               output stage ("multiplier", "shift", "output_zero_point", "clamp") rounds once.
+    constant   no input: the int8 weight is every sample's value (a class token's codes).
+    slice      "count" entries from "start" by "step" along per-sample "axis", as "shape" (a select
+               drops the axis).
+
+A model input of token ids has "dtype": "int32" (scale 1, zero point 0, clamped to
+[qmin, qmax], the table's rows); a key mask is an int8 input of scale 1 (0: drop the key).
 """
 from __future__ import annotations
 
