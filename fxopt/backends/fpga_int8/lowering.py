@@ -15,9 +15,12 @@ One walk over the graph in order. Each value becomes a tensor of int8 codes on a
   model input it defines the input's quantization (the host-side float step).
 
 The walk (here) dispatches each node by its target through LOWERINGS, the OpRegistry the
-op-family modules (ops_linear, ops_joins, ops_pool, ops_shape, ops_attention) register their handlers in
-(activation quantizers go to ops_quant); the handlers read and build through a
-LoweringContext (context.py).
+op-family modules (ops_linear, ops_joins, ops_pool, ops_shape, ops_attention, ops_embedding)
+register their handlers in (activation quantizers go to ops_quant, the integer ops of
+fake-quant{integer=true} to ops_integer); the handlers read and build through a
+LoweringContext (context.py). A float value computed from parameters alone is a constant,
+evaluated at export (evaluate.py) and folded by the op that reads it; integer values (token
+ids, masks, sizes) are read by the ops that take them.
 
 Anything else, or an op reading a value that has no integer form, is an UnsupportedError
 naming the node and its source line: the model never gets a silent float island.
