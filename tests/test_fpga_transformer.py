@@ -190,3 +190,10 @@ def test_bert_encoder_exports_in_every_rounding_and_with_pow2_scales(tmp_path, o
     assert report.ok and all(c.cpp_max_diff == 0 for c in report.checks), str(report)
     if "pow2_scales" in options:          # the integer ops run on the adjusted grids: the cost is measured
         assert cm.report.fpga.pow2_cost["output_cosine"] > 0.9
+
+
+def test_backend_int8_refuses_integer_ops_by_name():
+    model = _bert()
+    batches = [_token_batch(seed) for seed in range(3)]
+    with pytest.raises(UnsupportedError, match="integer=true"):
+        fxopt.compile(model, batches[0], pipeline="fake-quant{integer=true}", calibration=batches, backend="int8")

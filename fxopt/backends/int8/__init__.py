@@ -23,6 +23,7 @@ import torch.fx as fx
 
 from ...errors import FxoptError, UnsupportedError
 from ...ir.meta import CALIBRATION_SAMPLE
+from ...quant.integer_modules import has_integer_ops
 from .. import BackendOptions, register_backend, require_frozen_quantizers
 from .agreement import layer_agreement
 from .kernels import INT8_MODULES, candidate_engines, pick_engine
@@ -51,6 +52,11 @@ class Int8Backend:
     def lower(self, gm: fx.GraphModule, example_inputs: tuple, **options):
         engine = Int8Options.from_kwargs(options).engine
         require_frozen_quantizers(gm, "int8")
+        if has_integer_ops(gm):
+            raise UnsupportedError("backend 'int8': the graph holds the integer ops of fake-quant{integer=true} "
+                                   "(I-BERT's softmax / GELU / LayerNorm), which torch's int8 kernels do not run",
+                                   hint="export it with backend='fpga-int8', run it with 'eager' or 'inductor', "
+                                        "or quantize with fake-quant (without integer=true) for 'int8'")
         try:
             engines = [pick_engine(engine)] if engine is not None else candidate_engines()
         except ValueError as exc:
