@@ -192,8 +192,12 @@ def test_bert_encoder_exports_in_every_rounding_and_with_pow2_scales(tmp_path, o
         assert cm.report.fpga.pow2_cost["output_cosine"] > 0.9
 
 
-def test_backend_int8_refuses_integer_ops_by_name():
+def test_backend_int8_and_onnx_refuse_integer_ops_by_name(tmp_path):
     model = _bert()
     batches = [_token_batch(seed) for seed in range(3)]
     with pytest.raises(UnsupportedError, match="integer=true"):
         fxopt.compile(model, batches[0], pipeline="fake-quant{integer=true}", calibration=batches, backend="int8")
+    cm = fxopt.compile(model, batches[0], pipeline="fake-quant{integer=true}", calibration=batches)
+    with pytest.raises(UnsupportedError, match="integer=true"):
+        fxopt.export_onnx(cm, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()

@@ -15,6 +15,7 @@ import torch
 from ...errors import UnsupportedError
 from ...ir.graph import graph_module_of
 from ...ir.inputs import traced_inputs
+from ...quant.integer_modules import has_integer_ops
 from .ops import RULES
 from .qdq import MIN_OPSET, build_model, save_atomically
 
@@ -34,6 +35,11 @@ def export_onnx(compiled_or_gm, path, example_inputs=None, opset: int = DEFAULT_
     either case nothing is written at `path`. Returns `path`.
     """
     gm = graph_module_of(compiled_or_gm, "export_onnx")
+    if has_integer_ops(gm):
+        raise UnsupportedError("export_onnx: the graph holds the integer ops of fake-quant{integer=true} (I-BERT's "
+                               "softmax / GELU / LayerNorm), which standard QDQ ONNX has no op for",
+                               hint="export it with backend='fpga-int8' (model.json and C++), or quantize "
+                                    "without integer=true for ONNX")
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise UnsupportedError(f"export_onnx: opset must be an integer >= {MIN_OPSET} (per-channel "
                                f"QuantizeLinear), got {opset!r}")
