@@ -9,8 +9,9 @@ int32 at that scale. concat requantizes each input onto the output grid.
 A transformer's residual and embedding adds (int32 accumulators with per-channel scales,
 int8 codes, constant embedding rows, onto a 16-bit grid) become one `sum` layer: each term is
 requantized per channel (the last axis) onto a grid up to 2^8 finer than the output's (as fine
-as the worst case allows within int32), the constant
-terms are added as one precomputed offset, and the total is rounded once onto the output grid.
+as the worst case allows within int32), the constant terms (numbers, parameters, rows looked
+up by constant ids) are added as one precomputed offset, and the total is rounded once onto
+the output grid.
 An add whose only reader is another add, with no quantizer between, is a partial sum: the
 outer add takes its terms, so a chain of adds rounds once.
 """
