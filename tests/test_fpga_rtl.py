@@ -258,6 +258,8 @@ def test_integer_activations_run_bit_exact_in_the_rtl(tmp_path, simulator):
     model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.GELU(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
                                 torch.nn.Linear(16, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 8),
                                 torch.nn.GELU(approximate="tanh"), torch.nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        model[0].bias += 3.0                 # GELU's input mostly positive: a negative stored zero point
     batches = [torch.randn(16, 12) * 2 for _ in range(3)]
     out = tmp_path / "mlp"
     fxopt.compile(model, batches[0], pipeline="fake-quant{integer=true outputs=true}", calibration=batches[:2],
@@ -265,6 +267,7 @@ def test_integer_activations_run_bit_exact_in_the_rtl(tmp_path, simulator):
     spec, weights = load(out)
     ops = [layer["op"] for layer in spec["layers"]]
     assert ops.count("lut") == 3 and ops.count("gelu") == 1          # tanh, sigmoid, tanh-GELU: tables
+    assert next(layer for layer in spec["layers"] if layer["op"] == "gelu")["input_zero_point"] < 0
     name = spec["inputs"][0]["name"]
     codes = quantize_inputs(spec, {name: batches[2].numpy()})
     want = run_integer(spec, weights, codes)[spec["outputs"][0]]

@@ -201,3 +201,92 @@ def test_backend_int8_and_onnx_refuse_integer_ops_by_name(tmp_path):
     with pytest.raises(UnsupportedError, match="integer=true"):
         fxopt.export_onnx(cm, tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
+
+
+class _Scores(torch.nn.Module):
+    """Eager attention over 6 tokens with an additive constant mask (a causal one), as models
+    that fill with -1e9 or -inf write it."""
+
+    def __init__(self, fill: float):
+        super().__init__()
+        self.q, self.v = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.register_buffer("mask", torch.triu(torch.full((6, 6), fill), diagonal=1))
+
+    def forward(self, x):
+        scores = self.q(x) @ x.transpose(1, 2) + self.mask
+        return torch.softmax(scores, -1) @ self.v(x)
+
+
+@pytest.mark.parametrize("fill", [-1e9, float("-inf")])
+def test_a_huge_constant_mask_saturates_exactly(tmp_path, fill):
+    torch.manual_seed(0)
+    model = _Scores(fill).eval()
+    x = [torch.randn(4, 6, 8) for _ in range(3)]
+    cm = fxopt.compile(model, x[0], pipeline="fake-quant{integer=true outputs=true}", calibration=x[:2],
+                       backend="fpga-int8", export_dir=tmp_path / "out")
+    report = verify(tmp_path / "out", x[2], cm)
+    assert report.ok, str(report)
+    with torch.no_grad():
+        assert _cosine(cm(x[2]), model(x[2])).min() > 0.95
+
+
+def test_batch_dependent_values_are_refused_by_name():
+    class SliceBatch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.nn.functional.gelu(self.a(x))[1:]
+
+    class CountsBatch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(8)
+
+        def forward(self, x):
+            ramp = torch.arange(x.shape[0], dtype=x.dtype).view(-1, 1, 1).expand(-1, 5, 8)
+            return self.norm(x + ramp)
+
+    x = [torch.randn(4, 5, 8) for _ in range(2)]
+    for model, message in ((SliceBatch(), "slices the batch axis"), (CountsBatch(), "computed from the batch size")):
+        with pytest.raises(UnsupportedError, match=message):
+            fxopt.compile(model.eval(), x[0], pipeline="fake-quant{integer=true outputs=true}", calibration=x,
+                          backend="fpga-int8")
+
+
+def test_skip_keeps_an_op_float_and_the_export_refuses_it():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 4)).eval()
+    x = [torch.randn(4, 8) for _ in range(2)]
+    cm = fxopt.compile(model, x[0], pipeline="fake-quant{integer=true skip=[1]}", calibration=x)
+    assert not cm.report.quant.integer_ops
+    with pytest.raises(UnsupportedError, match="gelu"):
+        fxopt.compile(model, x[0], pipeline="fake-quant{integer=true skip=[1]}", calibration=x, backend="fpga-int8")
+
+
+@pytest.mark.parametrize("op,field,value,message", [
+    ("embedding", "inputs", [], "one tensor of ids"),
+    ("embedding", "weight_shape", [120, 8, 8], "model.json says"),
+    ("sum", "multipliers", [1 << 30], "multipliers and shifts"),
+    ("sum", "offset", [0], "one value per element"),
+    ("slice", "start", 99, "start"),
+    ("slice", "count", 17, "leaves an axis"),
+])
+def test_damaged_transformer_fields_are_refused_by_name(tmp_path, op, field, value, message):
+    from fxopt.backends.fpga_int8 import load
+    from fxopt.backends.fpga_int8.checks import check_model
+    from fxopt.errors import FxoptError
+
+    model = _bert()
+    batches = [_token_batch(seed) for seed in range(3)]
+    fxopt.compile(model, batches[0], pipeline="fake-quant{integer=true}", calibration=batches,
+                  backend="fpga-int8", export_dir=tmp_path / "bert")
+    spec, weights = load(tmp_path / "bert")
+    layer = next(entry for entry in spec["layers"] if entry["op"] == op and (op != "sum" or "offset" in entry))
+    layer[field] = value
+    with pytest.raises(FxoptError, match=message):
+        check_model(spec, weights)
+    spec, weights = load(tmp_path / "bert")
+    spec["inputs"][0]["dtype"] = "int8"                   # ids declared int8 against their int32 record
+    with pytest.raises(FxoptError, match="dtype"):
+        check_model(spec, weights)

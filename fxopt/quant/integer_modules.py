@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..errors import FxoptError
 from .fake_quantize import FakeQuantize, _is_fake
-from .integer_ops import IntGELU, IntLayerNorm, IntSoftmax, softmax_grid
+from .integer_ops import LOGIT_LIMIT, IntGELU, IntLayerNorm, IntSoftmax, softmax_grid
 from .intmath import SOFTMAX_BITS, lut
 from .qparams import QSpec
 
@@ -109,8 +109,8 @@ class IntegerSoftmax(IntegerOp):
         return softmax_grid(float(self.amax))
 
     def in_grid(self) -> tuple[float, int, int, int]:
-        """The grid of the scores before the attention scale: int32 codes."""
-        return self.logit_scale() / self.scale, 0, -(1 << 31) + 1, (1 << 31) - 1
+        """The grid of the scores before the attention scale: int32 codes within +-LOGIT_LIMIT."""
+        return self.logit_scale() / self.scale, 0, -LOGIT_LIMIT, LOGIT_LIMIT
 
     def out_grid(self) -> tuple[float, int, int, int]:
         return 1.0 / (1 << SOFTMAX_BITS), -128, -128, 127

@@ -40,14 +40,18 @@ def requantize_single(acc: torch.Tensor, m0: int, shift: int) -> torch.Tensor:
     return quotient + ((rest > half) | ((rest == half) & (quotient % 2 == 1))).to(torch.int64)
 
 
+LOGIT_LIMIT = 1 << 23       # softmax logits, in codes: >= 22,000 in real units at the coarsest grid
+
+
 def _codes(x: torch.Tensor, scale: float, zero_point: int = 0, low: int = -128, high: int = 127) -> torch.Tensor:
     return (torch.round(x.double() / scale) + zero_point).clamp(low, high).to(torch.int64)
 
 
 class IntSoftmax(nn.Module):
     """Softmax over `dim` of logits on the grid `logit_scale`, onto P = p / 256 (intmath.i_softmax);
-    `keep` (bool, broadcastable) drops masked keys. The codes are int32: a logit far above the
-    others is never clamped onto them (the kernel subtracts the row's maximum first)."""
+    `keep` (bool, broadcastable) drops masked keys. The codes are int32 within +-LOGIT_LIMIT: a
+    logit far above the others is not clamped onto them (the kernel subtracts the row's maximum
+    first), and an additive mask of -1e9 or -inf saturates there, where exp is already 0."""
 
     def __init__(self, logit_scale: float, dim: int = -1):
         super().__init__()
@@ -55,7 +59,7 @@ class IntSoftmax(nn.Module):
         self.k = softmax_constants(self.logit_scale)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        q = _codes(x, self.logit_scale, 0, -(1 << 31) + 1, (1 << 31) - 1).movedim(self.dim, -1)
+        q = _codes(x, self.logit_scale, 0, -LOGIT_LIMIT, LOGIT_LIMIT).movedim(self.dim, -1)
         kept = torch.ones_like(q, dtype=torch.bool) if keep is None else keep.movedim(self.dim, -1).expand_as(q)
         top = torch.where(kept, q, torch.full_like(q, -(1 << 40))).amax(-1, keepdim=True)
         shifted = torch.where(kept, q - top, torch.zeros_like(q))

@@ -33,7 +33,6 @@ from ...util.artefacts import check_destination
 from ...errors import BackendOptionError, UnsupportedError
 from ...pm.options import Range
 from ...quant.fixedpoint import ROUNDINGS, Rounding
-from ...quant.integer_modules import has_integer_ops
 from .. import BackendOptions, register_backend, require_frozen_quantizers
 from ..onnx import export_onnx
 from .cpp import emit_cpp
@@ -134,16 +133,18 @@ def export(gm: fx.GraphModule, example_inputs: tuple, export_dir=None, rounding:
 
 def _derived_files(model: IntegerModel, reference: fx.GraphModule, example_inputs: tuple) -> dict:
     """weights.h, model.cpp and model.onnx as bytes (made before anything is written). A model
-    with integer ops (fake-quant{integer=true}) has no model.onnx: standard QDQ ONNX has no op
-    for I-BERT's integer softmax, GELU and LayerNorm, and a float stand-in would not be the
-    model exported (the resource report says so)."""
+    that QDQ ONNX cannot express exactly (the integer ops of fake-quant{integer=true}, an
+    embedding or a slice the ONNX table lacks) has no model.onnx, and model.notes says why: a
+    float stand-in would not be the model exported."""
 
     files = emit_cpp(model.to_json(), model.weights())
-    if has_integer_ops(reference):
-        return files
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
-        export_onnx(reference, path, example_inputs)
+        try:
+            export_onnx(reference, path, example_inputs)
+        except UnsupportedError as exc:
+            model.notes.append(f"no model.onnx: {str(exc).splitlines()[0]}")
+            return files
         with open(path, "rb") as f:
             files["model.onnx"] = f.read()
     return files
@@ -162,8 +163,7 @@ class FpgaInt8Backend:
         weights = model.weights()
         lowered = FpgaInt8Model(spec, weights, reference, opts.export_dir)
         report = resource_report(spec, weights, opts.reuse_factor)
-        if opts.export_dir is not None and has_integer_ops(reference):
-            report.notes.append("no model.onnx: QDQ ONNX has no form of the integer softmax / GELU / LayerNorm")
+        report.notes.extend(model.notes)
         if opts.pow2_scales:
             report.pow2_cost = pow2_cost(gm, reference, example_inputs)
         if opts.synth != "none":

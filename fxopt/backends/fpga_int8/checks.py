@@ -76,6 +76,8 @@ def check_model(spec, weights: dict, source: str = "model.json") -> None:
             c.fail(where, "is not an object with a name")
         c.shape(f"{where}.shape", entry.get("shape"))
         c.scale(f"{where}.scale", entry.get("scale"))
+        if entry["name"] in tensors and tensors[entry["name"]].get("dtype") != entry.get("dtype", "int8"):
+            c.fail(f"{where}.dtype", f"{entry.get('dtype', 'int8')!r} is not the dtype of its tensor record")
         if entry.get("dtype", "int8") == "int32":       # token ids: scale 1, clamped to a table
             c.int_in(f"{where}.zero_point", entry.get("zero_point"), 0, 0)
             low = c.int_in(f"{where}.qmin", entry.get("qmin"), 0, INT32_MAX)

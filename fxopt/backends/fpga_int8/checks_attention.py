@@ -88,9 +88,12 @@ def check_attention(c, where: str, layer: dict, tensors: dict) -> None:
         need(not ins and out["dtype"] == "int8" and layer.get("weight_shape") == out["shape"],
              "a constant has no input and its int8 weight has its output's shape")
     elif op == "embedding":
+        table = layer.get("weight_shape")
+        need(len(ins) == 1 and isinstance(table, list) and len(table) == 2, "an embedding reads one tensor of ids "
+                                                                           "and a 2-d table")
         dtypes("int32")
-        width = (layer.get("weight_shape") or [0, 0])[-1]
-        need(len(ins) == 1 and out["dtype"] == "int32" and out["shape"] == [*shapes[0], width],
+        width = table[-1]
+        need(out["dtype"] == "int32" and out["shape"] == [*shapes[0], width],
              f"embedding of ids {shapes[0]} cannot give {out['shape']}")
     elif op == "sum":
         width = c.int_in(f"{where}.channels", layer.get("channels"), 1, 1 << 20)

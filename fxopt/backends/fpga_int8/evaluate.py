@@ -103,10 +103,18 @@ def integer_input(ctx: LoweringContext, value: fx.Node, reader: fx.Node, shape: 
 
 
 def constant_value(gm: fx.GraphModule, node: fx.Node) -> np.ndarray:
-    """The value of a node that depends on no input's values, evaluated at batch 1 (float64;
-    its leading axis of size 1 broadcasts over the batch)."""
-    value = evaluate(gm, node, feeds_for(node, 1)) if node.op != "get_attr" else fetch_attr(gm, node.target)
-    return value.detach().double().numpy()
+    """The value of a node that depends on no input's values, as one sample sees it (float64;
+    a leading axis of size 1 broadcasts over the batch). It is evaluated at batch 1 and 2, and a
+    value that differs between the samples of a batch (computed from the batch size) is refused."""
+    if node.op == "get_attr":
+        return fetch_attr(gm, node.target).detach().double().numpy()
+    one, two = (evaluate(gm, node, feeds_for(node, batch)) for batch in (1, 2))
+    same = one.shape == two.shape or (one.dim() > 0 and one.shape[0] == 1 and two.shape[1:] == one.shape[1:])
+    if not same or not torch.equal(one.expand_as(two), two):
+        raise UnsupportedError(f"fpga-int8: {node.name} is computed from the batch size, so its value differs "
+                               "between the samples of a batch", where=node_location(node),
+                               hint="compute it from per-sample sizes, or pass it as an input")
+    return one.detach().double().numpy()
 
 
 def per_sample(value: np.ndarray, shape: list[int]) -> np.ndarray:

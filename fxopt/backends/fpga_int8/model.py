@@ -120,6 +120,7 @@ class IntegerModel:
     outputs: list[str] = field(default_factory=list)
     tensors: dict[str, dict] = field(default_factory=dict)
     layers: list[Layer] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)   # what the export left out, for the report (not saved)
 
     def weights(self) -> dict[str, np.ndarray]:
         """{layer name: int8 weight} of the conv / linear layers (what load() returns beside the spec)."""

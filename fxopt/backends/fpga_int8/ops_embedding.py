@@ -4,8 +4,9 @@ fake-quant{integer=true} quantizes a table like a weight (symmetric int8, one sc
 column). Indexed by a model input (token ids), the lookup is a layer: the ids enter as int32
 clamped to the table and the rows are gathered as int32 codes with per-column scales. A lookup
 by constant ids (position ids, token type ids from a buffer) never reaches this handler: its
-value is a constant (evaluate.constant_value), which the add that reads it folds into its
-constant term (ops_joins.add_terms); a constant read by any other op is refused.
+value is a constant (evaluate.constant_value): the add that reads it folds it into its constant
+term (ops_joins.add_terms), a quantizer that reads it makes a constant layer of its codes
+(ops_quant), and any other reader refuses it.
 """
 from __future__ import annotations
 

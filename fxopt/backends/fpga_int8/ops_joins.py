@@ -8,10 +8,11 @@ int32 at that scale. concat requantizes each input onto the output grid.
 
 A transformer's residual and embedding adds (int32 accumulators with per-channel scales,
 int8 codes, constant embedding rows, onto a 16-bit grid) become one `sum` layer: each term is
-requantized per channel (the last axis) onto a grid up to 2^8 finer than the output's (as fine
-as the worst case allows within int32), the constant terms (numbers, parameters, rows looked
-up by constant ids) are added as one precomputed offset, and the total is rounded once onto
-the output grid.
+requantized per channel (the last axis) onto a grid 2^2 to 2^8 finer than the output's (as
+fine as the worst case allows within int32), the constant terms (numbers, parameters, rows
+looked up by constant ids; cut where the clamped output stops feeling them, so a -1e9 mask only
+saturates) are added as one precomputed offset, and the total is rounded once onto the output
+grid.
 An add whose only reader is another add, with no quantizer between, is a partial sum: the
 outer add takes its terms, so a chain of adds rounds once.
 """
@@ -32,6 +33,7 @@ from .targets import ADDS, CATS, LOWERINGS
 
 ADD_LEFT_SHIFT = 20          # add: inputs move to a common 2^-20 finer grid first (TFLite's choice)
 SUM_FRACTION = 8             # sum: terms meet on a grid up to 2^8 finer than the output's
+MIN_SUM_FRACTION = 2         # and at least 2^2 finer: k terms' roundings stay within k/8 LSB
 
 
 @LOWERINGS.register(*ADDS)
@@ -143,10 +145,15 @@ def add_terms(ctx: LoweringContext, node: fx.Node, form) -> None:
         names.append(name)
         zero_points.append(tensor.get("zero_point", 0) if tensor["dtype"] == "int8" else 0)
         terms.append(_term_scales(node, tensor, channels))
+    constant = _felt(node, constant, terms, form)
     # the finest grid (at most 2^8 below the output's) on which the worst case still fits int32
     reach = sum(r * float(s.max()) for s, r in terms) / form.grid.scale + len(terms) \
         + float(np.abs(constant).max()) / form.grid.scale
     fraction = min(SUM_FRACTION, 30 - int(np.ceil(np.log2(reach + 1))))
+    if fraction < MIN_SUM_FRACTION:
+        raise UnsupportedError(f"fpga-int8: {node.name} adds terms whose worst case leaves int32 no room for "
+                               "a grid finer than its output's", where=node_location(node),
+                               hint="quantize the terms (fake-quant) so their ranges are known")
     fine = form.grid.scale / 2.0 ** fraction
     offset = np.rint(constant / fine)
     multipliers, shifts = [], []
@@ -162,6 +169,17 @@ def add_terms(ctx: LoweringContext, node: fx.Node, form) -> None:
     if any(_is_constant(ctx, v) for v in _terms(ctx, node)):
         fields["offset"] = offset.astype(np.int64).reshape(-1).tolist()
     ctx.emit(node, "sum", names, form.grid.tensor(shape, form.last.name), fields)
+
+
+def _felt(node: fx.Node, constant: np.ndarray, terms: list, form) -> np.ndarray:
+    """The constant as far as the clamped output can feel it: beyond the output's range by more
+    than the terms can reach, a constant (a -1e9 or -inf mask) only saturates, so it is cut there."""
+    if np.isnan(constant).any():
+        raise UnsupportedError(f"fpga-int8: {node.name} adds a constant holding NaN", where=node_location(node))
+    grid = form.grid
+    lo, hi = ((c - grid.zero_point) * grid.scale for c in code_bounds(grid, form.lo, form.hi))
+    margin = sum(r * float(s.max()) for s, r in terms) + grid.scale
+    return np.clip(constant, lo - margin, hi + margin)
 
 
 def _term_scales(node: fx.Node, tensor: dict, channels: int) -> tuple[np.ndarray, int]:

@@ -40,6 +40,9 @@ def reshape(ctx: LoweringContext, node: fx.Node) -> None:
     ctx.emit(node, "reshape", [name], out, {"shape": shape})
 
 
+_TO_THE_END = 1 << 62          # a traced `x[a:]` ends at the largest int64
+
+
 def _axis(node: fx.Node, rank: int) -> int:
     """The axis an unsqueeze inserts (of rank + 1) or a squeeze removes (of `rank`), from 0."""
     grows = node.target == torch.ops.aten.unsqueeze.default
@@ -63,19 +66,21 @@ def slice_or_select(ctx: LoweringContext, node: fx.Node) -> None:
     name, tensor = ctx.tensor(node.args[0], node)
     in_shape = tensor["shape"]
     axis = int(node.args[1]) % (len(in_shape) + 1)
-    size = ([1] + in_shape)[axis]
-    if node.target == torch.ops.aten.select.int:
-        start, step, count = int(node.args[2]) % size if axis else 0, 1, 1
-    else:
-        start, stop, step = (list(node.args[2:5]) + [None, None, None])[:3]
-        start, stop, step = slice(start, stop, step).indices(size) if axis else (0, size, 1)
-        count = len(range(start, stop, step))
+    select = node.target == torch.ops.aten.select.int
+    bounds = [] if select else (list(node.args[2:5]) + [None, None, None])[:3]
     if axis == 0:
-        if node.target == torch.ops.aten.select.int or (start, count, step) != (0, size, 1):
+        start, stop, step = bounds or (0, 0, 0)
+        if select or start not in (None, 0) or (stop is not None and stop < _TO_THE_END) or step not in (None, 1):
             raise UnsupportedError(f"fpga-int8: {node.name} slices the batch axis", where=node_location(node),
                                    hint="keep the batch axis whole; the export runs one sample at a time")
-        ctx.values[node] = name
+        ctx.values[node] = name             # x[:, ...]: every sample, as it is
         return
+    size = in_shape[axis - 1]
+    if select:
+        start, step, count = int(node.args[2]) % size, 1, 1
+    else:
+        start, stop, step = slice(*bounds).indices(size)
+        count = len(range(start, stop, step))
     shape = ctx.shape(node)
     out = {**tensor, "shape": shape, "source": node.name}
     if tensor["dtype"] == "int32":

@@ -11,7 +11,7 @@ reuse_factor) lanes (ATTENTION_COSTS: softmax squares p + b and divides each sha
 squares and multiplies, LayerNorm squares D, scales by gamma and divides by the root, a
 matmul of activations has K x N / reuse_factor multipliers like a linear); a lut is a
 256-byte table and no multiplier, an embedding its int8 table; a sum has one requantization
-multiplier per term and one for the total, per lane. Every layer's cycle estimate is its MACs (or elements)
+multiplier per term, per lane, and rounds its total with a shift. Every layer's cycle estimate is its MACs (or elements)
 over its multipliers (or lanes).
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ def _attention(layer: dict, spec: dict, reuse_factor: int) -> LayerResources:
         macs = elements * k
         dsp = math.ceil(k * n / reuse_factor)
         return LayerResources(layer["name"], "matmul", macs, None, 8, params, 32, dsp, 0, 0, math.ceil(macs / dsp))
-    mults, divs = ATTENTION_COSTS.get(layer["op"], (len(ins) + 1, 0))        # sum: one requant per term
+    mults, divs = ATTENTION_COSTS.get(layer["op"], (len(ins), 0))            # sum: one requant per term
     lanes = math.ceil(elements / reuse_factor)
     on_chip = elements if layer["op"] == "transpose" else 0       # a transpose buffers its whole input
     if layer["op"] in ("embedding", "constant"):

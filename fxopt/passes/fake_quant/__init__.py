@@ -108,10 +108,10 @@ class FakeQuant(Pass):
     group_size: per-channel weight scales split into groups of this many input values (in x kh x kw
         for convs); none: one scale per output channel. The int8 and fpga-int8 backends refuse groups.
     integer: integer-only transformer ops, for backend fpga-int8 (fxopt.passes.fake_quant.integer):
-        attention splits into two activation matmuls around an integer softmax; softmax, GELU,
-        LayerNorm, tanh and sigmoid run I-BERT's integer kernels on their own calibrated grids
-        (fxopt.quant.integer_modules), the residual stream into each LayerNorm on a 16-bit grid;
-        embedding tables are quantized like weights.
+        attention splits into two activation matmuls around an integer softmax; softmax, GELU and
+        LayerNorm run I-BERT's integer kernels, tanh and sigmoid 256-entry tables, each on its own
+        calibrated grids (fxopt.quant.integer_modules), the residual stream into each LayerNorm on
+        a 16-bit grid; embedding tables are quantized like weights; `skip` keeps matching ops float.
     """
 
     weight_bits: Annotated[int, Range(1, 16)] = 8
@@ -148,7 +148,7 @@ class FakeQuant(Pass):
         self._check_skip(gm, report)
         self._check_rounding()
         if self.integer:
-            install_integer_ops(gm, self.observer, self.act_symmetric)
+            install_integer_ops(gm, self.observer, self.act_symmetric, self.skip)
         decisions = classify(gm, self.skip, self.joins, self.integer)
         quant = [d for d in decisions if d.kind == "quant"]
         edges = {quant[0].node, quant[-1].node} if quant and self.first_last_bits is not None else set()

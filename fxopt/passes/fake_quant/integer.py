@@ -9,9 +9,10 @@ by the fxopt.quant.integer_modules module that runs its integer kernel once froz
 - softmax over the last axis -> IntegerSoftmax(1); GELU (erf) -> IntegerGELU; tanh-approximate
   GELU, tanh and sigmoid -> IntegerLut; LayerNorm over the last axis -> IntegerLayerNorm.
 
-What cannot be replaced faithfully (a causal or additive float mask, dropout in attention, a
-softmax over another axis, a LayerNorm over several axes) is an UnsupportedError naming the
-node: a half-integer model is never left behind silently.
+What cannot be replaced faithfully (attention with a causal or additive float mask or with
+dropout, a softmax over another axis, a LayerNorm over several axes) is an UnsupportedError
+naming the node: a half-integer model is never left behind silently. An op a `skip` pattern
+matches stays float (and the fpga-int8 export then refuses it by name).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ...ir.graph import fetch_attr, fresh_attr_name, node_location
 from ...ir.meta import TENSOR, TensorInfo
 from ...ir.nodes import arg
 from ...quant.integer_modules import IntegerGELU, IntegerLayerNorm, IntegerLut, IntegerSoftmax
+from .rules import skip_match
 
 aten = torch.ops.aten
 
@@ -36,12 +38,13 @@ _LUTS = {aten.tanh.default: "tanh", torch.tanh: "tanh", aten.sigmoid.default: "s
 _LAYER_NORMS = {aten.layer_norm.default}
 
 
-def install_integer_ops(gm: fx.GraphModule, observer: str, act_symmetric: bool) -> dict[str, str]:
-    """Replace attention, softmax, GELU, tanh / sigmoid and LayerNorm by integer modules;
-    {module path: kind} of those installed."""
+def install_integer_ops(gm: fx.GraphModule, observer: str, act_symmetric: bool,
+                       skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Replace attention, softmax, GELU, tanh / sigmoid and LayerNorm by integer modules, except
+    where a skip pattern matches the op's module path; {module path: kind} of those installed."""
     installed = {}
     for node in list(gm.graph.nodes):
-        if node.op != "call_function":
+        if node.op != "call_function" or skip_match(node, skip):
             continue
         if node.target in _SDPA:
             path = _split_attention(gm, node, observer)

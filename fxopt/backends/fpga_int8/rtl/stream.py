@@ -91,10 +91,10 @@ def gelu_module(name: str, spec: dict, layer: dict, chunk: int) -> tuple[str, di
     output reg [7:0] out_data, output reg out_valid, input out_ready);
   // gelu: requant(v (one + sign(v) (one - (min(|v|, b) - b)^2))), v = x - {izp}, b = {b}, one = {one}
 {table(name, 1)}
-  localparam signed [63:0] B = 64'sd{b}, ONE = 64'sd{one};
+  localparam signed [63:0] B = {b}, ONE = {one}, IZP = {izp};
   reg [1:0] es;
   reg signed [31:0] acc;
-  wire signed [63:0] v = $signed(in_data) - 64'sd{izp};
+  wire signed [63:0] v = $signed(in_data) - IZP;
   wire signed [63:0] mag = v < 0 ? -v : v;
   wire signed [63:0] t = mag < B ? mag : B;
   wire signed [63:0] part = ONE - (t - B) * (t - B);
