@@ -272,21 +272,27 @@ def test_skip_keeps_an_op_float_and_the_export_refuses_it():
     ("slice", "start", 99, "start"),
     ("slice", "count", 17, "leaves an axis"),
 ])
-def test_damaged_transformer_fields_are_refused_by_name(tmp_path, op, field, value, message):
+def test_damaged_transformer_fields_are_refused_by_name(bert_export, op, field, value, message):
     from fxopt.backends.fpga_int8 import load
     from fxopt.backends.fpga_int8.checks import check_model
     from fxopt.errors import FxoptError
 
-    model = _bert()
-    batches = [_token_batch(seed) for seed in range(3)]
-    fxopt.compile(model, batches[0], pipeline="fake-quant{integer=true}", calibration=batches,
-                  backend="fpga-int8", export_dir=tmp_path / "bert")
-    spec, weights = load(tmp_path / "bert")
+    spec, weights = load(bert_export)
     layer = next(entry for entry in spec["layers"] if entry["op"] == op and (op != "sum" or "offset" in entry))
     layer[field] = value
     with pytest.raises(FxoptError, match=message):
         check_model(spec, weights)
-    spec, weights = load(tmp_path / "bert")
+    spec, weights = load(bert_export)
     spec["inputs"][0]["dtype"] = "int8"                   # ids declared int8 against their int32 record
     with pytest.raises(FxoptError, match="dtype"):
         check_model(spec, weights)
+
+
+@pytest.fixture(scope="module")
+def bert_export(tmp_path_factory):
+    """The BERT encoder's export folder, made once for the damaged-field cases."""
+    out = tmp_path_factory.mktemp("bert") / "export"
+    batches = [_token_batch(seed) for seed in range(3)]
+    fxopt.compile(_bert(), batches[0], pipeline="fake-quant{integer=true}", calibration=batches,
+                  backend="fpga-int8", export_dir=out, verify=False)
+    return out
