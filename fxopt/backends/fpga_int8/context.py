@@ -21,7 +21,8 @@ from ...quant import FakeQuantize, quantizer_of
 from ...quant.integer_modules import IntegerOp, integer_op_of
 from .grid import Grid, OutputForm, clamp_range
 from .model import IntegerModel, Layer
-from .targets import CLAMPS, MOVES
+from .evaluate import constant_value
+from .targets import CLAMPS, MOVES, SIZE_READS
 
 
 class LoweringContext:
@@ -32,7 +33,7 @@ class LoweringContext:
         self.model = IntegerModel(rounding=rounding, pow2_scales=pow2_scales)
         self.values: dict[fx.Node, str] = {}       # node -> tensor name holding its value
         self.fused: set[fx.Node] = set()            # clamps folded into their producer
-        self.constants: dict[fx.Node, np.ndarray] = {}   # per-sample real values known at export
+        self.constants: dict[fx.Node, np.ndarray] = {}   # constant_of's values, evaluated once
         self.deferred: set[fx.Node] = set()         # adds that the add reading them absorbs
         self.varying = _input_dependent(gm)         # nodes whose value depends on an input's values
 
@@ -58,12 +59,26 @@ class LoweringContext:
         op = self.integer_op(user)
         return Grid.of(self.act_fq(user), user) if op is None else Grid.of_integer_op(op.in_grid())
 
+    def is_constant(self, value) -> bool:
+        """A number, or a parameter or value computed from parameters alone (no input's values)."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        return isinstance(value, fx.Node) and value.op in ("get_attr", "call_function") and value not in self.varying
+
+    def constant_of(self, value) -> np.ndarray:
+        """The real value of a constant as evaluate.constant_value gives it (a number as it is)."""
+        if not isinstance(value, fx.Node):
+            return np.asarray(float(value))
+        if value not in self.constants:
+            self.constants[value] = constant_value(self.gm, value)
+        return self.constants[value]
+
     def tensor(self, node: fx.Node, reader: fx.Node) -> tuple[str, dict]:
         """(name, tensor record) of a value an op reads; an error if it has no integer form."""
-        if node in self.constants or node in self.deferred:
+        if self.is_constant(node) or node in self.deferred:
             raise UnsupportedError(
-                f"fpga-int8: {reader.name} reads {node.name}, a constant or a partial sum that only an add "
-                "can take", where=node_location(reader), hint="add the value to a model value first")
+                f"fpga-int8: {reader.name} reads {getattr(node, 'name', node)}, a constant or a partial sum that "
+                "only an add can take", where=node_location(reader), hint="add the value to a model value first")
         if node not in self.values:
             raise UnsupportedError(
                 f"fpga-int8: {reader.name} reads {node.name}, which has no integer form "
@@ -126,14 +141,12 @@ class LoweringContext:
         return name
 
 
-_SIZE_READS = {torch.ops.aten.sym_size.int, torch.ops.aten.size.default}
-
 
 def _input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
     """The nodes whose values depend on a model input's values (not only on its sizes)."""
     varying: set[fx.Node] = set()
     for node in gm.graph.nodes:
-        if node.op == "placeholder" or (node.target not in _SIZE_READS
+        if node.op == "placeholder" or (node.target not in SIZE_READS
                                         and any(a in varying for a in node.all_input_nodes)):
             varying.add(node)
     return varying

@@ -11,6 +11,8 @@ for one sample, and the ops that read it fold it in (an add's offset, a constant
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -19,9 +21,10 @@ from ...errors import UnsupportedError
 from ...ir.graph import fetch_attr, node_location
 from ...ir.meta import TENSOR
 from ...quant import quantizer_of
-from .context import LoweringContext
+from .targets import SIZE_READS
 
-_SIZES = {torch.ops.aten.sym_size.int, torch.ops.aten.size.default}
+if TYPE_CHECKING:
+    from .context import LoweringContext
 
 
 def evaluate(gm: fx.GraphModule, target: fx.Node, feeds: dict) -> torch.Tensor:
@@ -59,7 +62,7 @@ def placeholders_of(value: fx.Node, sizes: bool = True) -> list[fx.Node]:
         seen.add(node)
         if node.op == "placeholder":
             found.append(node)
-        if sizes or node.target not in _SIZES:
+        if sizes or node.target not in SIZE_READS:
             todo.extend(node.all_input_nodes)
     return found
 

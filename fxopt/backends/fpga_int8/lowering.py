@@ -35,7 +35,6 @@ from ...ir.meta import TENSOR
 from ...ir.nodes import target_name
 from . import ops_attention, ops_embedding, ops_joins, ops_linear, ops_pool  # noqa: F401  (they register handlers)
 from .context import LoweringContext
-from .evaluate import constant_value
 from .model import IntegerModel
 from .ops_integer import integer_op
 from .ops_quant import quantizer
@@ -60,8 +59,8 @@ class Lowering:
                 continue
             elif node in ctx.fused:
                 alias(ctx, node)
-            elif node not in ctx.varying and node.op == "call_function" and _holds_floats(node):
-                ctx.constants[node] = constant_value(ctx.gm, node)   # read by the ops that fold it
+            elif ctx.is_constant(node) and _holds_floats(node):
+                continue          # a constant: the ops that read it fold it in (ctx.constant_of)
             elif ctx.act_fq(node) is not None:
                 quantizer(ctx, node)
             elif ctx.integer_op(node) is not None:

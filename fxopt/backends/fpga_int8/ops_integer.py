@@ -16,7 +16,7 @@ from ...errors import UnsupportedError
 from ...ir.graph import node_location
 from ...quant.intmath import gelu_constants, layernorm_constants, softmax_constants
 from .context import LoweringContext
-from .evaluate import constant_value, evaluate, feeds_for, integer_input
+from .evaluate import evaluate, feeds_for, integer_input
 from .grid import Grid
 
 
@@ -67,8 +67,8 @@ def _key_mask(ctx: LoweringContext, node: fx.Node, keys: int) -> str | None:
     """The model input that masks the softmax's keys, checked on test masks to keep key j of
     sample b exactly where mask[b, j] != 0; None for a constant mask that keeps every key."""
     keep = node.args[1]
-    if keep not in ctx.varying:
-        if bool(torch.as_tensor(constant_value(ctx.gm, keep)).all()):
+    if ctx.is_constant(keep):
+        if bool(ctx.constant_of(keep).all()):
             return None
         raise UnsupportedError(f"fpga-int8: the mask of {node.name} is a constant that drops keys (e.g. a "
                                "causal mask); the integer softmax takes a key mask from an input",

@@ -26,7 +26,7 @@ from ...ir.graph import node_location
 from ...ir.nodes import arg
 from ...quant.fixedpoint import multiplier_value, quantize_multiplier, quantize_multipliers
 from .context import LoweringContext
-from .evaluate import constant_value, per_sample
+from .evaluate import per_sample
 from .grid import Grid, OutputForm, code_bounds, spread
 from .layer_io import check_bound, int8_inputs, int8_out, int32_out, need_grid
 from .targets import ADDS, CATS, LOWERINGS
@@ -98,24 +98,11 @@ def _needs_sum(ctx: LoweringContext, node: fx.Node, form) -> bool:
     if form.grid is not None and form.grid.wide:
         return True
     for value in node.args[:2]:
-        if _is_constant(ctx, value) or value in ctx.deferred:
+        if ctx.is_constant(value) or value in ctx.deferred:
             return True
         if value in ctx.values and ctx.model.tensors[ctx.values[value]]["dtype"] == "int32":
             return form.grid is not None
     return False
-
-
-def _is_constant(ctx: LoweringContext, value) -> bool:
-    """A number, a parameter, or a value computed from parameters alone."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return True
-    return isinstance(value, fx.Node) and (value in ctx.constants or value.op == "get_attr")
-
-
-def _constant(ctx: LoweringContext, value) -> np.ndarray:
-    if not isinstance(value, fx.Node):
-        return np.asarray(float(value))
-    return ctx.constants[value] if value in ctx.constants else constant_value(ctx.gm, value)
 
 
 def _terms(ctx: LoweringContext, node: fx.Node) -> list[fx.Node]:
@@ -131,12 +118,10 @@ def add_terms(ctx: LoweringContext, node: fx.Node, form) -> None:
     need_grid(node, form)
     shape = ctx.shape(node)
     channels = shape[-1]
-    constant = np.zeros(shape)
+    values = _terms(ctx, node)
+    constant = sum((per_sample(ctx.constant_of(v), shape) for v in values if ctx.is_constant(v)), np.zeros(shape))
     names, zero_points, terms = [], [], []
-    for value in _terms(ctx, node):
-        if _is_constant(ctx, value):
-            constant = constant + per_sample(_constant(ctx, value), shape)
-            continue
+    for value in (v for v in values if not ctx.is_constant(v)):
         name, tensor = ctx.tensor(value, node)
         if tensor["shape"] != shape:
             raise UnsupportedError(f"fpga-int8: {node.name} adds {value.name} of shape {tensor['shape']} to a "
@@ -166,7 +151,7 @@ def add_terms(ctx: LoweringContext, node: fx.Node, form) -> None:
               "channels": channels, "multiplier": 1 << 30, "shift": 1 - fraction,
               "output_zero_point": form.grid.zero_point, "clamp": code_bounds(form.grid, form.lo, form.hi),
               "acc_bits": check_bound(node, int(bound))}
-    if any(_is_constant(ctx, v) for v in _terms(ctx, node)):
+    if any(ctx.is_constant(v) for v in values):
         fields["offset"] = offset.astype(np.int64).reshape(-1).tolist()
     ctx.emit(node, "sum", names, form.grid.tensor(shape, form.last.name), fields)
 

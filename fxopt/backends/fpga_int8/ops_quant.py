@@ -15,7 +15,7 @@ from ...errors import UnsupportedError
 from ...ir.graph import node_location
 from ...quant.fixedpoint import quantize_multiplier
 from .context import LoweringContext
-from .evaluate import constant_value, per_sample
+from .evaluate import per_sample
 from .grid import Grid
 
 
@@ -29,10 +29,10 @@ def quantizer(ctx: LoweringContext, node: fx.Node) -> None:
         ctx.model.tensors[src.name] = grid.tensor(ctx.shape(src), node.name)
         ctx.values[src] = ctx.values[node] = src.name
         return
-    if src in ctx.constants or (isinstance(src, fx.Node) and src.op == "get_attr"):
-        values = ctx.constants[src] if src in ctx.constants else constant_value(ctx.gm, src)
+    if ctx.is_constant(src):
         shape = ctx.shape(node)
-        codes = np.clip(np.rint(per_sample(values, shape) / grid.scale) + grid.zero_point, grid.qmin, grid.qmax)
+        codes = np.clip(np.rint(per_sample(ctx.constant_of(src), shape) / grid.scale) + grid.zero_point,
+                        grid.qmin, grid.qmax)
         ctx.emit(node, "constant", [], grid.tensor(shape, node.name), {}, codes.astype(np.int8))
         return
     name, tensor = ctx.tensor(src, node)

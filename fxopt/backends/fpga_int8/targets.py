@@ -30,6 +30,7 @@ MATMULS = {aten.matmul.default, aten.bmm.default, torch.matmul}
 ADDS = {aten.add.Tensor, aten.add_.Tensor, operator.add, operator.iadd, torch.add}
 CATS = {aten.cat.default, torch.cat}
 EMBEDDINGS = {aten.embedding.default}
+SIZE_READS = {aten.sym_size.int, aten.size.default}       # read a tensor's size, not its values
 MAX_POOLS = {aten.max_pool2d.default}
 AVG_POOLS = {aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default, aten.mean.dim}
 SQUEEZES = {aten.unsqueeze.default, aten.squeeze.dim}
