@@ -36,13 +36,6 @@ HEADERS = ["model", "sentences", "export s", "g++ s", "sim sentences/s", "weight
            "C++ = sim", "worst layer ≤1 LSB", "cosine mean (min)", "Spearman", "fake-quant cosine (Spearman)"]
 
 
-def _hidden(out) -> torch.Tensor:
-    """The last hidden states of a traced BertModel's output (a tensor, tuple or ModelOutput)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
 def _embeddings(run, batches) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([minilm.embed(run(ids, mask), mask) for ids, mask in batches])
@@ -78,13 +71,13 @@ def run(log=print) -> list[dict]:
         sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
         weights_b = sum(p.stat().st_size for p in (out / "weights").iterdir())
     reference = cm._lowered.reference
-    fp32 = _embeddings(lambda i, a: _hidden(model(i, a)), held_out)
+    fp32 = _embeddings(lambda i, a: minilm.last_hidden(model(i, a)), held_out)
     row = {"model": "all-MiniLM-L6-v2", "sentences": len(fp32), "export_s": export_s, "gxx_s": gxx_s,
            "sim_sentences_per_s": BATCH / sim.median, "weights_b": weights_b,
            "code_b": sizes["model.cpp"] + sizes["weights.h"], "cpp_bit_exact": report.cpp_exact,
            "worst_layer_within_1lsb": report.within_1, "verify_ok": report.ok,
            "integer": _agreement(_embeddings(cm, held_out), fp32),
-           "fake_quant": _agreement(_embeddings(lambda i, a: _hidden(reference(i, a)), held_out), fp32)}
+           "fake_quant": _agreement(_embeddings(lambda i, a: minilm.last_hidden(reference(i, a)), held_out), fp32)}
     log(f"  MiniLM integer-only: cosine {row['integer']['cosine_mean']:.4f}, "
         f"Spearman {row['integer']['spearman']:.4f}, verify ok {row['verify_ok']}")
     return [row]

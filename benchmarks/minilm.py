@@ -57,7 +57,10 @@ def embed(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def last_hidden(output) -> torch.Tensor:
-    """The last hidden states of a BertModel output (a ModelOutput, dict or tuple)."""
+    """The last hidden states of a BertModel output (a ModelOutput, dict or tuple), or the
+    output itself when the model returns them alone (a compiled encoder without its pooler)."""
+    if isinstance(output, torch.Tensor):
+        return output
     if hasattr(output, "last_hidden_state"):
         return output.last_hidden_state
     if isinstance(output, dict):

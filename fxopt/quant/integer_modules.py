@@ -34,14 +34,14 @@ from .intmath import SOFTMAX_BITS, lut
 from .qparams import QSpec
 
 __all__ = ["IntegerGELU", "IntegerLayerNorm", "IntegerLut", "IntegerOp", "IntegerSoftmax", "has_integer_ops",
-           "integer_op_of"]
+           "integer_op_of", "stored_grid"]
 
 RESIDUAL_BITS = 16       # LayerNorm inputs: the residual stream's outliers need more than 8 bits
 
 
-def _stored(fq: FakeQuantize) -> tuple[float, int, int, int]:
+def stored_grid(fq: FakeQuantize) -> tuple[float, int, int, int]:
     """(scale, zero point, qmin, qmax) of a frozen per-tensor quantizer, unsigned 8-bit codes
-    moved by -128 into int8 storage (as the export stores them)."""
+    moved by -128 into int8 storage (as the export stores them; fpga_int8's Grid.of too)."""
     offset = -128 if fq.bits <= 8 and fq.qmax > 127 else 0
     return (float(fq.scale.reshape(-1)[0]), int(fq.zero_point.reshape(-1)[0]) + offset,
             fq.qmin + offset, fq.qmax + offset)
@@ -72,10 +72,10 @@ class IntegerOp(nn.Module):
         self.kernel = self.build()
 
     def in_grid(self) -> tuple[float, int, int, int]:
-        return _stored(self.input_fq)
+        return stored_grid(self.input_fq)
 
     def out_grid(self) -> tuple[float, int, int, int]:
-        return _stored(self.output_fq)
+        return stored_grid(self.output_fq)
 
     def build(self) -> nn.Module:
         raise NotImplementedError

@@ -19,6 +19,7 @@ from ...errors import UnsupportedError
 from ...ir.graph import node_location
 from ...ir.nodes import arg
 from ...quant import FakeQuantize
+from ...quant.integer_modules import stored_grid
 
 aten = torch.ops.aten
 INT32_LIMIT = (1 << 31) - 1
@@ -41,9 +42,7 @@ class Grid:
                 f"{'per-channel' if fq.axis is not None else 'per-tensor'}; the export holds per-tensor "
                 "activations of at most 8 bits", where=node_location(node),
                 hint="use fake-quant{act_bits=8} (the default)")
-        offset = -128 if fq.qmax > 127 else 0           # unsigned 8-bit codes stored as int8
-        return cls(float(fq.scale.reshape(-1)[0]), int(fq.zero_point.reshape(-1)[0]) + offset,
-                   fq.qmin + offset, fq.qmax + offset)
+        return cls(*stored_grid(fq))                    # unsigned 8-bit codes stored as int8
 
     @classmethod
     def of_tensor(cls, tensor: dict) -> "Grid":

@@ -14,6 +14,7 @@ import copy
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_leaves
 
 from ...quant import FakeQuantize
 from ...quant.fixedpoint import pow2_ceil
@@ -51,8 +52,5 @@ def pow2_cost(original: fx.GraphModule, adjusted: fx.GraphModule, example_inputs
 
 
 def _flat(out) -> list[torch.Tensor]:
-    """The output tensors of a model (a tensor, a tuple, a dict or a ModelOutput, a dict too)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
-    return [t for item in items for t in _flat(item)]
+    """The output tensors of a model (a tensor, tuple, dict or ModelOutput: any pytree)."""
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
